@@ -1,0 +1,263 @@
+/* The torchmerge command-line tool. C11, written over the public C API only. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "torchmerge.h"
+#include "cli/inspect.h"
+
+enum { EXIT_FAILED = 1, EXIT_USAGE = 2 };
+
+static int quiet;
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: torchmerge simple_average -o OUT [options] INPUT...\n"
+            "       torchmerge weighted_average --weights W1,W2,... [--no-normalize] -o OUT [options] INPUT...\n"
+            "       torchmerge inspect FILE [--json] [--key NAME]\n"
+            "       torchmerge --help | --version\n"
+            "\n"
+            "Merges PyTorch checkpoints by averaging their weights, tensor by tensor.\n"
+            "Inputs: torch.save files (state dicts, nested training checkpoints, pickled modules)\n"
+            "and TorchScript modules (torch.jit.save).\n"
+            "\n"
+            "merge options:\n"
+            "  -o, --output OUT        output file (written to a temporary file, renamed on success)\n"
+            "  --weights W1,W2,...     one weight per input (weighted_average)\n"
+            "  --no-normalize          use the weights as given instead of dividing by their sum\n"
+            "  --format pt|torchscript output format (default: torchscript when the inputs are\n"
+            "                          modules or --template is given, else pt)\n"
+            "  --template MODULE       TorchScript module to fill with the merged weights\n"
+            "  --dtype DTYPE           write floating tensors as float32|float16|bfloat16|float64\n"
+            "                          (default: each tensor's dtype in the first input)\n"
+            "  --keys strict|intersection|union\n"
+            "                          which tensor names to merge (default strict: all inputs must\n"
+            "                          have the same names; union averages each name over the inputs\n"
+            "                          that have it)\n"
+            "  --key NAME              state dict inside nested checkpoints (e.g. state_dict,\n"
+            "                          model.ema); found automatically when unambiguous\n"
+            "  --profile               print time spent loading, merging and saving\n"
+            "  -q, --quiet             no warnings, no progress bar\n"
+            "\n"
+            "Floating tensors are accumulated in float64 and rounded once; integer and bool tensors\n"
+            "(e.g. num_batches_tracked) are taken from the first input.\n");
+}
+
+static void error(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("torchmerge: error: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+static int usage_error(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("torchmerge: error: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputs(" (see torchmerge --help)\n", stderr);
+    va_end(ap);
+    return EXIT_USAGE;
+}
+
+static void on_warning(void *user, const char *msg) {
+    (void)user;
+    if (!quiet) fprintf(stderr, "torchmerge: warning: %s\n", msg);
+}
+
+static void on_progress(void *user, size_t done, size_t total) {
+    (void)user;
+    int width = 30, filled = total ? (int)(width * done / total) : width;
+    fprintf(stderr, "\r[%.*s%*s] %zu/%zu tensors", filled, "##############################",
+            width - filled, "", done, total);
+    if (done == total) fputc('\n', stderr);
+}
+
+static void on_signal(int sig) {
+    tm_remove_temporary_outputs();
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+static int parse_weights(const char *s, double **out, size_t *n) {
+    size_t cap = 8, count = 0;
+    double *w = malloc(cap * sizeof *w);
+    if (!w) return -1;
+    const char *p = s;
+    while (*p) {
+        char *end;
+        errno = 0;
+        double v = strtod(p, &end);
+        if (end == p || errno) {
+            free(w);
+            return -1;
+        }
+        if (count == cap) {
+            double *nw = realloc(w, (cap *= 2) * sizeof *w);
+            if (!nw) { free(w); return -1; }
+            w = nw;
+        }
+        w[count++] = v;
+        p = end;
+        if (*p == ',') p++;
+        else if (*p) { free(w); return -1; }
+    }
+    if (!count) { free(w); return -1; }
+    *out = w;
+    *n = count;
+    return 0;
+}
+
+static void print_profile(const tm_profile *p) {
+    fprintf(stderr, "%-8s %8s %12s %12s\n", "action", "calls", "mean (s)", "total (s)");
+    const char *names[3] = {"load", "merge", "save"};
+    double totals[3] = {p->load_seconds, p->merge_seconds, p->save_seconds};
+    uint64_t calls[3] = {p->load_calls, p->merge_calls, p->save_calls};
+    for (int i = 0; i < 3; i++)
+        fprintf(stderr, "%-8s %8llu %12.6f %12.6f\n", names[i], (unsigned long long)calls[i],
+                calls[i] ? totals[i] / (double)calls[i] : 0.0, totals[i]);
+}
+
+static int cmd_merge(int argc, char **argv, int weighted) {
+    enum { OPT_WEIGHTS = 256, OPT_NO_NORMALIZE, OPT_FORMAT, OPT_TEMPLATE, OPT_DTYPE, OPT_KEYS,
+           OPT_KEY, OPT_PROFILE };
+    static const struct option longopts[] = {
+        {"output", required_argument, 0, 'o'},        {"weights", required_argument, 0, OPT_WEIGHTS},
+        {"no-normalize", no_argument, 0, OPT_NO_NORMALIZE},
+        {"format", required_argument, 0, OPT_FORMAT}, {"template", required_argument, 0, OPT_TEMPLATE},
+        {"dtype", required_argument, 0, OPT_DTYPE},   {"keys", required_argument, 0, OPT_KEYS},
+        {"key", required_argument, 0, OPT_KEY},       {"profile", no_argument, 0, OPT_PROFILE},
+        {"quiet", no_argument, 0, 'q'},               {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
+    tm_merge_options o;
+    tm_merge_options_init(&o);
+    const char *output = NULL;
+    double *weights = NULL;
+    size_t n_weights = 0;
+    int profile = 0, c;
+    tm_profile prof;
+    while ((c = getopt_long(argc, argv, "o:qh", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'o': output = optarg; break;
+        case 'q': quiet = 1; break;
+        case 'h': usage(stdout); free(weights); return 0;
+        case OPT_WEIGHTS:
+            free(weights);
+            weights = NULL;
+            if (parse_weights(optarg, &weights, &n_weights))
+                return usage_error("--weights: expected numbers separated by commas, got '%s'", optarg);
+            break;
+        case OPT_NO_NORMALIZE: o.normalize = 0; break;
+        case OPT_FORMAT:
+            if (strcmp(optarg, "pt") == 0) o.format = TM_FORMAT_PT;
+            else if (strcmp(optarg, "torchscript") == 0) o.format = TM_FORMAT_TORCHSCRIPT;
+            else { free(weights); return usage_error("--format: expected pt or torchscript, got '%s'", optarg); }
+            break;
+        case OPT_TEMPLATE: o.template_path = optarg; break;
+        case OPT_DTYPE:
+            if (tm_dtype_from_name(optarg, &o.dtype) != TM_OK || !tm_dtype_is_floating(o.dtype) ||
+                o.dtype == TM_COMPLEX64 || o.dtype == TM_COMPLEX128) {
+                free(weights);
+                return usage_error("--dtype: expected float32, float16, bfloat16 or float64, got '%s'", optarg);
+            }
+            o.has_dtype = 1;
+            break;
+        case OPT_KEYS:
+            if (strcmp(optarg, "strict") == 0) o.keys = TM_KEYS_STRICT;
+            else if (strcmp(optarg, "intersection") == 0) o.keys = TM_KEYS_INTERSECTION;
+            else if (strcmp(optarg, "union") == 0) o.keys = TM_KEYS_UNION;
+            else { free(weights); return usage_error("--keys: expected strict, intersection or union, got '%s'", optarg); }
+            break;
+        case OPT_KEY: o.key = optarg; break;
+        case OPT_PROFILE: profile = 1; break;
+        default: free(weights); return usage_error("invalid option");
+        }
+    }
+    int n = argc - optind;
+    if (!output) { free(weights); return usage_error("missing -o OUT"); }
+    if (n < 1) { free(weights); return usage_error("no input files"); }
+    if (weighted && !weights) return usage_error("weighted_average needs --weights");
+    if (!weighted && weights) {
+        free(weights);
+        return usage_error("simple_average takes no --weights (use weighted_average)");
+    }
+    o.weights = weights;
+    o.n_weights = n_weights;
+    o.warning = on_warning;
+    if (!quiet && isatty(STDERR_FILENO)) o.progress = on_progress;
+    if (profile) o.profile = &prof;
+
+    signal(SIGINT, on_signal);
+    signal(SIGTERM, on_signal);
+    signal(SIGHUP, on_signal);
+    tm_status st = tm_merge_files((const char *const *)(argv + optind), (size_t)n, output, &o);
+    free(weights);
+    if (st != TM_OK) {
+        error("%s", tm_errmsg());
+        return EXIT_FAILED;
+    }
+    if (profile) print_profile(&prof);
+    return 0;
+}
+
+static int cmd_inspect(int argc, char **argv) {
+    static const struct option longopts[] = {{"json", no_argument, 0, 'j'},
+                                             {"key", required_argument, 0, 'k'},
+                                             {"help", no_argument, 0, 'h'},
+                                             {0, 0, 0, 0}};
+    int json = 0, c;
+    tm_open_options oo;
+    tm_open_options_init(&oo);
+    while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'j': json = 1; break;
+        case 'k': oo.key = optarg; break;
+        case 'h': usage(stdout); return 0;
+        default: return usage_error("invalid option");
+        }
+    }
+    if (argc - optind != 1) return usage_error("inspect takes exactly one FILE");
+    tm_checkpoint *ck = NULL;
+    if (tm_checkpoint_open(argv[optind], &oo, &ck) != TM_OK) {
+        error("%s", tm_errmsg());
+        return EXIT_FAILED;
+    }
+    int rc = json ? tm_cli_inspect_json(ck, stdout) : tm_cli_inspect_text(ck, stdout);
+    tm_checkpoint_close(ck);
+    if (rc) {
+        error("%s: cannot write the listing", argv[optind]);
+        return EXIT_FAILED;
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        usage(stderr);
+        return EXIT_USAGE;
+    }
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    if (strcmp(cmd, "--version") == 0 || strcmp(cmd, "version") == 0) {
+        printf("torchmerge %s\n", tm_version());
+        return 0;
+    }
+    /* getopt_long permutes, so options may follow the inputs. */
+    optind = 1;
+    if (strcmp(cmd, "simple_average") == 0) return cmd_merge(argc - 1, argv + 1, 0);
+    if (strcmp(cmd, "weighted_average") == 0) return cmd_merge(argc - 1, argv + 1, 1);
+    if (strcmp(cmd, "inspect") == 0) return cmd_inspect(argc - 1, argv + 1);
+    return usage_error("unknown command '%s'", cmd);
+}

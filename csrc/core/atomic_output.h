@@ -1,0 +1,31 @@
+/* Output files appear whole or not at all: bytes go to a temporary file beside the target
+ * (same folder, so rename is atomic), which is fsynced and renamed over the target only on
+ * success; on failure or a signal it is removed and an existing target is untouched. C11. */
+#ifndef TM_CORE_ATOMIC_OUTPUT_H
+#define TM_CORE_ATOMIC_OUTPUT_H
+
+#include "core/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct tm_atomic_output {
+    int fd;              /* open for writing, or -1 */
+    char *target;        /* malloc'd */
+    char *temp;          /* malloc'd: "<dir>/.<base>.tmp.XXXXXX" */
+} tm_atomic_output;
+
+/* Creates the temporary file for target. */
+tm_status tm_atomic_output_open(const char *target, tm_atomic_output *out, tm_error *err);
+/* fsync + close + rename onto target + fsync of the folder. The temp is removed on failure. */
+tm_status tm_atomic_output_commit(tm_atomic_output *out, tm_error *err);
+/* Closes and removes the temporary file (no-op when already committed or aborted). */
+void tm_atomic_output_abort(tm_atomic_output *out);
+
+/* tm_remove_temporary_outputs() (public) removes every temporary file still open. */
+
+#ifdef __cplusplus
+}
+#endif
+#endif

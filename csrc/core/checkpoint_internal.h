@@ -1,0 +1,27 @@
+/* What the merge engine (C++) needs from an opened checkpoint beyond the public getters:
+ * page-level hints so mapped tensor bytes are prefetched before use and dropped after. */
+#ifndef TM_CORE_CHECKPOINT_INTERNAL_H
+#define TM_CORE_CHECKPOINT_INTERNAL_H
+
+#include "torchmerge.h"
+#include "core/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Same as tm_checkpoint_open but reports through err instead of publishing to tm_errmsg(). */
+tm_status tm_checkpoint_open_err(const char *path, const tm_open_options *opts,
+                                 tm_checkpoint **out, tm_error *err);
+/* 1 when the file is a TorchScript module (torch.jit.save archive). */
+int tm_checkpoint_is_module(const tm_checkpoint *ckpt);
+/* Prefetch / release the mapped bytes of tensor i's storage. */
+void tm_checkpoint_prefetch_tensor(const tm_checkpoint *ckpt, size_t i);
+void tm_checkpoint_release_tensor(const tm_checkpoint *ckpt, size_t i);
+/* Number of distinct storages. */
+size_t tm_checkpoint_n_storages(const tm_checkpoint *ckpt);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

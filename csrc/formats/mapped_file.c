@@ -1,0 +1,78 @@
+#define _GNU_SOURCE
+#include "formats/mapped_file.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+tm_status tm_mapped_file_open(const char *path, tm_mapped_file *out, tm_error *err) {
+    memset(out, 0, sizeof *out);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return tm_error_set(err, TM_ERROR_IO, "%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        int e = errno;
+        close(fd);
+        return tm_error_set(err, TM_ERROR_IO, "%s: cannot stat: %s", path, strerror(e));
+    }
+    if (S_ISDIR(st.st_mode)) {
+        close(fd);
+        return tm_error_set(err, TM_ERROR_IO, "%s: is a directory", path);
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return tm_error_set(err, TM_ERROR_IO, "%s: not a regular file", path);
+    }
+    if (st.st_size > 0) {
+        void *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) {
+            int e = errno;
+            close(fd);
+            return tm_error_set(err, TM_ERROR_IO, "%s: cannot map: %s", path, strerror(e));
+        }
+        out->data = (const uint8_t *)p;
+        out->size = (size_t)st.st_size;
+    }
+    close(fd); /* the mapping keeps the file referenced */
+    return TM_OK;
+}
+
+void tm_mapped_file_close(tm_mapped_file *f) {
+    if (!f) return;
+    if (f->data) munmap((void *)f->data, f->size);
+    f->data = NULL;
+    f->size = 0;
+}
+
+static int page_range(const tm_mapped_file *f, uint64_t offset, uint64_t len, int inward,
+                      uint8_t **start, size_t *size) {
+    if (!f->data || offset >= f->size || len == 0) return 0;
+    if (len > f->size - offset) len = f->size - offset;
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    uint64_t lo = offset, hi = offset + len;
+    if (inward) {
+        lo = (lo + page - 1) / page * page;
+        if (hi != f->size) hi = hi / page * page; /* the file's last partial page is ours */
+    } else {
+        lo = lo / page * page;
+    }
+    if (hi <= lo) return 0;
+    *start = (uint8_t *)f->data + lo;
+    *size = (size_t)(hi - lo);
+    return 1;
+}
+
+void tm_mapped_file_prefetch(const tm_mapped_file *f, uint64_t offset, uint64_t len) {
+    uint8_t *p;
+    size_t n;
+    if (f && page_range(f, offset, len, 0, &p, &n)) madvise(p, n, MADV_WILLNEED);
+}
+
+void tm_mapped_file_release(const tm_mapped_file *f, uint64_t offset, uint64_t len) {
+    uint8_t *p;
+    size_t n;
+    if (f && page_range(f, offset, len, 1, &p, &n)) madvise(p, n, MADV_DONTNEED);
+}

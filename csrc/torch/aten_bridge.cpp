@@ -1,0 +1,58 @@
+#include "torch/aten_bridge.h"
+
+#include <sstream>
+
+namespace torchmerge {
+
+at::ScalarType to_scalar_type(tm_dtype dtype) {
+    switch (dtype) {
+    case TM_FLOAT64: return at::kDouble;
+    case TM_FLOAT32: return at::kFloat;
+    case TM_FLOAT16: return at::kHalf;
+    case TM_BFLOAT16: return at::kBFloat16;
+    case TM_COMPLEX64: return at::kComplexFloat;
+    case TM_COMPLEX128: return at::kComplexDouble;
+    case TM_INT64: return at::kLong;
+    case TM_INT32: return at::kInt;
+    case TM_INT16: return at::kShort;
+    case TM_INT8: return at::kChar;
+    case TM_UINT8: return at::kByte;
+    case TM_BOOL: return at::kBool;
+    default: fail(TM_ERROR_INTERNAL, "unknown dtype " + std::to_string(int(dtype)));
+    }
+}
+
+bool from_scalar_type(at::ScalarType st, tm_dtype *out) {
+    for (int d = 0; d < TM_DTYPE_COUNT; d++)
+        if (to_scalar_type(tm_dtype(d)) == st) {
+            *out = tm_dtype(d);
+            return true;
+        }
+    return false;
+}
+
+at::Tensor view_of(const tm_tensor_info &info) {
+    auto opts = at::TensorOptions().dtype(to_scalar_type(info.dtype)).device(at::kCPU);
+    const auto *base = static_cast<const uint8_t *>(info.storage_data);
+    std::vector<int64_t> shape(info.shape, info.shape + info.ndim);
+    std::vector<int64_t> stride(info.stride, info.stride + info.ndim);
+    if (info.numel == 0) return at::empty(shape, opts);
+    void *ptr = const_cast<uint8_t *>(base + uint64_t(info.storage_offset) * tm_dtype_size(info.dtype));
+    return at::from_blob(ptr, shape, stride, opts);
+}
+
+void fail(tm_status status, std::string message) { throw Failure{status, std::move(message)}; }
+
+std::string shape_string(const at::IntArrayRef &shape) {
+    return shape_string(int32_t(shape.size()), shape.data());
+}
+
+std::string shape_string(int32_t ndim, const int64_t *shape) {
+    std::ostringstream s;
+    s << '[';
+    for (int32_t i = 0; i < ndim; i++) s << (i ? ", " : "") << shape[i];
+    s << ']';
+    return s.str();
+}
+
+}  // namespace torchmerge

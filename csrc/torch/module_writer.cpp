@@ -1,0 +1,73 @@
+#include "torch/module_writer.h"
+
+#include <torch/csrc/autograd/grad_mode.h>
+#include <torch/csrc/jit/serialization/import.h>
+
+#include "core/atomic_output.h"
+#include "torch/aten_bridge.h"
+
+namespace torchmerge {
+
+namespace {
+torch::jit::Module load_module(const std::string &path) {
+    try {
+        return torch::jit::load(path, c10::Device(c10::kCPU));
+    } catch (const c10::Error &e) {
+        std::string what = e.what_without_backtrace();
+        auto nl = what.find('\n');
+        if (nl != std::string::npos) what.resize(nl);
+        fail(TM_ERROR_FORMAT, path + ": not a loadable TorchScript module: " + what);
+    }
+}
+}  // namespace
+
+void check_loadable_module(const std::string &path) { (void)load_module(path); }
+
+ModuleWriter::ModuleWriter(const std::string &template_path, const std::string &output,
+                           bool has_dtype, tm_dtype dtype)
+    : template_path_(template_path), output_(output), module_(load_module(template_path)) {
+    if (has_dtype) module_.to(to_scalar_type(dtype));
+    for (const auto &p : module_.named_parameters(/*recurse=*/true)) {
+        names_.push_back(p.name);
+        slots_[p.name] = p.value;
+    }
+    for (const auto &b : module_.named_buffers(/*recurse=*/true)) {
+        if (slots_.count(b.name)) continue;
+        names_.push_back(b.name);
+        slots_[b.name] = b.value;
+    }
+}
+
+void ModuleWriter::set(const std::string &name, const at::Tensor &value) {
+    auto it = slots_.find(name);
+    if (it == slots_.end())
+        fail(TM_ERROR_MISMATCH, template_path_ + ": the module has no parameter or buffer '" + name + "'");
+    at::Tensor &dst = it->second;
+    if (!dst.sizes().equals(value.sizes()))
+        fail(TM_ERROR_MISMATCH, template_path_ + ": tensor '" + name + "': shape " +
+                                    shape_string(dst.sizes()) + " differs from the merged " +
+                                    shape_string(value.sizes()));
+    at::NoGradGuard no_grad;
+    dst.copy_(value);
+    done_[name] = true;
+}
+
+void ModuleWriter::commit() {
+    std::string missing;
+    for (const auto &n : names_)
+        if (!done_.count(n)) missing += (missing.empty() ? "'" : ", '") + n + "'";
+    if (!missing.empty())
+        fail(TM_ERROR_MISMATCH, template_path_ + ": the merged weights lack the module's " + missing);
+    tm_atomic_output out{};
+    tm_error err{};
+    check(tm_atomic_output_open(output_.c_str(), &out, &err), err);
+    try {
+        module_.save(out.temp);
+    } catch (const c10::Error &e) {
+        tm_atomic_output_abort(&out);
+        fail(TM_ERROR_IO, output_ + ": cannot save the module: " + e.what_without_backtrace());
+    }
+    check(tm_atomic_output_commit(&out, &err), err);
+}
+
+}  // namespace torchmerge

@@ -1,0 +1,201 @@
+// tm_state_dict: an ordered name → ATen tensor map in memory, with FusionBench's
+// state_dict_add / state_dict_mul as in-place operations, and saving as pt or TorchScript.
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "core/checkpoint_internal.h"
+#include "torch/aten_bridge.h"
+#include "torch/module_writer.h"
+#include "torch/pt_writer.h"
+
+struct tm_state_dict {
+    std::vector<std::string> names;
+    std::vector<at::Tensor> tensors;  // contiguous, CPU
+    std::unordered_map<std::string, size_t> index;
+};
+
+namespace torchmerge {
+namespace {
+
+void insert(tm_state_dict &sd, const std::string &name, at::Tensor t) {
+    auto it = sd.index.find(name);
+    if (it != sd.index.end()) {
+        sd.tensors[it->second] = std::move(t);
+        return;
+    }
+    sd.index.emplace(name, sd.names.size());
+    sd.names.push_back(name);
+    sd.tensors.push_back(std::move(t));
+}
+
+void require(bool ok, const char *what) {
+    if (!ok) fail(TM_ERROR_INVALID_ARGUMENT, what);
+}
+
+void same_keys(const tm_state_dict &a, const tm_state_dict &b) {
+    std::string lacks, extra;
+    for (auto &n : a.names)
+        if (!b.index.count(n)) lacks += (lacks.empty() ? "'" : ", '") + n + "'";
+    for (auto &n : b.names)
+        if (!a.index.count(n)) extra += (extra.empty() ? "'" : ", '") + n + "'";
+    std::string msg;
+    if (!lacks.empty()) msg += "; the second state dict lacks " + lacks;
+    if (!extra.empty()) msg += "; the first state dict lacks " + extra;
+    if (!msg.empty()) fail(TM_ERROR_MISMATCH, "state_dict_add: keys differ" + msg);
+}
+
+}  // namespace
+}  // namespace torchmerge
+
+using namespace torchmerge;
+
+extern "C" {
+
+tm_status tm_state_dict_new(tm_state_dict **out) {
+    return guarded([&] {
+        require(out, "tm_state_dict_new: out is NULL");
+        *out = new tm_state_dict();
+    });
+}
+
+tm_status tm_state_dict_load(const char *path, const tm_open_options *opts, tm_state_dict **out) {
+    if (out) *out = nullptr;
+    return guarded([&] {
+        require(out && path, "tm_state_dict_load: path or out is NULL");
+        tm_error err{};
+        tm_checkpoint *ck = nullptr;
+        check(tm_checkpoint_open_err(path, opts, &ck, &err), err);
+        auto sd = std::make_unique<tm_state_dict>();
+        try {
+            for (size_t i = 0; i < tm_checkpoint_n_tensors(ck); i++) {
+                tm_tensor_info info{};
+                tm_checkpoint_tensor(ck, i, &info);
+                insert(*sd, info.name, view_of(info).clone(at::MemoryFormat::Contiguous));
+            }
+        } catch (...) {
+            tm_checkpoint_close(ck);
+            throw;
+        }
+        tm_checkpoint_close(ck);
+        *out = sd.release();
+    });
+}
+
+tm_status tm_state_dict_clone(const tm_state_dict *sd, tm_state_dict **out) {
+    if (out) *out = nullptr;
+    return guarded([&] {
+        require(sd && out, "tm_state_dict_clone: NULL argument");
+        auto copy = std::make_unique<tm_state_dict>();
+        for (size_t i = 0; i < sd->names.size(); i++) insert(*copy, sd->names[i], sd->tensors[i].clone());
+        *out = copy.release();
+    });
+}
+
+void tm_state_dict_free(tm_state_dict *sd) { delete sd; }
+
+size_t tm_state_dict_size(const tm_state_dict *sd) { return sd ? sd->names.size() : 0; }
+
+tm_status tm_state_dict_tensor(const tm_state_dict *sd, size_t i, tm_tensor_info *out) {
+    return guarded([&] {
+        require(sd && out && i < sd->names.size(), "tm_state_dict_tensor: index out of range");
+        const at::Tensor &t = sd->tensors[i];
+        tm_dtype dt{};
+        if (!from_scalar_type(t.scalar_type(), &dt)) fail(TM_ERROR_UNSUPPORTED, "unsupported dtype");
+        out->name = sd->names[i].c_str();
+        out->dtype = dt;
+        out->ndim = int32_t(t.dim());
+        out->shape = t.sizes().data();
+        out->stride = t.strides().data();
+        out->storage_offset = 0;
+        out->storage_data = t.data_ptr();
+        out->numel = uint64_t(t.numel());
+        out->nbytes = uint64_t(t.nbytes());
+        out->storage_nbytes = out->nbytes;
+        out->storage_id = int64_t(i);
+    });
+}
+
+int64_t tm_state_dict_find(const tm_state_dict *sd, const char *name) {
+    if (!sd || !name) return -1;
+    auto it = sd->index.find(name);
+    return it == sd->index.end() ? -1 : int64_t(it->second);
+}
+
+tm_status tm_state_dict_set(tm_state_dict *sd, const char *name, tm_dtype dtype, int32_t ndim,
+                            const int64_t *shape, const void *data) {
+    return guarded([&] {
+        require(sd && name && (ndim == 0 || shape) && ndim >= 0 && ndim <= TM_MAX_NDIM,
+                "tm_state_dict_set: invalid argument");
+        std::vector<int64_t> dims(shape, shape + ndim);
+        for (int64_t d : dims) require(d >= 0, "tm_state_dict_set: negative dimension");
+        at::Tensor t = at::empty(dims, at::TensorOptions().dtype(to_scalar_type(dtype)));
+        if (t.nbytes()) {
+            require(data, "tm_state_dict_set: data is NULL");
+            std::memcpy(t.data_ptr(), data, t.nbytes());
+        }
+        insert(*sd, name, std::move(t));
+    });
+}
+
+tm_status tm_state_dict_add(tm_state_dict *a, const tm_state_dict *b, double alpha) {
+    return guarded([&] {
+        require(a && b, "tm_state_dict_add: NULL argument");
+        same_keys(*a, *b);
+        for (size_t i = 0; i < a->names.size(); i++) {
+            at::Tensor &x = a->tensors[i];
+            const at::Tensor &y = b->tensors[b->index.at(a->names[i])];
+            if (!x.sizes().equals(y.sizes()))
+                fail(TM_ERROR_MISMATCH, "state_dict_add: tensor '" + a->names[i] + "': shape " +
+                                            shape_string(y.sizes()) + " differs from " + shape_string(x.sizes()));
+            if (!at::isFloatingType(x.scalar_type()) && !at::isComplexType(x.scalar_type())) continue;
+            x.add_(y.to(x.scalar_type()), alpha);
+        }
+    });
+}
+
+tm_status tm_state_dict_mul(tm_state_dict *sd, double scalar) {
+    return guarded([&] {
+        require(sd, "tm_state_dict_mul: NULL argument");
+        for (auto &t : sd->tensors)
+            if (at::isFloatingType(t.scalar_type()) || at::isComplexType(t.scalar_type())) t.mul_(scalar);
+    });
+}
+
+tm_status tm_state_dict_save(const tm_state_dict *sd, const char *path, tm_format format,
+                             const char *template_path) {
+    return guarded([&] {
+        require(sd && path, "tm_state_dict_save: NULL argument");
+        if (format == TM_FORMAT_AUTO) format = template_path ? TM_FORMAT_TORCHSCRIPT : TM_FORMAT_PT;
+        if (format == TM_FORMAT_TORCHSCRIPT) {
+            if (!template_path) fail(TM_ERROR_INVALID_ARGUMENT, std::string(path) + ": TorchScript output needs a template module");
+            ModuleWriter w(template_path, path, false, TM_FLOAT32);
+            for (size_t i = 0; i < sd->names.size(); i++)
+                if (w.has(sd->names[i])) w.set(sd->names[i], sd->tensors[i]);
+            w.commit();
+            return;
+        }
+        std::vector<OutTensor> tensors;
+        std::vector<OutStorage> storages;
+        for (size_t i = 0; i < sd->names.size(); i++) {
+            const at::Tensor &t = sd->tensors[i];
+            tm_dtype dt{};
+            if (!from_scalar_type(t.scalar_type(), &dt)) fail(TM_ERROR_UNSUPPORTED, "unsupported dtype");
+            OutTensor o;
+            o.name = sd->names[i];
+            o.dtype = dt;
+            o.shape = t.sizes().vec();
+            o.stride = t.strides().vec();
+            o.storage = i;
+            tensors.push_back(std::move(o));
+            storages.push_back({dt, t.numel()});
+        }
+        PtWriter w(path);
+        w.write_header(tensors, storages);
+        for (size_t i = 0; i < sd->tensors.size(); i++)
+            w.write_storage(i, sd->tensors[i].data_ptr(), sd->tensors[i].nbytes());
+        w.commit();
+    });
+}
+
+}  // extern "C"

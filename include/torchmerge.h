@@ -1,0 +1,257 @@
+/* torchmerge — merge PyTorch checkpoints by averaging their weights.
+ *
+ * Pure C99 API. Everything here is usable from C, C++ and any FFI.
+ *
+ * Conventions
+ * - Every call that can fail returns a tm_status; TM_OK is 0.
+ * - When a call fails, tm_errmsg() returns a one-line message for the most recent failure on
+ *   the calling thread, naming the file and, where one is involved, the tensor
+ *   ("model.pt: tensor 'fc.weight': shape [3, 4] differs from a.pt's [4, 4]"). The message is
+ *   thread-local (like errno) so calls that have no handle, such as tm_merge_files(), report
+ *   errors the same way as calls that do. It stays valid until the next failing call on that
+ *   thread.
+ * - Handles are opaque. Every *_close / *_free accepts NULL.
+ * - Ownership: a pointer returned by a getter is owned by the handle it came from and stays
+ *   valid until that handle is closed/freed, unless the comment says otherwise. Pointers
+ *   passed in are borrowed for the duration of the call only.
+ * - Tensor bytes of an opened checkpoint are not copied: they point into the read-only memory
+ *   mapping of the file (or into LibTorch's memory for TorchScript modules).
+ */
+#ifndef TORCHMERGE_H
+#define TORCHMERGE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32)
+#define TM_API __declspec(dllexport)
+#elif defined(__GNUC__)
+#define TM_API __attribute__((visibility("default")))
+#else
+#define TM_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define TORCHMERGE_VERSION_MAJOR 0
+#define TORCHMERGE_VERSION_MINOR 1
+#define TORCHMERGE_VERSION_PATCH 0
+#define TORCHMERGE_VERSION_STRING "0.1.0"
+
+/* ---- Status codes ------------------------------------------------------------------------ */
+
+#define TM_STATUS_LIST(X)                                                                       \
+    X(TM_OK, "ok")                                                                              \
+    X(TM_ERROR_IO, "input/output error")                                                        \
+    X(TM_ERROR_FORMAT, "malformed or unrecognised file")                                        \
+    X(TM_ERROR_UNSUPPORTED, "unsupported feature")                                              \
+    X(TM_ERROR_UNSAFE, "refused unsafe content")                                                \
+    X(TM_ERROR_MISMATCH, "inputs do not match")                                                 \
+    X(TM_ERROR_INVALID_ARGUMENT, "invalid argument")                                            \
+    X(TM_ERROR_NOT_FOUND, "not found")                                                          \
+    X(TM_ERROR_AMBIGUOUS, "ambiguous input")                                                    \
+    X(TM_ERROR_NOMEM, "out of memory")                                                          \
+    X(TM_ERROR_LIMIT, "resource limit exceeded")                                                \
+    X(TM_ERROR_INTERRUPTED, "interrupted")                                                      \
+    X(TM_ERROR_INTERNAL, "internal error")
+
+typedef enum tm_status {
+#define TM_STATUS_ENUM_(name, text) name,
+    TM_STATUS_LIST(TM_STATUS_ENUM_)
+#undef TM_STATUS_ENUM_
+    TM_STATUS_COUNT
+} tm_status;
+
+/* "TM_ERROR_FORMAT" etc. Static string; never NULL. */
+TM_API const char *tm_status_name(tm_status status);
+/* A short English description of the status. Static string; never NULL. */
+TM_API const char *tm_strerror(tm_status status);
+/* The message of the most recent failure on this thread ("" if none). Thread-local storage
+ * owned by the library; valid until the next failing call on this thread. */
+TM_API const char *tm_errmsg(void);
+/* "0.1.0". Static string. */
+TM_API const char *tm_version(void);
+
+/* ---- Data types -------------------------------------------------------------------------- */
+
+#define TM_DTYPE_LIST(X)                                                                        \
+    X(TM_FLOAT64, "float64", 8)                                                                 \
+    X(TM_FLOAT32, "float32", 4)                                                                 \
+    X(TM_FLOAT16, "float16", 2)                                                                 \
+    X(TM_BFLOAT16, "bfloat16", 2)                                                               \
+    X(TM_COMPLEX64, "complex64", 8)                                                             \
+    X(TM_COMPLEX128, "complex128", 16)                                                          \
+    X(TM_INT64, "int64", 8)                                                                     \
+    X(TM_INT32, "int32", 4)                                                                     \
+    X(TM_INT16, "int16", 2)                                                                     \
+    X(TM_INT8, "int8", 1)                                                                       \
+    X(TM_UINT8, "uint8", 1)                                                                     \
+    X(TM_BOOL, "bool", 1)
+
+typedef enum tm_dtype {
+#define TM_DTYPE_ENUM_(name, text, size) name,
+    TM_DTYPE_LIST(TM_DTYPE_ENUM_)
+#undef TM_DTYPE_ENUM_
+    TM_DTYPE_COUNT
+} tm_dtype;
+
+/* "float32" etc. Static string; "?" for an out-of-range value. */
+TM_API const char *tm_dtype_name(tm_dtype dtype);
+/* Bytes per element; 0 for an out-of-range value. */
+TM_API size_t tm_dtype_size(tm_dtype dtype);
+/* Parses "float32" (also "fp32", "f32", "float", "half", "fp16", "bf16", "double", ...).
+ * Returns TM_OK or TM_ERROR_INVALID_ARGUMENT. */
+TM_API tm_status tm_dtype_from_name(const char *name, tm_dtype *out);
+/* 1 for float16/bfloat16/float32/float64/complex: the dtypes that are averaged. */
+TM_API int tm_dtype_is_floating(tm_dtype dtype);
+
+/* ---- Tensors ----------------------------------------------------------------------------- */
+
+#define TM_MAX_NDIM 16
+
+/* A tensor as stored: a strided view into a storage. All pointers are owned by the handle
+ * that produced the info (checkpoint or state dict) and live as long as it does. */
+typedef struct tm_tensor_info {
+    const char *name;           /* state-dict key, e.g. "encoder.layer.0.weight" */
+    tm_dtype dtype;
+    int32_t ndim;               /* 0 for a scalar */
+    const int64_t *shape;       /* ndim entries */
+    const int64_t *stride;      /* ndim entries, in elements */
+    int64_t storage_offset;     /* in elements */
+    const void *storage_data;   /* first byte of the storage (read-only) */
+    uint64_t storage_nbytes;    /* bytes in the storage */
+    int64_t storage_id;         /* equal for tensors sharing a storage within one handle */
+    uint64_t numel;             /* product of shape */
+    uint64_t nbytes;            /* numel * element size (contiguous size) */
+} tm_tensor_info;
+
+/* ---- Checkpoints (read-only, lazily mapped) --------------------------------------------- */
+
+/* An opened checkpoint file: torch.save (zip), TorchScript module (torch.jit.save).
+ * Tensors are views into the mapped file until used. */
+typedef struct tm_checkpoint tm_checkpoint;
+
+typedef struct tm_open_options {
+    /* For nested training checkpoints ({'epoch':…, 'state_dict':{…}}): the key of the state
+     * dict to use; dots descend ("model.ema"). NULL: found automatically when unambiguous.
+     * A file that is already a flat state dict ignores it. */
+    const char *key;
+} tm_open_options;
+
+TM_API void tm_open_options_init(tm_open_options *opts);
+
+/* Opens path. On success *out is a handle the caller frees with tm_checkpoint_close; on
+ * failure *out is NULL and tm_errmsg() says why. opts may be NULL (defaults). */
+TM_API tm_status tm_checkpoint_open(const char *path, const tm_open_options *opts,
+                                    tm_checkpoint **out);
+TM_API void tm_checkpoint_close(tm_checkpoint *ckpt);
+
+/* "pt" (torch.save zip), "torchscript". Static string. */
+TM_API const char *tm_checkpoint_format(const tm_checkpoint *ckpt);
+/* The path given to open; owned by ckpt. */
+TM_API const char *tm_checkpoint_path(const tm_checkpoint *ckpt);
+/* Key used for a nested checkpoint ("" when the file is a flat state dict); owned by ckpt. */
+TM_API const char *tm_checkpoint_key(const tm_checkpoint *ckpt);
+TM_API size_t tm_checkpoint_n_tensors(const tm_checkpoint *ckpt);
+/* Tensor i (0 <= i < n) in file order. Fills *out; pointers in it are owned by ckpt. */
+TM_API tm_status tm_checkpoint_tensor(const tm_checkpoint *ckpt, size_t i, tm_tensor_info *out);
+/* Index of the tensor named name, or -1. */
+TM_API int64_t tm_checkpoint_find(const tm_checkpoint *ckpt, const char *name);
+/* Copies tensor i as a contiguous row-major array into dst (dst_size >= info.nbytes). */
+TM_API tm_status tm_checkpoint_read(const tm_checkpoint *ckpt, size_t i, void *dst,
+                                    size_t dst_size);
+
+/* ---- In-memory state dicts (ATen tensors) ----------------------------------------------- */
+
+/* An ordered name → tensor map held in memory (LibTorch tensors). */
+typedef struct tm_state_dict tm_state_dict;
+
+/* An empty state dict. Free with tm_state_dict_free. */
+TM_API tm_status tm_state_dict_new(tm_state_dict **out);
+/* Loads every tensor of path into memory (contiguous copies). opts may be NULL. */
+TM_API tm_status tm_state_dict_load(const char *path, const tm_open_options *opts,
+                                    tm_state_dict **out);
+/* Deep copy. */
+TM_API tm_status tm_state_dict_clone(const tm_state_dict *sd, tm_state_dict **out);
+TM_API void tm_state_dict_free(tm_state_dict *sd);
+
+TM_API size_t tm_state_dict_size(const tm_state_dict *sd);
+/* Tensor i in insertion order; pointers owned by sd, valid until sd changes or is freed. */
+TM_API tm_status tm_state_dict_tensor(const tm_state_dict *sd, size_t i, tm_tensor_info *out);
+TM_API int64_t tm_state_dict_find(const tm_state_dict *sd, const char *name);
+/* Inserts or replaces name with a copy of the contiguous array data (numel * size bytes). */
+TM_API tm_status tm_state_dict_set(tm_state_dict *sd, const char *name, tm_dtype dtype,
+                                   int32_t ndim, const int64_t *shape, const void *data);
+
+/* a[k] += alpha * b[k] for every key (FusionBench's state_dict_add, in place). Keys must match
+ * exactly and shapes per key; floating tensors only are changed, others keep a's value. */
+TM_API tm_status tm_state_dict_add(tm_state_dict *a, const tm_state_dict *b, double alpha);
+/* sd[k] *= scalar for every floating tensor (FusionBench's state_dict_mul, in place). */
+TM_API tm_status tm_state_dict_mul(tm_state_dict *sd, double scalar);
+
+/* ---- Merging files ----------------------------------------------------------------------- */
+
+typedef enum tm_format {
+    TM_FORMAT_AUTO = 0,    /* TorchScript when the inputs are modules or a template is given,
+                              else pt */
+    TM_FORMAT_PT,          /* torch.save zip, a plain dict of tensors */
+    TM_FORMAT_TORCHSCRIPT  /* torch.jit.save module: the first input module, or the template */
+} tm_format;
+
+typedef enum tm_key_policy {
+    TM_KEYS_STRICT = 0,    /* every input must have the same keys */
+    TM_KEYS_INTERSECTION,  /* keys present in every input */
+    TM_KEYS_UNION          /* every key; averaged over the inputs that have it */
+} tm_key_policy;
+
+/* Wall-clock seconds spent per phase, filled by tm_merge_files when requested. */
+typedef struct tm_profile {
+    double load_seconds, merge_seconds, save_seconds;
+    uint64_t load_calls, merge_calls, save_calls;
+} tm_profile;
+
+typedef struct tm_merge_options {
+    const double *weights;     /* one per input; NULL: uniform 1/n */
+    size_t n_weights;
+    int normalize;             /* 1 (default): weights are divided by their sum */
+    tm_format format;
+    const char *template_path; /* TorchScript module to fill with merged weights, or NULL */
+    int has_dtype;             /* 1: floating tensors are written as dtype */
+    tm_dtype dtype;
+    tm_key_policy keys;
+    const char *key;           /* nested state dict key, see tm_open_options */
+    /* Called after each tensor is written; may be NULL. */
+    void (*progress)(void *user, size_t done, size_t total);
+    void *progress_user;
+    /* Called with a one-line warning (e.g. non-floating tensors that differ); may be NULL. */
+    void (*warning)(void *user, const char *message);
+    void *warning_user;
+    tm_profile *profile;       /* filled when non-NULL */
+} tm_merge_options;
+
+TM_API void tm_merge_options_init(tm_merge_options *opts);
+
+/* Merges the n input files into output: θ = Σ wᵢθᵢ tensor by tensor, streaming. Floating
+ * tensors are accumulated in float64 (complex128) and rounded once to the output dtype;
+ * non-floating tensors are taken from the first input that has them. output is written to a
+ * temporary file beside it and renamed on success: a failure leaves no partial file and an
+ * existing output untouched. opts may be NULL (uniform average, strict keys, pt). */
+TM_API tm_status tm_merge_files(const char *const *inputs, size_t n, const char *output,
+                                const tm_merge_options *opts);
+
+/* Saves sd to path as torch.save zip (format PT or AUTO without template) or as a TorchScript
+ * module (template_path required). Same temporary-file-then-rename guarantee. */
+TM_API tm_status tm_state_dict_save(const tm_state_dict *sd, const char *path,
+                                    tm_format format, const char *template_path);
+
+/* Removes the temporary files of outputs being written in this process. Async-signal-safe:
+ * call it from a SIGINT/SIGTERM handler (then re-raise the signal) so an interrupted merge
+ * leaves nothing behind. */
+TM_API void tm_remove_temporary_outputs(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* TORCHMERGE_H */
