@@ -23,12 +23,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#if defined(_WIN32)
-#define TM_API __declspec(dllexport)
-#elif defined(__GNUC__)
+#ifndef TM_API
+#if defined(__GNUC__)
 #define TM_API __attribute__((visibility("default")))
 #else
 #define TM_API
+#endif
 #endif
 
 #ifdef __cplusplus

@@ -29,11 +29,12 @@ struct Failure {
 std::string shape_string(const at::IntArrayRef &shape);
 std::string shape_string(int32_t ndim, const int64_t *shape);
 
-// Runs body, converting every exception into a published tm_error. Use in every extern "C"
-// entry point implemented in C++.
+// Runs body, converting every exception into *err and its status. Every function the bridge
+// table exposes to the C core goes through this: exceptions never cross the C ABI.
 template <typename F>
-tm_status guarded(F &&body) {
-    tm_error err{};
+tm_status guarded(tm_error *errp, F &&body) {
+    tm_error local{};
+    tm_error &err = errp ? *errp : local;
     try {
         body();
         return TM_OK;
@@ -51,7 +52,7 @@ tm_status guarded(F &&body) {
     // Messages from LibTorch can span lines; ours are one line.
     for (char *p = err.msg; *p; p++)
         if (*p == '\n') *p = ' ';
-    return tm_error_publish(&err);
+    return err.status;
 }
 
 // Throws Failure if st != TM_OK, carrying err's message.

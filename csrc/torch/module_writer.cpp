@@ -5,6 +5,7 @@
 
 #include "core/atomic_output.h"
 #include "torch/aten_bridge.h"
+#include "torch/bridge_impl.h"
 
 namespace torchmerge {
 
@@ -69,5 +70,44 @@ void ModuleWriter::commit() {
     }
     check(tm_atomic_output_commit(&out, &err), err);
 }
+
+}  // namespace torchmerge
+
+// ---- Bridge functions ------------------------------------------------------------------------
+
+struct tm_module_writer {
+    torchmerge::ModuleWriter writer;
+};
+
+namespace torchmerge {
+
+tm_status mw_open(const char *template_path, const char *output, int has_dtype, tm_dtype dtype,
+                  tm_module_writer **out, tm_error *err) {
+    *out = nullptr;
+    return guarded(err, [&] { *out = new tm_module_writer{ModuleWriter(template_path, output, has_dtype != 0, dtype)}; });
+}
+
+int mw_has(const tm_module_writer *w, const char *name) { return w->writer.has(name); }
+
+tm_status mw_set(tm_module_writer *w, const char *name, tm_dtype dtype, int32_t ndim, const int64_t *shape,
+                 const int64_t *stride, int64_t offset, const void *storage, tm_error *err) {
+    return guarded(err, [&] {
+        auto opts = at::TensorOptions().dtype(to_scalar_type(dtype));
+        std::vector<int64_t> sizes(shape, shape + ndim), strides(stride, stride + ndim);
+        int64_t numel = 1;
+        for (int64_t s : sizes) numel *= s;
+        at::Tensor value = numel == 0 ? at::empty(sizes, opts)
+                                      : at::from_blob(const_cast<uint8_t *>(static_cast<const uint8_t *>(storage)) +
+                                                          offset * int64_t(tm_dtype_size(dtype)),
+                                                      sizes, strides, opts);
+        w->writer.set(name, value);
+    });
+}
+
+tm_status mw_commit(tm_module_writer *w, tm_error *err) {
+    return guarded(err, [&] { w->writer.commit(); });
+}
+
+void mw_free(tm_module_writer *w) { delete w; }
 
 }  // namespace torchmerge

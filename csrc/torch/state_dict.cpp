@@ -4,10 +4,14 @@
 #include <unordered_map>
 #include <vector>
 
+#include <cstring>
+#include <memory>
+
 #include "core/checkpoint_internal.h"
+#include "formats/pt_writer.h"
 #include "torch/aten_bridge.h"
+#include "torch/bridge_impl.h"
 #include "torch/module_writer.h"
-#include "torch/pt_writer.h"
 
 struct tm_state_dict {
     std::vector<std::string> names;
@@ -48,24 +52,22 @@ void same_keys(const tm_state_dict &a, const tm_state_dict &b) {
 }  // namespace
 }  // namespace torchmerge
 
-using namespace torchmerge;
+namespace torchmerge {
 
-extern "C" {
-
-tm_status tm_state_dict_new(tm_state_dict **out) {
-    return guarded([&] {
+tm_status sd_new(tm_state_dict **out, tm_error *err) {
+    return guarded(err, [&] {
         require(out, "tm_state_dict_new: out is NULL");
         *out = new tm_state_dict();
     });
 }
 
-tm_status tm_state_dict_load(const char *path, const tm_open_options *opts, tm_state_dict **out) {
+tm_status sd_load(const char *path, const tm_open_options *opts, tm_state_dict **out, tm_error *err) {
     if (out) *out = nullptr;
-    return guarded([&] {
+    return guarded(err, [&] {
         require(out && path, "tm_state_dict_load: path or out is NULL");
-        tm_error err{};
+        tm_error e{};
         tm_checkpoint *ck = nullptr;
-        check(tm_checkpoint_open_err(path, opts, &ck, &err), err);
+        check(tm_checkpoint_open_err(path, opts, &ck, &e), e);
         auto sd = std::make_unique<tm_state_dict>();
         try {
             for (size_t i = 0; i < tm_checkpoint_n_tensors(ck); i++) {
@@ -82,9 +84,9 @@ tm_status tm_state_dict_load(const char *path, const tm_open_options *opts, tm_s
     });
 }
 
-tm_status tm_state_dict_clone(const tm_state_dict *sd, tm_state_dict **out) {
+tm_status sd_clone(const tm_state_dict *sd, tm_state_dict **out, tm_error *err) {
     if (out) *out = nullptr;
-    return guarded([&] {
+    return guarded(err, [&] {
         require(sd && out, "tm_state_dict_clone: NULL argument");
         auto copy = std::make_unique<tm_state_dict>();
         for (size_t i = 0; i < sd->names.size(); i++) insert(*copy, sd->names[i], sd->tensors[i].clone());
@@ -92,12 +94,12 @@ tm_status tm_state_dict_clone(const tm_state_dict *sd, tm_state_dict **out) {
     });
 }
 
-void tm_state_dict_free(tm_state_dict *sd) { delete sd; }
+void sd_free(tm_state_dict *sd) { delete sd; }
 
-size_t tm_state_dict_size(const tm_state_dict *sd) { return sd ? sd->names.size() : 0; }
+size_t sd_size(const tm_state_dict *sd) { return sd ? sd->names.size() : 0; }
 
-tm_status tm_state_dict_tensor(const tm_state_dict *sd, size_t i, tm_tensor_info *out) {
-    return guarded([&] {
+tm_status sd_tensor(const tm_state_dict *sd, size_t i, tm_tensor_info *out, tm_error *err) {
+    return guarded(err, [&] {
         require(sd && out && i < sd->names.size(), "tm_state_dict_tensor: index out of range");
         const at::Tensor &t = sd->tensors[i];
         tm_dtype dt{};
@@ -116,15 +118,15 @@ tm_status tm_state_dict_tensor(const tm_state_dict *sd, size_t i, tm_tensor_info
     });
 }
 
-int64_t tm_state_dict_find(const tm_state_dict *sd, const char *name) {
+int64_t sd_find(const tm_state_dict *sd, const char *name) {
     if (!sd || !name) return -1;
     auto it = sd->index.find(name);
     return it == sd->index.end() ? -1 : int64_t(it->second);
 }
 
-tm_status tm_state_dict_set(tm_state_dict *sd, const char *name, tm_dtype dtype, int32_t ndim,
-                            const int64_t *shape, const void *data) {
-    return guarded([&] {
+tm_status sd_set(tm_state_dict *sd, const char *name, tm_dtype dtype, int32_t ndim,
+                 const int64_t *shape, const void *data, tm_error *err) {
+    return guarded(err, [&] {
         require(sd && name && (ndim == 0 || shape) && ndim >= 0 && ndim <= TM_MAX_NDIM,
                 "tm_state_dict_set: invalid argument");
         std::vector<int64_t> dims(shape, shape + ndim);
@@ -138,8 +140,8 @@ tm_status tm_state_dict_set(tm_state_dict *sd, const char *name, tm_dtype dtype,
     });
 }
 
-tm_status tm_state_dict_add(tm_state_dict *a, const tm_state_dict *b, double alpha) {
-    return guarded([&] {
+tm_status sd_add(tm_state_dict *a, const tm_state_dict *b, double alpha, tm_error *err) {
+    return guarded(err, [&] {
         require(a && b, "tm_state_dict_add: NULL argument");
         same_keys(*a, *b);
         for (size_t i = 0; i < a->names.size(); i++) {
@@ -154,17 +156,17 @@ tm_status tm_state_dict_add(tm_state_dict *a, const tm_state_dict *b, double alp
     });
 }
 
-tm_status tm_state_dict_mul(tm_state_dict *sd, double scalar) {
-    return guarded([&] {
+tm_status sd_mul(tm_state_dict *sd, double scalar, tm_error *err) {
+    return guarded(err, [&] {
         require(sd, "tm_state_dict_mul: NULL argument");
         for (auto &t : sd->tensors)
             if (at::isFloatingType(t.scalar_type()) || at::isComplexType(t.scalar_type())) t.mul_(scalar);
     });
 }
 
-tm_status tm_state_dict_save(const tm_state_dict *sd, const char *path, tm_format format,
-                             const char *template_path) {
-    return guarded([&] {
+tm_status sd_save(const tm_state_dict *sd, const char *path, tm_format format,
+                  const char *template_path, tm_error *err) {
+    return guarded(err, [&] {
         require(sd && path, "tm_state_dict_save: NULL argument");
         if (format == TM_FORMAT_AUTO) format = template_path ? TM_FORMAT_TORCHSCRIPT : TM_FORMAT_PT;
         if (format == TM_FORMAT_TORCHSCRIPT) {
@@ -175,27 +177,28 @@ tm_status tm_state_dict_save(const tm_state_dict *sd, const char *path, tm_forma
             w.commit();
             return;
         }
-        std::vector<OutTensor> tensors;
-        std::vector<OutStorage> storages;
+        std::vector<tm_pk_out_tensor> out(sd->names.size());
+        std::vector<std::string> keys(sd->names.size());
         for (size_t i = 0; i < sd->names.size(); i++) {
             const at::Tensor &t = sd->tensors[i];
             tm_dtype dt{};
             if (!from_scalar_type(t.scalar_type(), &dt)) fail(TM_ERROR_UNSUPPORTED, "unsupported dtype");
-            OutTensor o;
-            o.name = sd->names[i];
-            o.dtype = dt;
-            o.shape = t.sizes().vec();
-            o.stride = t.strides().vec();
-            o.storage = i;
-            tensors.push_back(std::move(o));
-            storages.push_back({dt, t.numel()});
+            keys[i] = std::to_string(i);
+            out[i] = tm_pk_out_tensor{sd->names[i].c_str(), dt, int32_t(t.dim()), t.sizes().data(),
+                                      t.strides().data(), 0, keys[i].c_str(), t.numel()};
         }
-        PtWriter w(path);
-        w.write_header(tensors, storages);
-        for (size_t i = 0; i < sd->tensors.size(); i++)
-            w.write_storage(i, sd->tensors[i].data_ptr(), sd->tensors[i].nbytes());
-        w.commit();
+        tm_error e{};
+        tm_pt_writer *w = nullptr;
+        check(tm_pt_writer_open(path, out.data(), out.size(), &w, &e), e);
+        std::unique_ptr<tm_pt_writer, void (*)(tm_pt_writer *)> guard(w, tm_pt_writer_free);
+        for (size_t i = 0; i < sd->tensors.size(); i++) {
+            const at::Tensor &t = sd->tensors[i];
+            check(tm_pt_writer_begin_storage(w, i, t.nbytes(), &e), e);
+            check(tm_pt_writer_write(w, t.data_ptr(), t.nbytes(), &e), e);
+            check(tm_pt_writer_end_storage(w, &e), e);
+        }
+        check(tm_pt_writer_commit(w, &e), e);
     });
 }
 
-}  // extern "C"
+}  // namespace torchmerge

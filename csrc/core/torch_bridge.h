@@ -1,0 +1,57 @@
+/* The seam between the C core (libtorchmerge) and the parts that need LibTorch
+ * (libtorchmerge_torch: TorchScript output and ATen in-memory state dicts). The core loads the
+ * LibTorch half with dlopen only when one of those is used, so merging files to .pt never pays
+ * LibTorch's start-up time and ~160 MB of resident memory. Every function reports through a
+ * tm_error: the two libraries keep separate thread-local error slots. */
+#ifndef TM_CORE_TORCH_BRIDGE_H
+#define TM_CORE_TORCH_BRIDGE_H
+
+#include "core/error.h"
+#include "torchmerge.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define TM_TORCH_BRIDGE_ABI 1u
+#define TM_TORCH_BRIDGE_SYMBOL "tm_torch_bridge_v1"
+#define TM_TORCH_BRIDGE_LIBRARY "libtorchmerge_torch.so"
+
+typedef struct tm_module_writer tm_module_writer;
+
+typedef struct tm_torch_bridge {
+    unsigned abi;
+    /* TorchScript output: the template's parameters and buffers receive merged tensors. */
+    tm_status (*module_writer_open)(const char *template_path, const char *output, int has_dtype,
+                                    tm_dtype dtype, tm_module_writer **out, tm_error *err);
+    int (*module_writer_has)(const tm_module_writer *w, const char *name);
+    /* Copies a strided view of storage into the module's tensor name. */
+    tm_status (*module_writer_set)(tm_module_writer *w, const char *name, tm_dtype dtype, int32_t ndim,
+                                   const int64_t *shape, const int64_t *stride, int64_t offset,
+                                   const void *storage, tm_error *err);
+    tm_status (*module_writer_commit)(tm_module_writer *w, tm_error *err);
+    void (*module_writer_free)(tm_module_writer *w);
+
+    /* The in-memory state dict API (see torchmerge.h for meanings). */
+    tm_status (*state_dict_new)(tm_state_dict **out, tm_error *err);
+    tm_status (*state_dict_load)(const char *path, const tm_open_options *opts, tm_state_dict **out, tm_error *err);
+    tm_status (*state_dict_clone)(const tm_state_dict *sd, tm_state_dict **out, tm_error *err);
+    void (*state_dict_free)(tm_state_dict *sd);
+    size_t (*state_dict_size)(const tm_state_dict *sd);
+    tm_status (*state_dict_tensor)(const tm_state_dict *sd, size_t i, tm_tensor_info *out, tm_error *err);
+    int64_t (*state_dict_find)(const tm_state_dict *sd, const char *name);
+    tm_status (*state_dict_set)(tm_state_dict *sd, const char *name, tm_dtype dtype, int32_t ndim,
+                                const int64_t *shape, const void *data, tm_error *err);
+    tm_status (*state_dict_add)(tm_state_dict *a, const tm_state_dict *b, double alpha, tm_error *err);
+    tm_status (*state_dict_mul)(tm_state_dict *sd, double scalar, tm_error *err);
+    tm_status (*state_dict_save)(const tm_state_dict *sd, const char *path, tm_format format,
+                                 const char *template_path, tm_error *err);
+} tm_torch_bridge;
+
+/* Loads libtorchmerge_torch (once, thread-safe) from the folder libtorchmerge lives in. */
+tm_status tm_torch_bridge_get(const tm_torch_bridge **out, tm_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

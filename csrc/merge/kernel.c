@@ -1,0 +1,280 @@
+#include "merge/kernel.h"
+
+#include <string.h>
+
+/* ---- Scalar conversions (round to nearest even, NaN stays NaN) ----------------------------- */
+
+uint16_t tm_float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u, exp = (x >> 23) & 0xffu, mant = x & 0x7fffffu;
+    if (exp == 0xff) return (uint16_t)(sign | 0x7c00u | (mant ? 0x200u | (mant >> 13) : 0));
+    int32_t e = (int32_t)exp - 127 + 15;
+    if (e >= 0x1f) return (uint16_t)(sign | 0x7c00u);
+    if (e <= 0) { /* half subnormal (or zero) */
+        uint32_t shift = (uint32_t)(14 - e);
+        if (shift > 24) return (uint16_t)sign;
+        mant |= 0x800000u;
+        uint32_t m = mant >> shift, rem = mant & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+        if (rem > halfway || (rem == halfway && (m & 1))) m++;
+        return (uint16_t)(sign | m);
+    }
+    uint32_t h = sign | ((uint32_t)e << 10) | (mant >> 13), rem = mant & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1))) h++; /* a carry into the exponent is right */
+    return (uint16_t)h;
+}
+
+float tm_half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, x;
+    if (exp == 0) {
+        if (!mant) {
+            x = sign;
+        } else {
+            int e = -1;
+            do {
+                e++;
+                mant <<= 1;
+            } while (!(mant & 0x400u));
+            x = sign | ((uint32_t)(112 - e) << 23) | ((mant & 0x3ffu) << 13);
+        }
+    } else if (exp == 0x1f) {
+        x = sign | 0x7f800000u | (mant << 13);
+    } else {
+        x = sign | ((exp + 112) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
+}
+
+uint16_t tm_float_to_bfloat16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40u); /* quiet NaN */
+    x += 0x7fffu + ((x >> 16) & 1u);
+    return (uint16_t)(x >> 16);
+}
+
+float tm_bfloat16_to_float(uint16_t b) {
+    uint32_t x = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
+}
+
+/* ---- Element access --------------------------------------------------------------------- */
+
+static int is_complex(tm_dtype d) { return d == TM_COMPLEX64 || d == TM_COMPLEX128; }
+
+static double load_real(const uint8_t *p, tm_dtype d) {
+    switch (d) {
+    case TM_FLOAT64: { double v; memcpy(&v, p, 8); return v; }
+    case TM_FLOAT32: { float v; memcpy(&v, p, 4); return v; }
+    case TM_FLOAT16: { uint16_t v; memcpy(&v, p, 2); return tm_half_to_float(v); }
+    case TM_BFLOAT16: { uint16_t v; memcpy(&v, p, 2); return tm_bfloat16_to_float(v); }
+    case TM_INT64: { int64_t v; memcpy(&v, p, 8); return (double)v; }
+    case TM_INT32: { int32_t v; memcpy(&v, p, 4); return v; }
+    case TM_INT16: { int16_t v; memcpy(&v, p, 2); return v; }
+    case TM_INT8: return (int8_t)*p;
+    case TM_UINT8: return *p;
+    case TM_BOOL: return *p != 0;
+    default: return 0;
+    }
+}
+
+static void store_real(uint8_t *p, tm_dtype d, double v) {
+    switch (d) {
+    case TM_FLOAT64: memcpy(p, &v, 8); break;
+    case TM_FLOAT32: { float f = (float)v; memcpy(p, &f, 4); break; }
+    case TM_FLOAT16: { uint16_t h = tm_float_to_half((float)v); memcpy(p, &h, 2); break; }
+    case TM_BFLOAT16: { uint16_t h = tm_float_to_bfloat16((float)v); memcpy(p, &h, 2); break; }
+    case TM_INT64: { int64_t i = (int64_t)v; memcpy(p, &i, 8); break; }
+    case TM_INT32: { int32_t i = (int32_t)v; memcpy(p, &i, 4); break; }
+    case TM_INT16: { int16_t i = (int16_t)v; memcpy(p, &i, 2); break; }
+    case TM_INT8: *p = (uint8_t)(int8_t)v; break;
+    case TM_UINT8: *p = (uint8_t)v; break;
+    case TM_BOOL: *p = v != 0; break;
+    default: break;
+    }
+}
+
+/* Walks a view's elements in row-major order from a linear start index. */
+typedef struct iter {
+    const tm_view *v;
+    int64_t idx[TM_MAX_NDIM];
+    int64_t pos; /* storage element index */
+} iter;
+
+static void iter_init(iter *it, const tm_view *v, uint64_t begin) {
+    it->v = v;
+    it->pos = v->offset;
+    for (int d = v->ndim - 1; d >= 0; d--) {
+        int64_t s = v->shape[d] ? v->shape[d] : 1;
+        it->idx[d] = (int64_t)(begin % (uint64_t)s);
+        begin /= (uint64_t)s;
+        it->pos += it->idx[d] * v->stride[d];
+    }
+}
+
+static inline void iter_next(iter *it) {
+    const tm_view *v = it->v;
+    for (int d = v->ndim - 1; d >= 0; d--) {
+        it->pos += v->stride[d];
+        if (++it->idx[d] < v->shape[d]) return;
+        it->pos -= v->stride[d] * v->shape[d];
+        it->idx[d] = 0;
+    }
+}
+
+/* Row-major contiguous (dimensions of size 1 may have any stride). */
+static int is_contiguous(const tm_view *v) {
+    int64_t expect = 1;
+    for (int d = v->ndim - 1; d >= 0; d--) {
+        if (v->shape[d] != 1 && v->stride[d] != expect) return 0;
+        expect *= v->shape[d];
+    }
+    return 1;
+}
+
+/* ---- Accumulation ----------------------------------------------------------------------- */
+
+/* acc[j] (+)= w · x[j]; the loops over contiguous data are simple enough to vectorise. */
+static void accumulate_real(const tm_view *v, double w, uint64_t begin, size_t count, double *acc,
+                            int first) {
+    size_t item = tm_dtype_size(v->dtype);
+    if (is_contiguous(v)) {
+        const uint8_t *p = v->base + (uint64_t)(v->offset + (int64_t)begin) * item;
+        switch (v->dtype) {
+        case TM_FLOAT32: {
+            const float *x = (const float *)(const void *)p;
+            if (first) for (size_t j = 0; j < count; j++) acc[j] = w * (double)x[j];
+            else for (size_t j = 0; j < count; j++) acc[j] += w * (double)x[j];
+            return;
+        }
+        case TM_FLOAT64: {
+            const double *x = (const double *)(const void *)p;
+            if (first) for (size_t j = 0; j < count; j++) acc[j] = w * x[j];
+            else for (size_t j = 0; j < count; j++) acc[j] += w * x[j];
+            return;
+        }
+        case TM_BFLOAT16: {
+            const uint16_t *x = (const uint16_t *)(const void *)p;
+            for (size_t j = 0; j < count; j++) {
+                uint32_t bits = (uint32_t)x[j] << 16;
+                float f;
+                memcpy(&f, &bits, 4);
+                acc[j] = first ? w * (double)f : acc[j] + w * (double)f;
+            }
+            return;
+        }
+        case TM_FLOAT16: {
+            const uint16_t *x = (const uint16_t *)(const void *)p;
+            for (size_t j = 0; j < count; j++) {
+                double f = tm_half_to_float(x[j]);
+                acc[j] = first ? w * f : acc[j] + w * f;
+            }
+            return;
+        }
+        default: break;
+        }
+    }
+    iter it;
+    iter_init(&it, v, begin);
+    for (size_t j = 0; j < count; j++, iter_next(&it)) {
+        double x = load_real(v->base + (uint64_t)it.pos * item, v->dtype);
+        acc[j] = first ? w * x : acc[j] + w * x;
+    }
+}
+
+static void accumulate_complex(const tm_view *v, double w, uint64_t begin, size_t count, double *acc,
+                               int first) {
+    size_t item = tm_dtype_size(v->dtype);
+    iter it;
+    iter_init(&it, v, begin);
+    for (size_t j = 0; j < count; j++, iter_next(&it)) {
+        const uint8_t *p = v->base + (uint64_t)it.pos * item;
+        double re, im;
+        if (v->dtype == TM_COMPLEX64) {
+            float f[2];
+            memcpy(f, p, 8);
+            re = f[0];
+            im = f[1];
+        } else {
+            double d[2];
+            memcpy(d, p, 16);
+            re = d[0];
+            im = d[1];
+        }
+        acc[2 * j] = first ? w * re : acc[2 * j] + w * re;
+        acc[2 * j + 1] = first ? w * im : acc[2 * j + 1] + w * im;
+    }
+}
+
+void tm_kernel_weighted_sum(const tm_view *in, const double *w, size_t n, uint64_t begin,
+                            size_t count, tm_dtype out_dtype, void *out, double *scratch) {
+    if (count == 0) return;
+    if (is_complex(out_dtype)) {
+        for (size_t i = 0; i < n; i++) accumulate_complex(&in[i], w[i], begin, count, scratch, i == 0);
+        uint8_t *o = out;
+        for (size_t j = 0; j < count; j++) {
+            if (out_dtype == TM_COMPLEX64) {
+                float f[2] = {(float)scratch[2 * j], (float)scratch[2 * j + 1]};
+                memcpy(o + 8 * j, f, 8);
+            } else {
+                memcpy(o + 16 * j, &scratch[2 * j], 16);
+            }
+        }
+        return;
+    }
+    for (size_t i = 0; i < n; i++) accumulate_real(&in[i], w[i], begin, count, scratch, i == 0);
+    switch (out_dtype) {
+    case TM_FLOAT32: {
+        float *o = out;
+        for (size_t j = 0; j < count; j++) o[j] = (float)scratch[j];
+        break;
+    }
+    case TM_FLOAT64: memcpy(out, scratch, count * 8); break;
+    case TM_BFLOAT16: {
+        uint16_t *o = out;
+        for (size_t j = 0; j < count; j++) o[j] = tm_float_to_bfloat16((float)scratch[j]);
+        break;
+    }
+    case TM_FLOAT16: {
+        uint16_t *o = out;
+        for (size_t j = 0; j < count; j++) o[j] = tm_float_to_half((float)scratch[j]);
+        break;
+    }
+    default: {
+        uint8_t *o = out;
+        size_t item = tm_dtype_size(out_dtype);
+        for (size_t j = 0; j < count; j++) store_real(o + j * item, out_dtype, scratch[j]);
+    }
+    }
+}
+
+void tm_kernel_copy(const tm_view *v, uint64_t begin, size_t count, tm_dtype out_dtype, void *out) {
+    size_t item = tm_dtype_size(v->dtype), oitem = tm_dtype_size(out_dtype);
+    uint8_t *o = out;
+    if (out_dtype == v->dtype && is_contiguous(v)) {
+        memcpy(o, v->base + (uint64_t)(v->offset + (int64_t)begin) * item, count * item);
+        return;
+    }
+    iter it;
+    iter_init(&it, v, begin);
+    for (size_t j = 0; j < count; j++, iter_next(&it)) {
+        const uint8_t *p = v->base + (uint64_t)it.pos * item;
+        if (out_dtype == v->dtype) memcpy(o + j * oitem, p, item);
+        else store_real(o + j * oitem, out_dtype, load_real(p, v->dtype));
+    }
+}
+
+int tm_kernel_equal(const tm_view *a, const tm_view *b, uint64_t begin, size_t count) {
+    size_t item = tm_dtype_size(a->dtype);
+    if (a->dtype != b->dtype) return 0;
+    iter ia, ib;
+    iter_init(&ia, a, begin);
+    iter_init(&ib, b, begin);
+    for (size_t j = 0; j < count; j++, iter_next(&ia), iter_next(&ib))
+        if (memcmp(a->base + (uint64_t)ia.pos * item, b->base + (uint64_t)ib.pos * item, item)) return 0;
+    return 1;
+}

@@ -1,0 +1,375 @@
+/* tm_merge_files: the streaming file merge. For each output storage, blocks of elements are
+ * read from every input (views over the mapped files), accumulated in float64, rounded once and
+ * written; the input pages are dropped once used. Memory stays near one block per input plus
+ * LibTorch-free code; TorchScript output alone loads LibTorch (through the bridge). C11. */
+#define _GNU_SOURCE
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/torch_bridge.h"
+#include "formats/pt_writer.h"
+#include "merge/kernel.h"
+#include "merge/plan.h"
+
+/* Elements per block: large enough for long sequential writes, small enough for the cache. */
+#define BLOCK_ELEMS ((size_t)1 << 16)
+
+typedef struct merge_ctx {
+    const tm_merge_options *o;
+    tm_checkpoint **in;
+    size_t n;
+    double *weights;
+    tm_plan plan;
+    tm_profile prof;
+    /* names whose non-floating values differ between inputs, for one warning line */
+    char differing[768];
+    size_t n_differing;
+    /* output sinks */
+    tm_pt_writer *pt;
+    const tm_torch_bridge *bridge;
+    tm_module_writer *module;
+    char ignored[768];
+    size_t n_ignored;
+    /* scratch */
+    double *acc;
+    uint8_t *block;
+} merge_ctx;
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static tm_tensor_info info_of(tm_checkpoint *ck, int64_t idx) {
+    tm_tensor_info t;
+    memset(&t, 0, sizeof t);
+    tm_checkpoint_tensor(ck, (size_t)idx, &t);
+    return t;
+}
+
+static void note_name(char *list, size_t cap, size_t *count, const char *name) {
+    size_t used = strlen(list);
+    if (*count < 10 && used < cap)
+        snprintf(list + used, cap - used, "%s'%s'", *count ? ", " : "", name);
+    (*count)++;
+}
+
+static tm_status resolve_weights(merge_ctx *c, tm_error *err) {
+    const tm_merge_options *o = c->o;
+    c->weights = malloc(c->n * sizeof *c->weights);
+    if (!c->weights) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    for (size_t i = 0; i < c->n; i++) c->weights[i] = 1.0 / (double)c->n;
+    if (!o->weights) return TM_OK;
+    if (o->n_weights != c->n)
+        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "expected %zu weights (one per input), got %zu",
+                            c->n, o->n_weights);
+    double sum = 0;
+    for (size_t i = 0; i < c->n; i++) {
+        if (!isfinite(o->weights[i]))
+            return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "weight %zu is not a finite number", i + 1);
+        c->weights[i] = o->weights[i];
+        sum += o->weights[i];
+    }
+    if (o->normalize) {
+        if (sum == 0 || !isfinite(sum))
+            return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
+                                "the weights sum to 0 and cannot be normalised (use --no-normalize)");
+        for (size_t i = 0; i < c->n; i++) c->weights[i] /= sum;
+    }
+    return TM_OK;
+}
+
+static int same_file(const char *a, const char *b) {
+    if (!a || !b) return 0;
+    char *ra = realpath(a, NULL), *rb = realpath(b, NULL);
+    int same = ra && rb && strcmp(ra, rb) == 0;
+    free(ra);
+    free(rb);
+    return same;
+}
+
+/* One input's view of unit u (the whole storage, or the tensor). */
+static tm_view unit_view(const merge_ctx *c, const tm_unit *u, size_t i, int64_t *shape1, int64_t *stride1) {
+    tm_tensor_info t = info_of(c->in[i], tm_plan_where(&c->plan, u->keys[0], i));
+    tm_view v = {(const uint8_t *)t.storage_data, t.dtype, t.ndim, t.shape, t.stride, t.storage_offset};
+    if (u->whole_storage) {
+        shape1[0] = (int64_t)(t.storage_nbytes / tm_dtype_size(t.dtype));
+        stride1[0] = 1;
+        v.ndim = 1;
+        v.shape = shape1;
+        v.stride = stride1;
+        v.offset = 0;
+    }
+    return v;
+}
+
+/* Computes unit u block by block; emit(ctx, bytes, len) receives the output in order. */
+typedef tm_status (*emit_fn)(merge_ctx *c, const void *data, size_t len, void *user, tm_error *err);
+
+static tm_status merge_unit(merge_ctx *c, const tm_unit *u, emit_fn emit, void *user, tm_error *err) {
+    tm_view views[64], *vp = views;
+    int64_t shapes[64], strides[64], *sp = shapes, *tp = strides;
+    double wv[64], *wp = wv;
+    if (c->n > 64) {
+        vp = malloc(c->n * sizeof *vp);
+        sp = malloc(c->n * sizeof *sp);
+        tp = malloc(c->n * sizeof *tp);
+        wp = malloc(c->n * sizeof *wp);
+        if (!vp || !sp || !tp || !wp) {
+            free(vp); free(sp); free(tp); free(wp);
+            return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+        }
+    }
+    size_t m = 0;
+    double wsum = 0;
+    for (size_t i = 0; i < c->n; i++) {
+        if (tm_plan_where(&c->plan, u->keys[0], i) < 0) continue;
+        vp[m] = unit_view(c, u, i, &sp[m], &tp[m]);
+        wp[m] = c->weights[i];
+        wsum += wp[m];
+        m++;
+    }
+    if (c->o->normalize && m != c->n) /* union: renormalise over the inputs that have it */
+        for (size_t j = 0; j < m; j++) wp[j] /= wsum;
+
+    tm_status st = TM_OK;
+    size_t item = tm_dtype_size(u->out_dtype);
+    int differs = 0;
+    for (uint64_t begin = 0; begin < (uint64_t)u->numel && !st; begin += BLOCK_ELEMS) {
+        size_t count = (uint64_t)u->numel - begin < BLOCK_ELEMS ? (size_t)((uint64_t)u->numel - begin) : BLOCK_ELEMS;
+        double t0 = now();
+        if (u->floating) {
+            tm_kernel_weighted_sum(vp, wp, m, begin, count, u->out_dtype, c->block, c->acc);
+        } else {
+            tm_kernel_copy(&vp[0], begin, count, u->out_dtype, c->block);
+            for (size_t j = 1; j < m && !differs; j++) differs = !tm_kernel_equal(&vp[0], &vp[j], begin, count);
+        }
+        double t1 = now();
+        c->prof.merge_seconds += t1 - t0;
+        c->prof.merge_calls++;
+        st = emit(c, c->block, count * item, user, err);
+        c->prof.save_seconds += now() - t1;
+    }
+    if (differs)
+        for (size_t k = 0; k < u->n_keys; k++)
+            note_name(c->differing, sizeof c->differing, &c->n_differing, c->plan.keys[u->keys[k]]);
+    if (vp != views) { free(vp); free(sp); free(tp); free(wp); }
+    return st;
+}
+
+static void touch_unit(const merge_ctx *c, const tm_unit *u, int release) {
+    for (size_t i = 0; i < c->n; i++) {
+        int64_t idx = tm_plan_where(&c->plan, u->keys[0], i);
+        if (idx < 0) continue;
+        if (release) tm_checkpoint_release_tensor(c->in[i], (size_t)idx);
+        else tm_checkpoint_prefetch_tensor(c->in[i], (size_t)idx);
+    }
+}
+
+/* ---- pt output ---------------------------------------------------------------------------- */
+
+static tm_status emit_pt(merge_ctx *c, const void *data, size_t len, void *user, tm_error *err) {
+    (void)user;
+    return tm_pt_writer_write(c->pt, data, len, err);
+}
+
+static tm_status write_pt(merge_ctx *c, const char *output, tm_error *err) {
+    const tm_plan *p = &c->plan;
+    tm_pk_out_tensor *t = calloc(p->n_keys ? p->n_keys : 1, sizeof *t);
+    int64_t *strides = calloc(p->n_keys * TM_MAX_NDIM + 1, sizeof *strides);
+    char (*keys)[24] = calloc(p->n_units + 1, sizeof *keys);
+    tm_status st = TM_OK;
+    if (!t || !strides || !keys) st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    for (size_t u = 0; u < p->n_units && !st; u++) {
+        snprintf(keys[u], sizeof keys[u], "%zu", u);
+        for (size_t j = 0; j < p->units[u].n_keys; j++) {
+            size_t k = p->units[u].keys[j];
+            size_t i = 0;
+            while (tm_plan_where(p, k, i) < 0) i++;
+            tm_tensor_info r = info_of(c->in[i], tm_plan_where(p, k, i));
+            t[k].name = p->keys[k];
+            t[k].dtype = p->units[u].out_dtype;
+            t[k].ndim = r.ndim;
+            t[k].shape = r.shape;
+            t[k].stride = strides + k * TM_MAX_NDIM;
+            tm_plan_output_layout(p, c->in, k, strides + k * TM_MAX_NDIM, &t[k].storage_offset);
+            t[k].storage_key = keys[u];
+            t[k].storage_numel = p->units[u].numel;
+        }
+    }
+    double t0 = now();
+    if (!st) st = tm_pt_writer_open(output, t, p->n_keys, &c->pt, err);
+    c->prof.save_seconds += now() - t0;
+    c->prof.save_calls++;
+    for (size_t u = 0; u < p->n_units && !st; u++) {
+        const tm_unit *un = &p->units[u];
+        if (u + 1 < p->n_units) touch_unit(c, &p->units[u + 1], 0);
+        st = tm_pt_writer_begin_storage(c->pt, u, (uint64_t)un->numel * tm_dtype_size(un->out_dtype), err);
+        if (!st) st = merge_unit(c, un, emit_pt, NULL, err);
+        if (!st) st = tm_pt_writer_end_storage(c->pt, err);
+        c->prof.save_calls++;
+        touch_unit(c, un, 1);
+        if (!st && c->o->progress) c->o->progress(c->o->progress_user, u + 1, p->n_units);
+    }
+    t0 = now();
+    if (!st) st = tm_pt_writer_commit(c->pt, err);
+    c->prof.save_seconds += now() - t0;
+    free(t);
+    free(strides);
+    free(keys);
+    return st;
+}
+
+/* ---- TorchScript output ------------------------------------------------------------------- */
+
+typedef struct gather { uint8_t *buf; size_t used; } gather;
+
+static tm_status emit_gather(merge_ctx *c, const void *data, size_t len, void *user, tm_error *err) {
+    (void)c;
+    (void)err;
+    gather *g = user;
+    memcpy(g->buf + g->used, data, len);
+    g->used += len;
+    return TM_OK;
+}
+
+static tm_status write_module(merge_ctx *c, const char *module_path, const char *output, tm_error *err) {
+    const tm_plan *p = &c->plan;
+    double t0 = now();
+    tm_status st = tm_torch_bridge_get(&c->bridge, err);
+    if (!st) st = c->bridge->module_writer_open(module_path, output, c->o->has_dtype, c->o->dtype, &c->module, err);
+    c->prof.load_seconds += now() - t0;
+    c->prof.load_calls++;
+    for (size_t u = 0; u < p->n_units && !st; u++) {
+        const tm_unit *un = &p->units[u];
+        gather g = {malloc((size_t)un->numel * tm_dtype_size(un->out_dtype) + 1), 0};
+        if (!g.buf) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+        st = merge_unit(c, un, emit_gather, &g, err);
+        t0 = now();
+        for (size_t j = 0; j < un->n_keys && !st; j++) {
+            size_t k = un->keys[j];
+            size_t i = 0;
+            while (tm_plan_where(p, k, i) < 0) i++;
+            tm_tensor_info r = info_of(c->in[i], tm_plan_where(p, k, i));
+            if (!c->bridge->module_writer_has(c->module, p->keys[k])) {
+                note_name(c->ignored, sizeof c->ignored, &c->n_ignored, p->keys[k]);
+                continue;
+            }
+            int64_t stride[TM_MAX_NDIM], offset;
+            tm_plan_output_layout(p, c->in, k, stride, &offset);
+            st = c->bridge->module_writer_set(c->module, p->keys[k], un->out_dtype, r.ndim, r.shape, stride,
+                                              offset, g.buf, err);
+        }
+        c->prof.save_seconds += now() - t0;
+        c->prof.save_calls++;
+        free(g.buf);
+        touch_unit(c, un, 1);
+        if (!st && c->o->progress) c->o->progress(c->o->progress_user, u + 1, p->n_units);
+    }
+    t0 = now();
+    if (!st) st = c->bridge->module_writer_commit(c->module, err);
+    c->prof.save_seconds += now() - t0;
+    return st;
+}
+
+/* ---- Entry point -------------------------------------------------------------------------- */
+
+static void warn(const merge_ctx *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+#include <stdarg.h>
+static void warn(const merge_ctx *c, const char *fmt, ...) {
+    if (!c->o->warning) return;
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    c->o->warning(c->o->warning_user, msg);
+}
+
+static tm_status run(merge_ctx *c, const char *const *paths, const char *output, tm_error *err) {
+    if (c->n == 0) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "no input files");
+    if (!paths) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "inputs is NULL");
+    if (!output || !*output) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "no output path");
+    tm_status st = resolve_weights(c, err);
+    if (st) return st;
+    for (size_t i = 0; i < c->n; i++) {
+        if (!paths[i]) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "input %zu is NULL", i + 1);
+        if (same_file(paths[i], output))
+            return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: the output would replace an input", output);
+    }
+    if (same_file(c->o->template_path, output))
+        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: the output would replace the template", output);
+
+    double t0 = now();
+    c->in = calloc(c->n, sizeof *c->in);
+    if (!c->in) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    tm_open_options oo;
+    tm_open_options_init(&oo);
+    oo.key = c->o->key;
+    for (size_t i = 0; i < c->n && !st; i++) {
+        st = tm_checkpoint_open_err(paths[i], &oo, &c->in[i], err);
+        c->prof.load_calls++;
+    }
+    if (!st) st = tm_plan_build(&c->plan, c->in, c->n, c->o, err);
+    c->prof.load_seconds += now() - t0;
+    if (st) return st;
+
+    tm_format format = c->o->format;
+    if (format == TM_FORMAT_AUTO)
+        format = c->o->template_path || tm_checkpoint_is_module(c->in[0]) ? TM_FORMAT_TORCHSCRIPT : TM_FORMAT_PT;
+    c->acc = malloc(2 * BLOCK_ELEMS * sizeof *c->acc);
+    c->block = malloc(BLOCK_ELEMS * 16);
+    if (!c->acc || !c->block) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    if (format == TM_FORMAT_TORCHSCRIPT) {
+        const char *module = c->o->template_path;
+        if (!module && tm_checkpoint_is_module(c->in[0])) module = paths[0];
+        if (!module)
+            return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
+                                "%s: TorchScript output needs module inputs or a --template MODULE", paths[0]);
+        st = write_module(c, module, output, err);
+        if (!st && c->n_ignored)
+            warn(c, "ignored %zu tensors that %s holds no parameter or buffer for: %s%s", c->n_ignored, module,
+                 c->ignored, c->n_ignored > 10 ? ", …" : "");
+    } else {
+        st = write_pt(c, output, err);
+    }
+    if (!st && c->n_differing)
+        warn(c, "non-floating tensors differ between inputs; taken from %s: %s%s", paths[0], c->differing,
+             c->n_differing > 10 ? ", …" : "");
+    return st;
+}
+
+void tm_merge_options_init(tm_merge_options *opts) {
+    if (!opts) return;
+    memset(opts, 0, sizeof *opts);
+    opts->normalize = 1;
+    opts->format = TM_FORMAT_AUTO;
+    opts->keys = TM_KEYS_STRICT;
+    opts->dtype = TM_FLOAT32;
+}
+
+tm_status tm_merge_files(const char *const *inputs, size_t n, const char *output,
+                         const tm_merge_options *opts) {
+    tm_merge_options defaults;
+    tm_merge_options_init(&defaults);
+    merge_ctx c;
+    memset(&c, 0, sizeof c);
+    c.o = opts ? opts : &defaults;
+    c.n = n;
+    tm_error err = {0};
+    tm_status st = run(&c, inputs, output, &err);
+    if (c.o->profile) *c.o->profile = c.prof;
+    tm_pt_writer_free(c.pt);
+    if (c.module) c.bridge->module_writer_free(c.module);
+    tm_plan_free(&c.plan);
+    for (size_t i = 0; c.in && i < n; i++) tm_checkpoint_close(c.in[i]);
+    free(c.in);
+    free(c.weights);
+    free(c.acc);
+    free(c.block);
+    return st ? tm_error_publish(&err) : TM_OK;
+}

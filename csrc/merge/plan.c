@@ -1,0 +1,250 @@
+#define _GNU_SOURCE
+#include "merge/plan.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static tm_tensor_info info_of(tm_checkpoint *ck, int64_t idx) {
+    tm_tensor_info t;
+    memset(&t, 0, sizeof t);
+    tm_checkpoint_tensor(ck, (size_t)idx, &t);
+    return t;
+}
+
+/* Appends "'a', 'b', … (N in all)" to buf. */
+static void append_names(char *buf, size_t cap, const char **names, size_t n) {
+    size_t used = strlen(buf);
+    for (size_t i = 0; i < n && i < 8 && used < cap; i++)
+        used += (size_t)snprintf(buf + used, cap - used, "%s'%s'", i ? ", " : "", names[i]);
+    if (n > 8 && used < cap) snprintf(buf + used, cap - used, ", … (%zu in all)", n);
+}
+
+static tm_status plan_keys(tm_plan *p, tm_checkpoint *const *in, size_t n, tm_key_policy policy,
+                           tm_error *err) {
+    size_t cap = tm_checkpoint_n_tensors(in[0]);
+    if (policy == TM_KEYS_UNION)
+        for (size_t i = 1; i < n; i++) cap += tm_checkpoint_n_tensors(in[i]);
+    const char **order = malloc((cap ? cap : 1) * sizeof *order);
+    if (!order) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    size_t n_order = 0;
+    for (size_t t = 0; t < tm_checkpoint_n_tensors(in[0]); t++) order[n_order++] = info_of(in[0], (int64_t)t).name;
+    if (policy == TM_KEYS_UNION)
+        for (size_t i = 1; i < n; i++)
+            for (size_t t = 0; t < tm_checkpoint_n_tensors(in[i]); t++) {
+                const char *name = info_of(in[i], (int64_t)t).name;
+                int seen = 0;
+                for (size_t j = 0; j < i && !seen; j++) seen = tm_checkpoint_find(in[j], name) >= 0;
+                if (!seen) order[n_order++] = name;
+            }
+    if (policy == TM_KEYS_STRICT) {
+        char msg[TM_ERROR_MSG_MAX] = "";
+        const char **names = malloc((cap ? cap : 1) * sizeof *names);
+        if (!names) { free(order); return tm_error_set(err, TM_ERROR_NOMEM, "out of memory"); }
+        const char *culprit = NULL;
+        for (size_t i = 1; i < n; i++) {
+            size_t nl = 0;
+            for (size_t k = 0; k < n_order; k++)
+                if (tm_checkpoint_find(in[i], order[k]) < 0) names[nl++] = order[k];
+            if (nl) {
+                size_t u = strlen(msg);
+                snprintf(msg + u, sizeof msg - u, "; it lacks ");
+                append_names(msg, sizeof msg, names, nl);
+            }
+            size_t ne = 0;
+            for (size_t t = 0; t < tm_checkpoint_n_tensors(in[i]); t++) {
+                const char *name = info_of(in[i], (int64_t)t).name;
+                if (tm_checkpoint_find(in[0], name) < 0) names[ne++] = name;
+            }
+            if (ne) {
+                size_t u = strlen(msg);
+                snprintf(msg + u, sizeof msg - u, "; it has what %s lacks: ", tm_checkpoint_path(in[0]));
+                append_names(msg, sizeof msg, names, ne);
+            }
+            if (nl || ne) { culprit = tm_checkpoint_path(in[i]); break; }
+        }
+        free(names);
+        if (culprit) {
+            free(order);
+            return tm_error_set(err, TM_ERROR_MISMATCH,
+                                "%s: tensor names differ from %s%s (see --keys intersection|union)",
+                                culprit, tm_checkpoint_path(in[0]), msg);
+        }
+    }
+    p->keys = malloc((n_order ? n_order : 1) * sizeof *p->keys);
+    p->where = malloc((n_order ? n_order : 1) * n * sizeof *p->where);
+    if (!p->keys || !p->where) { free(order); return tm_error_set(err, TM_ERROR_NOMEM, "out of memory"); }
+    for (size_t k = 0; k < n_order; k++) {
+        size_t present = 0;
+        int64_t *w = p->where + p->n_keys * n;
+        for (size_t i = 0; i < n; i++) {
+            w[i] = tm_checkpoint_find(in[i], order[k]);
+            present += w[i] >= 0;
+        }
+        if (policy == TM_KEYS_INTERSECTION && present != n) continue;
+        p->keys[p->n_keys++] = order[k];
+    }
+    free(order);
+    if (!p->n_keys)
+        return tm_error_set(err, TM_ERROR_MISMATCH, "%s: the inputs have no tensor name in common",
+                            tm_checkpoint_path(in[0]));
+    return TM_OK;
+}
+
+static void shape_text(const tm_tensor_info *t, char *buf, size_t cap) {
+    size_t u = (size_t)snprintf(buf, cap, "[");
+    for (int d = 0; d < t->ndim && u < cap; d++) u += (size_t)snprintf(buf + u, cap - u, "%s%lld", d ? ", " : "", (long long)t->shape[d]);
+    if (u < cap) snprintf(buf + u, cap - u, "]");
+}
+
+static int is_complex(tm_dtype d) { return d == TM_COMPLEX64 || d == TM_COMPLEX128; }
+
+static tm_status check_compatible(const tm_plan *p, tm_checkpoint *const *in, tm_error *err) {
+    for (size_t k = 0; k < p->n_keys; k++) {
+        int64_t ref = -1;
+        tm_tensor_info a;
+        for (size_t i = 0; i < p->n_inputs; i++) {
+            int64_t idx = tm_plan_where(p, k, i);
+            if (idx < 0) continue;
+            tm_tensor_info b = info_of(in[i], idx);
+            if (ref < 0) { ref = (int64_t)i; a = b; continue; }
+            int same = a.ndim == b.ndim;
+            for (int d = 0; same && d < a.ndim; d++) same = a.shape[d] == b.shape[d];
+            if (!same) {
+                char sa[256], sb[256];
+                shape_text(&a, sa, sizeof sa);
+                shape_text(&b, sb, sizeof sb);
+                return tm_error_set(err, TM_ERROR_MISMATCH, "%s: tensor '%s': shape %s differs from %s's %s",
+                                    tm_checkpoint_path(in[i]), p->keys[k], sb, tm_checkpoint_path(in[ref]), sa);
+            }
+            if (tm_dtype_is_floating(a.dtype) != tm_dtype_is_floating(b.dtype) || is_complex(a.dtype) != is_complex(b.dtype))
+                return tm_error_set(err, TM_ERROR_MISMATCH,
+                                    "%s: tensor '%s': dtype %s cannot be averaged with %s's %s",
+                                    tm_checkpoint_path(in[i]), p->keys[k], tm_dtype_name(b.dtype),
+                                    tm_checkpoint_path(in[ref]), tm_dtype_name(a.dtype));
+        }
+    }
+    return TM_OK;
+}
+
+static tm_dtype output_dtype(tm_dtype first, const tm_merge_options *o) {
+    if (!tm_dtype_is_floating(first) || !o->has_dtype || is_complex(first)) return first;
+    return o->dtype;
+}
+
+/* Keys sharing input 0's storage sid share one storage the same way in every input. */
+static int shared_identically(const tm_plan *p, tm_checkpoint *const *in, const size_t *group, size_t ng) {
+    for (size_t i = 0; i < p->n_inputs; i++) {
+        int64_t sid = -1;
+        tm_dtype dt = TM_FLOAT32;
+        uint64_t snumel = 0;
+        for (size_t g = 0; g < ng; g++) {
+            int64_t idx = tm_plan_where(p, group[g], i);
+            if (idx < 0) return 0;
+            tm_tensor_info t = info_of(in[i], idx), r = info_of(in[0], tm_plan_where(p, group[g], 0));
+            uint64_t sn = t.storage_nbytes / tm_dtype_size(t.dtype);
+            if (g == 0) { sid = t.storage_id; dt = t.dtype; snumel = sn; }
+            else if (t.storage_id != sid || t.dtype != dt || sn != snumel) return 0;
+            if (sn != r.storage_nbytes / tm_dtype_size(r.dtype) || t.storage_offset != r.storage_offset) return 0;
+            for (int d = 0; d < t.ndim; d++)
+                if (t.stride[d] != r.stride[d]) return 0;
+        }
+        size_t users = 0; /* no other merged tensor may live in that storage */
+        for (size_t k = 0; k < p->n_keys; k++) {
+            int64_t idx = tm_plan_where(p, k, i);
+            if (idx >= 0 && info_of(in[i], idx).storage_id == sid) users++;
+        }
+        if (users != ng) return 0;
+    }
+    return 1;
+}
+
+static tm_status plan_units(tm_plan *p, tm_checkpoint *const *in, const tm_merge_options *o, tm_error *err) {
+    size_t nk = p->n_keys;
+    p->units = calloc(nk ? nk : 1, sizeof *p->units);
+    size_t *group = malloc((nk ? nk : 1) * sizeof *group);
+    char *done = calloc(nk ? nk : 1, 1);
+    if (!p->units || !group || !done) {
+        free(group);
+        free(done);
+        return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    }
+    for (size_t k = 0; k < nk; k++) {
+        if (done[k]) continue;
+        size_t ng = 0;
+        int64_t idx0 = tm_plan_where(p, k, 0);
+        if (idx0 >= 0) {
+            int64_t sid = info_of(in[0], idx0).storage_id;
+            for (size_t j = k; j < nk; j++) {
+                int64_t ij = tm_plan_where(p, j, 0);
+                if (!done[j] && ij >= 0 && info_of(in[0], ij).storage_id == sid) group[ng++] = j;
+            }
+        }
+        tm_unit *u = &p->units[p->n_units++];
+        if (ng >= 2 && shared_identically(p, in, group, ng)) {
+            tm_tensor_info r = info_of(in[0], idx0);
+            u->whole_storage = 1;
+            u->numel = (int64_t)(r.storage_nbytes / tm_dtype_size(r.dtype));
+        } else {
+            ng = 1;
+            group[0] = k;
+            size_t i = 0;
+            while (tm_plan_where(p, k, i) < 0) i++;
+            u->numel = (int64_t)info_of(in[i], tm_plan_where(p, k, i)).numel;
+        }
+        size_t i = 0;
+        while (tm_plan_where(p, group[0], i) < 0) i++;
+        tm_tensor_info r = info_of(in[i], tm_plan_where(p, group[0], i));
+        u->floating = tm_dtype_is_floating(r.dtype);
+        u->out_dtype = output_dtype(r.dtype, o);
+        u->keys = malloc(ng * sizeof *u->keys);
+        if (!u->keys) { free(group); free(done); return tm_error_set(err, TM_ERROR_NOMEM, "out of memory"); }
+        memcpy(u->keys, group, ng * sizeof *group);
+        u->n_keys = ng;
+        for (size_t g = 0; g < ng; g++) done[group[g]] = 1;
+    }
+    free(group);
+    free(done);
+    return TM_OK;
+}
+
+tm_status tm_plan_build(tm_plan *plan, tm_checkpoint *const *inputs, size_t n,
+                        const tm_merge_options *opts, tm_error *err) {
+    memset(plan, 0, sizeof *plan);
+    plan->n_inputs = n;
+    tm_status st = plan_keys(plan, inputs, n, opts->keys, err);
+    if (!st) st = check_compatible(plan, inputs, err);
+    if (!st) st = plan_units(plan, inputs, opts, err);
+    return st;
+}
+
+void tm_plan_free(tm_plan *plan) {
+    if (!plan) return;
+    for (size_t u = 0; u < plan->n_units; u++) free(plan->units[u].keys);
+    free(plan->units);
+    free(plan->keys);
+    free(plan->where);
+    memset(plan, 0, sizeof *plan);
+}
+
+void tm_plan_output_layout(const tm_plan *plan, tm_checkpoint *const *inputs, size_t k,
+                           int64_t *stride, int64_t *storage_offset) {
+    size_t i = 0;
+    while (tm_plan_where(plan, k, i) < 0) i++;
+    tm_tensor_info r = info_of(inputs[i], tm_plan_where(plan, k, i));
+    int whole = 0;
+    for (size_t u = 0; u < plan->n_units && !whole; u++)
+        for (size_t j = 0; j < plan->units[u].n_keys; j++)
+            if (plan->units[u].keys[j] == k) { whole = plan->units[u].whole_storage; break; }
+    if (whole) {
+        memcpy(stride, r.stride, (size_t)r.ndim * sizeof *stride);
+        *storage_offset = r.storage_offset;
+        return;
+    }
+    int64_t s = 1;
+    for (int d = r.ndim - 1; d >= 0; d--) {
+        stride[d] = s;
+        s *= r.shape[d] > 1 ? r.shape[d] : 1;
+    }
+    *storage_offset = 0;
+}

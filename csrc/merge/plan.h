@@ -1,0 +1,47 @@
+/* What a merge will write, decided before any tensor byte is read: which names (key policy),
+ * checked for compatible shapes and dtypes, grouped into output storages ("units"): a tensor on
+ * its own, or a storage shared identically by several tensors in every input (tied weights,
+ * views), which is merged once so the views are rebuilt unchanged. C11. */
+#ifndef TM_MERGE_PLAN_H
+#define TM_MERGE_PLAN_H
+
+#include "core/checkpoint_internal.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct tm_unit {
+    size_t *keys;      /* indices into plan keys, in key order */
+    size_t n_keys;
+    int whole_storage; /* merge the shared storage as a flat array */
+    int floating;
+    tm_dtype out_dtype;
+    int64_t numel;     /* elements written for this unit */
+} tm_unit;
+
+typedef struct tm_plan {
+    size_t n_inputs;
+    const char **keys; /* borrowed from the checkpoints */
+    size_t n_keys;
+    int64_t *where;    /* where[k * n_inputs + i]: tensor index of key k in input i, or -1 */
+    tm_unit *units;
+    size_t n_units;
+} tm_plan;
+
+tm_status tm_plan_build(tm_plan *plan, tm_checkpoint *const *inputs, size_t n,
+                        const tm_merge_options *opts, tm_error *err);
+void tm_plan_free(tm_plan *plan);
+
+static inline int64_t tm_plan_where(const tm_plan *p, size_t k, size_t i) {
+    return p->where[k * p->n_inputs + i];
+}
+
+/* The output tensor for key k (contiguous for single units, the inputs' view for shared ones). */
+void tm_plan_output_layout(const tm_plan *plan, tm_checkpoint *const *inputs, size_t k,
+                           int64_t *stride, int64_t *storage_offset);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
