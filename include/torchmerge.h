@@ -148,7 +148,7 @@ TM_API tm_status tm_checkpoint_open(const char *path, const tm_open_options *opt
                                     tm_checkpoint **out);
 TM_API void tm_checkpoint_close(tm_checkpoint *ckpt);
 
-/* "pt" (torch.save zip), "torchscript". Static string. */
+/* "pt" (torch.save zip), "pt-legacy" (torch.save before 1.6), "torchscript". Static string. */
 TM_API const char *tm_checkpoint_format(const tm_checkpoint *ckpt);
 /* The path given to open; owned by ckpt. */
 TM_API const char *tm_checkpoint_path(const tm_checkpoint *ckpt);
@@ -229,6 +229,12 @@ typedef struct tm_merge_options {
     void (*warning)(void *user, const char *message);
     void *warning_user;
     tm_profile *profile;       /* filled when non-NULL */
+    /* Optional per-tensor rules (recipes): include_tensor returns 0 to leave a tensor out of the
+     * output; tensor_weights may overwrite weights[0..n) (one per input, before normalisation)
+     * for the tensor name. Either may be NULL. */
+    int (*include_tensor)(void *user, const char *name);
+    void (*tensor_weights)(void *user, const char *name, size_t n, double *weights);
+    void *rules_user;
 } tm_merge_options;
 
 TM_API void tm_merge_options_init(tm_merge_options *opts);

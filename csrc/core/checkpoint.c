@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "formats/legacy_pt.h"
 #include "formats/mapped_file.h"
 #include "formats/pickle.h"
 #include "formats/state_dict_walk.h"
@@ -82,35 +83,56 @@ static uint64_t checked_mul(uint64_t a, uint64_t b, int *overflow) {
     return a * b;
 }
 
-static tm_status add_storage(tm_checkpoint *ck, const tm_zip_reader *zr, const char *prefix,
-                             const tm_pk_value *pk, tm_dtype tensor_dtype, size_t *index,
-                             const char *tname, tm_error *err) {
-    for (size_t i = 0; i < ck->n_storages; i++)
-        if (ck->storages[i].pk == pk) { *index = i; return TM_OK; }
+/* Where storage records live: zip members, or the raw records after a legacy file's pickles. */
+typedef struct storage_source {
+    const tm_zip_reader *zr;
+    const char *prefix;
+    const tm_legacy_pt *legacy;
+} storage_source;
+
+static tm_status locate_storage(const tm_checkpoint *ck, const storage_source *src, const tm_pk_value *pk,
+                                const char *tname, uint64_t *offset, uint64_t *size, tm_error *err) {
+    if (src->legacy) {
+        tm_status st = tm_legacy_pt_storage(src->legacy, pk, offset, size, err);
+        if (st) tm_error_prefix(err, ck->path);
+        return st;
+    }
     char name[1024];
-    snprintf(name, sizeof name, "%s/data/%s", prefix, pk->u.storage.key);
-    const tm_zip_entry *e = tm_zip_reader_find(zr, name);
+    snprintf(name, sizeof name, "%s/data/%s", src->prefix, pk->u.storage.key);
+    const tm_zip_entry *e = tm_zip_reader_find(src->zr, name);
     if (!e) {
         /* Mobile (.ptl) archives keep tensors under constants/<key>. */
-        snprintf(name, sizeof name, "%s/constants/%s", prefix, pk->u.storage.key);
-        e = tm_zip_reader_find(zr, name);
+        snprintf(name, sizeof name, "%s/constants/%s", src->prefix, pk->u.storage.key);
+        e = tm_zip_reader_find(src->zr, name);
     }
     if (!e)
         return tm_error_set(err, TM_ERROR_FORMAT, "%s: tensor '%s': storage record '%s/data/%s' is missing",
-                            ck->path, tname, prefix, pk->u.storage.key);
+                            ck->path, tname, src->prefix, pk->u.storage.key);
     if (e->method != 0)
         return tm_error_set(err, TM_ERROR_UNSUPPORTED,
                             "%s: tensor '%s': storage record '%s' is compressed", ck->path, tname, name);
+    *offset = e->data_offset;
+    *size = e->size;
+    return TM_OK;
+}
+
+static tm_status add_storage(tm_checkpoint *ck, const storage_source *src, const tm_pk_value *pk,
+                             tm_dtype tensor_dtype, size_t *index, const char *tname, tm_error *err) {
+    for (size_t i = 0; i < ck->n_storages; i++)
+        if (ck->storages[i].pk == pk) { *index = i; return TM_OK; }
+    uint64_t offset = 0, size = 0;
+    tm_status st = locate_storage(ck, src, pk, tname, &offset, &size, err);
+    if (st) return st;
     tm_dtype sd = pk->u.storage.has_dtype ? pk->u.storage.dtype : tensor_dtype;
     int of = 0;
     uint64_t need = pk->u.storage.has_dtype
                         ? checked_mul((uint64_t)pk->u.storage.numel, tm_dtype_size(sd), &of)
                         : (uint64_t)pk->u.storage.numel;
-    if (pk->u.storage.numel < 0 || of || need > e->size)
+    if (pk->u.storage.numel < 0 || of || need > size)
         return tm_error_set(err, TM_ERROR_FORMAT,
                             "%s: tensor '%s': storage '%s' declares %lld elements of %s but the record holds %llu bytes",
                             ck->path, tname, pk->u.storage.key, (long long)pk->u.storage.numel,
-                            tm_dtype_name(sd), (unsigned long long)e->size);
+                            tm_dtype_name(sd), (unsigned long long)size);
     if (ck->n_storages % 64 == 0) {
         ckpt_storage *p = realloc(ck->storages, (ck->n_storages + 64) * sizeof *p);
         if (!p) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
@@ -118,14 +140,14 @@ static tm_status add_storage(tm_checkpoint *ck, const tm_zip_reader *zr, const c
     }
     ckpt_storage *s = &ck->storages[ck->n_storages];
     s->pk = pk;
-    s->file_offset = e->data_offset;
-    s->data = ck->map.data + e->data_offset;
+    s->file_offset = offset;
+    s->data = ck->map.data + offset;
     s->nbytes = need;
     *index = ck->n_storages++;
     return TM_OK;
 }
 
-static tm_status build_table(tm_checkpoint *ck, const tm_zip_reader *zr, const char *prefix,
+static tm_status build_table(tm_checkpoint *ck, const storage_source *src,
                              const tm_named_tensors *nt, tm_error *err) {
     ck->tensors = calloc(nt->n ? nt->n : 1, sizeof *ck->tensors);
     if (!ck->tensors) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
@@ -157,8 +179,7 @@ static tm_status build_table(tm_checkpoint *ck, const tm_zip_reader *zr, const c
                 uint64_t span = checked_mul((uint64_t)(ct->shape[d] - 1), (uint64_t)ct->stride[d], &of);
                 if (last > UINT64_MAX - span) of = 1; else last += span;
             }
-        tm_status st = add_storage(ck, zr, prefix, t->u.tensor.storage, ct->dtype, &ct->storage,
-                                   tname, err);
+        tm_status st = add_storage(ck, src, t->u.tensor.storage, ct->dtype, &ct->storage, tname, err);
         if (st) return st;
         uint64_t itemsize = tm_dtype_size(ct->dtype);
         uint64_t end = checked_mul(last + 1, itemsize, &of);
@@ -201,12 +222,31 @@ static tm_status open_zip(tm_checkpoint *ck, const tm_open_options *opts, tm_err
         goto done;
     ck->key = nt.key;
     nt.key = NULL;
-    st = build_table(ck, zr, prefix, &nt, err);
+    storage_source src = {zr, prefix, NULL};
+    st = build_table(ck, &src, &nt, err);
 done:
     tm_named_tensors_free(&nt);
     tm_pickle_free(pk);
     free(owned);
     tm_zip_reader_free(zr);
+    return st;
+}
+
+static tm_status open_legacy(tm_checkpoint *ck, const tm_open_options *opts, tm_error *err) {
+    tm_legacy_pt *lp = NULL;
+    tm_named_tensors nt = {0};
+    ck->format = "pt-legacy";
+    tm_status st = tm_legacy_pt_open(ck->map.data, ck->map.size, ck->path, &lp, err);
+    if (!st) st = tm_state_dict_walk(tm_legacy_pt_root(lp), opts ? opts->key : NULL, ck->path, &nt, err);
+    if (!st) {
+        ck->key = nt.key;
+        nt.key = NULL;
+        storage_source src = {NULL, NULL, lp};
+        st = build_table(ck, &src, &nt, err);
+    }
+    tm_named_tensors_free(&nt);
+    /* The table keeps storages by pointer identity only during build; values are not used after. */
+    tm_legacy_pt_free(lp);
     return st;
 }
 
@@ -225,6 +265,8 @@ tm_status tm_checkpoint_open_err(const char *path, const tm_open_options *opts,
             st = tm_error_set(err, TM_ERROR_FORMAT, "%s: empty file", path);
         else if (tm_zip_looks_like_zip(ck->map.data, ck->map.size))
             st = open_zip(ck, opts, err);
+        else if (tm_legacy_pt_looks_like(ck->map.data, ck->map.size))
+            st = open_legacy(ck, opts, err);
         else
             st = tm_error_set(err, TM_ERROR_FORMAT,
                               "%s: not a PyTorch checkpoint (unrecognised file signature)", path);

@@ -118,6 +118,8 @@ typedef struct node {
 struct tm_pickle {
     arena arena;
     tm_pk_value *root;
+    node **storages;   /* distinct storages in order of creation (taken from the parser) */
+    size_t nstorages;
 };
 
 /* ---- Parser state --------------------------------------------------------------------------- */
@@ -2197,13 +2199,15 @@ tm_status tm_pickle_load(const uint8_t *data, size_t size, const char *label,
     free(p.marks);
     free(p.memo);
     free(p.memo_dense);
-    free(p.storages);
     free(p.storage_index);
     if (st != TM_OK) {
+        free(p.storages);
         tm_pickle_free(p.pk);
         return st;
     }
     p.pk->root = root;
+    p.pk->storages = p.storages;
+    p.pk->nstorages = p.nstorages;
     *out = p.pk;
     if (consumed) *consumed = p.pos;
     return TM_OK;
@@ -2211,8 +2215,15 @@ tm_status tm_pickle_load(const uint8_t *data, size_t size, const char *label,
 
 const tm_pk_value *tm_pickle_root(const tm_pickle *pk) { return pk ? pk->root : NULL; }
 
+size_t tm_pickle_n_storages(const tm_pickle *pk) { return pk ? pk->nstorages : 0; }
+
+const tm_pk_value *tm_pickle_storage(const tm_pickle *pk, size_t i) {
+    return pk && i < pk->nstorages ? &pk->storages[i]->v : NULL;
+}
+
 void tm_pickle_free(tm_pickle *pk) {
     if (!pk) return;
+    free(pk->storages);
     arena_free(&pk->arena);
     free(pk);
 }

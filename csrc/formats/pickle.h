@@ -92,6 +92,11 @@ tm_status tm_pickle_load(const uint8_t *data, size_t size, const char *label,
                          const tm_pickle_limits *limits, tm_pickle **out, size_t *consumed,
                          tm_error *err);
 const tm_pk_value *tm_pickle_root(const tm_pickle *pk);
+/* Every distinct TM_PK_STORAGE the persistent ids created, one per (key, dtype), in order of
+ * first appearance (including storages not reachable from the root). Legacy torch.save files
+ * need them: the element size of the first one seen for a key sizes its raw bytes. */
+size_t tm_pickle_n_storages(const tm_pickle *pk);
+const tm_pk_value *tm_pickle_storage(const tm_pickle *pk, size_t i); /* NULL when out of range */
 void tm_pickle_free(tm_pickle *pk);
 
 /* Dict lookup by string key; NULL when absent or d is not a dict. */

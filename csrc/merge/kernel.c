@@ -1,5 +1,6 @@
 #include "merge/kernel.h"
 
+#include <stdint.h>
 #include <string.h>
 
 /* ---- Scalar conversions (round to nearest even, NaN stays NaN) ----------------------------- */
@@ -142,8 +143,9 @@ static int is_contiguous(const tm_view *v) {
 static void accumulate_real(const tm_view *v, double w, uint64_t begin, size_t count, double *acc,
                             int first) {
     size_t item = tm_dtype_size(v->dtype);
-    if (is_contiguous(v)) {
-        const uint8_t *p = v->base + (uint64_t)(v->offset + (int64_t)begin) * item;
+    const uint8_t *p = v->base + (uint64_t)(v->offset + (int64_t)begin) * item;
+    /* Legacy files store tensors at odd offsets: typed loads need natural alignment. */
+    if (is_contiguous(v) && (uintptr_t)p % item == 0) {
         switch (v->dtype) {
         case TM_FLOAT32: {
             const float *x = (const float *)(const void *)p;

@@ -21,7 +21,8 @@ typedef struct merge_ctx {
     const tm_merge_options *o;
     tm_checkpoint **in;
     size_t n;
-    double *weights;
+    double *weights;      /* as given, one per input */
+    double *rule_weights; /* scratch: per-tensor weights */
     tm_plan plan;
     tm_profile prof;
     /* names whose non-floating values differ between inputs, for one warning line */
@@ -58,6 +59,8 @@ static void note_name(char *list, size_t cap, size_t *count, const char *name) {
     (*count)++;
 }
 
+/* The weights as given (uniform 1/n when none); normalisation happens per tensor, over the
+ * inputs that have it, so per-tensor rules and --keys union share one rule. */
 static tm_status resolve_weights(merge_ctx *c, tm_error *err) {
     const tm_merge_options *o = c->o;
     c->weights = malloc(c->n * sizeof *c->weights);
@@ -74,12 +77,9 @@ static tm_status resolve_weights(merge_ctx *c, tm_error *err) {
         c->weights[i] = o->weights[i];
         sum += o->weights[i];
     }
-    if (o->normalize) {
-        if (sum == 0 || !isfinite(sum))
-            return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
-                                "the weights sum to 0 and cannot be normalised (use --no-normalize)");
-        for (size_t i = 0; i < c->n; i++) c->weights[i] /= sum;
-    }
+    if (o->normalize && (sum == 0 || !isfinite(sum)))
+        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
+                            "the weights sum to 0 and cannot be normalised (use --no-normalize)");
     return TM_OK;
 }
 
@@ -124,17 +124,27 @@ static tm_status merge_unit(merge_ctx *c, const tm_unit *u, emit_fn emit, void *
             return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
         }
     }
+    double *raw = c->rule_weights;
+    memcpy(raw, c->weights, c->n * sizeof *raw);
+    if (c->o->tensor_weights) c->o->tensor_weights(c->o->rules_user, c->plan.keys[u->keys[0]], c->n, raw);
     size_t m = 0;
     double wsum = 0;
     for (size_t i = 0; i < c->n; i++) {
         if (tm_plan_where(&c->plan, u->keys[0], i) < 0) continue;
         vp[m] = unit_view(c, u, i, &sp[m], &tp[m]);
-        wp[m] = c->weights[i];
+        wp[m] = raw[i];
         wsum += wp[m];
         m++;
     }
-    if (c->o->normalize && m != c->n) /* union: renormalise over the inputs that have it */
+    if (c->o->normalize && u->floating) {
+        if (wsum == 0 || !isfinite(wsum)) {
+            if (vp != views) { free(vp); free(sp); free(tp); free(wp); }
+            return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
+                                "tensor '%s': its weights sum to 0 and cannot be normalised",
+                                c->plan.keys[u->keys[0]]);
+        }
         for (size_t j = 0; j < m; j++) wp[j] /= wsum;
+    }
 
     tm_status st = TM_OK;
     size_t item = tm_dtype_size(u->out_dtype);
@@ -296,6 +306,8 @@ static tm_status run(merge_ctx *c, const char *const *paths, const char *output,
     if (!output || !*output) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "no output path");
     tm_status st = resolve_weights(c, err);
     if (st) return st;
+    c->rule_weights = malloc(c->n * sizeof *c->rule_weights);
+    if (!c->rule_weights) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
     for (size_t i = 0; i < c->n; i++) {
         if (!paths[i]) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "input %zu is NULL", i + 1);
         if (same_file(paths[i], output))
@@ -369,6 +381,7 @@ tm_status tm_merge_files(const char *const *inputs, size_t n, const char *output
     for (size_t i = 0; c.in && i < n; i++) tm_checkpoint_close(c.in[i]);
     free(c.in);
     free(c.weights);
+    free(c.rule_weights);
     free(c.acc);
     free(c.block);
     return st ? tm_error_publish(&err) : TM_OK;

@@ -20,8 +20,9 @@ static void append_names(char *buf, size_t cap, const char **names, size_t n) {
     if (n > 8 && used < cap) snprintf(buf + used, cap - used, ", … (%zu in all)", n);
 }
 
-static tm_status plan_keys(tm_plan *p, tm_checkpoint *const *in, size_t n, tm_key_policy policy,
+static tm_status plan_keys(tm_plan *p, tm_checkpoint *const *in, size_t n, const tm_merge_options *opts,
                            tm_error *err) {
+    tm_key_policy policy = opts->keys;
     size_t cap = tm_checkpoint_n_tensors(in[0]);
     if (policy == TM_KEYS_UNION)
         for (size_t i = 1; i < n; i++) cap += tm_checkpoint_n_tensors(in[i]);
@@ -82,6 +83,7 @@ static tm_status plan_keys(tm_plan *p, tm_checkpoint *const *in, size_t n, tm_ke
             present += w[i] >= 0;
         }
         if (policy == TM_KEYS_INTERSECTION && present != n) continue;
+        if (opts->include_tensor && !opts->include_tensor(opts->rules_user, order[k])) continue;
         p->keys[p->n_keys++] = order[k];
     }
     free(order);
@@ -212,7 +214,7 @@ tm_status tm_plan_build(tm_plan *plan, tm_checkpoint *const *inputs, size_t n,
                         const tm_merge_options *opts, tm_error *err) {
     memset(plan, 0, sizeof *plan);
     plan->n_inputs = n;
-    tm_status st = plan_keys(plan, inputs, n, opts->keys, err);
+    tm_status st = plan_keys(plan, inputs, n, opts, err);
     if (!st) st = check_compatible(plan, inputs, err);
     if (!st) st = plan_units(plan, inputs, opts, err);
     return st;

@@ -1,5 +1,6 @@
 #include "torch/aten_bridge.h"
 
+#include <cstring>
 #include <sstream>
 
 namespace torchmerge {
@@ -38,7 +39,12 @@ at::Tensor view_of(const tm_tensor_info &info) {
     std::vector<int64_t> stride(info.stride, info.stride + info.ndim);
     if (info.numel == 0) return at::empty(shape, opts);
     void *ptr = const_cast<uint8_t *>(base + uint64_t(info.storage_offset) * tm_dtype_size(info.dtype));
-    return at::from_blob(ptr, shape, stride, opts);
+    if (reinterpret_cast<uintptr_t>(base) % tm_dtype_size(info.dtype) == 0)
+        return at::from_blob(ptr, shape, stride, opts);
+    // Legacy files store tensors at odd offsets; ATen kernels assume natural alignment.
+    at::Tensor aligned = at::empty({int64_t(info.storage_nbytes / tm_dtype_size(info.dtype))}, opts);
+    std::memcpy(aligned.data_ptr(), base, info.storage_nbytes);
+    return aligned.as_strided(shape, stride, info.storage_offset);
 }
 
 void fail(tm_status status, std::string message) { throw Failure{status, std::move(message)}; }

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# cmake --install into a scratch prefix, then build tests/consumer against it with
+# find_package(torchmerge) and run it. usage: install_and_consume.sh BUILD_DIR WORK_DIR FIXTURES
+set -euo pipefail
+build=$1 work=$2 fixtures=$3
+src=$(cd "$(dirname "$0")" && pwd)/consumer
+rm -rf "$work"
+cmake --install "$build" --prefix "$work/prefix" >/dev/null
+cmake -S "$src" -B "$work/build" -DCMAKE_PREFIX_PATH="$work/prefix" >/dev/null
+cmake --build "$work/build" >/dev/null
+LD_LIBRARY_PATH="$work/prefix/lib:${LD_LIBRARY_PATH:-}" "$work/build/consumer" \
+  "$fixtures/sd_a.pt" "$fixtures/sd_b.pt" "$work/merged.pt"
+PKG_CONFIG_PATH="$work/prefix/lib/pkgconfig" pkg-config --cflags --libs torchmerge >/dev/null 2>&1 ||
+  { command -v pkg-config >/dev/null || exit 0; echo "pkg-config cannot find torchmerge"; exit 1; }
