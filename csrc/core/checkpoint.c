@@ -8,11 +8,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cjson/cJSON.h>
+#include <sys/stat.h>
+
 #include "formats/legacy_pt.h"
+#include "formats/safetensors.h"
 #include "formats/mapped_file.h"
 #include "formats/pickle.h"
 #include "formats/state_dict_walk.h"
 #include "formats/zip_reader.h"
+
+#define CUR_PATH(ck) ((ck)->map_paths[(ck)->cur])
+#define CUR_MAP(ck) (&(ck)->maps[(ck)->cur])
 
 /* data.pkl of a checkpoint is metadata only; a larger one is hostile or not a checkpoint. */
 #define MAX_PICKLE_BYTES ((uint64_t)1 << 30)
@@ -28,7 +35,8 @@ typedef struct ckpt_tensor {
 } ckpt_tensor;
 
 typedef struct ckpt_storage {
-    const tm_pk_value *pk;   /* identity: same pointer = same storage */
+    const tm_pk_value *pk;   /* identity while building the table (not dereferenced after) */
+    size_t map;              /* which mapped file */
     const uint8_t *data;
     uint64_t file_offset;
     uint64_t nbytes;
@@ -39,7 +47,13 @@ struct tm_checkpoint {
     char *key;
     const char *format;
     int is_module;
-    tm_mapped_file map;
+    char *folder;            /* the Hugging Face folder a sharded checkpoint came from, or NULL */
+    tm_mapped_file *maps;    /* one per file (several for sharded checkpoints) */
+    char **map_paths;
+    size_t n_maps;
+    size_t cur;              /* the file being read while opening */
+    size_t *index;           /* open-addressing hash of tensor names → tensor index + 1 */
+    size_t index_cap;
     ckpt_tensor *tensors;
     size_t n_tensors;
     ckpt_storage *storages;
@@ -94,7 +108,7 @@ static tm_status locate_storage(const tm_checkpoint *ck, const storage_source *s
                                 const char *tname, uint64_t *offset, uint64_t *size, tm_error *err) {
     if (src->legacy) {
         tm_status st = tm_legacy_pt_storage(src->legacy, pk, offset, size, err);
-        if (st) tm_error_prefix(err, ck->path);
+        if (st) tm_error_prefix(err, CUR_PATH(ck));
         return st;
     }
     char name[1024];
@@ -107,10 +121,10 @@ static tm_status locate_storage(const tm_checkpoint *ck, const storage_source *s
     }
     if (!e)
         return tm_error_set(err, TM_ERROR_FORMAT, "%s: tensor '%s': storage record '%s/data/%s' is missing",
-                            ck->path, tname, src->prefix, pk->u.storage.key);
+                            CUR_PATH(ck), tname, src->prefix, pk->u.storage.key);
     if (e->method != 0)
         return tm_error_set(err, TM_ERROR_UNSUPPORTED,
-                            "%s: tensor '%s': storage record '%s' is compressed", ck->path, tname, name);
+                            "%s: tensor '%s': storage record '%s' is compressed", CUR_PATH(ck), tname, name);
     *offset = e->data_offset;
     *size = e->size;
     return TM_OK;
@@ -131,7 +145,7 @@ static tm_status add_storage(tm_checkpoint *ck, const storage_source *src, const
     if (pk->u.storage.numel < 0 || of || need > size)
         return tm_error_set(err, TM_ERROR_FORMAT,
                             "%s: tensor '%s': storage '%s' declares %lld elements of %s but the record holds %llu bytes",
-                            ck->path, tname, pk->u.storage.key, (long long)pk->u.storage.numel,
+                            CUR_PATH(ck), tname, pk->u.storage.key, (long long)pk->u.storage.numel,
                             tm_dtype_name(sd), (unsigned long long)size);
     if (ck->n_storages % 64 == 0) {
         ckpt_storage *p = realloc(ck->storages, (ck->n_storages + 64) * sizeof *p);
@@ -141,23 +155,28 @@ static tm_status add_storage(tm_checkpoint *ck, const storage_source *src, const
     ckpt_storage *s = &ck->storages[ck->n_storages];
     s->pk = pk;
     s->file_offset = offset;
-    s->data = ck->map.data + offset;
+    s->map = ck->cur;
+    s->data = ck->maps[ck->cur].data + offset;
     s->nbytes = need;
     *index = ck->n_storages++;
     return TM_OK;
 }
 
+static tm_status reserve_tensors(tm_checkpoint *ck, size_t more, tm_error *err) {
+    ckpt_tensor *p = realloc(ck->tensors, (ck->n_tensors + more + 1) * sizeof *p);
+    if (!p) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    memset(p + ck->n_tensors, 0, (more + 1) * sizeof *p);
+    ck->tensors = p;
+    return TM_OK;
+}
+
 static tm_status build_table(tm_checkpoint *ck, const storage_source *src,
                              const tm_named_tensors *nt, tm_error *err) {
-    ck->tensors = calloc(nt->n ? nt->n : 1, sizeof *ck->tensors);
-    if (!ck->tensors) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    tm_status st = reserve_tensors(ck, nt->n, err);
+    if (st) return st;
     for (size_t i = 0; i < nt->n; i++) {
         const tm_pk_value *t = nt->items[i].tensor;
         const char *tname = nt->items[i].name;
-        for (size_t j = 0; j < i; j++)
-            if (strcmp(ck->tensors[j].name, tname) == 0)
-                return tm_error_set(err, TM_ERROR_FORMAT, "%s: tensor name '%s' appears twice",
-                                    ck->path, tname);
         ckpt_tensor *ct = &ck->tensors[ck->n_tensors];
         ct->name = strdup(tname);
         if (!ct->name) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
@@ -179,14 +198,14 @@ static tm_status build_table(tm_checkpoint *ck, const storage_source *src,
                 uint64_t span = checked_mul((uint64_t)(ct->shape[d] - 1), (uint64_t)ct->stride[d], &of);
                 if (last > UINT64_MAX - span) of = 1; else last += span;
             }
-        tm_status st = add_storage(ck, src, t->u.tensor.storage, ct->dtype, &ct->storage, tname, err);
+        st = add_storage(ck, src, t->u.tensor.storage, ct->dtype, &ct->storage, tname, err);
         if (st) return st;
         uint64_t itemsize = tm_dtype_size(ct->dtype);
         uint64_t end = checked_mul(last + 1, itemsize, &of);
         if (of || (numel > 0 && end > ck->storages[ct->storage].nbytes))
             return tm_error_set(err, TM_ERROR_FORMAT,
                                 "%s: tensor '%s': view reaches past the end of its storage (%llu bytes)",
-                                ck->path, tname,
+                                CUR_PATH(ck), tname,
                                 (unsigned long long)ck->storages[ct->storage].nbytes);
     }
     return TM_OK;
@@ -197,7 +216,7 @@ static tm_status open_zip(tm_checkpoint *ck, const tm_open_options *opts, tm_err
     tm_pickle *pk = NULL;
     tm_named_tensors nt = {0};
     uint8_t *owned = NULL;
-    tm_status st = tm_zip_reader_open(ck->map.data, ck->map.size, ck->path, &zr, err);
+    tm_status st = tm_zip_reader_open(CUR_MAP(ck)->data, CUR_MAP(ck)->size, CUR_PATH(ck), &zr, err);
     if (st) goto done;
     char prefix[512];
     const tm_zip_entry *e = find_data_pkl(zr, prefix, sizeof prefix);
@@ -205,10 +224,10 @@ static tm_status open_zip(tm_checkpoint *ck, const tm_open_options *opts, tm_err
         if (has_member_prefix(zr, "", "model.json") || tm_zip_reader_find(zr, "model.json"))
             st = tm_error_set(err, TM_ERROR_UNSUPPORTED,
                               "%s: TorchScript archive from PyTorch < 1.3 (model.json) is not supported",
-                              ck->path);
+                              CUR_PATH(ck));
         else
             st = tm_error_set(err, TM_ERROR_FORMAT,
-                              "%s: zip archive without a data.pkl record: not a PyTorch checkpoint", ck->path);
+                              "%s: zip archive without a data.pkl record: not a PyTorch checkpoint", CUR_PATH(ck));
         goto done;
     }
     ck->is_module = has_member_prefix(zr, prefix, "code/") || has_member_prefix(zr, prefix, "constants.pkl");
@@ -216,12 +235,14 @@ static tm_status open_zip(tm_checkpoint *ck, const tm_open_options *opts, tm_err
     const uint8_t *bytes = NULL;
     if ((st = tm_zip_reader_read(zr, e, MAX_PICKLE_BYTES, &bytes, &owned, err))) goto done;
     char label[600];
-    snprintf(label, sizeof label, "%s: %s", ck->path, e->name);
+    snprintf(label, sizeof label, "%s: %s", CUR_PATH(ck), e->name);
     if ((st = tm_pickle_load(bytes, e->size, label, NULL, &pk, NULL, err))) goto done;
-    if ((st = tm_state_dict_walk(tm_pickle_root(pk), opts ? opts->key : NULL, ck->path, &nt, err)))
+    if ((st = tm_state_dict_walk(tm_pickle_root(pk), opts ? opts->key : NULL, CUR_PATH(ck), &nt, err)))
         goto done;
-    ck->key = nt.key;
-    nt.key = NULL;
+    if (!ck->key) {
+        ck->key = nt.key;
+        nt.key = NULL;
+    }
     storage_source src = {zr, prefix, NULL};
     st = build_table(ck, &src, &nt, err);
 done:
@@ -236,8 +257,8 @@ static tm_status open_legacy(tm_checkpoint *ck, const tm_open_options *opts, tm_
     tm_legacy_pt *lp = NULL;
     tm_named_tensors nt = {0};
     ck->format = "pt-legacy";
-    tm_status st = tm_legacy_pt_open(ck->map.data, ck->map.size, ck->path, &lp, err);
-    if (!st) st = tm_state_dict_walk(tm_legacy_pt_root(lp), opts ? opts->key : NULL, ck->path, &nt, err);
+    tm_status st = tm_legacy_pt_open(CUR_MAP(ck)->data, CUR_MAP(ck)->size, CUR_PATH(ck), &lp, err);
+    if (!st) st = tm_state_dict_walk(tm_legacy_pt_root(lp), opts ? opts->key : NULL, CUR_PATH(ck), &nt, err);
     if (!st) {
         ck->key = nt.key;
         nt.key = NULL;
@@ -250,6 +271,165 @@ static tm_status open_legacy(tm_checkpoint *ck, const tm_open_options *opts, tm_
     return st;
 }
 
+/* safetensors: every tensor is contiguous in its own byte range. */
+static tm_status open_safetensors(tm_checkpoint *ck, tm_error *err) {
+    tm_safetensors *st = NULL;
+    tm_status s = tm_safetensors_open(CUR_MAP(ck)->data, CUR_MAP(ck)->size, CUR_PATH(ck), &st, err);
+    if (s) return s;
+    size_t n = tm_safetensors_count(st);
+    s = reserve_tensors(ck, n, err);
+    uint64_t base = tm_safetensors_data_offset(st);
+    for (size_t i = 0; i < n && !s; i++) {
+        const tm_st_tensor *t = tm_safetensors_tensor(st, i);
+        if (ck->n_storages % 64 == 0) {
+            ckpt_storage *p = realloc(ck->storages, (ck->n_storages + 64) * sizeof *p);
+            if (!p) { s = tm_error_set(err, TM_ERROR_NOMEM, "out of memory"); break; }
+            ck->storages = p;
+        }
+        ckpt_storage *sto = &ck->storages[ck->n_storages];
+        sto->pk = NULL;
+        sto->map = ck->cur;
+        sto->file_offset = base + t->begin;
+        sto->data = CUR_MAP(ck)->data + sto->file_offset;
+        sto->nbytes = t->end - t->begin;
+        ckpt_tensor *ct = &ck->tensors[ck->n_tensors];
+        if (!(ct->name = strdup(t->name))) { s = tm_error_set(err, TM_ERROR_NOMEM, "out of memory"); break; }
+        ck->n_tensors++;
+        ct->dtype = t->dtype;
+        ct->ndim = t->ndim;
+        int64_t stride = 1;
+        for (int d = t->ndim - 1; d >= 0; d--) {
+            ct->shape[d] = t->shape[d];
+            ct->stride[d] = stride;
+            stride *= t->shape[d] > 1 ? t->shape[d] : 1;
+        }
+        ct->numel = t->numel;
+        ct->storage = ck->n_storages++;
+    }
+    tm_safetensors_free(st);
+    return s;
+}
+
+/* Maps path as file number ck->n_maps and adds its tensors to the table. */
+static tm_status add_file(tm_checkpoint *ck, const char *path, const tm_open_options *opts, tm_error *err) {
+    tm_mapped_file *maps = realloc(ck->maps, (ck->n_maps + 1) * sizeof *maps);
+    char **paths = maps ? realloc(ck->map_paths, (ck->n_maps + 1) * sizeof *paths) : NULL;
+    if (maps) ck->maps = maps;
+    if (paths) ck->map_paths = paths;
+    if (!maps || !paths) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    memset(&ck->maps[ck->n_maps], 0, sizeof *maps);
+    if (!(ck->map_paths[ck->n_maps] = strdup(path))) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    ck->cur = ck->n_maps++;
+    tm_status st = tm_mapped_file_open(path, CUR_MAP(ck), err);
+    if (st) return st;
+    const uint8_t *d = CUR_MAP(ck)->data;
+    size_t size = CUR_MAP(ck)->size;
+    if (size == 0) return tm_error_set(err, TM_ERROR_FORMAT, "%s: empty file", path);
+    if (tm_zip_looks_like_zip(d, size)) return open_zip(ck, opts, err);
+    if (tm_legacy_pt_looks_like(d, size)) return open_legacy(ck, opts, err);
+    if (tm_safetensors_looks_like(d, size)) {
+        ck->format = "safetensors";
+        return open_safetensors(ck, err);
+    }
+    return tm_error_set(err, TM_ERROR_FORMAT, "%s: not a PyTorch checkpoint (unrecognised file signature)", path);
+}
+
+static int file_exists(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+/* Hugging Face index: {"metadata": {...}, "weight_map": {"name": "shard file", ...}}. Shards are
+ * added in order of first appearance; each is mapped (not read) at open. */
+static tm_status add_index(tm_checkpoint *ck, const char *index_path, const tm_open_options *opts, tm_error *err) {
+    tm_mapped_file f;
+    tm_status st = tm_mapped_file_open(index_path, &f, err);
+    if (st) return st;
+    cJSON *root = cJSON_ParseWithLength((const char *)f.data, f.size);
+    tm_mapped_file_close(&f);
+    const cJSON *map = root ? cJSON_GetObjectItemCaseSensitive(root, "weight_map") : NULL;
+    if (!cJSON_IsObject(map)) {
+        cJSON_Delete(root);
+        return tm_error_set(err, TM_ERROR_FORMAT, "%s: not a sharded checkpoint index (no \"weight_map\" object)",
+                            index_path);
+    }
+    char *dir = strdup(index_path);
+    if (!dir) { cJSON_Delete(root); return tm_error_set(err, TM_ERROR_NOMEM, "out of memory"); }
+    char *slash = strrchr(dir, '/');
+    if (slash) *slash = '\0'; else strcpy(dir, ".");
+    const cJSON *item;
+    size_t shards_before = ck->n_maps;
+    cJSON_ArrayForEach(item, map) {
+        if (!cJSON_IsString(item) || strchr(item->valuestring, '/') || strcmp(item->valuestring, "..") == 0) {
+            st = tm_error_set(err, TM_ERROR_FORMAT, "%s: tensor '%s': shard name must be a file name in the folder",
+                              index_path, item->string);
+            break;
+        }
+        char *shard = NULL;
+        if (asprintf(&shard, "%s/%s", dir, item->valuestring) < 0) { st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory"); break; }
+        int seen = 0;
+        for (size_t m = shards_before; m < ck->n_maps && !seen; m++) seen = strcmp(ck->map_paths[m], shard) == 0;
+        if (!seen) st = add_file(ck, shard, opts, err);
+        free(shard);
+        if (st) break;
+    }
+    if (!st && ck->n_maps == shards_before)
+        st = tm_error_set(err, TM_ERROR_FORMAT, "%s: the index lists no shards", index_path);
+    if (!st) {
+        ck->folder = dir;
+        dir = NULL;
+    }
+    free(dir);
+    cJSON_Delete(root);
+    return st;
+}
+
+/* A folder: the index of a sharded checkpoint, or its single weights file. */
+static tm_status add_folder(tm_checkpoint *ck, const char *dir, const tm_open_options *opts, tm_error *err) {
+    static const char *const indexes[] = {"model.safetensors.index.json", "pytorch_model.bin.index.json"};
+    static const char *const singles[] = {"model.safetensors", "pytorch_model.bin"};
+    char path[4096];
+    for (size_t i = 0; i < 2; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, indexes[i]);
+        if (file_exists(path)) return add_index(ck, path, opts, err);
+    }
+    for (size_t i = 0; i < 2; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, singles[i]);
+        if (file_exists(path)) {
+            if (!(ck->folder = strdup(dir))) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+            return add_file(ck, path, opts, err);
+        }
+    }
+    return tm_error_set(err, TM_ERROR_NOT_FOUND,
+                        "%s: folder holds no model.safetensors, pytorch_model.bin or *.index.json", dir);
+}
+
+static uint64_t hash_name(const char *s) {
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    while (*s) h = (h ^ (uint8_t)*s++) * 1099511628211ull;
+    return h;
+}
+
+/* Builds the name index; refuses duplicate names (also across shards). */
+static tm_status build_index(tm_checkpoint *ck, tm_error *err) {
+    size_t cap = 16;
+    while (cap < 2 * ck->n_tensors + 2) cap *= 2;
+    ck->index = calloc(cap, sizeof *ck->index);
+    if (!ck->index) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    ck->index_cap = cap;
+    for (size_t i = 0; i < ck->n_tensors; i++) {
+        size_t j = (size_t)hash_name(ck->tensors[i].name) & (cap - 1);
+        while (ck->index[j]) {
+            if (strcmp(ck->tensors[ck->index[j] - 1].name, ck->tensors[i].name) == 0)
+                return tm_error_set(err, TM_ERROR_FORMAT, "%s: tensor name '%s' appears twice", ck->path,
+                                    ck->tensors[i].name);
+            j = (j + 1) & (cap - 1);
+        }
+        ck->index[j] = i + 1;
+    }
+    return TM_OK;
+}
+
 tm_status tm_checkpoint_open_err(const char *path, const tm_open_options *opts,
                                  tm_checkpoint **out, tm_error *err) {
     *out = NULL;
@@ -259,18 +439,20 @@ tm_status tm_checkpoint_open_err(const char *path, const tm_open_options *opts,
         free(ck);
         return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
     }
-    tm_status st = tm_mapped_file_open(path, &ck->map, err);
-    if (!st) {
-        if (ck->map.size == 0)
-            st = tm_error_set(err, TM_ERROR_FORMAT, "%s: empty file", path);
-        else if (tm_zip_looks_like_zip(ck->map.data, ck->map.size))
-            st = open_zip(ck, opts, err);
-        else if (tm_legacy_pt_looks_like(ck->map.data, ck->map.size))
-            st = open_legacy(ck, opts, err);
-        else
-            st = tm_error_set(err, TM_ERROR_FORMAT,
-                              "%s: not a PyTorch checkpoint (unrecognised file signature)", path);
+    struct stat sb;
+    size_t len = strlen(path);
+    tm_status st;
+    if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode))
+        st = add_folder(ck, path, opts, err);
+    else if (len > 11 && strcmp(path + len - 11, ".index.json") == 0)
+        st = add_index(ck, path, opts, err);
+    else
+        st = add_file(ck, path, opts, err);
+    if (!st && ck->n_maps > 1) {
+        const char *first = ck->format;
+        ck->format = strcmp(first, "safetensors") == 0 ? "safetensors-sharded" : "pt-sharded";
     }
+    if (!st) st = build_index(ck, err);
     if (st) {
         tm_checkpoint_close(ck);
         return st;
@@ -294,7 +476,14 @@ void tm_checkpoint_close(tm_checkpoint *ck) {
     for (size_t i = 0; i < ck->n_tensors; i++) free(ck->tensors[i].name);
     free(ck->tensors);
     free(ck->storages);
-    tm_mapped_file_close(&ck->map);
+    for (size_t m = 0; m < ck->n_maps; m++) {
+        tm_mapped_file_close(&ck->maps[m]);
+        free(ck->map_paths[m]);
+    }
+    free(ck->maps);
+    free(ck->map_paths);
+    free(ck->index);
+    free(ck->folder);
     free(ck->key);
     free(ck->path);
     free(ck);
@@ -330,11 +519,16 @@ tm_status tm_checkpoint_tensor(const tm_checkpoint *ck, size_t i, tm_tensor_info
 }
 
 int64_t tm_checkpoint_find(const tm_checkpoint *ck, const char *name) {
-    if (!ck || !name) return -1;
-    for (size_t i = 0; i < ck->n_tensors; i++)
-        if (strcmp(ck->tensors[i].name, name) == 0) return (int64_t)i;
+    if (!ck || !name || !ck->index) return -1;
+    size_t j = (size_t)hash_name(name) & (ck->index_cap - 1);
+    while (ck->index[j]) {
+        if (strcmp(ck->tensors[ck->index[j] - 1].name, name) == 0) return (int64_t)ck->index[j] - 1;
+        j = (j + 1) & (ck->index_cap - 1);
+    }
     return -1;
 }
+
+const char *tm_checkpoint_folder(const tm_checkpoint *ck) { return ck ? ck->folder : NULL; }
 
 tm_status tm_checkpoint_read(const tm_checkpoint *ck, size_t i, void *dst, size_t dst_size) {
     tm_tensor_info info;
@@ -365,11 +559,11 @@ tm_status tm_checkpoint_read(const tm_checkpoint *ck, size_t i, void *dst, size_
 void tm_checkpoint_prefetch_tensor(const tm_checkpoint *ck, size_t i) {
     if (!ck || i >= ck->n_tensors) return;
     const ckpt_storage *s = &ck->storages[ck->tensors[i].storage];
-    tm_mapped_file_prefetch(&ck->map, s->file_offset, s->nbytes);
+    tm_mapped_file_prefetch(&ck->maps[s->map], s->file_offset, s->nbytes);
 }
 
 void tm_checkpoint_release_tensor(const tm_checkpoint *ck, size_t i) {
     if (!ck || i >= ck->n_tensors) return;
     const ckpt_storage *s = &ck->storages[ck->tensors[i].storage];
-    tm_mapped_file_release(&ck->map, s->file_offset, s->nbytes);
+    tm_mapped_file_release(&ck->maps[s->map], s->file_offset, s->nbytes);
 }

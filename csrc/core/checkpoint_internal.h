@@ -18,6 +18,9 @@ int tm_checkpoint_is_module(const tm_checkpoint *ckpt);
 /* Prefetch / release the mapped bytes of tensor i's storage. */
 void tm_checkpoint_prefetch_tensor(const tm_checkpoint *ckpt, size_t i);
 void tm_checkpoint_release_tensor(const tm_checkpoint *ckpt, size_t i);
+/* The Hugging Face folder the checkpoint was opened from (its config and tokenizer files are
+ * copied beside a folder output), or NULL for a plain file. Owned by ckpt. */
+const char *tm_checkpoint_folder(const tm_checkpoint *ckpt);
 /* Number of distinct storages. */
 size_t tm_checkpoint_n_storages(const tm_checkpoint *ckpt);
 
