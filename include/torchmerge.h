@@ -194,10 +194,13 @@ TM_API tm_status tm_state_dict_mul(tm_state_dict *sd, double scalar);
 /* ---- Merging files ----------------------------------------------------------------------- */
 
 typedef enum tm_format {
-    TM_FORMAT_AUTO = 0,    /* TorchScript when the inputs are modules or a template is given,
+    TM_FORMAT_AUTO = 0,    /* from the output: *.safetensors or a folder → safetensors; else
+                              TorchScript when the inputs are modules or a template is given;
                               else pt */
     TM_FORMAT_PT,          /* torch.save zip, a plain dict of tensors */
-    TM_FORMAT_TORCHSCRIPT  /* torch.jit.save module: the first input module, or the template */
+    TM_FORMAT_TORCHSCRIPT, /* torch.jit.save module: the first input module, or the template */
+    TM_FORMAT_SAFETENSORS  /* safetensors file, or a sharded Hugging Face folder when the output
+                              is a folder (an existing one, or a path ending in '/') */
 } tm_format;
 
 typedef enum tm_key_policy {
@@ -229,6 +232,11 @@ typedef struct tm_merge_options {
     void (*warning)(void *user, const char *message);
     void *warning_user;
     tm_profile *profile;       /* filled when non-NULL */
+    uint64_t max_shard_size;   /* folder output: bytes per shard at most (0: 5 GiB) */
+    const char *method;        /* recorded in the output's metadata; NULL: "simple_average" or
+                                  "weighted_average" from weights */
+    const char *recipe_text;   /* YAML recipe recorded with the output (safetensors metadata,
+                                  torchmerge_recipe.yaml beside a folder), or NULL */
     /* Optional per-tensor rules (recipes): include_tensor returns 0 to leave a tensor out of the
      * output; tensor_weights may overwrite weights[0..n) (one per input, before normalisation)
      * for the tensor name. Either may be NULL. */

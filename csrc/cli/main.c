@@ -25,15 +25,22 @@ static void usage(FILE *f) {
             "       torchmerge --help | --version\n"
             "\n"
             "Merges PyTorch checkpoints by averaging their weights, tensor by tensor.\n"
-            "Inputs: torch.save files (state dicts, nested training checkpoints, pickled modules)\n"
-            "and TorchScript modules (torch.jit.save).\n"
+            "Inputs: torch.save files (zip and legacy; state dicts, nested training checkpoints,\n"
+            "pickled modules), TorchScript modules (torch.jit.save), safetensors files, and Hugging\n"
+            "Face folders or *.index.json of sharded safetensors / pytorch_model.bin.\n"
             "\n"
             "merge options:\n"
             "  -o, --output OUT        output file (written to a temporary file, renamed on success)\n"
             "  --weights W1,W2,...     one weight per input (weighted_average)\n"
             "  --no-normalize          use the weights as given instead of dividing by their sum\n"
-            "  --format pt|torchscript output format (default: torchscript when the inputs are\n"
-            "                          modules or --template is given, else pt)\n"
+            "  --format pt|torchscript|safetensors\n"
+            "                          output format (default: safetensors when OUT ends in\n"
+            "                          .safetensors or is a folder (existing, or ending in '/'),\n"
+            "                          which gets sharded safetensors + index.json; torchscript\n"
+            "                          when the inputs are modules or --template is given; else pt)\n"
+            "  --max-shard-size SIZE   folder output: largest shard, in bytes; suffixes K, M, G\n"
+            "                          (powers of 1000) and KiB, MiB, GiB (powers of 1024);\n"
+            "                          default 5GiB\n"
             "  --template MODULE       TorchScript module to fill with the merged weights\n"
             "  --dtype DTYPE           write floating tensors as float32|float16|bfloat16|float64\n"
             "                          (default: each tensor's dtype in the first input)\n"
@@ -117,6 +124,26 @@ static int parse_weights(const char *s, double **out, size_t *n) {
     return 0;
 }
 
+/* "5GiB", "500M", "1048576" → bytes. */
+static int parse_size(const char *s, uint64_t *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || errno || v <= 0) return -1;
+    static const struct { const char *suffix; double mult; } units[] = {
+        {"", 1},         {"B", 1},           {"K", 1e3},          {"KB", 1e3},        {"M", 1e6},
+        {"MB", 1e6},     {"G", 1e9},         {"GB", 1e9},         {"T", 1e12},        {"TB", 1e12},
+        {"KiB", 1024.0}, {"MiB", 1048576.0}, {"GiB", 1073741824.0}, {"TiB", 1099511627776.0}};
+    for (size_t i = 0; i < sizeof units / sizeof units[0]; i++)
+        if (strcmp(end, units[i].suffix) == 0) {
+            double bytes = v * units[i].mult;
+            if (bytes < 1 || bytes > 1.8e19) return -1;
+            *out = (uint64_t)bytes;
+            return 0;
+        }
+    return -1;
+}
+
 static void print_profile(const tm_profile *p) {
     fprintf(stderr, "%-8s %8s %12s %12s\n", "action", "calls", "mean (s)", "total (s)");
     const char *names[3] = {"load", "merge", "save"};
@@ -129,13 +156,14 @@ static void print_profile(const tm_profile *p) {
 
 static int cmd_merge(int argc, char **argv, int weighted) {
     enum { OPT_WEIGHTS = 256, OPT_NO_NORMALIZE, OPT_FORMAT, OPT_TEMPLATE, OPT_DTYPE, OPT_KEYS,
-           OPT_KEY, OPT_PROFILE };
+           OPT_KEY, OPT_PROFILE, OPT_MAX_SHARD };
     static const struct option longopts[] = {
         {"output", required_argument, 0, 'o'},        {"weights", required_argument, 0, OPT_WEIGHTS},
         {"no-normalize", no_argument, 0, OPT_NO_NORMALIZE},
         {"format", required_argument, 0, OPT_FORMAT}, {"template", required_argument, 0, OPT_TEMPLATE},
         {"dtype", required_argument, 0, OPT_DTYPE},   {"keys", required_argument, 0, OPT_KEYS},
         {"key", required_argument, 0, OPT_KEY},       {"profile", no_argument, 0, OPT_PROFILE},
+        {"max-shard-size", required_argument, 0, OPT_MAX_SHARD},
         {"quiet", no_argument, 0, 'q'},               {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     tm_merge_options o;
@@ -160,7 +188,17 @@ static int cmd_merge(int argc, char **argv, int weighted) {
         case OPT_FORMAT:
             if (strcmp(optarg, "pt") == 0) o.format = TM_FORMAT_PT;
             else if (strcmp(optarg, "torchscript") == 0) o.format = TM_FORMAT_TORCHSCRIPT;
-            else { free(weights); return usage_error("--format: expected pt or torchscript, got '%s'", optarg); }
+            else if (strcmp(optarg, "safetensors") == 0) o.format = TM_FORMAT_SAFETENSORS;
+            else {
+                free(weights);
+                return usage_error("--format: expected pt, torchscript or safetensors, got '%s'", optarg);
+            }
+            break;
+        case OPT_MAX_SHARD:
+            if (parse_size(optarg, &o.max_shard_size)) {
+                free(weights);
+                return usage_error("--max-shard-size: expected a size like 500MB or 2GiB, got '%s'", optarg);
+            }
             break;
         case OPT_TEMPLATE: o.template_path = optarg; break;
         case OPT_DTYPE:

@@ -9,8 +9,18 @@
 #include <string.h>
 #include <time.h>
 
+#include <cjson/cJSON.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "core/atomic_output.h"
 #include "core/torch_bridge.h"
 #include "formats/pt_writer.h"
+#include "formats/safetensors.h"
 #include "merge/kernel.h"
 #include "merge/plan.h"
 
@@ -30,6 +40,7 @@ typedef struct merge_ctx {
     size_t n_differing;
     /* output sinks */
     tm_pt_writer *pt;
+    tm_st_writer *st;
     const tm_torch_bridge *bridge;
     tm_module_writer *module;
     char ignored[768];
@@ -286,6 +297,316 @@ static tm_status write_module(merge_ctx *c, const char *module_path, const char 
     return st;
 }
 
+/* ---- safetensors output ------------------------------------------------------------------- */
+
+#define DEFAULT_MAX_SHARD ((uint64_t)5 << 30)
+
+typedef struct metadata {
+    const char *keys[8];
+    char *values[8];
+    size_t n;
+} metadata;
+
+static void metadata_free(metadata *m) {
+    for (size_t i = 0; i < m->n; i++) free(m->values[i]);
+    m->n = 0;
+}
+
+static int metadata_add(metadata *m, const char *key, char *value) {
+    if (!value) return -1;
+    m->keys[m->n] = key;
+    m->values[m->n++] = value;
+    return 0;
+}
+
+/* A JSON value as text (cJSON escapes strings correctly). */
+static char *json_text(cJSON *v) {
+    char *s = v ? cJSON_PrintUnformatted(v) : NULL;
+    cJSON_Delete(v);
+    return s;
+}
+
+/* What the output records about the merge: method, weights, inputs, tied aliases, recipe. */
+static tm_status build_metadata(const merge_ctx *c, const char *const *paths, metadata *m, tm_error *err) {
+    const tm_merge_options *o = c->o;
+    const char *method = o->method ? o->method : o->weights ? "weighted_average" : "simple_average";
+    cJSON *weights = cJSON_CreateArray(), *inputs = cJSON_CreateArray(), *aliases = cJSON_CreateObject();
+    for (size_t i = 0; i < c->n; i++) {
+        cJSON_AddItemToArray(weights, cJSON_CreateNumber(c->weights[i]));
+        char *copy = strdup(paths[i]);
+        cJSON_AddItemToArray(inputs, cJSON_CreateString(copy ? basename(copy) : paths[i]));
+        free(copy);
+    }
+    size_t n_alias = 0;
+    for (size_t k = 0; k < c->plan.n_keys; k++)
+        if (c->plan.alias_of[k] >= 0) {
+            cJSON_AddStringToObject(aliases, c->plan.keys[k], c->plan.keys[c->plan.alias_of[k]]);
+            n_alias++;
+        }
+    int bad = metadata_add(m, "format", strdup("pt")) | metadata_add(m, "torchmerge_version", strdup(tm_version())) |
+              metadata_add(m, "torchmerge_method", strdup(method)) |
+              metadata_add(m, "torchmerge_weights", json_text(weights)) |
+              metadata_add(m, "torchmerge_normalize", strdup(o->normalize ? "true" : "false")) |
+              metadata_add(m, "torchmerge_inputs", json_text(inputs));
+    if (n_alias) bad |= metadata_add(m, "torchmerge_aliases", json_text(aliases));
+    else cJSON_Delete(aliases);
+    if (o->recipe_text) bad |= metadata_add(m, "torchmerge_recipe", strdup(o->recipe_text));
+    return bad ? tm_error_set(err, TM_ERROR_NOMEM, "out of memory") : TM_OK;
+}
+
+static tm_status emit_st(merge_ctx *c, const void *data, size_t len, void *user, tm_error *err) {
+    (void)user;
+    return tm_st_writer_write(c->st, data, len, err);
+}
+
+/* Writes units [u0, u1) as one safetensors file on fd. */
+static tm_status write_st_units(merge_ctx *c, int fd, const char *label, size_t u0, size_t u1, const metadata *m,
+                                size_t *done, tm_error *err) {
+    const tm_plan *p = &c->plan;
+    tm_st_out_tensor *t = calloc(u1 - u0 + 1, sizeof *t);
+    if (!t) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    for (size_t u = u0; u < u1; u++) {
+        size_t k = p->units[u].keys[0], i = 0;
+        while (tm_plan_where(p, k, i) < 0) i++;
+        tm_tensor_info r = info_of(c->in[i], tm_plan_where(p, k, i));
+        t[u - u0] = (tm_st_out_tensor){p->keys[k], p->units[u].out_dtype, r.ndim, r.shape};
+    }
+    double t0 = now();
+    tm_status st = tm_st_writer_open(fd, label, t, u1 - u0, (const char *const *)m->keys,
+                                     (const char *const *)m->values, m->n, &c->st, err);
+    c->prof.save_seconds += now() - t0;
+    free(t);
+    for (size_t u = u0; u < u1 && !st; u++) {
+        if (u + 1 < u1) touch_unit(c, &p->units[u + 1], 0);
+        st = merge_unit(c, &p->units[u], emit_st, NULL, err);
+        touch_unit(c, &p->units[u], 1);
+        c->prof.save_calls++;
+        ++*done;
+        if (!st && c->o->progress) c->o->progress(c->o->progress_user, *done, p->n_units);
+    }
+    if (!st) st = tm_st_writer_finish(c->st, err);
+    tm_st_writer_free(c->st);
+    c->st = NULL;
+    return st;
+}
+
+static int is_weight_file(const char *name) {
+    static const char *const ends[] = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json",
+                                       ".msgpack", ".h5", ".onnx", ".gguf", ".pth.tar"};
+    size_t n = strlen(name);
+    for (size_t i = 0; i < sizeof ends / sizeof ends[0]; i++) {
+        size_t e = strlen(ends[i]);
+        if (n >= e && strcmp(name + n - e, ends[i]) == 0) return 1;
+    }
+    return 0;
+}
+
+static tm_status write_file(const char *path, const void *data, size_t len, tm_error *err) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd < 0) return tm_error_set(err, TM_ERROR_IO, "%s: cannot create: %s", path, strerror(errno));
+    const uint8_t *p = data;
+    while (len) {
+        ssize_t w = write(fd, p, len);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+            int e = errno;
+            close(fd);
+            return tm_error_set(err, TM_ERROR_IO, "%s: cannot write: %s", path, strerror(e));
+        }
+        p += w;
+        len -= (size_t)w;
+    }
+    if (fsync(fd) != 0 || close(fd) != 0) return tm_error_set(err, TM_ERROR_IO, "%s: cannot write: %s", path, strerror(errno));
+    return TM_OK;
+}
+
+static tm_status read_whole(const char *path, char **out, size_t *len, tm_error *err) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return tm_error_set(err, TM_ERROR_IO, "%s: cannot open: %s", path, strerror(errno));
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap + 1);
+    size_t r;
+    while (buf && (r = fread(buf + n, 1, cap - n, f)) > 0) {
+        n += r;
+        if (n == cap) {
+            char *nb = realloc(buf, 2 * cap + 1);
+            if (!nb) { free(buf); buf = NULL; break; }
+            buf = nb;
+            cap *= 2;
+        }
+    }
+    int bad = ferror(f);
+    fclose(f);
+    if (!buf || bad) { free(buf); return tm_error_set(err, TM_ERROR_IO, "%s: cannot read", path); }
+    buf[n] = '\0';
+    *out = buf;
+    *len = n;
+    return TM_OK;
+}
+
+/* Copies the first input folder's non-weight files (config, tokenizer, generation config),
+ * setting torch_dtype in config.json when --dtype changes it. */
+static tm_status copy_side_files(const merge_ctx *c, const char *from, const char *to, tm_error *err) {
+    DIR *d = opendir(from);
+    if (!d) return TM_OK;
+    tm_status st = TM_OK;
+    struct dirent *e;
+    while (!st && (e = readdir(d))) {
+        if (e->d_name[0] == '.' || is_weight_file(e->d_name) || strcmp(e->d_name, "torchmerge_recipe.yaml") == 0)
+            continue;
+        char *src = NULL, *dst = NULL;
+        if (asprintf(&src, "%s/%s", from, e->d_name) < 0 || asprintf(&dst, "%s/%s", to, e->d_name) < 0) {
+            free(src);
+            closedir(d);
+            return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+        }
+        struct stat sb;
+        if (stat(src, &sb) == 0 && S_ISREG(sb.st_mode)) {
+            char *buf = NULL;
+            size_t len = 0;
+            st = read_whole(src, &buf, &len, err);
+            if (!st && c->o->has_dtype && strcmp(e->d_name, "config.json") == 0) {
+                cJSON *cfg = cJSON_ParseWithLength(buf, len);
+                if (cfg && cJSON_IsObject(cfg)) {
+                    cJSON_DeleteItemFromObjectCaseSensitive(cfg, "torch_dtype");
+                    cJSON_AddStringToObject(cfg, "torch_dtype", tm_dtype_name(c->o->dtype));
+                    char *text = cJSON_Print(cfg);
+                    if (text) { free(buf); buf = text; len = strlen(text); }
+                }
+                cJSON_Delete(cfg);
+            }
+            if (!st) st = write_file(dst, buf, len, err);
+            free(buf);
+        }
+        free(src);
+        free(dst);
+    }
+    closedir(d);
+    return st;
+}
+
+static void remove_flat_dir(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+        char *p = NULL;
+        if (asprintf(&p, "%s/%s", dir, e->d_name) >= 0) unlink(p);
+        free(p);
+    }
+    closedir(d);
+    rmdir(dir);
+}
+
+static int is_folder_output(const char *output) {
+    struct stat sb;
+    size_t n = strlen(output);
+    return (n && output[n - 1] == '/') || (stat(output, &sb) == 0 && S_ISDIR(sb.st_mode));
+}
+
+static tm_status write_safetensors(merge_ctx *c, const char *const *paths, const char *output, tm_error *err) {
+    metadata m = {0};
+    tm_status st = build_metadata(c, paths, &m, err);
+    size_t done = 0;
+    if (st) return st;
+    if (!is_folder_output(output)) {
+        tm_atomic_output out;
+        st = tm_atomic_output_open(output, &out, err);
+        if (!st) {
+            st = write_st_units(c, out.fd, output, 0, c->plan.n_units, &m, &done, err);
+            if (!st) st = tm_atomic_output_commit(&out, err);
+            else tm_atomic_output_abort(&out);
+        }
+        metadata_free(&m);
+        return st;
+    }
+    /* A folder: shards in a temporary folder beside it, renamed into place as a whole. */
+    char *target = strdup(output), *tmp = NULL;
+    if (!target) { metadata_free(&m); return tm_error_set(err, TM_ERROR_NOMEM, "out of memory"); }
+    while (strlen(target) > 1 && target[strlen(target) - 1] == '/') target[strlen(target) - 1] = '\0';
+    char *copy1 = strdup(target), *copy2 = strdup(target);
+    if (!copy1 || !copy2 || asprintf(&tmp, "%s/.%s.tmp.XXXXXX", dirname(copy1), basename(copy2)) < 0) tmp = NULL;
+    free(copy1);
+    free(copy2);
+    if (!tmp || !mkdtemp(tmp)) {
+        st = tm_error_set(err, TM_ERROR_IO, "%s: cannot create a temporary folder beside it: %s", target, strerror(errno));
+        free(tmp);
+        free(target);
+        metadata_free(&m);
+        return st;
+    }
+    uint64_t max = c->o->max_shard_size ? c->o->max_shard_size : DEFAULT_MAX_SHARD;
+    size_t *first = malloc((c->plan.n_units + 2) * sizeof *first), n_shards = 0;
+    uint64_t cur = 0, total = 0;
+    for (size_t u = 0; first && u < c->plan.n_units; u++) {
+        uint64_t bytes = (uint64_t)c->plan.units[u].numel * tm_dtype_size(c->plan.units[u].out_dtype);
+        if (n_shards == 0 || (cur > 0 && cur + bytes > max)) { first[n_shards++] = u; cur = 0; }
+        cur += bytes;
+        total += bytes;
+    }
+    if (!first) st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    if (first) first[n_shards] = c->plan.n_units;
+    cJSON *index = cJSON_CreateObject(), *meta = cJSON_AddObjectToObject(index, "metadata");
+    cJSON_AddNumberToObject(meta, "total_size", (double)total);
+    cJSON *wmap = cJSON_AddObjectToObject(index, "weight_map");
+    for (size_t s = 0; s < n_shards && !st; s++) {
+        char name[64], *path = NULL;
+        if (n_shards == 1) snprintf(name, sizeof name, "model.safetensors");
+        else snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", s + 1, n_shards);
+        if (asprintf(&path, "%s/%s", tmp, name) < 0) { st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory"); break; }
+        int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+        if (fd < 0) st = tm_error_set(err, TM_ERROR_IO, "%s: cannot create: %s", path, strerror(errno));
+        if (!st) {
+            char label[4200];
+            snprintf(label, sizeof label, "%s/%s", target, name);
+            st = write_st_units(c, fd, label, first[s], first[s + 1], &m, &done, err);
+            if (!st && fsync(fd) != 0) st = tm_error_set(err, TM_ERROR_IO, "%s: cannot write: %s", label, strerror(errno));
+            close(fd);
+        }
+        for (size_t u = first[s]; u < first[s + 1]; u++)
+            cJSON_AddStringToObject(wmap, c->plan.keys[c->plan.units[u].keys[0]], name);
+        free(path);
+    }
+    if (!st && n_shards > 1) {
+        char *text = cJSON_Print(index), *path = NULL;
+        if (!text || asprintf(&path, "%s/model.safetensors.index.json", tmp) < 0) st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+        else st = write_file(path, text, strlen(text), err);
+        free(text);
+        free(path);
+    }
+    cJSON_Delete(index);
+    const char *src_folder = tm_checkpoint_folder(c->in[0]);
+    if (!st && src_folder) st = copy_side_files(c, src_folder, tmp, err);
+    if (!st && c->o->recipe_text) {
+        char *path = NULL;
+        if (asprintf(&path, "%s/torchmerge_recipe.yaml", tmp) < 0) st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+        else st = write_file(path, c->o->recipe_text, strlen(c->o->recipe_text), err);
+        free(path);
+    }
+    if (!st) {
+        /* An existing folder is moved aside, the new one renamed into place, the old one removed. */
+        char *old = NULL;
+        struct stat sb;
+        int exists = stat(target, &sb) == 0;
+        if (exists && asprintf(&old, "%s.old", tmp) < 0) old = NULL;
+        if (exists && (!old || rename(target, old) != 0))
+            st = tm_error_set(err, TM_ERROR_IO, "%s: cannot replace the existing folder: %s", target, strerror(errno));
+        if (!st && rename(tmp, target) != 0) {
+            st = tm_error_set(err, TM_ERROR_IO, "%s: cannot rename the temporary folder into place: %s", target, strerror(errno));
+            if (old) rename(old, target);
+        }
+        if (!st && old) remove_flat_dir(old);
+        free(old);
+    }
+    if (st) remove_flat_dir(tmp);
+    free(first);
+    free(tmp);
+    free(target);
+    metadata_free(&m);
+    return st;
+}
+
 /* ---- Entry point -------------------------------------------------------------------------- */
 
 static void warn(const merge_ctx *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -326,13 +647,17 @@ static tm_status run(merge_ctx *c, const char *const *paths, const char *output,
         st = tm_checkpoint_open_err(paths[i], &oo, &c->in[i], err);
         c->prof.load_calls++;
     }
-    if (!st) st = tm_plan_build(&c->plan, c->in, c->n, c->o, err);
+    tm_format format = c->o->format;
+    size_t olen = strlen(output);
+    if (format == TM_FORMAT_AUTO && (is_folder_output(output) || (olen > 12 && strcmp(output + olen - 12, ".safetensors") == 0)))
+        format = TM_FORMAT_SAFETENSORS;
+    if (format == TM_FORMAT_AUTO)
+        format = c->o->template_path || (!st && tm_checkpoint_is_module(c->in[0])) ? TM_FORMAT_TORCHSCRIPT : TM_FORMAT_PT;
+    if (!st) st = tm_plan_build(&c->plan, c->in, c->n, c->o, format == TM_FORMAT_SAFETENSORS, err);
     c->prof.load_seconds += now() - t0;
     if (st) return st;
-
-    tm_format format = c->o->format;
-    if (format == TM_FORMAT_AUTO)
-        format = c->o->template_path || tm_checkpoint_is_module(c->in[0]) ? TM_FORMAT_TORCHSCRIPT : TM_FORMAT_PT;
+    if (format != TM_FORMAT_SAFETENSORS && is_folder_output(output))
+        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: is a folder; folder output is sharded safetensors", output);
     c->acc = malloc(2 * BLOCK_ELEMS * sizeof *c->acc);
     c->block = malloc(BLOCK_ELEMS * 16);
     if (!c->acc || !c->block) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
@@ -346,6 +671,16 @@ static tm_status run(merge_ctx *c, const char *const *paths, const char *output,
         if (!st && c->n_ignored)
             warn(c, "ignored %zu tensors that %s holds no parameter or buffer for: %s%s", c->n_ignored, module,
                  c->ignored, c->n_ignored > 10 ? ", …" : "");
+    } else if (format == TM_FORMAT_SAFETENSORS) {
+        st = write_safetensors(c, paths, output, err);
+        size_t n_alias = 0;
+        for (size_t k = 0; k < c->plan.n_keys; k++) n_alias += c->plan.alias_of[k] >= 0;
+        if (!st && n_alias)
+            for (size_t k = 0; k < c->plan.n_keys; k++)
+                if (c->plan.alias_of[k] >= 0)
+                    warn(c, "'%s' shares its storage with '%s' (tied weights): safetensors stores it once, under '%s'; "
+                            "the alias is recorded in __metadata__['torchmerge_aliases']",
+                         c->plan.keys[k], c->plan.keys[c->plan.alias_of[k]], c->plan.keys[c->plan.alias_of[k]]);
     } else {
         st = write_pt(c, output, err);
     }
@@ -376,6 +711,7 @@ tm_status tm_merge_files(const char *const *inputs, size_t n, const char *output
     tm_status st = run(&c, inputs, output, &err);
     if (c.o->profile) *c.o->profile = c.prof;
     tm_pt_writer_free(c.pt);
+    tm_st_writer_free(c.st);
     if (c.module) c.bridge->module_writer_free(c.module);
     tm_plan_free(&c.plan);
     for (size_t i = 0; c.in && i < n; i++) tm_checkpoint_close(c.in[i]);

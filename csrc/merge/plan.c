@@ -161,8 +161,19 @@ static int shared_identically(const tm_plan *p, tm_checkpoint *const *in, const 
     return 1;
 }
 
-static tm_status plan_units(tm_plan *p, tm_checkpoint *const *in, const tm_merge_options *o, tm_error *err) {
+static int same_view(const tm_tensor_info *a, const tm_tensor_info *b) {
+    if (a->ndim != b->ndim || a->storage_offset != b->storage_offset || a->dtype != b->dtype) return 0;
+    for (int d = 0; d < a->ndim; d++)
+        if (a->shape[d] != b->shape[d] || a->stride[d] != b->stride[d]) return 0;
+    return 1;
+}
+
+static tm_status plan_units(tm_plan *p, tm_checkpoint *const *in, const tm_merge_options *o, int split_shared,
+                            tm_error *err) {
     size_t nk = p->n_keys;
+    p->alias_of = malloc((nk ? nk : 1) * sizeof *p->alias_of);
+    if (!p->alias_of) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    for (size_t k = 0; k < nk; k++) p->alias_of[k] = -1;
     p->units = calloc(nk ? nk : 1, sizeof *p->units);
     size_t *group = malloc((nk ? nk : 1) * sizeof *group);
     char *done = calloc(nk ? nk : 1, 1);
@@ -182,8 +193,20 @@ static tm_status plan_units(tm_plan *p, tm_checkpoint *const *in, const tm_merge
                 if (!done[j] && ij >= 0 && info_of(in[0], ij).storage_id == sid) group[ng++] = j;
             }
         }
+        if (split_shared && ng >= 2 && shared_identically(p, in, group, ng)) {
+            /* Exact aliases of an earlier key in the group are written once. */
+            tm_tensor_info first = info_of(in[0], idx0);
+            for (size_t g = 1; g < ng; g++) {
+                tm_tensor_info t = info_of(in[0], tm_plan_where(p, group[g], 0));
+                if (same_view(&first, &t)) {
+                    p->alias_of[group[g]] = (int64_t)k;
+                    done[group[g]] = 1;
+                }
+            }
+            ng = 1;
+        }
         tm_unit *u = &p->units[p->n_units++];
-        if (ng >= 2 && shared_identically(p, in, group, ng)) {
+        if (!split_shared && ng >= 2 && shared_identically(p, in, group, ng)) {
             tm_tensor_info r = info_of(in[0], idx0);
             u->whole_storage = 1;
             u->numel = (int64_t)(r.storage_nbytes / tm_dtype_size(r.dtype));
@@ -211,12 +234,12 @@ static tm_status plan_units(tm_plan *p, tm_checkpoint *const *in, const tm_merge
 }
 
 tm_status tm_plan_build(tm_plan *plan, tm_checkpoint *const *inputs, size_t n,
-                        const tm_merge_options *opts, tm_error *err) {
+                        const tm_merge_options *opts, int split_shared, tm_error *err) {
     memset(plan, 0, sizeof *plan);
     plan->n_inputs = n;
     tm_status st = plan_keys(plan, inputs, n, opts, err);
     if (!st) st = check_compatible(plan, inputs, err);
-    if (!st) st = plan_units(plan, inputs, opts, err);
+    if (!st) st = plan_units(plan, inputs, opts, split_shared, err);
     return st;
 }
 
@@ -226,6 +249,7 @@ void tm_plan_free(tm_plan *plan) {
     free(plan->units);
     free(plan->keys);
     free(plan->where);
+    free(plan->alias_of);
     memset(plan, 0, sizeof *plan);
 }
 

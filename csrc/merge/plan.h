@@ -27,10 +27,14 @@ typedef struct tm_plan {
     int64_t *where;    /* where[k * n_inputs + i]: tensor index of key k in input i, or -1 */
     tm_unit *units;
     size_t n_units;
+    int64_t *alias_of; /* formats without shared storage: alias_of[k] = the key k is the same
+                          tensor as (tied weights), written once; -1 otherwise */
 } tm_plan;
 
+/* split_shared: the output format cannot share storages (safetensors): tensors sharing a storage
+ * become units of their own, except exact aliases, which are recorded in alias_of. */
 tm_status tm_plan_build(tm_plan *plan, tm_checkpoint *const *inputs, size_t n,
-                        const tm_merge_options *opts, tm_error *err);
+                        const tm_merge_options *opts, int split_shared, tm_error *err);
 void tm_plan_free(tm_plan *plan);
 
 static inline int64_t tm_plan_where(const tm_plan *p, size_t k, size_t i) {
