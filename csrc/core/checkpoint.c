@@ -133,7 +133,7 @@ static tm_status locate_storage(const tm_checkpoint *ck, const storage_source *s
 static tm_status add_storage(tm_checkpoint *ck, const storage_source *src, const tm_pk_value *pk,
                              tm_dtype tensor_dtype, size_t *index, const char *tname, tm_error *err) {
     for (size_t i = 0; i < ck->n_storages; i++)
-        if (ck->storages[i].pk == pk) { *index = i; return TM_OK; }
+        if (ck->storages[i].map == ck->cur && ck->storages[i].pk == pk) { *index = i; return TM_OK; }
     uint64_t offset = 0, size = 0;
     tm_status st = locate_storage(ck, src, pk, tname, &offset, &size, err);
     if (st) return st;
@@ -193,6 +193,16 @@ static tm_status build_table(tm_checkpoint *ck, const storage_source *src,
             numel = checked_mul(numel, (uint64_t)ct->shape[d], &of);
         }
         ct->numel = numel;
+        /* Byte counts (numel * itemsize) and contiguous strides must fit in int64, also for
+         * an empty tensor: the product of the non-zero dimensions is bounded. */
+        uint64_t nonzero = 1;
+        int too_big = of;
+        for (int d = 0; d < ct->ndim && !too_big; d++)
+            if (ct->shape[d] > 0) nonzero = checked_mul(nonzero, (uint64_t)ct->shape[d], &too_big);
+        if (too_big || nonzero > (uint64_t)INT64_MAX / tm_dtype_size(ct->dtype))
+            return tm_error_set(err, TM_ERROR_FORMAT,
+                                "%s: tensor '%s': its shape has more elements of %s than fit in 64-bit byte counts",
+                                CUR_PATH(ck), tname, tm_dtype_name(ct->dtype));
         if (numel > 0)
             for (int d = 0; d < ct->ndim; d++) {
                 uint64_t span = checked_mul((uint64_t)(ct->shape[d] - 1), (uint64_t)ct->stride[d], &of);

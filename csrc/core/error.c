@@ -7,6 +7,28 @@
 
 static _Thread_local char last_error[TM_ERROR_MSG_MAX];
 
+/* Messages quote names read from untrusted files (zip member names, dict keys, globals):
+ * control characters become \xNN so that a message stays one line. A message that grows past
+ * the buffer is cut, like any long message. */
+static void escape_controls(char *msg) {
+    const unsigned char *s = (const unsigned char *)msg;
+    while (*s && *s >= 0x20 && *s != 0x7f) s++;
+    if (!*s) return;
+    char tmp[TM_ERROR_MSG_MAX];
+    size_t o = 0;
+    for (s = (const unsigned char *)msg; *s && o + 1 < sizeof tmp; s++) {
+        if (*s < 0x20 || *s == 0x7f) {
+            if (o + 5 > sizeof tmp) break;
+            snprintf(tmp + o, 5, "\\x%02X", (unsigned)*s);
+            o += 4;
+        } else {
+            tmp[o++] = (char)*s;
+        }
+    }
+    tmp[o] = '\0';
+    memcpy(msg, tmp, o + 1);
+}
+
 tm_status tm_error_set(tm_error *err, tm_status status, const char *fmt, ...) {
     if (!err) return status;
     err->status = status;
@@ -14,6 +36,7 @@ tm_status tm_error_set(tm_error *err, tm_status status, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(err->msg, sizeof err->msg, fmt, ap);
     va_end(ap);
+    escape_controls(err->msg);
     return status;
 }
 
@@ -25,6 +48,7 @@ void tm_error_prefix(tm_error *err, const char *prefix) {
     /* A message longer than the buffer is cut, which is acceptable for a one-line error. */
     if (snprintf(tmp, sizeof tmp, "%s: %s", prefix, err->msg) < 0) return;
     memcpy(err->msg, tmp, sizeof tmp);
+    escape_controls(err->msg);
 }
 
 tm_status tm_error_publish(const tm_error *err) {

@@ -1291,6 +1291,13 @@ static tm_status intern_storage(parser *p, const char *key, int has_dtype, tm_dt
 /* pid = ('storage', storage_type, key, location, numel[, view_metadata]) as written by
  * torch.save (zip and legacy formats) and torch.jit.save. */
 static tm_status persistent_load(parser *p, tm_pk_value *pid, tm_pk_value **out) {
+    /* Legacy torch.save(model) records each module class as ('module', cls, source_file,
+     * source) so it could check the source; the class (an inert global) is all we keep. */
+    if (pid->kind == TM_PK_TUPLE && pid->u.seq.n == 4 && str_is(pid->u.seq.items[0], "module") &&
+        pid->u.seq.items[1]->kind == TM_PK_GLOBAL) {
+        *out = pid->u.seq.items[1];
+        return TM_OK;
+    }
     if (pid->kind != TM_PK_TUPLE || pid->u.seq.n < 1 || !str_is(pid->u.seq.items[0], "storage")) {
         if (pid->kind == TM_PK_TUPLE && pid->u.seq.n >= 1 &&
             pid->u.seq.items[0]->kind == TM_PK_STRING)
@@ -2186,7 +2193,14 @@ tm_status tm_pickle_load(const uint8_t *data, size_t size, const char *label,
     if (limits) p.lim = *limits;
     else tm_pickle_limits_default(&p.lim);
     p.pk = calloc(1, sizeof(tm_pickle));
-    if (!p.pk) return nomem(&p);
+    /* The stack exists from the start: opcodes address p->stack + base even when empty. */
+    p.stack_cap = 64;
+    p.stack = malloc(p.stack_cap * sizeof(*p.stack));
+    if (!p.pk || !p.stack) {
+        free(p.pk);
+        free(p.stack);
+        return nomem(&p);
+    }
 
     tm_pk_value *root = NULL;
     tm_status st = make_singletons(&p);

@@ -49,6 +49,10 @@ tm_status tm_pt_writer_write(tm_pt_writer *w, const void *data, size_t len, tm_e
     return tm_zip_writer_write(w->zip, data, len, err);
 }
 
+tm_status tm_pt_writer_write_crc(tm_pt_writer *w, const void *data, size_t len, uint32_t data_crc, tm_error *err) {
+    return tm_zip_writer_write_crc(w->zip, data, len, data_crc, err);
+}
+
 tm_status tm_pt_writer_end_storage(tm_pt_writer *w, tm_error *err) { return tm_zip_writer_end(w->zip, err); }
 
 tm_status tm_pt_writer_commit(tm_pt_writer *w, tm_error *err) {

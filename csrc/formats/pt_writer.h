@@ -19,6 +19,8 @@ tm_status tm_pt_writer_open(const char *path, const tm_pk_out_tensor *tensors, s
 /* Starts storage record index (0, 1, … in order) of exactly nbytes bytes. */
 tm_status tm_pt_writer_begin_storage(tm_pt_writer *w, size_t index, uint64_t nbytes, tm_error *err);
 tm_status tm_pt_writer_write(tm_pt_writer *w, const void *data, size_t len, tm_error *err);
+/* Same, with the CRC-32 of data already computed by the caller. */
+tm_status tm_pt_writer_write_crc(tm_pt_writer *w, const void *data, size_t len, uint32_t data_crc, tm_error *err);
 tm_status tm_pt_writer_end_storage(tm_pt_writer *w, tm_error *err);
 /* Finishes the archive, fsyncs and renames it into place. */
 tm_status tm_pt_writer_commit(tm_pt_writer *w, tm_error *err);

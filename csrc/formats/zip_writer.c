@@ -237,7 +237,8 @@ tm_status tm_zip_writer_begin(tm_zip_writer *zw, const char *name, uint64_t size
     return TM_OK;
 }
 
-tm_status tm_zip_writer_write(tm_zip_writer *zw, const void *data, size_t len, tm_error *err) {
+static tm_status write_checked(tm_zip_writer *zw, const void *data, size_t len, const uint32_t *data_crc,
+                               tm_error *err) {
     tm_status st = check_usable(zw, err);
     if (st) return st;
     if (!zw->in_member)
@@ -248,17 +249,30 @@ tm_status tm_zip_writer_write(tm_zip_writer *zw, const void *data, size_t len, t
                             "%s: zip: member '%s': writing %zu more bytes after %llu exceeds its "
                             "declared %llu bytes",
                             zw->label, e->name, len, (ull)zw->written, (ull)e->size);
-    const uint8_t *p = data;
-    uLong crc = zw->crc;
-    for (size_t left = len; left;) {
-        uInt chunk = left > UINT_MAX ? UINT_MAX : (uInt)left;
-        crc = crc32(crc, p + (len - left), chunk);
-        left -= chunk;
+    if (data_crc) {
+        zw->crc = (uint32_t)crc32_combine(zw->crc, *data_crc, (z_off_t)len);
+    } else {
+        const uint8_t *p = data;
+        uLong crc = zw->crc;
+        for (size_t left = len; left;) {
+            uInt chunk = left > UINT_MAX ? UINT_MAX : (uInt)left;
+            crc = crc32(crc, p + (len - left), chunk);
+            left -= chunk;
+        }
+        zw->crc = (uint32_t)crc;
     }
-    zw->crc = (uint32_t)crc;
     if (len && (st = put(zw, data, len, err))) return st;
     zw->written += len;
     return TM_OK;
+}
+
+tm_status tm_zip_writer_write(tm_zip_writer *zw, const void *data, size_t len, tm_error *err) {
+    return write_checked(zw, data, len, NULL, err);
+}
+
+tm_status tm_zip_writer_write_crc(tm_zip_writer *zw, const void *data, size_t len, uint32_t data_crc,
+                                  tm_error *err) {
+    return write_checked(zw, data, len, &data_crc, err);
 }
 
 tm_status tm_zip_writer_end(tm_zip_writer *zw, tm_error *err) {

@@ -27,6 +27,10 @@ void tm_zip_writer_free(tm_zip_writer *zw);
 tm_status tm_zip_writer_begin(tm_zip_writer *zw, const char *name, uint64_t size, tm_error *err);
 /* Appends bytes to the current member. */
 tm_status tm_zip_writer_write(tm_zip_writer *zw, const void *data, size_t len, tm_error *err);
+/* Same, with the CRC-32 of data computed by the caller (e.g. on another thread while this one
+ * writes): it is folded in with crc32_combine instead of being recomputed here. */
+tm_status tm_zip_writer_write_crc(tm_zip_writer *zw, const void *data, size_t len, uint32_t data_crc,
+                                  tm_error *err);
 /* Ends the current member; fails if fewer or more bytes than declared were written. */
 tm_status tm_zip_writer_end(tm_zip_writer *zw, tm_error *err);
 /* begin + write + end. */

@@ -4,6 +4,8 @@
  * LibTorch-free code; TorchScript output alone loads LibTorch (through the bridge). C11. */
 #define _GNU_SOURCE
 #include <math.h>
+#include <pthread.h>
+#include <zlib.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -94,6 +96,8 @@ static tm_status resolve_weights(merge_ctx *c, tm_error *err) {
     return TM_OK;
 }
 
+static int is_folder_output(const char *output);
+
 static int same_file(const char *a, const char *b) {
     if (!a || !b) return 0;
     char *ra = realpath(a, NULL), *rb = realpath(b, NULL);
@@ -169,11 +173,9 @@ static tm_status merge_unit(merge_ctx *c, const tm_unit *u, emit_fn emit, void *
             tm_kernel_copy(&vp[0], begin, count, u->out_dtype, c->block);
             for (size_t j = 1; j < m && !differs; j++) differs = !tm_kernel_equal(&vp[0], &vp[j], begin, count);
         }
-        double t1 = now();
-        c->prof.merge_seconds += t1 - t0;
+        c->prof.merge_seconds += now() - t0;
         c->prof.merge_calls++;
         st = emit(c, c->block, count * item, user, err);
-        c->prof.save_seconds += now() - t1;
     }
     if (differs)
         for (size_t k = 0; k < u->n_keys; k++)
@@ -191,11 +193,155 @@ static void touch_unit(const merge_ctx *c, const tm_unit *u, int release) {
     }
 }
 
+/* ---- Two-stage pipeline: one thread merges (and checksums), the caller writes -------------- */
+
+#define N_SLOTS 8
+
+typedef struct sink {
+    tm_status (*begin)(merge_ctx *c, size_t unit, tm_error *err);
+    tm_status (*write)(merge_ctx *c, const void *data, size_t len, uint32_t crc, tm_error *err);
+    tm_status (*end)(merge_ctx *c, size_t unit, tm_error *err);
+} sink;
+
+typedef struct slot {
+    uint8_t *buf;
+    size_t len;
+    uint32_t crc;
+    int end_of_unit;
+} slot;
+
+typedef struct pipeline {
+    merge_ctx *c;
+    size_t u0, u1;
+    int want_crc;
+    slot slots[N_SLOTS];
+    size_t produced, consumed;
+    int cancel, finished;
+    tm_status st;
+    tm_error err;
+    pthread_mutex_t mu;
+    pthread_cond_t changed;
+} pipeline;
+
+static tm_status push_slot(pipeline *p, const void *data, size_t len, int end_of_unit, tm_error *err) {
+    pthread_mutex_lock(&p->mu);
+    while (p->produced - p->consumed == N_SLOTS && !p->cancel) pthread_cond_wait(&p->changed, &p->mu);
+    int cancel = p->cancel;
+    pthread_mutex_unlock(&p->mu);
+    if (cancel) return tm_error_set(err, TM_ERROR_INTERRUPTED, "cancelled");
+    slot *s = &p->slots[p->produced % N_SLOTS];
+    if (len) memcpy(s->buf, data, len);
+    s->len = len;
+    s->end_of_unit = end_of_unit;
+    s->crc = p->want_crc && len ? (uint32_t)crc32(0L, s->buf, (uInt)len) : 0;
+    pthread_mutex_lock(&p->mu);
+    p->produced++;
+    pthread_cond_broadcast(&p->changed);
+    pthread_mutex_unlock(&p->mu);
+    return TM_OK;
+}
+
+static tm_status emit_pipe(merge_ctx *c, const void *data, size_t len, void *user, tm_error *err) {
+    (void)c;
+    return push_slot(user, data, len, 0, err);
+}
+
+static void *producer(void *arg) {
+    pipeline *p = arg;
+    merge_ctx *c = p->c;
+    tm_status st = TM_OK;
+    for (size_t u = p->u0; u < p->u1 && !st; u++) {
+        if (u + 1 < p->u1) touch_unit(c, &c->plan.units[u + 1], 0);
+        st = merge_unit(c, &c->plan.units[u], emit_pipe, p, &p->err);
+        if (!st) st = push_slot(p, NULL, 0, 1, &p->err);
+        touch_unit(c, &c->plan.units[u], 1);
+    }
+    pthread_mutex_lock(&p->mu);
+    p->st = st;
+    p->finished = 1;
+    pthread_cond_broadcast(&p->changed);
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+/* Merges units [u0, u1) on a second thread while this one writes them through snk. */
+static tm_status run_pipeline(merge_ctx *c, size_t u0, size_t u1, int want_crc, const sink *snk, size_t *done,
+                              tm_error *err) {
+    pipeline p;
+    memset(&p, 0, sizeof p);
+    p.c = c;
+    p.u0 = u0;
+    p.u1 = u1;
+    p.want_crc = want_crc;
+    size_t item_max = 16;
+    for (size_t i = 0; i < N_SLOTS; i++)
+        if (!(p.slots[i].buf = malloc(BLOCK_ELEMS * item_max))) {
+            for (size_t j = 0; j < i; j++) free(p.slots[j].buf);
+            return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+        }
+    pthread_mutex_init(&p.mu, NULL);
+    pthread_cond_init(&p.changed, NULL);
+    pthread_t th;
+    tm_status st = TM_OK;
+    if (pthread_create(&th, NULL, producer, &p) != 0) {
+        st = tm_error_set(err, TM_ERROR_INTERNAL, "cannot start the merge thread");
+    } else {
+        for (size_t u = u0; u < u1 && !st; u++) {
+            double t0 = now();
+            st = snk->begin(c, u, err);
+            while (!st) {
+                pthread_mutex_lock(&p.mu);
+                while (p.produced == p.consumed && !p.finished) pthread_cond_wait(&p.changed, &p.mu);
+                int have = p.produced > p.consumed;
+                pthread_mutex_unlock(&p.mu);
+                if (!have) { /* the producer stopped early: its error explains why */
+                    st = p.st ? p.st : TM_ERROR_INTERNAL;
+                    *err = p.err;
+                    break;
+                }
+                slot *sl = &p.slots[p.consumed % N_SLOTS];
+                int end = sl->end_of_unit;
+                if (!end) st = snk->write(c, sl->buf, sl->len, sl->crc, err);
+                pthread_mutex_lock(&p.mu);
+                p.consumed++;
+                pthread_cond_broadcast(&p.changed);
+                pthread_mutex_unlock(&p.mu);
+                if (end) break;
+            }
+            if (!st) st = snk->end(c, u, err);
+            c->prof.save_seconds += now() - t0;
+            c->prof.save_calls++;
+            ++*done;
+            if (!st && c->o->progress) c->o->progress(c->o->progress_user, *done, c->plan.n_units);
+        }
+        pthread_mutex_lock(&p.mu);
+        p.cancel = 1;
+        pthread_cond_broadcast(&p.changed);
+        pthread_mutex_unlock(&p.mu);
+        pthread_join(th, NULL);
+        if (!st && p.st) {
+            st = p.st;
+            *err = p.err;
+        }
+    }
+    for (size_t i = 0; i < N_SLOTS; i++) free(p.slots[i].buf);
+    pthread_mutex_destroy(&p.mu);
+    pthread_cond_destroy(&p.changed);
+    return st;
+}
+
 /* ---- pt output ---------------------------------------------------------------------------- */
 
-static tm_status emit_pt(merge_ctx *c, const void *data, size_t len, void *user, tm_error *err) {
-    (void)user;
-    return tm_pt_writer_write(c->pt, data, len, err);
+static tm_status pt_begin(merge_ctx *c, size_t u, tm_error *err) {
+    const tm_unit *un = &c->plan.units[u];
+    return tm_pt_writer_begin_storage(c->pt, u, (uint64_t)un->numel * tm_dtype_size(un->out_dtype), err);
+}
+static tm_status pt_write(merge_ctx *c, const void *data, size_t len, uint32_t crc, tm_error *err) {
+    return tm_pt_writer_write_crc(c->pt, data, len, crc, err);
+}
+static tm_status pt_end(merge_ctx *c, size_t u, tm_error *err) {
+    (void)u;
+    return tm_pt_writer_end_storage(c->pt, err);
 }
 
 static tm_status write_pt(merge_ctx *c, const char *output, tm_error *err) {
@@ -226,16 +372,9 @@ static tm_status write_pt(merge_ctx *c, const char *output, tm_error *err) {
     if (!st) st = tm_pt_writer_open(output, t, p->n_keys, &c->pt, err);
     c->prof.save_seconds += now() - t0;
     c->prof.save_calls++;
-    for (size_t u = 0; u < p->n_units && !st; u++) {
-        const tm_unit *un = &p->units[u];
-        if (u + 1 < p->n_units) touch_unit(c, &p->units[u + 1], 0);
-        st = tm_pt_writer_begin_storage(c->pt, u, (uint64_t)un->numel * tm_dtype_size(un->out_dtype), err);
-        if (!st) st = merge_unit(c, un, emit_pt, NULL, err);
-        if (!st) st = tm_pt_writer_end_storage(c->pt, err);
-        c->prof.save_calls++;
-        touch_unit(c, un, 1);
-        if (!st && c->o->progress) c->o->progress(c->o->progress_user, u + 1, p->n_units);
-    }
+    static const sink pt_sink = {pt_begin, pt_write, pt_end};
+    size_t done = 0;
+    if (!st) st = run_pipeline(c, 0, p->n_units, 1, &pt_sink, &done, err);
     t0 = now();
     if (!st) st = tm_pt_writer_commit(c->pt, err);
     c->prof.save_seconds += now() - t0;
@@ -354,8 +493,12 @@ static tm_status build_metadata(const merge_ctx *c, const char *const *paths, me
     return bad ? tm_error_set(err, TM_ERROR_NOMEM, "out of memory") : TM_OK;
 }
 
-static tm_status emit_st(merge_ctx *c, const void *data, size_t len, void *user, tm_error *err) {
-    (void)user;
+static tm_status st_begin(merge_ctx *c, size_t u, tm_error *err) {
+    (void)c, (void)u, (void)err;
+    return TM_OK;
+}
+static tm_status st_write(merge_ctx *c, const void *data, size_t len, uint32_t crc, tm_error *err) {
+    (void)crc;
     return tm_st_writer_write(c->st, data, len, err);
 }
 
@@ -376,14 +519,8 @@ static tm_status write_st_units(merge_ctx *c, int fd, const char *label, size_t 
                                      (const char *const *)m->values, m->n, &c->st, err);
     c->prof.save_seconds += now() - t0;
     free(t);
-    for (size_t u = u0; u < u1 && !st; u++) {
-        if (u + 1 < u1) touch_unit(c, &p->units[u + 1], 0);
-        st = merge_unit(c, &p->units[u], emit_st, NULL, err);
-        touch_unit(c, &p->units[u], 1);
-        c->prof.save_calls++;
-        ++*done;
-        if (!st && c->o->progress) c->o->progress(c->o->progress_user, *done, p->n_units);
-    }
+    static const sink st_sink = {st_begin, st_write, st_begin};
+    if (!st) st = run_pipeline(c, u0, u1, 0, &st_sink, done, err);
     if (!st) st = tm_st_writer_finish(c->st, err);
     tm_st_writer_free(c->st);
     c->st = NULL;
@@ -633,6 +770,24 @@ static tm_status run(merge_ctx *c, const char *const *paths, const char *output,
         if (!paths[i]) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "input %zu is NULL", i + 1);
         if (same_file(paths[i], output))
             return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: the output would replace an input", output);
+    }
+    if (is_folder_output(output)) {
+        /* Replacing a folder replaces every file in it: refuse when an input lives there. */
+        char *dir = realpath(output, NULL);
+        for (size_t i = 0; dir && i <= c->n; i++) {
+            const char *in = i < c->n ? paths[i] : c->o->template_path;
+            char *r = in ? realpath(in, NULL) : NULL;
+            size_t dl = strlen(dir);
+            int inside = r && (strcmp(r, dir) == 0 || (strncmp(r, dir, dl) == 0 && r[dl] == '/'));
+            free(r);
+            if (inside) {
+                free(dir);
+                return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
+                                    "%s: the output folder holds the input %s; replacing it would destroy that input",
+                                    output, in);
+            }
+        }
+        free(dir);
     }
     if (same_file(c->o->template_path, output))
         return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: the output would replace the template", output);

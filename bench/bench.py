@@ -1,0 +1,147 @@
+"""torchmerge benchmark: prints, side by side, the I/O floor, torchmerge (to .pt and to
+.safetensors) and the FusionBench-style Python baseline on the same synthetic checkpoints.
+
+Medians over --runs alternating runs, page cache warm. Wall time, CPU time (user+sys) and peak
+RSS of each command come from wait4()'s rusage. Outputs are hashed on every run to show that
+speed never costs correctness (identical bytes across runs).
+
+usage: /usr/bin/python3 bench/bench.py [--n 2 4 8] [--runs 3] [--work /tmp/torchmerge-bench]
+"""
+import argparse
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BASELINE = os.path.join(ROOT, "..", "shared", "baselines", "fusionbench_simple_average.py")
+PY = "/usr/bin/python3"
+
+
+def run(cmd, **kw):
+    """Runs cmd; returns (wall s, cpu s, peak RSS MiB)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    err = p.stderr.read().decode()
+    p.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{err}")
+    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024
+
+
+def digest(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def make_inputs(work, n, dtype, layers, torchscript=False):
+    d = os.path.join(work, f"{dtype}-L{layers}{'-ts' if torchscript else ''}")
+    cmd = [PY, os.path.join(HERE, "make_synthetic.py"), d, str(n), "--dtype", dtype, "--layers", str(layers)]
+    if torchscript:
+        cmd.append("--torchscript")
+    subprocess.run(cmd, check=True)
+    return [os.path.join(d, f"model_{i}.pt") for i in range(n)]
+
+
+def case(name, commands, runs, outputs):
+    """commands: {label: argv or callable}; alternates them run by run; returns medians."""
+    samples = {k: [] for k in commands}
+    hashes = {k: set() for k in commands}
+    for _ in range(runs):
+        for label, cmd in commands.items():
+            samples[label].append(run(cmd) if not callable(cmd) else cmd())
+            out = outputs.get(label)
+            if out:
+                hashes[label].add(digest(out) if os.path.isfile(out) else "dir")
+    med = {k: tuple(statistics.median(s[i] for s in v) for i in range(3)) for k, v in samples.items()}
+    return med, hashes
+
+
+def floor_cmd(inputs, out):
+    return lambda: run(["sh", "-c", f"cat {' '.join(inputs)} > /dev/null && cp {inputs[0]} {out}"])
+
+
+def table(title, med, hashes, floor="I/O floor (cat + cp)", base="baseline (FusionBench-style Python)"):
+    print(f"\n## {title}\n")
+    print(f"| {'what':<40} | wall s | cpu s | peak RSS MiB | × floor | baseline ÷ this | identical runs |")
+    print(f"|{'-' * 42}|-------:|------:|-------------:|--------:|----------------:|:--------------:|")
+    for label, (wall, cpu, rss) in med.items():
+        xf = wall / med[floor][0] if floor in med else float("nan")
+        xb = med[base][0] / wall if base in med else float("nan")
+        same = "yes" if len(hashes.get(label, ())) == 1 and "dir" not in hashes[label] else "-"
+        print(f"| {label:<40} | {wall:6.2f} | {cpu:5.2f} | {rss:12.0f} | {xf:7.2f} | {xb:15.1f} | {same:^14} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--work", default="/tmp/torchmerge-bench")
+    ap.add_argument("--bin", default=os.path.join(ROOT, "build", "torchmerge"))
+    ap.add_argument("--skip-baseline", action="store_true")
+    a = ap.parse_args()
+    os.makedirs(a.work, exist_ok=True)
+    out = os.path.join(a.work, "out")
+    os.makedirs(out, exist_ok=True)
+    tm = a.bin
+    print(f"# torchmerge benchmark ({os.uname().nodename}, {os.cpu_count()} cores), median of {a.runs} alternating runs")
+
+    for dtype in ("float32", "bfloat16"):
+        for n in a.n:
+            inputs = make_inputs(a.work, n, dtype, 24)
+            for p in inputs:  # warm the page cache
+                with open(p, "rb") as f:
+                    while f.read(1 << 24):
+                        pass
+            cmds = {
+                "I/O floor (cat + cp)": floor_cmd(inputs, os.path.join(out, "floor.pt")),
+                "torchmerge -> .pt": [tm, "simple_average", "-q", "-o", os.path.join(out, "tm.pt")] + inputs,
+                "torchmerge -> .safetensors": [tm, "simple_average", "-q", "-o",
+                                               os.path.join(out, "tm.safetensors")] + inputs,
+            }
+            if not a.skip_baseline and os.path.exists(BASELINE):
+                cmds["baseline (FusionBench-style Python)"] = [PY, BASELINE, os.path.join(out, "base.pt")] + inputs
+            outs = {"torchmerge -> .pt": os.path.join(out, "tm.pt"),
+                    "torchmerge -> .safetensors": os.path.join(out, "tm.safetensors")}
+            med, hashes = case(f"{n} x {dtype}", cmds, a.runs, outs)
+            size = sum(os.path.getsize(p) for p in inputs) / n / 2**20
+            table(f"simple_average, n = {n}, {dtype} inputs ({size:.0f} MiB each)", med, hashes)
+            for p in inputs[2:]:
+                pass
+
+    # Scaling with model size (n = 4, float32).
+    print("\n## Scaling with model size (n = 4, float32, torchmerge -> .pt)\n")
+    print("| layers | MiB per model | wall s | peak RSS MiB |")
+    print("|-------:|--------------:|-------:|-------------:|")
+    for layers in (6, 12, 24, 48):
+        inputs = make_inputs(a.work, 4, "float32", layers)
+        walls, rss = [], []
+        for _ in range(a.runs):
+            w, _, r = run([tm, "simple_average", "-q", "-o", os.path.join(out, "scale.pt")] + inputs)
+            walls.append(w)
+            rss.append(r)
+        print(f"| {layers:6d} | {os.path.getsize(inputs[0]) / 2**20:13.0f} | {statistics.median(walls):6.2f} | "
+              f"{statistics.median(rss):12.0f} |")
+        if layers != 24:
+            shutil.rmtree(os.path.dirname(inputs[0]))
+
+    # TorchScript modules in, TorchScript module out.
+    inputs = make_inputs(a.work, 4, "float32", 24, torchscript=True)
+    cmds = {"I/O floor (cat + cp)": floor_cmd(inputs, os.path.join(out, "floor.pt")),
+            "torchmerge TorchScript -> TorchScript": [tm, "simple_average", "-q", "-o",
+                                                      os.path.join(out, "tm_ts.pt")] + inputs}
+    med, hashes = case("ts", cmds, a.runs, {})
+    table("simple_average of 4 TorchScript modules (float32)", med, hashes)
+
+
+if __name__ == "__main__":
+    main()
