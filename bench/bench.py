@@ -14,7 +14,7 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -22,17 +22,16 @@ BASELINE = os.path.join(ROOT, "..", "shared", "baselines", "fusionbench_simple_a
 PY = "/usr/bin/python3"
 
 
-def run(cmd, **kw):
-    """Runs cmd; returns (wall s, cpu s, peak RSS MiB)."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    err = p.stderr.read().decode()
-    p.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{err}")
-    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024
+def run(cmd):
+    """Runs cmd under /usr/bin/time; returns (wall s, cpu s, peak RSS MiB) of cmd itself (a
+    fork of this Python would otherwise count its own pages in the child's peak)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as t:
+        p = subprocess.run(["/usr/bin/time", "-f", "%e %U %S %M", "-o", t.name] + cmd,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if p.returncode != 0:
+            sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr.decode()}")
+        wall, user, sys_, rss = t.read().split()[-4:]
+    return float(wall), float(user) + float(sys_), int(rss) / 1024
 
 
 def digest(path):
@@ -115,8 +114,6 @@ def main():
             med, hashes = case(f"{n} x {dtype}", cmds, a.runs, outs)
             size = sum(os.path.getsize(p) for p in inputs) / n / 2**20
             table(f"simple_average, n = {n}, {dtype} inputs ({size:.0f} MiB each)", med, hashes)
-            for p in inputs[2:]:
-                pass
 
     # Scaling with model size (n = 4, float32).
     print("\n## Scaling with model size (n = 4, float32, torchmerge -> .pt)\n")

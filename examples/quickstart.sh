@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 .ci/install-deps
 cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-cmake --build build -j"$(nproc)" --target torchmerge_cli >/dev/null
+cmake --build build -j"$(nproc)" --target torchmerge_cli torchmerge_torch >/dev/null
 out=build/example
 mkdir -p "$out"
 ck=examples/checkpoints
