@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The main job on the shipped example: installs what is missing, builds torchmerge, then
-# averages three fine-tuned checkpoints (state dicts, and the same models as TorchScript
-# modules) and shows that PyTorch loads the results.
+# The main job on the shipped examples: installs what is missing, builds torchmerge, then
+# 1. merges the shipped fine-tunes of a digits classifier into uniform, weighted and greedy soups
+#    and evaluates them with a LibTorch-only C++ program (table + chart, examples/soup/), and
+# 2. averages three small checkpoints (state dicts, and the same models as TorchScript modules)
+#    and shows that PyTorch loads the results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .ci/install-deps
 cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-cmake --build build -j"$(nproc)" --target torchmerge_cli torchmerge_torch >/dev/null
+cmake --build build -j"$(nproc)" --target torchmerge_cli torchmerge_torch soup_evaluate >/dev/null
+bash examples/soup/run.sh
 out=build/example
 mkdir -p "$out"
 ck=examples/checkpoints

@@ -159,6 +159,11 @@ TM_API size_t tm_checkpoint_n_tensors(const tm_checkpoint *ckpt);
 TM_API tm_status tm_checkpoint_tensor(const tm_checkpoint *ckpt, size_t i, tm_tensor_info *out);
 /* Index of the tensor named name, or -1. */
 TM_API int64_t tm_checkpoint_find(const tm_checkpoint *ckpt, const char *name);
+/* A value recorded with the checkpoint, or NULL: safetensors __metadata__[key] (torchmerge
+ * records "torchmerge_method", "torchmerge_weights", "torchmerge_inputs", "torchmerge_recipe",
+ * …); for a folder, "torchmerge_recipe" also comes from its torchmerge_recipe.yaml. Owned by
+ * ckpt. */
+TM_API const char *tm_checkpoint_metadata(const tm_checkpoint *ckpt, const char *key);
 /* Copies tensor i as a contiguous row-major array into dst (dst_size >= info.nbytes). */
 TM_API tm_status tm_checkpoint_read(const tm_checkpoint *ckpt, size_t i, void *dst,
                                     size_t dst_size);
@@ -255,10 +260,71 @@ TM_API void tm_merge_options_init(tm_merge_options *opts);
 TM_API tm_status tm_merge_files(const char *const *inputs, size_t n, const char *output,
                                 const tm_merge_options *opts);
 
+/* Runs a merge recipe: a YAML file (is_path = 1) or YAML text (is_path = 0) naming the models,
+ * the method (simple_average, weighted_average, or mergekit's linear), the output and the options
+ * of tm_merge_options, as FusionBench method configs and mergekit configs do (docs/recipes.md).
+ * overrides (n_overrides strings, may be NULL when 0) are Hydra-style "key.path=value" pairs
+ * ("method.weights=[0.2,0.8]", "models.0=a.pt", "output=soup.pt"; the value is YAML), applied to
+ * the parsed recipe in order before it is read. Relative model and template paths written in the
+ * recipe file resolve against the recipe's folder; the output and paths given in overrides
+ * resolve against the current directory. The recipe is validated completely (errors name the
+ * recipe, line and column: "r.yaml:3:5: unknown key 'wieghts' in method") before anything is
+ * written, and the effective recipe is recorded with the output (tm_merge_options.recipe_text).
+ * base may be NULL: only its progress and warning callbacks and profile are used; every other
+ * setting comes from the recipe. */
+TM_API tm_status tm_merge_recipe(const char *recipe, int is_path, const char *const *overrides,
+                                 size_t n_overrides, const tm_merge_options *base);
+
 /* Saves sd to path as torch.save zip (format PT or AUTO without template) or as a TorchScript
  * module (template_path required). Same temporary-file-then-rename guarantee. */
 TM_API tm_status tm_state_dict_save(const tm_state_dict *sd, const char *path,
                                     tm_format format, const char *template_path);
+
+/* ---- Greedy soup (Wortsman et al. 2022, "Model soups") --------------------------------------
+ *
+ * Candidates are scored by an evaluation module: a TorchScript module (torch.jit.save) with a
+ * Tensor attribute `inputs` and forward(self, outputs: Tensor) -> Tensor returning a 0-dim
+ * score, higher is better (e.g. the accuracy of outputs.argmax(1) against labels it stores).
+ * Each candidate is written as a TorchScript module, loaded with LibTorch on the CPU and run as
+ * model.forward(inputs) in eval mode with no grad; eval.forward(outputs) gives its score. */
+
+/* One input as greedy soup tried it. */
+typedef struct tm_greedy_ingredient {
+    size_t input;      /* index into the inputs given */
+    double score;      /* the input alone (in the template module) on the evaluation module */
+    double soup_score; /* the uniform soup of the inputs kept before it plus this one, as tried;
+                          the first (best) input: its own score */
+    int kept;          /* 1: in the final soup */
+} tm_greedy_ingredient;
+
+typedef struct tm_greedy_report {
+    size_t n;                   /* number of inputs */
+    tm_greedy_ingredient *tried; /* n entries in the order tried: by score, best first, ties in
+                                    input order. Allocated by tm_greedy_soup, owned by the
+                                    caller, freed with tm_greedy_report_free */
+    size_t n_kept;              /* inputs in the final soup (>= 1) */
+    double final_score;         /* score of the kept inputs' soup (before any opts->dtype) */
+} tm_greedy_report;
+
+/* Greedy soup: scores every input alone, sorts them by score (best first, ties in input order),
+ * starts the soup with the best and adds each next input when the uniform average of the kept
+ * inputs plus it scores strictly higher than the soup so far, else drops it (as the authors'
+ * code does; a NaN score ranks last and never improves). Then writes the uniform average of the
+ * kept inputs, best first, to output as tm_merge_files does (same formats and guarantees).
+ * Candidates are merged to temporary TorchScript modules beside output (".OUT.greedy.XXXXXX",
+ * removed afterwards and by tm_remove_temporary_outputs) with opts, in the module
+ * opts->template_path, or when that is NULL the first input that is a TorchScript module.
+ * opts may be NULL; opts->weights must be NULL (the soups are uniform); its progress, warning
+ * and profile, and has_dtype/dtype, apply to the final merge only (candidates keep the
+ * template's dtypes, which the evaluation inputs match); keys, key and the per-tensor rules
+ * apply to every candidate and the output; opts->method defaults to "greedy_soup".
+ * eval_module: see above. report may be NULL; on success it is filled (free it with
+ * tm_greedy_report_free), on failure it is zeroed. Needs libtorchmerge_torch (LibTorch). */
+TM_API tm_status tm_greedy_soup(const char *const *inputs, size_t n, const char *output,
+                                const char *eval_module, const tm_merge_options *opts,
+                                tm_greedy_report *report);
+/* Frees report->tried and zeroes *report (not report itself). NULL is fine. */
+TM_API void tm_greedy_report_free(tm_greedy_report *report);
 
 /* Removes the temporary files of outputs being written in this process. Async-signal-safe:
  * call it from a SIGINT/SIGTERM handler (then re-raise the signal) so an interrupted merge

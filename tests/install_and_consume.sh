@@ -6,7 +6,10 @@ build=$1 work=$2 fixtures=$3
 src=$(cd "$(dirname "$0")" && pwd)/consumer
 rm -rf "$work"
 cmake --install "$build" --prefix "$work/prefix" >/dev/null
-cmake -S "$src" -B "$work/build" -DCMAKE_PREFIX_PATH="$work/prefix" >/dev/null
+# TM_CONSUMER_FLAGS: extra compile and link flags (the sanitizer build passes -fsanitize=..., as
+# a consumer of an instrumented library must link the sanitizer runtime itself).
+cmake -S "$src" -B "$work/build" -DCMAKE_PREFIX_PATH="$work/prefix" \
+  -DCMAKE_C_FLAGS="${TM_CONSUMER_FLAGS:-}" -DCMAKE_EXE_LINKER_FLAGS="${TM_CONSUMER_FLAGS:-}" >/dev/null
 cmake --build "$work/build" >/dev/null
 LD_LIBRARY_PATH="$work/prefix/lib:${LD_LIBRARY_PATH:-}" "$work/build/consumer" \
   "$fixtures/sd_a.pt" "$fixtures/sd_b.pt" "$work/merged.pt"

@@ -28,6 +28,13 @@ int tm_cli_inspect_text(const tm_checkpoint *ck, FILE *out) {
     size_t n = tm_checkpoint_n_tensors(ck);
     fprintf(out, "file:    %s\nformat:  %s\n", tm_checkpoint_path(ck), tm_checkpoint_format(ck));
     if (*tm_checkpoint_key(ck)) fprintf(out, "key:     %s\n", tm_checkpoint_key(ck));
+    const char *method = tm_checkpoint_metadata(ck, "torchmerge_method");
+    if (method)
+        fprintf(out, "merged:  %s of %s, weights %s\n", method,
+                tm_checkpoint_metadata(ck, "torchmerge_inputs") ? tm_checkpoint_metadata(ck, "torchmerge_inputs") : "?",
+                tm_checkpoint_metadata(ck, "torchmerge_weights") ? tm_checkpoint_metadata(ck, "torchmerge_weights") : "?");
+    const char *recipe = tm_checkpoint_metadata(ck, "torchmerge_recipe");
+    if (recipe) fprintf(out, "recipe:\n%s%s", recipe, recipe[0] && recipe[strlen(recipe) - 1] == '\n' ? "" : "\n");
     fprintf(out, "\n%-48s %-10s %-20s %12s\n", "name", "dtype", "shape", "bytes");
     for (size_t i = 0; i < n; i++) {
         tm_tensor_info t;
@@ -63,6 +70,11 @@ int tm_cli_inspect_json(const tm_checkpoint *ck, FILE *out) {
     json_string(out, tm_checkpoint_format(ck));
     fputs(", \"key\": ", out);
     json_string(out, tm_checkpoint_key(ck));
+    const char *recipe = tm_checkpoint_metadata(ck, "torchmerge_recipe");
+    if (recipe) {
+        fputs(", \"recipe\": ", out);
+        json_string(out, recipe);
+    }
     fputs(", \"tensors\": [", out);
     for (size_t i = 0; i < n; i++) {
         tm_tensor_info t;

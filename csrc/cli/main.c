@@ -12,6 +12,8 @@
 
 #include "torchmerge.h"
 #include "cli/inspect.h"
+#include "cli/run_recipe.h"
+#include "cli/greedy_soup.h"
 
 enum { EXIT_FAILED = 1, EXIT_USAGE = 2 };
 
@@ -21,6 +23,8 @@ static void usage(FILE *f) {
     fprintf(f,
             "usage: torchmerge simple_average -o OUT [options] INPUT...\n"
             "       torchmerge weighted_average --weights W1,W2,... [--no-normalize] -o OUT [options] INPUT...\n"
+            "       torchmerge run RECIPE.yaml [KEY=VALUE ...] [-o OUT]   (see torchmerge run --help)\n"
+            "       torchmerge greedy_soup --eval EVAL.pt -o OUT [--template MODULE] INPUT...\n"
             "       torchmerge inspect FILE [--json] [--key NAME]\n"
             "       torchmerge --help | --version\n"
             "\n"
@@ -297,5 +301,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "simple_average") == 0) return cmd_merge(argc - 1, argv + 1, 0);
     if (strcmp(cmd, "weighted_average") == 0) return cmd_merge(argc - 1, argv + 1, 1);
     if (strcmp(cmd, "inspect") == 0) return cmd_inspect(argc - 1, argv + 1);
+    if (strcmp(cmd, "run") == 0) return tm_cli_run(argc - 1, argv + 1);
+    if (strcmp(cmd, "greedy_soup") == 0) return tm_cli_greedy_soup(argc - 1, argv + 1);
     return usage_error("unknown command '%s'", cmd);
 }

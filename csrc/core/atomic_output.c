@@ -25,6 +25,9 @@ static void live_remove(const char *p) {
         if (live[i] == p) live[i] = NULL;
 }
 
+void tm_temporary_track(char *path) { live_add(path); }
+void tm_temporary_untrack(const char *path) { live_remove(path); }
+
 void tm_remove_temporary_outputs(void) {
     for (int i = 0; i < MAX_LIVE; i++)
         if (live[i]) unlink(live[i]);

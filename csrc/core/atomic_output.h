@@ -25,6 +25,11 @@ void tm_atomic_output_abort(tm_atomic_output *out);
 
 /* tm_remove_temporary_outputs() (public) removes every temporary file still open. */
 
+/* Other temporary files (greedy soup candidates) that tm_remove_temporary_outputs() must
+ * remove: path stays owned by the caller and must stay valid until it is untracked. */
+void tm_temporary_track(char *path);
+void tm_temporary_untrack(const char *path);
+
 #ifdef __cplusplus
 }
 #endif

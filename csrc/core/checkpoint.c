@@ -52,6 +52,8 @@ struct tm_checkpoint {
     char **map_paths;
     size_t n_maps;
     size_t cur;              /* the file being read while opening */
+    char **meta;             /* key, value, key, value, … (safetensors __metadata__, recipe) */
+    size_t n_meta;
     size_t *index;           /* open-addressing hash of tensor names → tensor index + 1 */
     size_t index_cap;
     ckpt_tensor *tensors;
@@ -281,6 +283,18 @@ static tm_status open_legacy(tm_checkpoint *ck, const tm_open_options *opts, tm_
     return st;
 }
 
+static int add_meta(tm_checkpoint *ck, const char *key, const char *value) {
+    for (size_t i = 0; i < ck->n_meta; i++)
+        if (strcmp(ck->meta[2 * i], key) == 0) return 0; /* the first file's value wins */
+    char **m = realloc(ck->meta, (ck->n_meta + 1) * 2 * sizeof *m);
+    if (!m) return -1;
+    ck->meta = m;
+    m[2 * ck->n_meta] = strdup(key);
+    m[2 * ck->n_meta + 1] = strdup(value);
+    ck->n_meta++;
+    return m[2 * ck->n_meta - 2] && m[2 * ck->n_meta - 1] ? 0 : -1;
+}
+
 /* safetensors: every tensor is contiguous in its own byte range. */
 static tm_status open_safetensors(tm_checkpoint *ck, tm_error *err) {
     tm_safetensors *st = NULL;
@@ -288,6 +302,9 @@ static tm_status open_safetensors(tm_checkpoint *ck, tm_error *err) {
     if (s) return s;
     size_t n = tm_safetensors_count(st);
     s = reserve_tensors(ck, n, err);
+    for (size_t i = 0; !s && i < tm_safetensors_metadata_count(st); i++)
+        if (add_meta(ck, tm_safetensors_metadata_key(st, i), tm_safetensors_metadata_value(st, i)))
+            s = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
     uint64_t base = tm_safetensors_data_offset(st);
     for (size_t i = 0; i < n && !s; i++) {
         const tm_st_tensor *t = tm_safetensors_tensor(st, i);
@@ -463,6 +480,18 @@ tm_status tm_checkpoint_open_err(const char *path, const tm_open_options *opts,
         ck->format = strcmp(first, "safetensors") == 0 ? "safetensors-sharded" : "pt-sharded";
     }
     if (!st) st = build_index(ck, err);
+    if (!st && ck->folder && !tm_checkpoint_metadata(ck, "torchmerge_recipe")) {
+        char *recipe = NULL;
+        if (asprintf(&recipe, "%s/torchmerge_recipe.yaml", ck->folder) >= 0 && file_exists(recipe)) {
+            FILE *f = fopen(recipe, "rb");
+            char buf[1 << 16];
+            size_t len = f ? fread(buf, 1, sizeof buf - 1, f) : 0;
+            if (f) fclose(f);
+            buf[len] = '\0';
+            if (len && add_meta(ck, "torchmerge_recipe", buf)) st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+        }
+        free(recipe);
+    }
     if (st) {
         tm_checkpoint_close(ck);
         return st;
@@ -494,6 +523,8 @@ void tm_checkpoint_close(tm_checkpoint *ck) {
     free(ck->map_paths);
     free(ck->index);
     free(ck->folder);
+    for (size_t i = 0; i < 2 * ck->n_meta; i++) free(ck->meta[i]);
+    free(ck->meta);
     free(ck->key);
     free(ck->path);
     free(ck);
@@ -539,6 +570,13 @@ int64_t tm_checkpoint_find(const tm_checkpoint *ck, const char *name) {
 }
 
 const char *tm_checkpoint_folder(const tm_checkpoint *ck) { return ck ? ck->folder : NULL; }
+
+const char *tm_checkpoint_metadata(const tm_checkpoint *ck, const char *key) {
+    if (!ck || !key) return NULL;
+    for (size_t i = 0; i < ck->n_meta; i++)
+        if (strcmp(ck->meta[2 * i], key) == 0) return ck->meta[2 * i + 1];
+    return NULL;
+}
 
 tm_status tm_checkpoint_read(const tm_checkpoint *ck, size_t i, void *dst, size_t dst_size) {
     tm_tensor_info info;

@@ -13,7 +13,7 @@
 extern "C" {
 #endif
 
-#define TM_TORCH_BRIDGE_ABI 1u
+#define TM_TORCH_BRIDGE_ABI 2u
 #define TM_TORCH_BRIDGE_SYMBOL "tm_torch_bridge_v1"
 #define TM_TORCH_BRIDGE_LIBRARY "libtorchmerge_torch.so"
 
@@ -46,6 +46,12 @@ typedef struct tm_torch_bridge {
     tm_status (*state_dict_mul)(tm_state_dict *sd, double scalar, tm_error *err);
     tm_status (*state_dict_save)(const tm_state_dict *sd, const char *path, tm_format format,
                                  const char *template_path, tm_error *err);
+
+    /* ABI 2. Scores a TorchScript model with a TorchScript evaluation module (greedy soup):
+     * the evaluation module's Tensor attribute `inputs` is passed to model.forward in eval mode
+     * with no grad, and eval.forward(outputs) must return a one-element tensor, the score
+     * (higher is better), stored in *score as a double. Both modules are loaded on the CPU. */
+    tm_status (*score_module)(const char *model_path, const char *eval_path, double *score, tm_error *err);
 } tm_torch_bridge;
 
 /* Loads libtorchmerge_torch (once, thread-safe) from the folder libtorchmerge lives in. */

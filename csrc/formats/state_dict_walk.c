@@ -11,7 +11,7 @@
  * DAG, and objects may even form cycles), and every path is walked as state_dict() would, so
  * without them a few KiB could name 2^256 tensors or make the search quadratic. The largest
  * models have around 10^5 tensors, with names under 200 bytes. */
-#define MAX_MODULE_VISITS ((size_t)1000000)
+#define MAX_MODULE_VISITS ((size_t)100000)
 #define MAX_TENSORS ((size_t)1000000)
 #define MAX_NAME_BYTES ((size_t)65536)
 #define MAX_TOTAL_NAME_BYTES ((size_t)256 << 20)

@@ -8,6 +8,7 @@ const tm_torch_bridge kBridge = {
     torchmerge::mw_free,   torchmerge::sd_new,   torchmerge::sd_load,   torchmerge::sd_clone,
     torchmerge::sd_free,   torchmerge::sd_size,  torchmerge::sd_tensor, torchmerge::sd_find,
     torchmerge::sd_set,    torchmerge::sd_add,   torchmerge::sd_mul,    torchmerge::sd_save,
+    torchmerge::score_module,
 };
 }  // namespace
 

@@ -28,4 +28,6 @@ tm_status mw_set(tm_module_writer *w, const char *name, tm_dtype dtype, int32_t 
 tm_status mw_commit(tm_module_writer *w, tm_error *err);
 void mw_free(tm_module_writer *w);
 
+tm_status score_module(const char *model_path, const char *eval_path, double *score, tm_error *err);
+
 }  // namespace torchmerge

@@ -1,7 +1,13 @@
 #include "torch/module_writer.h"
 
 #include <torch/csrc/autograd/grad_mode.h>
+#include <torch/csrc/jit/serialization/export.h>
 #include <torch/csrc/jit/serialization/import.h>
+
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include "core/atomic_output.h"
 #include "torch/aten_bridge.h"
@@ -62,11 +68,33 @@ void ModuleWriter::commit() {
     tm_atomic_output out{};
     tm_error err{};
     check(tm_atomic_output_open(output_.c_str(), &out, &err), err);
+    /* LibTorch's zip writer throws from its destructor after a failed write (std::terminate:
+     * the process aborted and the temporary file stayed). So its writer function never fails:
+     * it keeps the first errno, drops the bytes after it, and the error is reported here. */
+    int write_errno = 0;
+    auto writer = [&](const void *buf, size_t n) -> size_t {
+        const char *p = static_cast<const char *>(buf);
+        for (size_t left = n; left && !write_errno;) {
+            ssize_t w = ::write(out.fd, p, left);
+            if (w < 0 && errno == EINTR) continue;
+            if (w <= 0) {
+                write_errno = w < 0 ? errno : EIO;
+                break;
+            }
+            p += w;
+            left -= static_cast<size_t>(w);
+        }
+        return n;
+    };
     try {
-        module_.save(out.temp);
+        torch::jit::ExportModule(module_, writer);
     } catch (const c10::Error &e) {
         tm_atomic_output_abort(&out);
         fail(TM_ERROR_IO, output_ + ": cannot save the module: " + e.what_without_backtrace());
+    }
+    if (write_errno) {
+        tm_atomic_output_abort(&out);
+        fail(TM_ERROR_IO, output_ + ": cannot write: " + std::strerror(write_errno));
     }
     check(tm_atomic_output_commit(&out, &err), err);
 }

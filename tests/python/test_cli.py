@@ -19,7 +19,6 @@ import re
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,6 @@ import torch
 import reference as ref
 
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(os.environ.get("TORCHMERGE_BIN", str(REPO / "build" / "torchmerge")))
 MAKE_FIXTURES = REPO / "tests" / "fixtures" / "make_fixtures.py"
 
 sys.path.insert(0, str(REPO / "tests" / "fixtures"))
@@ -36,8 +34,6 @@ import fixture_models as fm  # noqa: E402
 
 make_fixtures = importlib.import_module("make_fixtures")
 
-ERROR_PREFIX = "torchmerge: error: "
-WARNING_PREFIX = "torchmerge: warning: "
 SD_KEYS = ["conv.weight", "conv.bias", "bn.weight", "bn.bias", "bn.running_mean",
            "bn.running_var", "bn.num_batches_tracked", "fc.weight", "fc.bias"]
 
@@ -49,59 +45,7 @@ def version_string() -> str:
 
 # ---- running the CLI -------------------------------------------------------------------------
 
-@dataclass
-class Result:
-    args: list
-    rc: int
-    stdout: str
-    stderr: str
-
-    @property
-    def stderr_lines(self):
-        return [l for l in self.stderr.splitlines() if l.strip()]
-
-    @property
-    def warnings(self):
-        return [l for l in self.stderr_lines if l.startswith(WARNING_PREFIX)]
-
-    @property
-    def errors(self):
-        return [l for l in self.stderr_lines if l.startswith(ERROR_PREFIX)]
-
-    def describe(self) -> str:
-        return "torchmerge %s\n-> exit %d\nstdout:\n%s\nstderr:\n%s" % (
-            " ".join(self.args), self.rc, self.stdout, self.stderr)
-
-
-def tm(*args, cwd) -> Result:
-    if not (BIN.is_file() and os.access(str(BIN), os.X_OK)):
-        pytest.fail("torchmerge binary not found at %s (build it, or set TORCHMERGE_BIN)" % BIN)
-    argv = [str(a) for a in args]
-    env = dict(os.environ, LC_ALL="C")
-    p = subprocess.run([str(BIN)] + argv, cwd=str(cwd), stdin=subprocess.DEVNULL,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=300)
-    return Result(argv, p.returncode, p.stdout.decode("utf-8", "replace"),
-                  p.stderr.decode("utf-8", "replace"))
-
-
-def assert_ok(res: Result) -> None:
-    assert res.rc == 0, res.describe()
-    assert not res.errors, res.describe()
-
-
-def assert_error(res: Result, *needles, rc=1, one_line=True) -> str:
-    """Exit status rc, exactly one 'torchmerge: error: ' line containing every needle (and,
-    with one_line, nothing else on stderr). Returns the error line."""
-    assert res.rc == rc, res.describe()
-    assert len(res.errors) == 1, "expected one error line\n" + res.describe()
-    if one_line:
-        assert res.stderr_lines == res.errors, "stderr is not a single line\n" + res.describe()
-    for line in res.stderr_lines:
-        assert line.startswith("torchmerge: "), res.describe()
-    line = res.errors[0]
-    for needle in needles:
-        assert needle in line, "%r not in the error line\n%s" % (needle, res.describe())
-    return line
+from cli_runner import BIN, ERROR_PREFIX, WARNING_PREFIX, Result, assert_error, assert_ok, tm  # noqa: E402,F401
 
 
 def load_pt(path: Path) -> dict:

@@ -28,14 +28,11 @@ import torch
 import reference as ref
 
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(os.environ.get("TORCHMERGE_BIN", str(REPO / "build" / "torchmerge")))
 
 sys.path.insert(0, str(REPO / "tests" / "fixtures"))
 import fixture_models as fm  # noqa: E402
 import make_fixtures  # noqa: E402  (its re-exec only happens when run as a script)
 
-ERROR_PREFIX = "torchmerge: error: "
-WARNING_PREFIX = "torchmerge: warning: "
 SD_KEYS = ["conv.weight", "conv.bias", "bn.weight", "bn.bias", "bn.running_mean",
            "bn.running_var", "bn.num_batches_tracked", "fc.weight", "fc.bias"]
 TIED_KEYS = ["emb.weight", "ln.weight", "ln.bias", "head.weight"]
@@ -44,56 +41,7 @@ HF_SIDE_FILES = ["config.json", "generation_config.json", "tokenizer.json"]
 
 # ---- running the CLI -------------------------------------------------------------------------
 
-@dataclass
-class Result:
-    args: list
-    rc: int
-    stdout: str
-    stderr: str
-
-    @property
-    def stderr_lines(self):
-        return [l for l in self.stderr.splitlines() if l.strip()]
-
-    @property
-    def warnings(self):
-        return [l for l in self.stderr_lines if l.startswith(WARNING_PREFIX)]
-
-    @property
-    def errors(self):
-        return [l for l in self.stderr_lines if l.startswith(ERROR_PREFIX)]
-
-    def describe(self) -> str:
-        return "torchmerge %s\n-> exit %d\nstdout:\n%s\nstderr:\n%s" % (
-            " ".join(self.args), self.rc, self.stdout, self.stderr)
-
-
-def tm(*args, cwd) -> Result:
-    if not (BIN.is_file() and os.access(str(BIN), os.X_OK)):
-        pytest.fail("torchmerge binary not found at %s (build it, or set TORCHMERGE_BIN)" % BIN)
-    argv = [str(a) for a in args]
-    env = dict(os.environ, LC_ALL="C")
-    p = subprocess.run([str(BIN)] + argv, cwd=str(cwd), stdin=subprocess.DEVNULL,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=300)
-    return Result(argv, p.returncode, p.stdout.decode("utf-8", "replace"),
-                  p.stderr.decode("utf-8", "replace"))
-
-
-def assert_ok(res: Result) -> None:
-    assert res.rc == 0, res.describe()
-    assert not res.errors, res.describe()
-
-
-def assert_error(res: Result, *needles, rc=1) -> str:
-    """Exit status rc and stderr is exactly one 'torchmerge: error: ' line containing every
-    needle. Returns that line."""
-    assert res.rc == rc, res.describe()
-    assert len(res.errors) == 1, "expected one error line\n" + res.describe()
-    assert res.stderr_lines == res.errors, "stderr is not a single line\n" + res.describe()
-    line = res.errors[0]
-    for needle in needles:
-        assert needle in line, "%r not in the error line\n%s" % (needle, res.describe())
-    return line
+from cli_runner import BIN, ERROR_PREFIX, WARNING_PREFIX, Result, assert_error, assert_ok, tm  # noqa: E402,F401
 
 
 def name_re(name: str) -> str:

@@ -1,0 +1,151 @@
+/* `torchmerge greedy_soup --eval EVAL.pt -o OUT [--template MODULE] INPUT...`: greedy soup
+ * (tm_greedy_soup), then the table of decisions on stdout. C11, over the public C API only. */
+#define _GNU_SOURCE
+#include "cli/greedy_soup.h"
+
+#include <getopt.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "torchmerge.h"
+
+enum { EXIT_FAILED = 1, EXIT_USAGE = 2 };
+
+static int quiet;
+
+static void greedy_usage(FILE *f) {
+    fprintf(f,
+            "usage: torchmerge greedy_soup --eval EVAL.pt -o OUT [--template MODULE] [options] INPUT...\n"
+            "\n"
+            "Greedy soup (Wortsman et al. 2022): scores every input alone with the evaluation module,\n"
+            "sorts them best first, starts the soup with the best one and adds each next input when\n"
+            "the uniform average of the kept inputs plus it scores strictly higher, else drops it.\n"
+            "Writes the uniform average of the kept inputs to OUT and prints the decisions.\n"
+            "\n"
+            "  --eval EVAL.pt          TorchScript evaluation module: a Tensor attribute `inputs` and\n"
+            "                          forward(self, outputs: Tensor) -> Tensor returning a 0-dim\n"
+            "                          score, higher is better (e.g. accuracy on a validation split);\n"
+            "                          each candidate runs model.forward(inputs) in eval mode, no grad\n"
+            "  -o, --output OUT        output file (format as for simple_average)\n"
+            "  --template MODULE       TorchScript module that receives each candidate's weights\n"
+            "                          (default: the first input that is a TorchScript module)\n"
+            "  --format pt|torchscript|safetensors, --dtype DTYPE, --keys strict|intersection|union,\n"
+            "  --key NAME              as for simple_average; --dtype converts the output only (the\n"
+            "                          candidates are scored in the template's dtypes)\n"
+            "  -q, --quiet             no warnings, no progress bar\n"
+            "\n"
+            "Candidates are written to temporary files beside OUT and removed afterwards.\n");
+}
+
+static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int usage_error(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("torchmerge: error: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputs(" (see torchmerge greedy_soup --help)\n", stderr);
+    va_end(ap);
+    return EXIT_USAGE;
+}
+
+static void on_warning(void *user, const char *msg) {
+    (void)user;
+    if (!quiet) fprintf(stderr, "torchmerge: warning: %s\n", msg);
+}
+
+static void on_progress(void *user, size_t done, size_t total) {
+    (void)user;
+    int width = 30, filled = total ? (int)(width * done / total) : width;
+    fprintf(stderr, "\r[%.*s%*s] %zu/%zu tensors", filled, "##############################", width - filled, "",
+            done, total);
+    if (done == total) fputc('\n', stderr);
+}
+
+static void on_signal(int sig) {
+    tm_remove_temporary_outputs();
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+static void print_report(const tm_greedy_report *r, char **inputs, const char *eval, const char *output) {
+    printf("greedy soup, scored by %s (higher is better)\n", eval);
+    printf("%4s  %12s  %12s  %-8s  %s\n", "rank", "score", "soup score", "decision", "input");
+    for (size_t i = 0; i < r->n; i++) {
+        const tm_greedy_ingredient *t = &r->tried[i];
+        printf("%4zu  %12.6f  %12.6f  %-8s  %s\n", i + 1, t->score, t->soup_score,
+               i == 0 ? "start" : t->kept ? "kept" : "dropped", inputs[t->input]);
+    }
+    printf("soup of %zu of %zu inputs, score %.6f -> %s\n", r->n_kept, r->n, r->final_score, output);
+}
+
+int tm_cli_greedy_soup(int argc, char **argv) {
+    enum { OPT_EVAL = 256, OPT_TEMPLATE, OPT_FORMAT, OPT_DTYPE, OPT_KEYS, OPT_KEY };
+    static const struct option longopts[] = {
+        {"eval", required_argument, 0, OPT_EVAL},     {"output", required_argument, 0, 'o'},
+        {"template", required_argument, 0, OPT_TEMPLATE}, {"format", required_argument, 0, OPT_FORMAT},
+        {"dtype", required_argument, 0, OPT_DTYPE},   {"keys", required_argument, 0, OPT_KEYS},
+        {"key", required_argument, 0, OPT_KEY},       {"quiet", no_argument, 0, 'q'},
+        {"help", no_argument, 0, 'h'},                {0, 0, 0, 0}};
+    tm_merge_options o;
+    tm_merge_options_init(&o);
+    const char *output = NULL, *eval = NULL;
+    int c;
+    optind = 1;
+    opterr = 0;
+    while ((c = getopt_long(argc, argv, ":o:qh", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'o': output = optarg; break;
+        case 'q': quiet = 1; break;
+        case 'h': greedy_usage(stdout); return 0;
+        case OPT_EVAL: eval = optarg; break;
+        case OPT_TEMPLATE: o.template_path = optarg; break;
+        case OPT_FORMAT:
+            if (strcmp(optarg, "pt") == 0) o.format = TM_FORMAT_PT;
+            else if (strcmp(optarg, "torchscript") == 0) o.format = TM_FORMAT_TORCHSCRIPT;
+            else if (strcmp(optarg, "safetensors") == 0) o.format = TM_FORMAT_SAFETENSORS;
+            else return usage_error("--format: expected pt, torchscript or safetensors, got '%s'", optarg);
+            break;
+        case OPT_DTYPE:
+            if (tm_dtype_from_name(optarg, &o.dtype) != TM_OK || !tm_dtype_is_floating(o.dtype) ||
+                o.dtype == TM_COMPLEX64 || o.dtype == TM_COMPLEX128)
+                return usage_error("--dtype: expected float32, float16, bfloat16 or float64, got '%s'", optarg);
+            o.has_dtype = 1;
+            break;
+        case OPT_KEYS:
+            if (strcmp(optarg, "strict") == 0) o.keys = TM_KEYS_STRICT;
+            else if (strcmp(optarg, "intersection") == 0) o.keys = TM_KEYS_INTERSECTION;
+            else if (strcmp(optarg, "union") == 0) o.keys = TM_KEYS_UNION;
+            else return usage_error("--keys: expected strict, intersection or union, got '%s'", optarg);
+            break;
+        case OPT_KEY: o.key = optarg; break;
+        case ':': return usage_error("option '%s' needs a value", argv[optind - 1]);
+        default: return usage_error("unknown option '%s'", argv[optind - 1]);
+        }
+    }
+    if (!eval) return usage_error("greedy_soup needs --eval EVAL.pt");
+    if (!output) return usage_error("missing -o OUT");
+    if (optind >= argc) return usage_error("no input files");
+    o.warning = on_warning;
+    if (!quiet && isatty(STDERR_FILENO)) o.progress = on_progress;
+
+    signal(SIGINT, on_signal);
+    signal(SIGTERM, on_signal);
+    signal(SIGHUP, on_signal);
+    tm_greedy_report report;
+    char **inputs = argv + optind;
+    if (tm_greedy_soup((const char *const *)inputs, (size_t)(argc - optind), output, eval, &o, &report) != TM_OK) {
+        fprintf(stderr, "torchmerge: error: %s\n", tm_errmsg());
+        return EXIT_FAILED;
+    }
+    print_report(&report, inputs, eval, output);
+    tm_greedy_report_free(&report);
+    if (fflush(stdout) != 0) {
+        fputs("torchmerge: error: cannot write the report\n", stderr);
+        return EXIT_FAILED;
+    }
+    return 0;
+}

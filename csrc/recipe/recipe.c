@@ -1,0 +1,987 @@
+/* Recipes, part 2: the tree (recipe_yaml.c) → a validated tm_recipe → tm_merge_files.
+ *
+ * Accepted shapes (see docs/recipes.md):
+ *   - FusionBench method configs: top-level name / weights / normalize, or the same under
+ *     `method:` (also `_target_: fusion_bench.method.SimpleAverageAlgorithm`);
+ *   - FusionBench model pools: `models:` (or `modelpool: {models: ...}`) as a mapping
+ *     name → path; names like _pretrained_ (leading and trailing underscore) are not merged;
+ *   - mergekit configs: merge_method: linear, models: [{model: path, parameters: {weight: W}}],
+ *     top-level parameters: {weight, normalize}; a weight may be per tensor:
+ *     [{filter: "lm_head", value: 0.0}, {value: 1.0}].
+ * Every error names the recipe, line and column of the offending node. C11. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fnmatch.h>
+#include <locale.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+
+#include "recipe/recipe.h"
+
+typedef struct ictx {
+    tm_recipe *r;
+    tm_error *err;
+    void (*warn)(void *, const char *);
+    void *warn_user;
+} ictx;
+
+static char *dup_s(const char *s) {
+    if (!s) return NULL;
+    size_t n = strlen(s);
+    char *d = malloc(n + 1);
+    if (d) memcpy(d, s, n + 1);
+    return d;
+}
+
+/* ---- messages --------------------------------------------------------------------------------- */
+
+static void locate(char *buf, size_t cap, const tm_recipe *r, const tm_rnode *at) {
+    if (!at) snprintf(buf, cap, "%s", r->doc.origins[0]->label);
+    else if (at->origin->is_override || !at->line) snprintf(buf, cap, "%s", at->origin->label);
+    else snprintf(buf, cap, "%s:%zu:%zu", at->origin->label, at->line, at->column);
+}
+
+static tm_status ierr(ictx *c, tm_status st, const tm_rnode *at, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static tm_status ierr(ictx *c, tm_status st, const tm_rnode *at, const char *fmt, ...) {
+    char loc[600], msg[800];
+    locate(loc, sizeof loc, c->r, at);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    return tm_error_set(c->err, st, "%s: %s", loc, msg);
+}
+
+static tm_status oom(ictx *c) { return tm_error_set(c->err, TM_ERROR_NOMEM, "out of memory"); }
+
+static void iwarn(ictx *c, const tm_rnode *at, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void iwarn(ictx *c, const tm_rnode *at, const char *fmt, ...) {
+    if (!c->warn) return;
+    char loc[600], msg[800], line[1500];
+    locate(loc, sizeof loc, c->r, at);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    snprintf(line, sizeof line, "%s: %s", loc, msg);
+    c->warn(c->warn_user, line);
+}
+
+/* Where a node is, for "given twice" messages: "line 3" or "override 'x=1'". */
+static void short_where(char *buf, size_t cap, const tm_rnode *n) {
+    if (n->origin->is_override) {
+        const char *o = strstr(n->origin->label, "override '");
+        snprintf(buf, cap, "%s", o ? o : n->origin->label);
+    } else {
+        snprintf(buf, cap, "line %zu", n->line);
+    }
+}
+
+/* ---- scalars ---------------------------------------------------------------------------------- */
+
+static int is_null(const tm_rnode *n) {
+    return !n || (n->kind == TM_RNODE_SCALAR && n->plain &&
+                  (!*n->text || !strcmp(n->text, "~") || !strcmp(n->text, "null") || !strcmp(n->text, "Null") ||
+                   !strcmp(n->text, "NULL")));
+}
+
+static const char *kind_name(const tm_rnode *n) {
+    return n->kind == TM_RNODE_SEQ ? "a list" : n->kind == TM_RNODE_MAP ? "a mapping" : "a single value";
+}
+
+static int is_missing_marker(const tm_rnode *n) {
+    return n && n->kind == TM_RNODE_SCALAR && n->plain && strcmp(n->text, "???") == 0;
+}
+
+static tm_status want_scalar(ictx *c, const tm_rnode *n, const char *what) {
+    if (n->kind != TM_RNODE_SCALAR) return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s: expected a single value, got %s", what, kind_name(n));
+    if (is_missing_marker(n))
+        return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s is mandatory ('?\?\?'): give it in the recipe or as %s=VALUE", what, what);
+    return TM_OK;
+}
+
+static tm_status get_string(ictx *c, const tm_rnode *n, const char *what, const char **out) {
+    tm_status st = want_scalar(c, n, what);
+    if (st) return st;
+    if (!*n->text) return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s is empty", what);
+    *out = n->text;
+    return TM_OK;
+}
+
+/* Numbers are read the same way whatever the process locale (strtod_l with the C locale). */
+static locale_t the_c_locale;
+static void make_c_locale(void) { the_c_locale = newlocale(LC_ALL_MASK, "C", (locale_t)0); }
+static locale_t c_locale(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, make_c_locale);
+    return the_c_locale;
+}
+
+static int parse_double(const char *s, double *out) {
+    if (!*s || *s == ' ') return 0;
+    char *end;
+    errno = 0;
+    locale_t loc = c_locale();
+    double v = loc ? strtod_l(s, &end, loc) : strtod(s, &end);
+    if (end == s || *end || errno == ERANGE || !isfinite(v)) return 0;
+    *out = v;
+    return 1;
+}
+
+static tm_status get_number(ictx *c, const tm_rnode *n, const char *what, double *out) {
+    tm_status st = want_scalar(c, n, what);
+    if (st) return st;
+    if (!n->plain)
+        return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s: expected a number, got the string '%s'", what, n->text);
+    if (!parse_double(n->text, out))
+        return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s: expected a finite number, got '%s'", what, n->text);
+    return TM_OK;
+}
+
+static tm_status get_bool(ictx *c, const tm_rnode *n, const char *what, int *out) {
+    tm_status st = want_scalar(c, n, what);
+    if (st) return st;
+    static const char *yes[] = {"true", "True", "TRUE", "yes", "Yes", "YES", "on", "On", "ON"};
+    static const char *no[] = {"false", "False", "FALSE", "no", "No", "NO", "off", "Off", "OFF"};
+    if (n->plain)
+        for (size_t i = 0; i < sizeof yes / sizeof *yes; i++) {
+            if (!strcmp(n->text, yes[i])) return *out = 1, TM_OK;
+            if (!strcmp(n->text, no[i])) return *out = 0, TM_OK;
+        }
+    return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s: expected true or false, got '%s'", what, n->text);
+}
+
+/* ---- keys ------------------------------------------------------------------------------------- */
+
+/* Hydra/FusionBench bookkeeping keys (_target_, _recursive_, _pretrained_ ...). */
+static int is_underscored(const char *k) {
+    size_t n = strlen(k);
+    return n >= 2 && k[0] == '_' && k[n - 1] == '_';
+}
+
+static size_t edit_distance(const char *a, const char *b) {
+    size_t la = strlen(a), lb = strlen(b);
+    if (la > 40 || lb > 40) return 99;
+    size_t d[41][41];
+    for (size_t i = 0; i <= la; i++) d[i][0] = i;
+    for (size_t j = 0; j <= lb; j++) d[0][j] = j;
+    for (size_t i = 1; i <= la; i++)
+        for (size_t j = 1; j <= lb; j++) {
+            size_t best = d[i - 1][j - 1] + (a[i - 1] != b[j - 1]);
+            if (d[i - 1][j] + 1 < best) best = d[i - 1][j] + 1;
+            if (d[i][j - 1] + 1 < best) best = d[i][j - 1] + 1;
+            if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] && d[i - 2][j - 2] + 1 < best)
+                best = d[i - 2][j - 2] + 1;
+            d[i][j] = best;
+        }
+    return d[la][lb];
+}
+
+/* Every key of map must be in allowed (NULL-terminated), ignored (warned about) or _underscored_. */
+static tm_status check_keys(ictx *c, const tm_rnode *map, const char *where, const char *const *allowed,
+                            const char *const *ignored, const char *ignored_why) {
+    for (size_t i = 0; i < map->n; i++) {
+        const tm_rnode *k = map->keys[i];
+        int ok = is_underscored(k->text);
+        for (const char *const *a = allowed; !ok && *a; a++) ok = !strcmp(k->text, *a);
+        if (ok) continue;
+        int skip = 0;
+        for (const char *const *a = ignored; !skip && a && *a; a++) skip = !strcmp(k->text, *a);
+        if (skip) {
+            iwarn(c, k, "ignored '%s' (%s)", k->text, ignored_why);
+            continue;
+        }
+        const char *best = NULL;
+        size_t best_d = 3;
+        for (const char *const *a = allowed; *a; a++) {
+            size_t d = edit_distance(k->text, *a);
+            if (d < best_d) best_d = d, best = *a;
+        }
+        if (best)
+            return ierr(c, TM_ERROR_INVALID_ARGUMENT, k, "unknown key '%s' in %s (did you mean '%s'?)", k->text, where,
+                        best);
+        return ierr(c, TM_ERROR_INVALID_ARGUMENT, k, "unknown key '%s' in %s", k->text, where);
+    }
+    return TM_OK;
+}
+
+static tm_status want_map(ictx *c, const tm_rnode *n, const char *what) {
+    if (n->kind != TM_RNODE_MAP)
+        return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s: expected a mapping (name: value), got %s", what, kind_name(n));
+    return TM_OK;
+}
+
+/* Chooses among the places a setting may be given: absent ones (NULL or null) are skipped; two
+ * given in the recipe itself are an error; when one comes from an override it wins. */
+static tm_status choose_at(ictx *c, const char *what, const tm_rnode *const *cand, const char *const *places,
+                           size_t n, const tm_rnode **out, size_t *index) {
+    *out = NULL;
+    size_t chosen = 0;
+    for (size_t i = 0; i < n; i++) {
+        const tm_rnode *v = cand[i];
+        if (is_null(v)) continue;
+        if (!*out) {
+            *out = v;
+            chosen = i;
+            continue;
+        }
+        int a = (*out)->origin->is_override, b = v->origin->is_override;
+        if (a && !b) continue;
+        if (b && !a) {
+            *out = v;
+            chosen = i;
+            continue;
+        }
+        char w1[600], w2[600];
+        short_where(w1, sizeof w1, *out);
+        short_where(w2, sizeof w2, v);
+        return ierr(c, TM_ERROR_INVALID_ARGUMENT, v, "%s is given twice: %s (%s) and %s (%s); keep one", what,
+                    places[chosen], w1, places[i], w2);
+    }
+    if (index) *index = chosen;
+    return TM_OK;
+}
+
+static tm_status choose(ictx *c, const char *what, const tm_rnode *const *cand, const char *const *places, size_t n,
+                        const tm_rnode **out) {
+    return choose_at(c, what, cand, places, n, out, NULL);
+}
+
+/* ---- paths ------------------------------------------------------------------------------------ */
+
+static char *resolve(const tm_rnode *n) {
+    const char *dir = n->origin->base_dir;
+    if (n->text[0] == '/' || !*dir) return dup_s(n->text);
+    size_t a = strlen(dir), b = strlen(n->text);
+    char *p = malloc(a + b + 1);
+    if (p) {
+        memcpy(p, dir, a);
+        memcpy(p + a, n->text, b + 1);
+    }
+    return p;
+}
+
+static tm_status check_exists(ictx *c, const tm_rnode *at, const char *what, const char *written, const char *path) {
+    struct stat sb;
+    if (stat(path, &sb) == 0) return TM_OK;
+    int e = errno;
+    char looked[600] = "";
+    if (strcmp(written, path) != 0) snprintf(looked, sizeof looked, " (looked for '%s')", path);
+    if (e == ENOENT || e == ENOTDIR)
+        return ierr(c, TM_ERROR_NOT_FOUND, at, "%s '%s' not found%s", what, written, looked);
+    return ierr(c, TM_ERROR_IO, at, "%s '%s': %s%s", what, written, strerror(e), looked);
+}
+
+/* ---- weights and rules ------------------------------------------------------------------------ */
+
+static void setting_free(tm_recipe_setting *s) {
+    for (size_t i = 0; i < s->n_rules; i++) free(s->rules[i].filter);
+    free(s->rules);
+    memset(s, 0, sizeof *s);
+}
+
+static tm_status parse_rule(ictx *c, const tm_rnode *m, const char *what, tm_recipe_rule *rule) {
+    static const char *const keys[] = {"filter", "value", NULL};
+    tm_status st = check_keys(c, m, what, keys, NULL, NULL);
+    if (st) return st;
+    const tm_rnode *f = tm_rnode_get(m, "filter"), *v = tm_rnode_get(m, "value");
+    rule->at = m;
+    if (!f || is_null(f)) {
+        rule->filter = NULL;
+    } else {
+        const char *s = NULL;
+        if ((st = get_string(c, f, "filter", &s))) return st;
+        if (!(rule->filter = dup_s(s))) return oom(c);
+        rule->at = f;
+    }
+    if (!v || is_null(v)) return ierr(c, TM_ERROR_INVALID_ARGUMENT, m, "%s: a rule needs a value", what);
+    if (v->kind == TM_RNODE_SEQ)
+        return ierr(c, TM_ERROR_UNSUPPORTED, v,
+                    "%s: layer gradients (a list of numbers) are not supported; give one number per rule", what);
+    return get_number(c, v, "value", &rule->value);
+}
+
+/* weight: a number; a list of {filter, value} rules (first match wins); or one such rule. */
+static tm_status parse_setting(ictx *c, const tm_rnode *n, const char *what, tm_recipe_setting *s) {
+    memset(s, 0, sizeof *s);
+    if (is_null(n)) return TM_OK;
+    s->present = 1;
+    s->at = n;
+    if (n->kind == TM_RNODE_SCALAR) return get_number(c, n, what, &s->value);
+    size_t count = n->kind == TM_RNODE_SEQ ? n->n : 1;
+    if (n->kind == TM_RNODE_SEQ) {
+        if (!n->n) return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s: the list of rules is empty", what);
+        for (size_t i = 0; i < n->n; i++)
+            if (n->items[i]->kind != TM_RNODE_MAP)
+                return ierr(c, TM_ERROR_UNSUPPORTED, n,
+                            "%s: layer gradients (a list of numbers) are not supported; give a number or a list "
+                            "of {filter: NAME, value: W} rules",
+                            what);
+    }
+    s->is_rules = 1;
+    s->rules = calloc(count, sizeof *s->rules);
+    if (!s->rules) return oom(c);
+    for (size_t i = 0; i < count; i++) {
+        tm_status st = parse_rule(c, n->kind == TM_RNODE_SEQ ? n->items[i] : n, what, &s->rules[i]);
+        s->n_rules++;
+        if (st) return st;
+    }
+    return TM_OK;
+}
+
+static int is_catch_all(const tm_recipe_rule *rule) { return !rule->filter || !strcmp(rule->filter, "*"); }
+
+/* The value the setting gives when no filter matches (its catch-all), or 0 when it has none. */
+static int setting_default(const tm_recipe_setting *s, double *out) {
+    if (!s->present) return 0;
+    if (!s->is_rules) return *out = s->value, 1;
+    for (size_t i = 0; i < s->n_rules; i++)
+        if (is_catch_all(&s->rules[i])) return *out = s->rules[i].value, 1;
+    return 0;
+}
+
+static int setting_total(const tm_recipe_setting *s) {
+    double v;
+    return setting_default(s, &v);
+}
+
+int tm_recipe_pattern_matches(const char *pattern, const char *name) {
+    if (!pattern || !strcmp(pattern, "*")) return 1;
+    if (strpbrk(pattern, "*?[")) return fnmatch(pattern, name, 0) == 0;
+    return strstr(name, pattern) != NULL;
+}
+
+/* The weight the setting gives for name (counting the rule's use when count). */
+static int setting_lookup(tm_recipe_setting *s, const char *name, int count, double *out) {
+    if (!s->present) return 0;
+    if (!s->is_rules) return *out = s->value, 1;
+    for (size_t i = 0; i < s->n_rules; i++) {
+        tm_recipe_rule *rule = &s->rules[i];
+        if (is_catch_all(rule) || tm_recipe_pattern_matches(rule->filter, name)) {
+            if (count) rule->matched++;
+            *out = rule->value;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* ---- patterns --------------------------------------------------------------------------------- */
+
+static tm_status parse_patterns(ictx *c, const tm_rnode *n, const char *what, tm_recipe_pattern **out, size_t *count) {
+    *out = NULL;
+    *count = 0;
+    if (is_null(n)) return TM_OK;
+    size_t k = n->kind == TM_RNODE_SEQ ? n->n : 1;
+    if (n->kind == TM_RNODE_MAP)
+        return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s: expected a name pattern or a list of them, got a mapping", what);
+    *out = calloc(k ? k : 1, sizeof **out);
+    if (!*out) return oom(c);
+    for (size_t i = 0; i < k; i++) {
+        const tm_rnode *p = n->kind == TM_RNODE_SEQ ? n->items[i] : n;
+        const char *s = NULL;
+        tm_status st = get_string(c, p, what, &s);
+        if (st) return st;
+        if (!((*out)[i].pattern = dup_s(s))) return oom(c);
+        (*out)[i].at = p;
+        (*count)++;
+    }
+    return TM_OK;
+}
+
+static int excluded_by_patterns(const tm_recipe *r, const char *name) {
+    int keep = r->n_include == 0;
+    for (size_t i = 0; i < r->n_include && !keep; i++) keep = tm_recipe_pattern_matches(r->include[i].pattern, name);
+    for (size_t i = 0; i < r->n_exclude && keep; i++) keep = !tm_recipe_pattern_matches(r->exclude[i].pattern, name);
+    return !keep;
+}
+
+/* ---- models ----------------------------------------------------------------------------------- */
+
+static tm_status parse_model_params(ictx *c, const tm_rnode *params, const char *where, tm_recipe_model *m) {
+    if (is_null(params)) return TM_OK;
+    char what[300];
+    snprintf(what, sizeof what, "%s.parameters", where);
+    tm_status st = want_map(c, params, what);
+    static const char *const keys[] = {"weight", NULL};
+    if (!st) st = check_keys(c, params, what, keys, NULL, NULL);
+    if (st) return st;
+    snprintf(what, sizeof what, "%s.parameters.weight", where);
+    return parse_setting(c, tm_rnode_get(params, "weight"), what, &m->weight);
+}
+
+/* One model: "path", or {model: path, parameters: {...}} (path: is accepted for model:). */
+static tm_status parse_model(ictx *c, const tm_rnode *n, const char *where, const char *name, tm_recipe_model *m) {
+    memset(m, 0, sizeof *m);
+    if (name && !(m->name = dup_s(name))) return oom(c);
+    const tm_rnode *path = n;
+    tm_status st;
+    if (n->kind == TM_RNODE_MAP) {
+        static const char *const keys[] = {"model", "path", "parameters", "name", NULL};
+        if ((st = check_keys(c, n, where, keys, NULL, NULL))) return st;
+        const tm_rnode *cand[2] = {tm_rnode_get(n, "model"), tm_rnode_get(n, "path")};
+        static const char *const places[2] = {"as model", "as path"};
+        if ((st = choose(c, "the model's path", cand, places, 2, &path))) return st;
+        if (!path) return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s: no model: give model: PATH", where);
+        const tm_rnode *nm = tm_rnode_get(n, "name");
+        if (nm && !is_null(nm) && !m->name) {
+            const char *s = NULL;
+            if ((st = get_string(c, nm, "name", &s))) return st;
+            if (!(m->name = dup_s(s))) return oom(c);
+        }
+        if ((st = parse_model_params(c, tm_rnode_get(n, "parameters"), where, m))) return st;
+    } else if (n->kind == TM_RNODE_SEQ) {
+        return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s: expected a path or {model: PATH, parameters: ...}, got a list",
+                    where);
+    }
+    if (is_null(path)) return ierr(c, TM_ERROR_INVALID_ARGUMENT, path, "%s: the model path is empty", where);
+    const char *written = NULL;
+    if ((st = get_string(c, path, "the model path", &written))) return st;
+    m->at = path;
+    if (!(m->written = dup_s(written)) || !(m->path = resolve(path))) return oom(c);
+    return TM_OK;
+}
+
+static tm_status push_model(ictx *c, tm_recipe_model *m) {
+    tm_recipe *r = c->r;
+    tm_recipe_model *a = realloc(r->models, (r->n_models + 1) * sizeof *a);
+    if (!a) return oom(c);
+    r->models = a;
+    a[r->n_models++] = *m;
+    return TM_OK;
+}
+
+static void model_free(tm_recipe_model *m) {
+    free(m->name);
+    free(m->written);
+    free(m->path);
+    setting_free(&m->weight);
+}
+
+static tm_status parse_models(ictx *c, const tm_rnode *models) {
+    tm_status st = TM_OK;
+    if (models->kind == TM_RNODE_SCALAR)
+        return ierr(c, TM_ERROR_INVALID_ARGUMENT, models,
+                    "models: expected a list of paths or a mapping name: path, got a single value");
+    for (size_t i = 0; i < models->n && !st; i++) {
+        char where[300];
+        tm_recipe_model m;
+        if (models->kind == TM_RNODE_SEQ) {
+            snprintf(where, sizeof where, "models[%zu]", i);
+            st = parse_model(c, models->items[i], where, NULL, &m);
+        } else {
+            const char *name = models->keys[i]->text;
+            if (is_underscored(name)) continue; /* FusionBench's _pretrained_ is not one of the models merged */
+            snprintf(where, sizeof where, "models.%s", name);
+            st = parse_model(c, models->items[i], where, name, &m);
+        }
+        if (!st) st = push_model(c, &m);
+        if (st) model_free(&m);
+    }
+    if (!st && !c->r->n_models)
+        st = ierr(c, TM_ERROR_INVALID_ARGUMENT, models, "no models to merge%s",
+                  models->kind == TM_RNODE_MAP && models->n ? " (names like _pretrained_ are not merged)" : "");
+    return st;
+}
+
+/* ---- the method -------------------------------------------------------------------------------- */
+
+static tm_status method_from_name(ictx *c, const tm_rnode *n, int *weighted) {
+    const char *s = NULL;
+    tm_status st = get_string(c, n, "method", &s);
+    if (st) return st;
+    if (!strcmp(s, "simple_average")) return *weighted = 0, TM_OK;
+    if (!strcmp(s, "weighted_average") || !strcmp(s, "linear")) return *weighted = 1, TM_OK;
+    return ierr(c, TM_ERROR_UNSUPPORTED, n,
+                "unknown method '%s' (torchmerge runs simple_average, weighted_average and mergekit's linear)", s);
+}
+
+static tm_status method_from_target(ictx *c, const tm_rnode *n, int *weighted) {
+    const char *s = NULL;
+    tm_status st = get_string(c, n, "_target_", &s);
+    if (st) return st;
+    const char *cls = strrchr(s, '.');
+    cls = cls ? cls + 1 : s;
+    if (!strcmp(cls, "SimpleAverageAlgorithm")) return *weighted = 0, TM_OK;
+    if (!strcmp(cls, "WeightedAverageAlgorithm")) return *weighted = 1, TM_OK;
+    return ierr(c, TM_ERROR_UNSUPPORTED, n,
+                "unknown method '_target_: %s' (torchmerge runs SimpleAverageAlgorithm and WeightedAverageAlgorithm)", s);
+}
+
+/* ---- sizes and dtypes -------------------------------------------------------------------------- */
+
+static tm_status parse_size(ictx *c, const tm_rnode *n, uint64_t *out) {
+    tm_status st = want_scalar(c, n, "max_shard_size");
+    if (st) return st;
+    const char *s = n->text;
+    char *end;
+    errno = 0;
+    locale_t loc = c_locale();
+    double v = loc ? strtod_l(s, &end, loc) : strtod(s, &end);
+    if (end == s || errno || !isfinite(v) || v <= 0) goto bad;
+    while (*end == ' ') end++;
+    static const struct { const char *unit; double scale; } units[] = {
+        {"", 1},          {"B", 1},           {"KB", 1e3},        {"MB", 1e6},         {"GB", 1e9},
+        {"TB", 1e12},     {"KiB", 1024.0},    {"MiB", 1048576.0}, {"GiB", 1073741824.0},
+        {"TiB", 1099511627776.0}};
+    for (size_t i = 0; i < sizeof units / sizeof *units; i++)
+        if (!strcasecmp(end, units[i].unit)) {
+            double bytes = v * units[i].scale;
+            if (bytes < 1 || bytes > 1.8e19) goto bad;
+            *out = (uint64_t)bytes;
+            return TM_OK;
+        }
+bad:
+    return ierr(c, TM_ERROR_INVALID_ARGUMENT, n,
+                "max_shard_size: expected a size in bytes such as 5GB, 500MB, 2GiB or 1000000, got '%s'", s);
+}
+
+static tm_status parse_dtypes(ictx *c, const tm_rnode *root) {
+    tm_recipe *r = c->r;
+    const tm_rnode *d = tm_rnode_get(root, "dtype"), *od = tm_rnode_get(root, "out_dtype");
+    tm_status st;
+    if (!is_null(d)) {
+        const char *s = NULL;
+        tm_dtype t;
+        if ((st = get_string(c, d, "dtype", &s))) return st;
+        if (tm_dtype_from_name(s, &t) != TM_OK || (t != TM_FLOAT32 && t != TM_FLOAT64)) {
+            if (tm_dtype_from_name(s, &t) == TM_OK && tm_dtype_is_floating(t) && t != TM_COMPLEX64 && t != TM_COMPLEX128)
+                return ierr(c, TM_ERROR_UNSUPPORTED, d,
+                            "dtype: torchmerge always computes in float64, so the compute dtype may be float32 or "
+                            "float64, not '%s'; to write %s tensors, set out_dtype: %s",
+                            s, tm_dtype_name(t), tm_dtype_name(t));
+            return ierr(c, TM_ERROR_INVALID_ARGUMENT, d, "dtype: expected float32 or float64, got '%s'", s);
+        }
+    }
+    if (!is_null(od)) {
+        const char *s = NULL;
+        if ((st = get_string(c, od, "out_dtype", &s))) return st;
+        if (tm_dtype_from_name(s, &r->out_dtype) != TM_OK || !tm_dtype_is_floating(r->out_dtype) ||
+            r->out_dtype == TM_COMPLEX64 || r->out_dtype == TM_COMPLEX128)
+            return ierr(c, TM_ERROR_INVALID_ARGUMENT, od,
+                        "out_dtype: expected float32, float16, bfloat16 or float64, got '%s'", s);
+        r->has_dtype = 1;
+    }
+    return TM_OK;
+}
+
+/* ---- the whole recipe ------------------------------------------------------------------------- */
+
+static tm_status interpret(ictx *c) {
+    tm_recipe *r = c->r;
+    const tm_rnode *root = r->doc.root;
+    tm_status st;
+    static const char *const top_keys[] = {"name", "method", "merge_method", "weights", "normalize", "models",
+                                           "modelpool", "parameters", "output", "format", "dtype", "out_dtype",
+                                           "keys", "key", "template", "max_shard_size", "include", "exclude",
+                                           NULL};
+    static const char *const mergekit_ignored[] = {"base_model", "tokenizer_source", "tokenizer", "chat_template",
+                                                   NULL};
+    if ((st = check_keys(c, root, "the recipe", top_keys, mergekit_ignored,
+                         "a mergekit setting that plain averaging does not use")))
+        return st;
+
+    /* method: name / weights / normalize at the top (a FusionBench method file), under method:,
+     * or mergekit's merge_method + parameters */
+    const tm_rnode *method = tm_rnode_get(root, "method"), *method_map = NULL, *method_name = NULL;
+    if (method && method->kind == TM_RNODE_MAP) {
+        static const char *const keys[] = {"name", "weights", "normalize", NULL};
+        if ((st = check_keys(c, method, "method", keys, NULL, NULL))) return st; /* _target_ passes as _x_ */
+        method_map = method;
+    } else if (method && method->kind == TM_RNODE_SEQ) {
+        return ierr(c, TM_ERROR_INVALID_ARGUMENT, method, "method: expected a name or a mapping, got a list");
+    } else {
+        method_name = method;
+    }
+    const tm_rnode *params = tm_rnode_get(root, "parameters");
+    if (!is_null(params)) {
+        static const char *const keys[] = {"weight", "normalize", NULL};
+        if ((st = want_map(c, params, "parameters")) || (st = check_keys(c, params, "parameters", keys, NULL, NULL)))
+            return st;
+    } else {
+        params = NULL;
+    }
+
+    /* The method's name; FusionBench's newer configs name a class instead (_target_). A top-level
+     * _target_ counts only when it names an algorithm (a model pool file has one too). */
+    const tm_rnode *name;
+    size_t name_at = 0;
+    {
+        const tm_rnode *root_target = tm_rnode_get(root, "_target_");
+        if (root_target && (root_target->kind != TM_RNODE_SCALAR || strlen(root_target->text) < 9 ||
+                            strcmp(root_target->text + strlen(root_target->text) - 9, "Algorithm") != 0))
+            root_target = NULL;
+        const tm_rnode *cand[5] = {tm_rnode_get(root, "name"),
+                                   method_map ? tm_rnode_get(method_map, "name") : method_name,
+                                   tm_rnode_get(root, "merge_method"), NULL, NULL};
+        if (is_null(cand[0])) cand[3] = root_target;
+        if (method_map && is_null(cand[1])) cand[4] = tm_rnode_get(method_map, "_target_");
+        static const char *const places[5] = {"as name", "as method", "as merge_method", "as _target_",
+                                              "as method._target_"};
+        if ((st = choose_at(c, "the method", cand, places, 5, &name, &name_at))) return st;
+    }
+    int weighted = -1;
+    if (name) {
+        st = name_at >= 3 ? method_from_target(c, name, &weighted) : method_from_name(c, name, &weighted);
+        if (st) return st;
+    }
+
+    const tm_rnode *weights, *normalize;
+    {
+        const tm_rnode *cand[2] = {tm_rnode_get(root, "weights"), method_map ? tm_rnode_get(method_map, "weights") : NULL};
+        static const char *const places[2] = {"as weights", "as method.weights"};
+        if ((st = choose(c, "weights", cand, places, 2, &weights))) return st;
+        const tm_rnode *ncand[3] = {tm_rnode_get(root, "normalize"),
+                                    method_map ? tm_rnode_get(method_map, "normalize") : NULL,
+                                    params ? tm_rnode_get(params, "normalize") : NULL};
+        static const char *const nplaces[3] = {"as normalize", "as method.normalize", "as parameters.normalize"};
+        if ((st = choose(c, "normalize", ncand, nplaces, 3, &normalize))) return st;
+    }
+
+    /* models */
+    {
+        const tm_rnode *pool = tm_rnode_get(root, "modelpool"), *pool_models = NULL;
+        if (!is_null(pool)) {
+            if ((st = want_map(c, pool, "modelpool"))) return st;
+            for (size_t i = 0; i < pool->n; i++)
+                if (strcmp(pool->keys[i]->text, "models") != 0 && !is_underscored(pool->keys[i]->text))
+                    iwarn(c, pool->keys[i], "ignored modelpool setting '%s' (torchmerge reads only models:)",
+                          pool->keys[i]->text);
+            pool_models = tm_rnode_get(pool, "models");
+        }
+        const tm_rnode *cand[2] = {tm_rnode_get(root, "models"), pool_models}, *models;
+        static const char *const places[2] = {"as models", "as modelpool.models"};
+        if ((st = choose(c, "models", cand, places, 2, &models))) return st;
+        if (!models) return ierr(c, TM_ERROR_INVALID_ARGUMENT, NULL, "no models: give models: [PATH, PATH, ...]");
+        if ((st = parse_models(c, models))) return st;
+    }
+
+    /* weights: method weights (one per model), or per model (mergekit), with the top-level
+     * parameters.weight as the default */
+    if (params && (st = parse_setting(c, tm_rnode_get(params, "weight"), "parameters.weight", &r->default_weight)))
+        return st;
+    const tm_rnode *model_weight = NULL;
+    for (size_t i = 0; i < r->n_models && !model_weight; i++)
+        if (r->models[i].weight.present) model_weight = r->models[i].weight.at;
+    if (!model_weight && r->default_weight.present) model_weight = r->default_weight.at;
+    if (weighted < 0) weighted = weights || model_weight;
+    r->weighted = weighted;
+    if (!weighted) {
+        const tm_rnode *w = weights ? weights : model_weight;
+        if (w)
+            return ierr(c, TM_ERROR_INVALID_ARGUMENT, w,
+                        "simple_average takes no weights (use weighted_average, or merge_method: linear)");
+    }
+    r->normalize = 1;
+    if (normalize && (st = get_bool(c, normalize, "normalize", &r->normalize))) return st;
+    if (!weighted && !r->normalize)
+        return ierr(c, TM_ERROR_INVALID_ARGUMENT, normalize,
+                    "simple_average always divides by the number of models; normalize: false needs weighted_average");
+    if (weighted) {
+        if (!(r->weights = calloc(r->n_models, sizeof *r->weights))) return oom(c);
+        if (weights && model_weight) {
+            char w1[600], w2[600];
+            short_where(w1, sizeof w1, weights);
+            short_where(w2, sizeof w2, model_weight);
+            return ierr(c, TM_ERROR_INVALID_ARGUMENT, model_weight,
+                        "weights are given both as a list (%s) and per model (%s); keep one", w1, w2);
+        }
+        if (weights) {
+            if (is_missing_marker(weights))
+                return ierr(c, TM_ERROR_INVALID_ARGUMENT, weights,
+                            "weights are mandatory ('?\?\?'): give one per model, e.g. method.weights=[0.5,0.5]");
+            if (weights->kind != TM_RNODE_SEQ)
+                return ierr(c, TM_ERROR_INVALID_ARGUMENT, weights, "weights: expected a list of numbers, got %s",
+                            kind_name(weights));
+            if (weights->n != r->n_models)
+                return ierr(c, TM_ERROR_INVALID_ARGUMENT, weights, "expected %zu weights (one per model), got %zu",
+                            r->n_models, weights->n);
+            for (size_t i = 0; i < weights->n; i++) {
+                char what[64];
+                snprintf(what, sizeof what, "weights[%zu]", i);
+                if ((st = get_number(c, weights->items[i], what, &r->weights[i]))) return st;
+            }
+        } else if (!model_weight) {
+            return ierr(c, TM_ERROR_INVALID_ARGUMENT, name,
+                        "%s needs weights: give weights: [W1, W2, ...] (one per model) or parameters: {weight: W} "
+                        "per model",
+                        name ? name->text : "weighted_average");
+        } else {
+            for (size_t i = 0; i < r->n_models; i++) {
+                tm_recipe_model *m = &r->models[i];
+                if (!m->weight.present && !r->default_weight.present)
+                    return ierr(c, TM_ERROR_INVALID_ARGUMENT, m->at,
+                                "model '%s' has no weight: give it parameters: {weight: W} (or a default weight in the "
+                                "top-level parameters)",
+                                m->written);
+                if (m->weight.is_rules || (!m->weight.present && r->default_weight.is_rules)) r->per_tensor = 1;
+                double w = 1.0;
+                if (!setting_default(&m->weight, &w)) setting_default(&r->default_weight, &w);
+                r->weights[i] = w;
+            }
+        }
+        double sum = 0;
+        for (size_t i = 0; i < r->n_models; i++) sum += r->weights[i];
+        if (r->normalize && sum == 0) {
+            /* with rules, these are only the catch-all values: each tensor's own sum is checked by
+             * the engine */
+            if (!r->per_tensor)
+                return ierr(c, TM_ERROR_INVALID_ARGUMENT, weights ? weights : model_weight,
+                            "the weights sum to 0 and cannot be normalised (set normalize: false)");
+            for (size_t i = 0; i < r->n_models; i++) r->weights[i] = 1.0;
+        }
+    }
+
+    /* everything else */
+    const tm_rnode *n;
+    if (!is_null(n = tm_rnode_get(root, "output"))) {
+        const char *s = NULL;
+        if ((st = get_string(c, n, "output", &s))) return st;
+        /* the output is where the command runs, like -o: not relative to the recipe */
+        if (!(r->output = dup_s(s))) return oom(c);
+        r->output_at = n;
+    }
+    if (!is_null(n = tm_rnode_get(root, "format"))) {
+        const char *s = NULL;
+        if ((st = get_string(c, n, "format", &s))) return st;
+        if (!strcmp(s, "pt")) r->format = TM_FORMAT_PT;
+        else if (!strcmp(s, "torchscript")) r->format = TM_FORMAT_TORCHSCRIPT;
+        else if (!strcmp(s, "safetensors")) r->format = TM_FORMAT_SAFETENSORS;
+        else if (!strcmp(s, "auto")) r->format = TM_FORMAT_AUTO;
+        else return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "format: expected pt, torchscript or safetensors, got '%s'", s);
+    }
+    if (!is_null(n = tm_rnode_get(root, "keys"))) {
+        const char *s = NULL;
+        if ((st = get_string(c, n, "keys", &s))) return st;
+        if (!strcmp(s, "strict")) r->keys = TM_KEYS_STRICT;
+        else if (!strcmp(s, "intersection")) r->keys = TM_KEYS_INTERSECTION;
+        else if (!strcmp(s, "union")) r->keys = TM_KEYS_UNION;
+        else return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "keys: expected strict, intersection or union, got '%s'", s);
+    }
+    if (!is_null(n = tm_rnode_get(root, "key"))) {
+        const char *s = NULL;
+        if ((st = get_string(c, n, "key", &s))) return st;
+        if (!(r->key = dup_s(s))) return oom(c);
+    }
+    if (!is_null(n = tm_rnode_get(root, "template"))) {
+        const char *s = NULL;
+        if ((st = get_string(c, n, "template", &s))) return st;
+        if (!(r->template_path = resolve(n))) return oom(c);
+        if ((st = check_exists(c, n, "template", s, r->template_path))) return st;
+    }
+    if (!is_null(n = tm_rnode_get(root, "max_shard_size")) && (st = parse_size(c, n, &r->max_shard_size))) return st;
+    if ((st = parse_dtypes(c, root))) return st;
+    if ((st = parse_patterns(c, tm_rnode_get(root, "include"), "include", &r->include, &r->n_include))) return st;
+    if ((st = parse_patterns(c, tm_rnode_get(root, "exclude"), "exclude", &r->exclude, &r->n_exclude))) return st;
+
+    for (size_t i = 0; i < r->n_models; i++)
+        if ((st = check_exists(c, r->models[i].at, "model file", r->models[i].written, r->models[i].path))) return st;
+    if (!r->output)
+        return ierr(c, TM_ERROR_INVALID_ARGUMENT, NULL, "no output: give output: PATH in the recipe, or output=PATH");
+    return TM_OK;
+}
+
+/* Per-tensor rules without a catch-all must cover every averaged tensor of their model: checked
+ * here, before anything is written, by listing the inputs' tensors. */
+static tm_status check_rules_cover(ictx *c) {
+    tm_recipe *r = c->r;
+    if (!r->per_tensor) return TM_OK;
+    for (size_t i = 0; i < r->n_models; i++) {
+        tm_recipe_model *m = &r->models[i];
+        if (setting_total(&m->weight) || setting_total(&r->default_weight)) continue;
+        tm_open_options oo;
+        tm_open_options_init(&oo);
+        oo.key = r->key;
+        tm_checkpoint *ck;
+        if (tm_checkpoint_open(m->path, &oo, &ck) != TM_OK)
+            return tm_error_set(c->err, TM_ERROR_FORMAT, "%s", tm_errmsg());
+        tm_status st = TM_OK;
+        for (size_t t = 0; t < tm_checkpoint_n_tensors(ck) && !st; t++) {
+            tm_tensor_info info;
+            if (tm_checkpoint_tensor(ck, t, &info) != TM_OK || !tm_dtype_is_floating(info.dtype)) continue;
+            if (excluded_by_patterns(r, info.name)) continue;
+            double w;
+            if (setting_lookup(&m->weight, info.name, 0, &w) || setting_lookup(&r->default_weight, info.name, 0, &w))
+                continue;
+            const tm_rnode *at = m->weight.present ? m->weight.at : r->default_weight.at;
+            st = ierr(c, TM_ERROR_INVALID_ARGUMENT, at,
+                      "model '%s': no weight rule matches tensor '%s' (add a rule without filter as the default)",
+                      m->written, info.name);
+        }
+        tm_checkpoint_close(ck);
+        if (st) return st;
+    }
+    return TM_OK;
+}
+
+static void sanitize_line(char *s) {
+    for (; *s; s++)
+        if ((unsigned char)*s < 0x20) *s = ' ';
+}
+
+static tm_status make_text(ictx *c, const char *const *overrides, size_t n_overrides) {
+    tm_recipe *r = c->r;
+    size_t cap = 256 + strlen(r->doc.origins[0]->label);
+    for (size_t i = 0; i < n_overrides; i++) cap += strlen(overrides[i]) + 16;
+    char *header = malloc(cap), *label = dup_s(r->doc.origins[0]->label);
+    if (!header || !label) {
+        free(header);
+        free(label);
+        return oom(c);
+    }
+    sanitize_line(label);
+    size_t used = (size_t)snprintf(header, cap, "# torchmerge %s: the effective recipe of %s\n", tm_version(), label);
+    free(label);
+    for (size_t i = 0; i < n_overrides; i++) {
+        char *o = dup_s(overrides[i]);
+        if (!o) {
+            free(header);
+            return oom(c);
+        }
+        sanitize_line(o);
+        used += (size_t)snprintf(header + used, cap - used, "# override: %s\n", o);
+        free(o);
+    }
+    tm_status st = tm_rdoc_emit(&r->doc, header, &r->text, c->err);
+    free(header);
+    return st;
+}
+
+tm_status tm_recipe_load(tm_recipe *r, const char *recipe, int is_path, const char *const *overrides,
+                         size_t n_overrides, void (*warn)(void *, const char *), void *warn_user, tm_error *err) {
+    memset(r, 0, sizeof *r);
+    ictx c = {r, err, warn, warn_user};
+    tm_status st = tm_rdoc_parse(&r->doc, recipe, is_path, err);
+    if (!st && n_overrides && !overrides) st = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "overrides is NULL");
+    for (size_t i = 0; i < n_overrides && !st; i++) st = tm_rdoc_override(&r->doc, overrides[i], err);
+    if (!st) st = interpret(&c);
+    if (!st) st = check_rules_cover(&c);
+    if (!st) st = make_text(&c, overrides, n_overrides);
+    return st;
+}
+
+void tm_recipe_free(tm_recipe *r) {
+    if (!r) return;
+    for (size_t i = 0; i < r->n_models; i++) model_free(&r->models[i]);
+    free(r->models);
+    free(r->weights);
+    setting_free(&r->default_weight);
+    free(r->output);
+    free(r->key);
+    free(r->template_path);
+    for (size_t i = 0; i < r->n_include; i++) free(r->include[i].pattern);
+    for (size_t i = 0; i < r->n_exclude; i++) free(r->exclude[i].pattern);
+    free(r->include);
+    free(r->exclude);
+    free(r->text);
+    tm_rdoc_free(&r->doc);
+    memset(r, 0, sizeof *r);
+}
+
+/* ---- running ---------------------------------------------------------------------------------- */
+
+void tm_recipe_merge_options(tm_recipe *r, const tm_merge_options *base, tm_merge_options *o) {
+    tm_merge_options_init(o);
+    if (base) {
+        o->progress = base->progress;
+        o->progress_user = base->progress_user;
+        o->warning = base->warning;
+        o->warning_user = base->warning_user;
+        o->profile = base->profile;
+    }
+    r->base = base;
+    o->weights = r->weighted ? r->weights : NULL;
+    o->n_weights = r->weighted ? r->n_models : 0;
+    o->normalize = r->normalize;
+    o->format = r->format;
+    o->template_path = r->template_path;
+    o->has_dtype = r->has_dtype;
+    if (r->has_dtype) o->dtype = r->out_dtype;
+    o->keys = r->keys;
+    o->key = r->key;
+    o->max_shard_size = r->max_shard_size;
+    o->method = r->weighted ? "weighted_average" : "simple_average";
+    o->recipe_text = r->text;
+    o->include_tensor = r->n_include || r->n_exclude ? tm_recipe_include_tensor : NULL;
+    o->tensor_weights = r->per_tensor ? tm_recipe_tensor_weights : NULL;
+    o->rules_user = r;
+}
+
+int tm_recipe_include_tensor(void *user, const char *name) {
+    tm_recipe *r = user;
+    int keep = r->n_include == 0;
+    for (size_t i = 0; i < r->n_include; i++)
+        if (tm_recipe_pattern_matches(r->include[i].pattern, name)) {
+            r->include[i].matched++;
+            keep = 1;
+        }
+    if (!keep) return 0;
+    for (size_t i = 0; i < r->n_exclude; i++)
+        if (tm_recipe_pattern_matches(r->exclude[i].pattern, name)) {
+            r->exclude[i].matched++;
+            keep = 0;
+        }
+    return keep;
+}
+
+void tm_recipe_tensor_weights(void *user, const char *name, size_t n, double *weights) {
+    tm_recipe *r = user;
+    for (size_t i = 0; i < n && i < r->n_models; i++) {
+        double w;
+        if (setting_lookup(&r->models[i].weight, name, 1, &w) || setting_lookup(&r->default_weight, name, 1, &w))
+            weights[i] = w;
+    }
+}
+
+/* After a successful merge: patterns and rules that matched no tensor are probably typos. */
+static void warn_unmatched(ictx *c) {
+    tm_recipe *r = c->r;
+    for (size_t i = 0; i < r->n_include; i++)
+        if (!r->include[i].matched)
+            iwarn(c, r->include[i].at, "include pattern '%s' matched no tensor", r->include[i].pattern);
+    for (size_t i = 0; i < r->n_exclude; i++)
+        if (!r->exclude[i].matched)
+            iwarn(c, r->exclude[i].at, "exclude pattern '%s' matched no tensor", r->exclude[i].pattern);
+    for (size_t i = 0; i <= r->n_models; i++) {
+        tm_recipe_setting *s = i < r->n_models ? &r->models[i].weight : &r->default_weight;
+        for (size_t k = 0; s->is_rules && k < s->n_rules; k++)
+            if (!is_catch_all(&s->rules[k]) && !s->rules[k].matched)
+                iwarn(c, s->rules[k].at, "weight rule '%s' matched no tensor", s->rules[k].filter);
+    }
+}
+
+tm_status tm_merge_recipe(const char *recipe, int is_path, const char *const *overrides, size_t n_overrides,
+                          const tm_merge_options *base) {
+    tm_recipe r;
+    tm_error err = {0};
+    tm_status st = tm_recipe_load(&r, recipe, is_path, overrides, n_overrides, base ? base->warning : NULL,
+                                  base ? base->warning_user : NULL, &err);
+    if (st) {
+        tm_recipe_free(&r);
+        return tm_error_publish(&err);
+    }
+    const char **paths = malloc(r.n_models * sizeof *paths);
+    if (!paths) {
+        tm_recipe_free(&r);
+        tm_error_set(&err, TM_ERROR_NOMEM, "out of memory");
+        return tm_error_publish(&err);
+    }
+    for (size_t i = 0; i < r.n_models; i++) paths[i] = r.models[i].path;
+    tm_merge_options o;
+    tm_recipe_merge_options(&r, base, &o);
+    st = tm_merge_files(paths, r.n_models, r.output, &o); /* publishes its own error */
+    if (!st) {
+        ictx c = {&r, &err, o.warning, o.warning_user};
+        warn_unmatched(&c);
+    }
+    free(paths);
+    tm_recipe_free(&r);
+    return st;
+}

@@ -1,0 +1,264 @@
+"""Nothing is lost when a merge fails half-way: interrupted by a signal, or out of disk space.
+
+    TORCHMERGE_BIN=build/torchmerge /usr/bin/python3 -m pytest -q tests/python/test_failure_injection.py
+
+The merges here are big enough to be interrupted (8 inputs of about 50 MB, generated once per
+session). After every failure:
+ - the exit is by the signal (or a non-zero status), or status 1 with one error line naming
+   the output for a full disk,
+ - no temporary file ('.OUT.tmp.*') is left in the output folder,
+ - an existing OUT is untouched byte for byte,
+ - the inputs are unchanged (sha256, checked at the end; conftest.py also watches them).
+A full disk is simulated with RLIMIT_FSIZE (SIGXFSZ ignored, so writes fail with EFBIG), then,
+when this process may mount (root), with a real 1 MiB tmpfs.
+"""
+import glob
+import hashlib
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(os.environ.get("TORCHMERGE_BIN", str(REPO / "build" / "torchmerge")))
+ERROR_PREFIX = "torchmerge: error: "
+N_INPUTS = 8
+TENSORS, ROWS = 12, 1100  # 12 x 1100 x 1024 float32: about 54 MB per input
+PRECIOUS = b"an existing output that a failed merge must not touch\n" * 10
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class BigInputs:
+    def __init__(self, d: Path):
+        self.dir = d
+        self.paths = []
+        for k in range(N_INPUTS):
+            g = torch.Generator().manual_seed(100 + k)
+            sd = {"layers.%d.weight" % j: torch.randn(ROWS, 1024, generator=g) for j in range(TENSORS)}
+            p = d / ("big_%d.pt" % k)
+            torch.save(sd, str(p))
+            self.paths.append(p)
+        self.hashes = {p: sha256(p) for p in self.paths}
+
+
+@pytest.fixture(scope="session")
+def big(tmp_path_factory):
+    return BigInputs(tmp_path_factory.mktemp("failure_inputs"))
+
+
+def check_binary():
+    if not (BIN.is_file() and os.access(str(BIN), os.X_OK)):
+        pytest.fail("torchmerge binary not found at %s (build it, or set TORCHMERGE_BIN)" % BIN)
+
+
+def leftovers(folder: Path, out_name: str):
+    return sorted(os.path.basename(p) for p in glob.glob(str(folder / (".%s.tmp.*" % out_name))))
+
+
+def start(args, cwd, preexec_fn=None):
+    check_binary()
+    env = dict(os.environ, LC_ALL="C")
+    return subprocess.Popen([str(BIN)] + [str(a) for a in args], cwd=str(cwd), env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=preexec_fn)
+
+
+def interrupt(p, folder: Path, out_name: str, sig: int, delay: float) -> bool:
+    """Sends sig delay seconds after the temporary output appears; False when the merge had
+    already finished (too fast to interrupt)."""
+    t_end = time.monotonic() + 30
+    while p.poll() is None and not leftovers(folder, out_name) and time.monotonic() < t_end:
+        time.sleep(0.001)
+    time.sleep(delay)
+    if p.poll() is not None:
+        return False
+    p.send_signal(sig)
+    return True
+
+
+# ---- signals -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.2])
+@pytest.mark.parametrize("out_name", ["out.pt", "out.safetensors"])
+def test_signal_mid_merge_leaves_nothing_behind(big, tmp_path, sig, delay, out_name):
+    out = tmp_path / out_name
+    out.write_bytes(PRECIOUS)
+    for attempt in range(3):
+        p = start(["simple_average", "-q", "-o", out] + big.paths, tmp_path)
+        hit = interrupt(p, tmp_path, out_name, sig, delay / (attempt + 1))
+        _, err = p.communicate(timeout=60)
+        if hit:
+            break
+        assert p.returncode == 0, err.decode()
+        out.write_bytes(PRECIOUS)  # finished first: try again, sooner
+    else:
+        pytest.skip("the merge always finished within %.2fs: too fast to interrupt" % delay)
+    rc = p.returncode
+    assert rc == -sig or rc not in (0, None), "exit status %s after %s" % (rc, sig.name)
+    assert leftovers(tmp_path, out_name) == [], "temporary output left behind"
+    assert out.read_bytes() == PRECIOUS, "the existing output was changed"
+    assert sorted(os.listdir(tmp_path)) == [out_name]
+
+
+def test_signal_before_any_output_exists(big, tmp_path):
+    """No OUT yet: after the signal there is still none, and no temporary file."""
+    p = start(["simple_average", "-q", "-o", tmp_path / "fresh.pt"] + big.paths, tmp_path)
+    if not interrupt(p, tmp_path, "fresh.pt", signal.SIGINT, 0.02):
+        pytest.skip("the merge finished before the signal")
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGINT
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.xfail(reason="a folder output's temporary folder (.OUT.tmp.XXXXXX from mkdtemp) is not "
+                          "registered for removal by the signal handler (csrc/merge/merge_files.c)",
+                   strict=False)
+def test_signal_during_folder_output_leaves_nothing_behind(big, tmp_path):
+    out = tmp_path / "soup"
+    p = start(["simple_average", "-q", "-o", str(out) + "/"] + big.paths, tmp_path)
+    t_end = time.monotonic() + 30
+    while p.poll() is None and not glob.glob(str(tmp_path / ".soup.tmp.*")) and time.monotonic() < t_end:
+        time.sleep(0.001)
+    time.sleep(0.02)
+    if p.poll() is not None:
+        pytest.skip("the merge finished before the signal")
+    p.send_signal(signal.SIGINT)
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGINT
+    assert os.listdir(tmp_path) == [], "left behind: %s" % os.listdir(tmp_path)
+
+
+@pytest.mark.xfail(reason="an input truncated by another process while mapped raises SIGBUS, which "
+                          "the CLI does not handle: the temporary output stays (csrc/cli/main.c should "
+                          "route SIGBUS to its on_signal handler like SIGINT)", strict=False)
+def test_input_truncated_during_the_merge_leaves_nothing_behind(big, tmp_path):
+    """Another process shrinks an input while it is being read (mapped)."""
+    victim = tmp_path / "victim.pt"
+    shutil.copyfile(big.paths[0], victim)
+    work = tmp_path / "work"
+    work.mkdir()
+    p = start(["simple_average", "-q", "-o", work / "out.pt", victim] + big.paths[1:], work)
+    t_end = time.monotonic() + 30
+    while p.poll() is None and not leftovers(work, "out.pt") and time.monotonic() < t_end:
+        time.sleep(0.001)
+    os.truncate(victim, 4096)
+    p.communicate(timeout=60)
+    assert p.returncode != 0
+    assert os.listdir(work) == [], "left behind: %s" % os.listdir(work)
+
+
+# ---- a full disk ---------------------------------------------------------------------------
+
+def fsize_limit(nbytes, ignore_sigxfsz=True):
+    def pre():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+        if ignore_sigxfsz:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return pre
+
+
+def assert_clean_error(p, err: bytes, needle: str):
+    lines = [l for l in err.decode("utf-8", "replace").splitlines() if l.strip()]
+    assert p.returncode == 1, "exit %s\n%s" % (p.returncode, err.decode())
+    assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), err.decode()
+    assert needle in lines[0], "%r not in %r" % (needle, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("out_name", ["out.pt", "out.safetensors"])
+@pytest.mark.parametrize("limit", [0, 4096, 1 << 20, 40 << 20])
+def test_file_size_limit_is_a_clean_error(big, tmp_path, out_name, limit):
+    out = tmp_path / out_name
+    out.write_bytes(PRECIOUS[:min(len(PRECIOUS), limit)] if limit else b"")
+    before = out.read_bytes()
+    p = start(["simple_average", "-q", "-o", out] + big.paths, tmp_path, preexec_fn=fsize_limit(limit))
+    _, err = p.communicate(timeout=120)
+    line = assert_clean_error(p, err, out_name)
+    assert "too large" in line.lower() or "space" in line.lower() or "write" in line.lower(), line
+    assert leftovers(tmp_path, out_name) == []
+    assert out.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == [out_name]
+
+
+@pytest.mark.xfail(reason="the CLI does not handle SIGXFSZ: the default action kills it and the "
+                          "temporary output stays (csrc/cli/main.c should ignore SIGXFSZ so that "
+                          "write() fails with EFBIG and the normal error path cleans up)",
+                   strict=False)
+def test_file_size_limit_without_ignoring_sigxfsz(big, tmp_path):
+    """The shell's `ulimit -f` as users meet it: SIGXFSZ has its default action."""
+    out = tmp_path / "out.pt"
+    out.write_bytes(PRECIOUS)
+    p = start(["simple_average", "-q", "-o", out] + big.paths, tmp_path,
+              preexec_fn=fsize_limit(1 << 20, ignore_sigxfsz=False))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0
+    assert leftovers(tmp_path, "out.pt") == [], "temporary output left behind"
+    assert out.read_bytes() == PRECIOUS
+    assert_clean_error(p, err, "out.pt")
+
+
+def test_file_size_limit_with_torchscript_output(tmp_path):
+    """TorchScript output is written by LibTorch: a failed write is still one clean error."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(2):
+        torch.manual_seed(k)
+        torch.jit.save(torch.jit.script(torch.nn.Linear(64, 64)), str(src / ("m%d.pt" % k)))
+    work = tmp_path / "work"
+    work.mkdir()
+    p = start(["simple_average", "-q", "-o", work / "soup.pt", src / "m0.pt", src / "m1.pt"], work,
+              preexec_fn=fsize_limit(2048))
+    _, err = p.communicate(timeout=300)
+    assert_clean_error(p, err, "soup.pt")
+    assert os.listdir(work) == []
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    d = tmp_path / "tmpfs"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (%s): the RLIMIT_FSIZE tests cover a full disk"
+                    % r.stdout.decode().strip())
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=False)
+
+
+@pytest.mark.parametrize("out_name", ["out.pt", "out.safetensors"])
+def test_full_tmpfs_is_a_clean_error(big, tiny_tmpfs, out_name):
+    out = tiny_tmpfs / out_name
+    out.write_bytes(PRECIOUS)
+    p = start(["simple_average", "-q", "-o", out] + big.paths, tiny_tmpfs)
+    _, err = p.communicate(timeout=120)
+    line = assert_clean_error(p, err, out_name)
+    assert "space" in line.lower(), line
+    assert leftovers(tiny_tmpfs, out_name) == []
+    assert out.read_bytes() == PRECIOUS
+    assert sorted(os.listdir(tiny_tmpfs)) == [out_name]
+
+
+# ---- the inputs ----------------------------------------------------------------------------
+
+def test_inputs_never_modified(big):
+    """Runs after the tests above: every failed merge left its inputs as they were."""
+    for p, h in big.hashes.items():
+        assert sha256(p) == h, "%s was modified" % p.name
