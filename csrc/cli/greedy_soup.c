@@ -135,6 +135,8 @@ int tm_cli_greedy_soup(int argc, char **argv) {
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
     signal(SIGHUP, on_signal);
+    signal(SIGBUS, on_signal); /* an input truncated while mapped */
+    signal(SIGXFSZ, SIG_IGN); /* over the file size limit: write() fails with EFBIG instead */
     tm_greedy_report report;
     char **inputs = argv + optind;
     if (tm_greedy_soup((const char *const *)inputs, (size_t)(argc - optind), output, eval, &o, &report) != TM_OK) {

@@ -241,6 +241,8 @@ static int cmd_merge(int argc, char **argv, int weighted) {
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
     signal(SIGHUP, on_signal);
+    signal(SIGBUS, on_signal); /* an input truncated while mapped */
+    signal(SIGXFSZ, SIG_IGN); /* over the file size limit: write() fails with EFBIG instead */
     tm_status st = tm_merge_files((const char *const *)(argv + optind), (size_t)n, output, &o);
     free(weights);
     if (st != TM_OK) {

@@ -182,6 +182,8 @@ int tm_cli_run(int argc, char **argv) {
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
     signal(SIGHUP, on_signal);
+    signal(SIGBUS, on_signal); /* an input truncated while mapped */
+    signal(SIGXFSZ, SIG_IGN); /* over the file size limit: write() fails with EFBIG instead */
     tm_status st = tm_merge_recipe(text ? text : recipe, text == NULL, (const char *const *)overrides, n, &base);
     free(text);
     free(overrides);

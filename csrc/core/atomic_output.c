@@ -62,9 +62,13 @@ tm_status tm_atomic_output_open(const char *target, tm_atomic_output *out, tm_er
         tm_atomic_output_abort(out);
         return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
     }
+    /* Registered before it exists (mkostemp fills the name in place), so a signal arriving
+     * right after the file is created still finds it. */
+    live_add(out->temp);
     out->fd = mkostemp(out->temp, O_CLOEXEC);
     if (out->fd < 0) {
         int e = errno;
+        live_remove(out->temp);
         free(out->temp);
         out->temp = NULL;
         tm_atomic_output_abort(out);
@@ -75,7 +79,6 @@ tm_status tm_atomic_output_open(const char *target, tm_atomic_output *out, tm_er
     mode_t mask = umask(0);
     umask(mask);
     fchmod(out->fd, 0666 & ~mask);
-    live_add(out->temp);
     return TM_OK;
 }
 
