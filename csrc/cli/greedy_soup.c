@@ -12,10 +12,9 @@
 #include <unistd.h>
 
 #include "torchmerge.h"
+#include "cli/cli_common.h"
 
-enum { EXIT_FAILED = 1, EXIT_USAGE = 2 };
 
-static int quiet;
 
 static void greedy_usage(FILE *f) {
     fprintf(f,
@@ -41,35 +40,9 @@ static void greedy_usage(FILE *f) {
             "Candidates are written to temporary files beside OUT and removed afterwards.\n");
 }
 
-static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int usage_error(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("torchmerge: error: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputs(" (see torchmerge greedy_soup --help)\n", stderr);
-    va_end(ap);
-    return EXIT_USAGE;
-}
 
-static void on_warning(void *user, const char *msg) {
-    (void)user;
-    if (!quiet) fprintf(stderr, "torchmerge: warning: %s\n", msg);
-}
 
-static void on_progress(void *user, size_t done, size_t total) {
-    (void)user;
-    int width = 30, filled = total ? (int)(width * done / total) : width;
-    fprintf(stderr, "\r[%.*s%*s] %zu/%zu tensors", filled, "##############################", width - filled, "",
-            done, total);
-    if (done == total) fputc('\n', stderr);
-}
 
-static void on_signal(int sig) {
-    tm_remove_temporary_outputs();
-    signal(sig, SIG_DFL);
-    raise(sig);
-}
 
 static void print_report(const tm_greedy_report *r, char **inputs, const char *eval, const char *output) {
     printf("greedy soup, scored by %s (higher is better)\n", eval);
@@ -99,7 +72,7 @@ int tm_cli_greedy_soup(int argc, char **argv) {
     while ((c = getopt_long(argc, argv, ":o:qh", longopts, NULL)) != -1) {
         switch (c) {
         case 'o': output = optarg; break;
-        case 'q': quiet = 1; break;
+        case 'q': tm_cli_quiet = 1; break;
         case 'h': greedy_usage(stdout); return 0;
         case OPT_EVAL: eval = optarg; break;
         case OPT_TEMPLATE: o.template_path = optarg; break;
@@ -107,47 +80,42 @@ int tm_cli_greedy_soup(int argc, char **argv) {
             if (strcmp(optarg, "pt") == 0) o.format = TM_FORMAT_PT;
             else if (strcmp(optarg, "torchscript") == 0) o.format = TM_FORMAT_TORCHSCRIPT;
             else if (strcmp(optarg, "safetensors") == 0) o.format = TM_FORMAT_SAFETENSORS;
-            else return usage_error("--format: expected pt, torchscript or safetensors, got '%s'", optarg);
+            else return tm_cli_usage_error("torchmerge greedy_soup --help", "--format: expected pt, torchscript or safetensors, got '%s'", optarg);
             break;
         case OPT_DTYPE:
             if (tm_dtype_from_name(optarg, &o.dtype) != TM_OK || !tm_dtype_is_floating(o.dtype) ||
                 o.dtype == TM_COMPLEX64 || o.dtype == TM_COMPLEX128)
-                return usage_error("--dtype: expected float32, float16, bfloat16 or float64, got '%s'", optarg);
+                return tm_cli_usage_error("torchmerge greedy_soup --help", "--dtype: expected float32, float16, bfloat16 or float64, got '%s'", optarg);
             o.has_dtype = 1;
             break;
         case OPT_KEYS:
             if (strcmp(optarg, "strict") == 0) o.keys = TM_KEYS_STRICT;
             else if (strcmp(optarg, "intersection") == 0) o.keys = TM_KEYS_INTERSECTION;
             else if (strcmp(optarg, "union") == 0) o.keys = TM_KEYS_UNION;
-            else return usage_error("--keys: expected strict, intersection or union, got '%s'", optarg);
+            else return tm_cli_usage_error("torchmerge greedy_soup --help", "--keys: expected strict, intersection or union, got '%s'", optarg);
             break;
         case OPT_KEY: o.key = optarg; break;
-        case ':': return usage_error("option '%s' needs a value", argv[optind - 1]);
-        default: return usage_error("unknown option '%s'", argv[optind - 1]);
+        case ':': return tm_cli_usage_error("torchmerge greedy_soup --help", "option '%s' needs a value", argv[optind - 1]);
+        default: return tm_cli_usage_error("torchmerge greedy_soup --help", "unknown option '%s'", argv[optind - 1]);
         }
     }
-    if (!eval) return usage_error("greedy_soup needs --eval EVAL.pt");
-    if (!output) return usage_error("missing -o OUT");
-    if (optind >= argc) return usage_error("no input files");
-    o.warning = on_warning;
-    if (!quiet && isatty(STDERR_FILENO)) o.progress = on_progress;
+    if (!eval) return tm_cli_usage_error("torchmerge greedy_soup --help", "greedy_soup needs --eval EVAL.pt");
+    if (!output) return tm_cli_usage_error("torchmerge greedy_soup --help", "missing -o OUT");
+    if (optind >= argc) return tm_cli_usage_error("torchmerge greedy_soup --help", "no input files");
+    tm_cli_set_callbacks(&o);
 
-    signal(SIGINT, on_signal);
-    signal(SIGTERM, on_signal);
-    signal(SIGHUP, on_signal);
-    signal(SIGBUS, on_signal); /* an input truncated while mapped */
-    signal(SIGXFSZ, SIG_IGN); /* over the file size limit: write() fails with EFBIG instead */
+    tm_cli_install_signal_handlers();
     tm_greedy_report report;
     char **inputs = argv + optind;
     if (tm_greedy_soup((const char *const *)inputs, (size_t)(argc - optind), output, eval, &o, &report) != TM_OK) {
         fprintf(stderr, "torchmerge: error: %s\n", tm_errmsg());
-        return EXIT_FAILED;
+        return TM_EXIT_FAILED;
     }
     print_report(&report, inputs, eval, output);
     tm_greedy_report_free(&report);
     if (fflush(stdout) != 0) {
         fputs("torchmerge: error: cannot write the report\n", stderr);
-        return EXIT_FAILED;
+        return TM_EXIT_FAILED;
     }
     return 0;
 }

@@ -11,13 +11,12 @@
 #include <unistd.h>
 
 #include "torchmerge.h"
+#include "cli/cli_common.h"
 #include "cli/inspect.h"
 #include "cli/run_recipe.h"
 #include "cli/greedy_soup.h"
 
-enum { EXIT_FAILED = 1, EXIT_USAGE = 2 };
 
-static int quiet;
 
 static void usage(FILE *f) {
     fprintf(f,
@@ -61,43 +60,10 @@ static void usage(FILE *f) {
             "(e.g. num_batches_tracked) are taken from the first input.\n");
 }
 
-static void error(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("torchmerge: error: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-}
 
-static int usage_error(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("torchmerge: error: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputs(" (see torchmerge --help)\n", stderr);
-    va_end(ap);
-    return EXIT_USAGE;
-}
 
-static void on_warning(void *user, const char *msg) {
-    (void)user;
-    if (!quiet) fprintf(stderr, "torchmerge: warning: %s\n", msg);
-}
 
-static void on_progress(void *user, size_t done, size_t total) {
-    (void)user;
-    int width = 30, filled = total ? (int)(width * done / total) : width;
-    fprintf(stderr, "\r[%.*s%*s] %zu/%zu tensors", filled, "##############################",
-            width - filled, "", done, total);
-    if (done == total) fputc('\n', stderr);
-}
 
-static void on_signal(int sig) {
-    tm_remove_temporary_outputs();
-    signal(sig, SIG_DFL);
-    raise(sig);
-}
 
 static int parse_weights(const char *s, double **out, size_t *n) {
     size_t cap = 8, count = 0;
@@ -148,15 +114,6 @@ static int parse_size(const char *s, uint64_t *out) {
     return -1;
 }
 
-static void print_profile(const tm_profile *p) {
-    fprintf(stderr, "%-8s %8s %12s %12s\n", "action", "calls", "mean (s)", "total (s)");
-    const char *names[3] = {"load", "merge", "save"};
-    double totals[3] = {p->load_seconds, p->merge_seconds, p->save_seconds};
-    uint64_t calls[3] = {p->load_calls, p->merge_calls, p->save_calls};
-    for (int i = 0; i < 3; i++)
-        fprintf(stderr, "%-8s %8llu %12.6f %12.6f\n", names[i], (unsigned long long)calls[i],
-                calls[i] ? totals[i] / (double)calls[i] : 0.0, totals[i]);
-}
 
 static int cmd_merge(int argc, char **argv, int weighted) {
     enum { OPT_WEIGHTS = 256, OPT_NO_NORMALIZE, OPT_FORMAT, OPT_TEMPLATE, OPT_DTYPE, OPT_KEYS,
@@ -180,13 +137,13 @@ static int cmd_merge(int argc, char **argv, int weighted) {
     while ((c = getopt_long(argc, argv, "o:qh", longopts, NULL)) != -1) {
         switch (c) {
         case 'o': output = optarg; break;
-        case 'q': quiet = 1; break;
+        case 'q': tm_cli_quiet = 1; break;
         case 'h': usage(stdout); free(weights); return 0;
         case OPT_WEIGHTS:
             free(weights);
             weights = NULL;
             if (parse_weights(optarg, &weights, &n_weights))
-                return usage_error("--weights: expected numbers separated by commas, got '%s'", optarg);
+                return tm_cli_usage_error("torchmerge --help", "--weights: expected numbers separated by commas, got '%s'", optarg);
             break;
         case OPT_NO_NORMALIZE: o.normalize = 0; break;
         case OPT_FORMAT:
@@ -195,13 +152,13 @@ static int cmd_merge(int argc, char **argv, int weighted) {
             else if (strcmp(optarg, "safetensors") == 0) o.format = TM_FORMAT_SAFETENSORS;
             else {
                 free(weights);
-                return usage_error("--format: expected pt, torchscript or safetensors, got '%s'", optarg);
+                return tm_cli_usage_error("torchmerge --help", "--format: expected pt, torchscript or safetensors, got '%s'", optarg);
             }
             break;
         case OPT_MAX_SHARD:
             if (parse_size(optarg, &o.max_shard_size)) {
                 free(weights);
-                return usage_error("--max-shard-size: expected a size like 500MB or 2GiB, got '%s'", optarg);
+                return tm_cli_usage_error("torchmerge --help", "--max-shard-size: expected a size like 500MB or 2GiB, got '%s'", optarg);
             }
             break;
         case OPT_TEMPLATE: o.template_path = optarg; break;
@@ -209,7 +166,7 @@ static int cmd_merge(int argc, char **argv, int weighted) {
             if (tm_dtype_from_name(optarg, &o.dtype) != TM_OK || !tm_dtype_is_floating(o.dtype) ||
                 o.dtype == TM_COMPLEX64 || o.dtype == TM_COMPLEX128) {
                 free(weights);
-                return usage_error("--dtype: expected float32, float16, bfloat16 or float64, got '%s'", optarg);
+                return tm_cli_usage_error("torchmerge --help", "--dtype: expected float32, float16, bfloat16 or float64, got '%s'", optarg);
             }
             o.has_dtype = 1;
             break;
@@ -217,39 +174,34 @@ static int cmd_merge(int argc, char **argv, int weighted) {
             if (strcmp(optarg, "strict") == 0) o.keys = TM_KEYS_STRICT;
             else if (strcmp(optarg, "intersection") == 0) o.keys = TM_KEYS_INTERSECTION;
             else if (strcmp(optarg, "union") == 0) o.keys = TM_KEYS_UNION;
-            else { free(weights); return usage_error("--keys: expected strict, intersection or union, got '%s'", optarg); }
+            else { free(weights); return tm_cli_usage_error("torchmerge --help", "--keys: expected strict, intersection or union, got '%s'", optarg); }
             break;
         case OPT_KEY: o.key = optarg; break;
         case OPT_PROFILE: profile = 1; break;
-        default: free(weights); return usage_error("invalid option");
+        default: free(weights); return tm_cli_usage_error("torchmerge --help", "invalid option");
         }
     }
     int n = argc - optind;
-    if (!output) { free(weights); return usage_error("missing -o OUT"); }
-    if (n < 1) { free(weights); return usage_error("no input files"); }
-    if (weighted && !weights) return usage_error("weighted_average needs --weights");
+    if (!output) { free(weights); return tm_cli_usage_error("torchmerge --help", "missing -o OUT"); }
+    if (n < 1) { free(weights); return tm_cli_usage_error("torchmerge --help", "no input files"); }
+    if (weighted && !weights) return tm_cli_usage_error("torchmerge --help", "weighted_average needs --weights");
     if (!weighted && weights) {
         free(weights);
-        return usage_error("simple_average takes no --weights (use weighted_average)");
+        return tm_cli_usage_error("torchmerge --help", "simple_average takes no --weights (use weighted_average)");
     }
     o.weights = weights;
     o.n_weights = n_weights;
-    o.warning = on_warning;
-    if (!quiet && isatty(STDERR_FILENO)) o.progress = on_progress;
+    tm_cli_set_callbacks(&o);
     if (profile) o.profile = &prof;
 
-    signal(SIGINT, on_signal);
-    signal(SIGTERM, on_signal);
-    signal(SIGHUP, on_signal);
-    signal(SIGBUS, on_signal); /* an input truncated while mapped */
-    signal(SIGXFSZ, SIG_IGN); /* over the file size limit: write() fails with EFBIG instead */
+    tm_cli_install_signal_handlers();
     tm_status st = tm_merge_files((const char *const *)(argv + optind), (size_t)n, output, &o);
     free(weights);
     if (st != TM_OK) {
-        error("%s", tm_errmsg());
-        return EXIT_FAILED;
+        tm_cli_error("%s", tm_errmsg());
+        return TM_EXIT_FAILED;
     }
-    if (profile) print_profile(&prof);
+    if (profile) tm_cli_print_profile(&prof);
     return 0;
 }
 
@@ -266,20 +218,20 @@ static int cmd_inspect(int argc, char **argv) {
         case 'j': json = 1; break;
         case 'k': oo.key = optarg; break;
         case 'h': usage(stdout); return 0;
-        default: return usage_error("invalid option");
+        default: return tm_cli_usage_error("torchmerge --help", "invalid option");
         }
     }
-    if (argc - optind != 1) return usage_error("inspect takes exactly one FILE");
+    if (argc - optind != 1) return tm_cli_usage_error("torchmerge --help", "inspect takes exactly one FILE");
     tm_checkpoint *ck = NULL;
     if (tm_checkpoint_open(argv[optind], &oo, &ck) != TM_OK) {
-        error("%s", tm_errmsg());
-        return EXIT_FAILED;
+        tm_cli_error("%s", tm_errmsg());
+        return TM_EXIT_FAILED;
     }
     int rc = json ? tm_cli_inspect_json(ck, stdout) : tm_cli_inspect_text(ck, stdout);
     tm_checkpoint_close(ck);
     if (rc) {
-        error("%s: cannot write the listing", argv[optind]);
-        return EXIT_FAILED;
+        tm_cli_error("%s: cannot write the listing", argv[optind]);
+        return TM_EXIT_FAILED;
     }
     return 0;
 }
@@ -287,7 +239,7 @@ static int cmd_inspect(int argc, char **argv) {
 int main(int argc, char **argv) {
     if (argc < 2) {
         usage(stderr);
-        return EXIT_USAGE;
+        return TM_EXIT_USAGE;
     }
     const char *cmd = argv[1];
     if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
@@ -305,5 +257,5 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "inspect") == 0) return cmd_inspect(argc - 1, argv + 1);
     if (strcmp(cmd, "run") == 0) return tm_cli_run(argc - 1, argv + 1);
     if (strcmp(cmd, "greedy_soup") == 0) return tm_cli_greedy_soup(argc - 1, argv + 1);
-    return usage_error("unknown command '%s'", cmd);
+    return tm_cli_usage_error("torchmerge --help", "unknown command '%s'", cmd);
 }

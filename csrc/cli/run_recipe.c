@@ -12,10 +12,9 @@
 #include <unistd.h>
 
 #include "torchmerge.h"
+#include "cli/cli_common.h"
 
-enum { EXIT_FAILED = 1, EXIT_USAGE = 2 };
 
-static int quiet;
 
 static void run_usage(FILE *f) {
     fprintf(f,
@@ -38,45 +37,10 @@ static void run_usage(FILE *f) {
             "the recipe's line and column; nothing is written unless the whole recipe is valid.\n");
 }
 
-static int run_usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int run_usage_error(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("torchmerge: error: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputs(" (see torchmerge run --help)\n", stderr);
-    va_end(ap);
-    return EXIT_USAGE;
-}
 
-static void on_warning(void *user, const char *msg) {
-    (void)user;
-    if (!quiet) fprintf(stderr, "torchmerge: warning: %s\n", msg);
-}
 
-static void on_progress(void *user, size_t done, size_t total) {
-    (void)user;
-    int width = 30, filled = total ? (int)(width * done / total) : width;
-    fprintf(stderr, "\r[%.*s%*s] %zu/%zu tensors", filled, "##############################", width - filled, "",
-            done, total);
-    if (done == total) fputc('\n', stderr);
-}
 
-static void on_signal(int sig) {
-    tm_remove_temporary_outputs();
-    signal(sig, SIG_DFL);
-    raise(sig);
-}
 
-static void print_profile(const tm_profile *p) {
-    fprintf(stderr, "%-8s %8s %12s %12s\n", "action", "calls", "mean (s)", "total (s)");
-    const char *names[3] = {"load", "merge", "save"};
-    double totals[3] = {p->load_seconds, p->merge_seconds, p->save_seconds};
-    uint64_t calls[3] = {p->load_calls, p->merge_calls, p->save_calls};
-    for (int i = 0; i < 3; i++)
-        fprintf(stderr, "%-8s %8llu %12.6f %12.6f\n", names[i], (unsigned long long)calls[i],
-                calls[i] ? totals[i] / (double)calls[i] : 0.0, totals[i]);
-}
 
 /* output="OUT" as a YAML double-quoted string, so any path survives being parsed as YAML. */
 static char *output_override(const char *path) {
@@ -128,19 +92,19 @@ int tm_cli_run(int argc, char **argv) {
         switch (c) {
         case 'o': output = optarg; break;
         case 'p': profile = 1; break;
-        case 'q': quiet = 1; break;
+        case 'q': tm_cli_quiet = 1; break;
         case 'h': run_usage(stdout); return 0;
-        case ':': return run_usage_error("option '%s' needs a value", argv[optind - 1]);
-        default: return run_usage_error("unknown option '%s'", argv[optind - 1]);
+        case ':': return tm_cli_usage_error("torchmerge run --help", "option '%s' needs a value", argv[optind - 1]);
+        default: return tm_cli_usage_error("torchmerge run --help", "unknown option '%s'", argv[optind - 1]);
         }
     }
-    if (optind >= argc) return run_usage_error("run needs a RECIPE.yaml");
+    if (optind >= argc) return tm_cli_usage_error("torchmerge run --help", "run needs a RECIPE.yaml");
     const char *recipe = argv[optind];
     size_t n = (size_t)(argc - optind - 1);
     char **overrides = calloc(n + 2, sizeof *overrides);
     if (!overrides) {
         fputs("torchmerge: error: out of memory\n", stderr);
-        return EXIT_FAILED;
+        return TM_EXIT_FAILED;
     }
     for (size_t i = 0; i < n; i++) {
         char *a = argv[optind + 1 + (int)i];
@@ -148,7 +112,7 @@ int tm_cli_run(int argc, char **argv) {
         const char *eq = strchr(key, '=');
         if ((a[0] != '~' && !eq) || (eq ? eq == key : !*key)) {
             free(overrides);
-            return run_usage_error("expected KEY=VALUE, got '%s'", a);
+            return tm_cli_usage_error("torchmerge run --help", "expected KEY=VALUE, got '%s'", a);
         }
         overrides[i] = a;
     }
@@ -156,12 +120,12 @@ int tm_cli_run(int argc, char **argv) {
     if (output) {
         if (!*output) {
             free(overrides);
-            return run_usage_error("-o: the output path is empty");
+            return tm_cli_usage_error("torchmerge run --help", "-o: the output path is empty");
         }
         if (!(out_override = output_override(output))) {
             free(overrides);
             fputs("torchmerge: error: out of memory\n", stderr);
-            return EXIT_FAILED;
+            return TM_EXIT_FAILED;
         }
         overrides[n++] = out_override;
     }
@@ -170,28 +134,23 @@ int tm_cli_run(int argc, char **argv) {
         free(overrides);
         free(out_override);
         fputs("torchmerge: error: cannot read the recipe from standard input\n", stderr);
-        return EXIT_FAILED;
+        return TM_EXIT_FAILED;
     }
 
     tm_merge_options base;
     tm_merge_options_init(&base);
     tm_profile prof;
-    base.warning = on_warning;
-    if (!quiet && isatty(STDERR_FILENO)) base.progress = on_progress;
+    tm_cli_set_callbacks(&base);
     if (profile) base.profile = &prof;
-    signal(SIGINT, on_signal);
-    signal(SIGTERM, on_signal);
-    signal(SIGHUP, on_signal);
-    signal(SIGBUS, on_signal); /* an input truncated while mapped */
-    signal(SIGXFSZ, SIG_IGN); /* over the file size limit: write() fails with EFBIG instead */
+    tm_cli_install_signal_handlers();
     tm_status st = tm_merge_recipe(text ? text : recipe, text == NULL, (const char *const *)overrides, n, &base);
     free(text);
     free(overrides);
     free(out_override);
     if (st != TM_OK) {
         fprintf(stderr, "torchmerge: error: %s\n", tm_errmsg());
-        return EXIT_FAILED;
+        return TM_EXIT_FAILED;
     }
-    if (profile) print_profile(&prof);
+    if (profile) tm_cli_print_profile(&prof);
     return 0;
 }

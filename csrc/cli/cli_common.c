@@ -1,0 +1,70 @@
+#define _GNU_SOURCE
+#include "cli/cli_common.h"
+
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <unistd.h>
+
+int tm_cli_quiet;
+
+void tm_cli_error(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("torchmerge: error: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+int tm_cli_usage_error(const char *help, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("torchmerge: error: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, " (see %s)\n", help);
+    va_end(ap);
+    return TM_EXIT_USAGE;
+}
+
+static void on_warning(void *user, const char *msg) {
+    (void)user;
+    if (!tm_cli_quiet) fprintf(stderr, "torchmerge: warning: %s\n", msg);
+}
+
+static void on_progress(void *user, size_t done, size_t total) {
+    (void)user;
+    int width = 30, filled = total ? (int)(width * done / total) : width;
+    fprintf(stderr, "\r[%.*s%*s] %zu/%zu tensors", filled, "##############################",
+            width - filled, "", done, total);
+    if (done == total) fputc('\n', stderr);
+}
+
+void tm_cli_set_callbacks(tm_merge_options *o) {
+    o->warning = on_warning;
+    if (!tm_cli_quiet && isatty(STDERR_FILENO)) o->progress = on_progress;
+}
+
+static void on_signal(int sig) {
+    tm_remove_temporary_outputs();
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+void tm_cli_install_signal_handlers(void) {
+    signal(SIGINT, on_signal);
+    signal(SIGTERM, on_signal);
+    signal(SIGHUP, on_signal);
+    signal(SIGBUS, on_signal); /* an input truncated while mapped */
+    signal(SIGXFSZ, SIG_IGN);
+}
+
+void tm_cli_print_profile(const tm_profile *p) {
+    fprintf(stderr, "%-8s %8s %12s %12s\n", "action", "calls", "mean (s)", "total (s)");
+    const char *names[3] = {"load", "merge", "save"};
+    double totals[3] = {p->load_seconds, p->merge_seconds, p->save_seconds};
+    uint64_t calls[3] = {p->load_calls, p->merge_calls, p->save_calls};
+    for (int i = 0; i < 3; i++)
+        fprintf(stderr, "%-8s %8llu %12.6f %12.6f\n", names[i], (unsigned long long)calls[i],
+                calls[i] ? totals[i] / (double)calls[i] : 0.0, totals[i]);
+}
