@@ -18,44 +18,22 @@
 
 #include "formats/pickle.h"
 #include "formats/pickle_writer.h"
+#include "test_support.hpp"
 
-#ifndef TM_TEST_PYTHON
-#define TM_TEST_PYTHON "/usr/bin/python3"
-#endif
 
 namespace {
 
-using Bytes = std::vector<uint8_t>;
+using tm_test::Bytes;
 
 // ---- Files and Python ---------------------------------------------------------------------
 
-struct TempDir {
-    std::string path;
-    TempDir() {
-        char tmpl[] = "/tmp/tm_test_pickle_XXXXXX";
-        const char *p = mkdtemp(tmpl);
-        if (!p) std::abort();
-        path = p;
-    }
-    ~TempDir() { std::system(("rm -rf '" + path + "'").c_str()); }
-};
-
 const std::string &tmp() {
-    static TempDir d;
+    static tm_test::TempDir d("pickle");
     return d.path;
 }
 
-Bytes read_file(const std::string &path) {
-    std::ifstream f(path, std::ios::binary);
-    REQUIRE(f.good());
-    return Bytes(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-}
-
-void write_file(const std::string &path, const void *data, size_t n) {
-    std::ofstream f(path, std::ios::binary);
-    f.write(static_cast<const char *>(data), static_cast<std::streamsize>(n));
-    REQUIRE(f.good());
-}
+using tm_test::read_file;
+using tm_test::write_file;
 
 // Runs a Python script with argv[1] = the temp dir; returns its exit status, and fails the
 // test showing its output when it does not exit 0 (unless expect_fail).

@@ -21,39 +21,19 @@
 #include "formats/zip_reader.h"
 #include "formats/zip_writer.h"
 #include "formats/zip_writer_testing.h"
+#include "test_support.hpp"
 
 namespace {
 
-using Bytes = std::vector<uint8_t>;
+using tm_test::Bytes;
 
-#ifdef TM_TEST_PYTHON
 const char *kPython = TM_TEST_PYTHON;
-#else
-const char *kPython = "/usr/bin/python3";
-#endif
 
-struct TempFile {
-    std::string path;
-    explicit TempFile(const char *suffix = ".zip") {
-        const char *dir = std::getenv("TMPDIR");
-        std::string tmpl = std::string(dir && *dir ? dir : "/tmp") + "/tm_zip_XXXXXX" + suffix;
-        std::vector<char> buf(tmpl.begin(), tmpl.end());
-        buf.push_back('\0');
-        int fd = mkstemps(buf.data(), (int)std::strlen(suffix));
-        REQUIRE(fd >= 0);
-        close(fd);
-        path = buf.data();
-    }
-    ~TempFile() { std::remove(path.c_str()); }
-    TempFile(const TempFile &) = delete;
-    TempFile &operator=(const TempFile &) = delete;
+// Zip members are named *.zip only for the humans reading a failed test's paths.
+struct TempFile : tm_test::TempFile {
+    explicit TempFile(const char *suffix = ".zip") : tm_test::TempFile(suffix) {}
 };
-
-Bytes read_file(const std::string &path) {
-    std::ifstream f(path, std::ios::binary);
-    REQUIRE(f.good());
-    return Bytes(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-}
+using tm_test::read_file;
 
 int run_python(const std::string &script, const std::string &arg) {
     std::string cmd = std::string(kPython) + " -c \"" + script + "\" '" + arg + "' >/dev/null";

@@ -7,6 +7,8 @@
 #define _POSIX_C_SOURCE 200809L /* strdup */
 #include "formats/safetensors.h"
 
+#include "core/output_stream.h"
+
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <inttypes.h>
@@ -22,10 +24,6 @@ typedef unsigned long long ull;
 /* JSON numbers are doubles in cJSON: every integer below this converts exactly. */
 #define EXACT_INT_LIMIT 9007199254740992.0 /* 2^53 */
 #define MAX_EXACT_INT ((uint64_t)1 << 53)
-
-#define WRITE_BUFFER_SIZE ((size_t)4 << 20)
-/* Linux transfers at most about 2 GiB per write(); asking for more only returns short. */
-#define MAX_WRITE_CALL ((size_t)1 << 30)
 
 #define METADATA_KEY "__metadata__"
 
@@ -681,10 +679,8 @@ tm_status tm_safetensors_open(const uint8_t *data, size_t size, const char *labe
 /* ---- Writer ----------------------------------------------------------------------------- */
 
 struct tm_st_writer {
-    int fd;
+    tm_output_stream out;
     char *label;
-    uint8_t *buf;
-    size_t buf_len;
     uint64_t total, written;
     int failed, finished;
 };
@@ -749,44 +745,15 @@ static void sb_json_string(sbuf *b, const char *s) {
     sb_put(b, "\"", 1);
 }
 
-static tm_status raw_write(tm_st_writer *w, const uint8_t *p, size_t n, tm_error *err) {
-    while (n) {
-        ssize_t k = write(w->fd, p, n < MAX_WRITE_CALL ? n : MAX_WRITE_CALL);
-        if (k < 0 && errno == EINTR) continue;
-        if (k <= 0) {
-            w->failed = 1;
-            return tm_error_set(err, TM_ERROR_IO, "%s: write failed: %s", w->label,
-                                k < 0 ? strerror(errno) : "no progress");
-        }
-        p += k;
-        n -= (size_t)k;
-    }
-    return TM_OK;
-}
-
-static tm_status flush(tm_st_writer *w, tm_error *err) {
-    size_t n = w->buf_len;
-    w->buf_len = 0;
-    return n ? raw_write(w, w->buf, n, err) : TM_OK;
-}
-
-/* Large blocks go straight to the fd after a flush, saving a copy. */
 static tm_status put(tm_st_writer *w, const void *data, size_t n, tm_error *err) {
-    tm_status s;
-    if (n == 0) return TM_OK;
-    if (n >= WRITE_BUFFER_SIZE) {
-        if ((s = flush(w, err))) return s;
-        return raw_write(w, data, n, err);
-    }
-    if (WRITE_BUFFER_SIZE - w->buf_len < n && (s = flush(w, err))) return s;
-    memcpy(w->buf + w->buf_len, data, n);
-    w->buf_len += n;
-    return TM_OK;
+    tm_status s = n ? tm_output_stream_put(&w->out, data, n, err) : TM_OK;
+    if (s) w->failed = 1;
+    return s;
 }
 
 void tm_st_writer_free(tm_st_writer *w) {
     if (!w) return;
-    free(w->buf);
+    tm_output_stream_free(&w->out);
     free(w->label);
     free(w);
 }
@@ -957,12 +924,15 @@ tm_status tm_st_writer_open(int fd, const char *label, const tm_st_out_tensor *t
     wr64((uint8_t *)hb.p, hlen);
 
     tm_st_writer *w = calloc(1, sizeof *w);
-    if (!w || !(w->label = strdup(label)) || !(w->buf = malloc(WRITE_BUFFER_SIZE))) {
+    if (!w || !(w->label = strdup(label))) {
         tm_st_writer_free(w);
         s = tm_error_set(err, TM_ERROR_NOMEM, "%s: out of memory", label);
         goto done;
     }
-    w->fd = fd;
+    if ((s = tm_output_stream_init(&w->out, fd, w->label, err))) {
+        tm_st_writer_free(w);
+        goto done;
+    }
     w->total = total;
     if ((s = put(w, hb.p, hb.len, err))) {
         tm_st_writer_free(w);
@@ -1014,7 +984,8 @@ tm_status tm_st_writer_finish(tm_st_writer *w, tm_error *err) {
                             "written",
                             w->label, (ull)w->written, (ull)w->total);
     }
-    tm_status s = flush(w, err);
-    if (!s) w->finished = 1;
+    tm_status s = tm_output_stream_flush(&w->out, err);
+    if (s) w->failed = 1;
+    else w->finished = 1;
     return s;
 }

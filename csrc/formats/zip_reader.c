@@ -4,6 +4,8 @@
 #define _POSIX_C_SOURCE 200809L /* strdup */
 #include "formats/zip_reader.h"
 
+#include "core/crc32.h"
+
 #include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -409,16 +411,7 @@ static tm_status inflate_member(const tm_zip_reader *zr, const tm_zip_entry *e, 
     return st;
 }
 
-static uint32_t crc_of(const uint8_t *p, uint64_t n) {
-    uLong crc = crc32(0L, Z_NULL, 0);
-    while (n) {
-        uInt chunk = n > UINT_MAX ? UINT_MAX : (uInt)n;
-        crc = crc32(crc, p, chunk);
-        p += chunk;
-        n -= chunk;
-    }
-    return (uint32_t)crc;
-}
+static uint32_t crc_of(const uint8_t *p, uint64_t n) { return tm_crc32(0, p, (size_t)n); }
 
 tm_status tm_zip_reader_read(const tm_zip_reader *zr, const tm_zip_entry *e, uint64_t max_size,
                              const uint8_t **bytes, uint8_t **owned, tm_error *err) {

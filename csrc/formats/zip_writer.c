@@ -14,6 +14,8 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include "core/crc32.h"
+#include "core/output_stream.h"
 #include "formats/zip_writer_testing.h"
 
 #define SIG_LOCAL 0x04034b50u
@@ -38,9 +40,6 @@
 #define DOS_TIME 0u
 #define DOS_DATE ((1u << 5) | 1u)
 
-#define WRITE_BUFFER_SIZE ((size_t)4 << 20)
-/* Linux transfers at most about 2 GiB per write(); asking for more only returns short. */
-#define MAX_WRITE_CALL ((size_t)1 << 30)
 
 typedef unsigned long long ull;
 
@@ -51,10 +50,8 @@ typedef struct zw_entry {
 } zw_entry;
 
 struct tm_zip_writer {
-    int fd;
+    tm_output_stream out;
     char *label;
-    uint8_t *buf;
-    size_t buf_len;
     uint64_t pos; /* bytes emitted so far, buffered ones included: the next member's offset */
     zw_entry *entries;
     size_t count, cap;
@@ -83,39 +80,11 @@ static int count_needs64(const tm_zip_writer *zw, uint64_t n) {
     return n >= (zw->zip64_threshold < 0xFFFFu ? zw->zip64_threshold : 0xFFFFu);
 }
 
-static tm_status raw_write(tm_zip_writer *zw, const uint8_t *p, size_t n, tm_error *err) {
-    while (n) {
-        ssize_t w = write(zw->fd, p, n < MAX_WRITE_CALL ? n : MAX_WRITE_CALL);
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) {
-            zw->failed = 1;
-            return tm_error_set(err, TM_ERROR_IO, "%s: write failed: %s", zw->label,
-                                w < 0 ? strerror(errno) : "no progress");
-        }
-        p += w;
-        n -= (size_t)w;
-    }
-    return TM_OK;
-}
-
-static tm_status flush(tm_zip_writer *zw, tm_error *err) {
-    size_t n = zw->buf_len;
-    zw->buf_len = 0;
-    return n ? raw_write(zw, zw->buf, n, err) : TM_OK;
-}
-
-/* Large blocks (tensor data) go straight to the fd after a flush, saving a copy. */
 static tm_status put(tm_zip_writer *zw, const void *data, size_t n, tm_error *err) {
-    tm_status st = TM_OK;
-    if (n >= WRITE_BUFFER_SIZE) {
-        if ((st = flush(zw, err)) || (st = raw_write(zw, data, n, err))) return st;
-    } else {
-        if (WRITE_BUFFER_SIZE - zw->buf_len < n && (st = flush(zw, err))) return st;
-        memcpy(zw->buf + zw->buf_len, data, n);
-        zw->buf_len += n;
-    }
-    zw->pos += n;
-    return TM_OK;
+    tm_status st = tm_output_stream_put(&zw->out, data, n, err);
+    if (st) zw->failed = 1;
+    else zw->pos += n;
+    return st;
 }
 
 static tm_status check_usable(const tm_zip_writer *zw, tm_error *err) {
@@ -141,13 +110,16 @@ tm_status tm_zip_writer_open(int fd, const char *label, tm_zip_writer **out, tm_
                             (long long)at);
     tm_zip_writer *zw = calloc(1, sizeof *zw);
     if (!zw) return tm_error_set(err, TM_ERROR_NOMEM, "%s: zip: out of memory", label);
-    zw->fd = fd;
     zw->zip64_threshold = 0xFFFFFFFFu;
     zw->label = strdup(label);
-    zw->buf = malloc(WRITE_BUFFER_SIZE);
-    if (!zw->label || !zw->buf) {
+    if (!zw->label) {
         tm_zip_writer_free(zw);
         return tm_error_set(err, TM_ERROR_NOMEM, "%s: zip: out of memory", label);
+    }
+    tm_status st = tm_output_stream_init(&zw->out, fd, zw->label, err);
+    if (st) {
+        tm_zip_writer_free(zw);
+        return st;
     }
     *out = zw;
     return TM_OK;
@@ -157,7 +129,7 @@ void tm_zip_writer_free(tm_zip_writer *zw) {
     if (!zw) return;
     for (size_t i = 0; i < zw->count; i++) free(zw->entries[i].name);
     free(zw->entries);
-    free(zw->buf);
+    tm_output_stream_free(&zw->out);
     free(zw->label);
     free(zw);
 }
@@ -194,7 +166,7 @@ tm_status tm_zip_writer_begin(tm_zip_writer *zw, const char *name, uint64_t size
     zw->count++;
     zw->in_member = 1;
     zw->written = 0;
-    zw->crc = (uint32_t)crc32(0L, Z_NULL, 0);
+    zw->crc = 0;
 
     int zip64_sizes = needs64(zw, size);
     int zip64 = zip64_sizes || needs64(zw, e->offset);
@@ -252,14 +224,7 @@ static tm_status write_checked(tm_zip_writer *zw, const void *data, size_t len, 
     if (data_crc) {
         zw->crc = (uint32_t)crc32_combine(zw->crc, *data_crc, (z_off_t)len);
     } else {
-        const uint8_t *p = data;
-        uLong crc = zw->crc;
-        for (size_t left = len; left;) {
-            uInt chunk = left > UINT_MAX ? UINT_MAX : (uInt)left;
-            crc = crc32(crc, p + (len - left), chunk);
-            left -= chunk;
-        }
-        zw->crc = (uint32_t)crc;
+        zw->crc = tm_crc32(zw->crc, data, len);
     }
     if (len && (st = put(zw, data, len, err))) return st;
     zw->written += len;
@@ -423,7 +388,7 @@ tm_status tm_zip_writer_finish(tm_zip_writer *zw, tm_error *err) {
     wr32(e + 12, big_cd_size ? 0xFFFFFFFFu : (uint32_t)cd_size);
     wr32(e + 16, big_cd_offset ? 0xFFFFFFFFu : (uint32_t)cd_offset);
     wr16(e + 20, 0); /* comment */
-    if ((st = put(zw, e, sizeof e, err)) || (st = flush(zw, err))) return st;
+    if ((st = put(zw, e, sizeof e, err)) || (st = tm_output_stream_flush(&zw->out, err))) return st;
     zw->finished = 1;
     return TM_OK;
 }

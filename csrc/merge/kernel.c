@@ -139,7 +139,43 @@ static int is_contiguous(const tm_view *v) {
 
 /* ---- Accumulation ----------------------------------------------------------------------- */
 
-/* acc[j] (+)= w · x[j]; the loops over contiguous data are simple enough to vectorise. */
+/* The contiguous loops below are the whole cost of a merge. Built once per x86-64 level (AVX-512,
+ * AVX2, baseline) and picked at load time; kernel.c is compiled with -ffp-contract=off, so no
+ * clone fuses a·b+c into an FMA and every machine computes the same bits. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define TM_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TM_HOT
+#endif
+
+TM_HOT static void acc_f32(const float *restrict x, double w, size_t count, double *restrict acc, int first) {
+    if (first) for (size_t j = 0; j < count; j++) acc[j] = w * (double)x[j];
+    else for (size_t j = 0; j < count; j++) acc[j] += w * (double)x[j];
+}
+
+TM_HOT static void acc_f64(const double *restrict x, double w, size_t count, double *restrict acc, int first) {
+    if (first) for (size_t j = 0; j < count; j++) acc[j] = w * x[j];
+    else for (size_t j = 0; j < count; j++) acc[j] += w * x[j];
+}
+
+TM_HOT static void acc_bf16(const uint16_t *restrict x, double w, size_t count, double *restrict acc, int first) {
+    for (size_t j = 0; j < count; j++) {
+        uint32_t bits = (uint32_t)x[j] << 16;
+        float f;
+        memcpy(&f, &bits, 4);
+        acc[j] = first ? w * (double)f : acc[j] + w * (double)f;
+    }
+}
+
+TM_HOT static void store_f32(const double *restrict acc, size_t count, float *restrict o) {
+    for (size_t j = 0; j < count; j++) o[j] = (float)acc[j];
+}
+
+TM_HOT static void store_bf16(const double *restrict acc, size_t count, uint16_t *restrict o) {
+    for (size_t j = 0; j < count; j++) o[j] = tm_float_to_bfloat16((float)acc[j]);
+}
+
+/* acc[j] (+)= w · x[j] */
 static void accumulate_real(const tm_view *v, double w, uint64_t begin, size_t count, double *acc,
                             int first) {
     size_t item = tm_dtype_size(v->dtype);
@@ -147,28 +183,9 @@ static void accumulate_real(const tm_view *v, double w, uint64_t begin, size_t c
     /* Legacy files store tensors at odd offsets: typed loads need natural alignment. */
     if (is_contiguous(v) && (uintptr_t)p % item == 0) {
         switch (v->dtype) {
-        case TM_FLOAT32: {
-            const float *x = (const float *)(const void *)p;
-            if (first) for (size_t j = 0; j < count; j++) acc[j] = w * (double)x[j];
-            else for (size_t j = 0; j < count; j++) acc[j] += w * (double)x[j];
-            return;
-        }
-        case TM_FLOAT64: {
-            const double *x = (const double *)(const void *)p;
-            if (first) for (size_t j = 0; j < count; j++) acc[j] = w * x[j];
-            else for (size_t j = 0; j < count; j++) acc[j] += w * x[j];
-            return;
-        }
-        case TM_BFLOAT16: {
-            const uint16_t *x = (const uint16_t *)(const void *)p;
-            for (size_t j = 0; j < count; j++) {
-                uint32_t bits = (uint32_t)x[j] << 16;
-                float f;
-                memcpy(&f, &bits, 4);
-                acc[j] = first ? w * (double)f : acc[j] + w * (double)f;
-            }
-            return;
-        }
+        case TM_FLOAT32: acc_f32((const float *)(const void *)p, w, count, acc, first); return;
+        case TM_FLOAT64: acc_f64((const double *)(const void *)p, w, count, acc, first); return;
+        case TM_BFLOAT16: acc_bf16((const uint16_t *)(const void *)p, w, count, acc, first); return;
         case TM_FLOAT16: {
             const uint16_t *x = (const uint16_t *)(const void *)p;
             for (size_t j = 0; j < count; j++) {
@@ -212,6 +229,26 @@ static void accumulate_complex(const tm_view *v, double w, uint64_t begin, size_
     }
 }
 
+#define TILE_ELEMS 2048
+
+static void store_real_block(const double *acc, size_t count, tm_dtype out_dtype, uint8_t *o) {
+    switch (out_dtype) {
+    case TM_FLOAT32: store_f32(acc, count, (float *)(void *)o); break;
+    case TM_FLOAT64: memcpy(o, acc, count * 8); break;
+    case TM_BFLOAT16: store_bf16(acc, count, (uint16_t *)(void *)o); break;
+    case TM_FLOAT16:
+        for (size_t j = 0; j < count; j++) {
+            uint16_t h = tm_float_to_half((float)acc[j]);
+            memcpy(o + 2 * j, &h, 2);
+        }
+        break;
+    default: {
+        size_t item = tm_dtype_size(out_dtype);
+        for (size_t j = 0; j < count; j++) store_real(o + j * item, out_dtype, acc[j]);
+    }
+    }
+}
+
 void tm_kernel_weighted_sum(const tm_view *in, const double *w, size_t n, uint64_t begin,
                             size_t count, tm_dtype out_dtype, void *out, double *scratch) {
     if (count == 0) return;
@@ -228,29 +265,12 @@ void tm_kernel_weighted_sum(const tm_view *in, const double *w, size_t n, uint64
         }
         return;
     }
-    for (size_t i = 0; i < n; i++) accumulate_real(&in[i], w[i], begin, count, scratch, i == 0);
-    switch (out_dtype) {
-    case TM_FLOAT32: {
-        float *o = out;
-        for (size_t j = 0; j < count; j++) o[j] = (float)scratch[j];
-        break;
-    }
-    case TM_FLOAT64: memcpy(out, scratch, count * 8); break;
-    case TM_BFLOAT16: {
-        uint16_t *o = out;
-        for (size_t j = 0; j < count; j++) o[j] = tm_float_to_bfloat16((float)scratch[j]);
-        break;
-    }
-    case TM_FLOAT16: {
-        uint16_t *o = out;
-        for (size_t j = 0; j < count; j++) o[j] = tm_float_to_half((float)scratch[j]);
-        break;
-    }
-    default: {
-        uint8_t *o = out;
-        size_t item = tm_dtype_size(out_dtype);
-        for (size_t j = 0; j < count; j++) store_real(o + j * item, out_dtype, scratch[j]);
-    }
+    /* Tiles small enough that the float64 accumulator stays in L1 while every input streams
+     * through it once. */
+    for (size_t s0 = 0; s0 < count; s0 += TILE_ELEMS) {
+        size_t k = count - s0 < TILE_ELEMS ? count - s0 : TILE_ELEMS;
+        for (size_t i = 0; i < n; i++) accumulate_real(&in[i], w[i], begin + s0, k, scratch, i == 0);
+        store_real_block(scratch, k, out_dtype, (uint8_t *)out + s0 * tm_dtype_size(out_dtype));
     }
 }
 

@@ -5,7 +5,6 @@
 #define _GNU_SOURCE
 #include <math.h>
 #include <pthread.h>
-#include <zlib.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +19,7 @@
 #include <unistd.h>
 
 #include "core/atomic_output.h"
+#include "core/crc32.h"
 #include "core/torch_bridge.h"
 #include "formats/pt_writer.h"
 #include "formats/safetensors.h"
@@ -122,10 +122,14 @@ static tm_view unit_view(const merge_ctx *c, const tm_unit *u, size_t i, int64_t
     return v;
 }
 
-/* Computes unit u block by block; emit(ctx, bytes, len) receives the output in order. */
+/* Computes unit u block by block; emit(ctx, bytes, len) receives the output in order. Each
+ * block is computed into reserve(user) when given (the pipeline's next free slot, so the
+ * result is not copied again), else into c->block. */
 typedef tm_status (*emit_fn)(merge_ctx *c, const void *data, size_t len, void *user, tm_error *err);
+typedef void *(*reserve_fn)(void *user);
 
-static tm_status merge_unit(merge_ctx *c, const tm_unit *u, emit_fn emit, void *user, tm_error *err) {
+static tm_status merge_unit(merge_ctx *c, const tm_unit *u, reserve_fn reserve, emit_fn emit, void *user,
+                            tm_error *err) {
     tm_view views[64], *vp = views;
     int64_t shapes[64], strides[64], *sp = shapes, *tp = strides;
     double wv[64], *wp = wv;
@@ -166,16 +170,21 @@ static tm_status merge_unit(merge_ctx *c, const tm_unit *u, emit_fn emit, void *
     int differs = 0;
     for (uint64_t begin = 0; begin < (uint64_t)u->numel && !st; begin += BLOCK_ELEMS) {
         size_t count = (uint64_t)u->numel - begin < BLOCK_ELEMS ? (size_t)((uint64_t)u->numel - begin) : BLOCK_ELEMS;
+        uint8_t *dst = reserve ? reserve(user) : c->block;
+        if (!dst) {
+            st = tm_error_set(err, TM_ERROR_INTERRUPTED, "cancelled");
+            break;
+        }
         double t0 = now();
         if (u->floating) {
-            tm_kernel_weighted_sum(vp, wp, m, begin, count, u->out_dtype, c->block, c->acc);
+            tm_kernel_weighted_sum(vp, wp, m, begin, count, u->out_dtype, dst, c->acc);
         } else {
-            tm_kernel_copy(&vp[0], begin, count, u->out_dtype, c->block);
+            tm_kernel_copy(&vp[0], begin, count, u->out_dtype, dst);
             for (size_t j = 1; j < m && !differs; j++) differs = !tm_kernel_equal(&vp[0], &vp[j], begin, count);
         }
         c->prof.merge_seconds += now() - t0;
         c->prof.merge_calls++;
-        st = emit(c, c->block, count * item, user, err);
+        st = emit(c, dst, count * item, user, err);
     }
     if (differs)
         for (size_t k = 0; k < u->n_keys; k++)
@@ -195,7 +204,7 @@ static void touch_unit(const merge_ctx *c, const tm_unit *u, int release) {
 
 /* ---- Two-stage pipeline: one thread merges (and checksums), the caller writes -------------- */
 
-#define N_SLOTS 8
+#define N_SLOTS 16
 
 typedef struct sink {
     tm_status (*begin)(merge_ctx *c, size_t unit, tm_error *err);
@@ -223,17 +232,23 @@ typedef struct pipeline {
     pthread_cond_t changed;
 } pipeline;
 
-static tm_status push_slot(pipeline *p, const void *data, size_t len, int end_of_unit, tm_error *err) {
+/* The next slot to fill, once the writer has freed it; NULL when cancelled. */
+static void *reserve_slot(void *user) {
+    pipeline *p = user;
     pthread_mutex_lock(&p->mu);
     while (p->produced - p->consumed == N_SLOTS && !p->cancel) pthread_cond_wait(&p->changed, &p->mu);
     int cancel = p->cancel;
     pthread_mutex_unlock(&p->mu);
-    if (cancel) return tm_error_set(err, TM_ERROR_INTERRUPTED, "cancelled");
+    return cancel ? NULL : p->slots[p->produced % N_SLOTS].buf;
+}
+
+static tm_status push_slot(pipeline *p, const void *data, size_t len, int end_of_unit, tm_error *err) {
+    if (!reserve_slot(p)) return tm_error_set(err, TM_ERROR_INTERRUPTED, "cancelled");
     slot *s = &p->slots[p->produced % N_SLOTS];
-    if (len) memcpy(s->buf, data, len);
+    if (len && data != s->buf) memcpy(s->buf, data, len);
     s->len = len;
     s->end_of_unit = end_of_unit;
-    s->crc = p->want_crc && len ? (uint32_t)crc32(0L, s->buf, (uInt)len) : 0;
+    s->crc = p->want_crc && len ? tm_crc32(0, s->buf, len) : 0;
     pthread_mutex_lock(&p->mu);
     p->produced++;
     pthread_cond_broadcast(&p->changed);
@@ -252,7 +267,7 @@ static void *producer(void *arg) {
     tm_status st = TM_OK;
     for (size_t u = p->u0; u < p->u1 && !st; u++) {
         if (u + 1 < p->u1) touch_unit(c, &c->plan.units[u + 1], 0);
-        st = merge_unit(c, &c->plan.units[u], emit_pipe, p, &p->err);
+        st = merge_unit(c, &c->plan.units[u], reserve_slot, emit_pipe, p, &p->err);
         if (!st) st = push_slot(p, NULL, 0, 1, &p->err);
         touch_unit(c, &c->plan.units[u], 1);
     }
@@ -408,7 +423,7 @@ static tm_status write_module(merge_ctx *c, const char *module_path, const char 
         const tm_unit *un = &p->units[u];
         gather g = {malloc((size_t)un->numel * tm_dtype_size(un->out_dtype) + 1), 0};
         if (!g.buf) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
-        st = merge_unit(c, un, emit_gather, &g, err);
+        st = merge_unit(c, un, NULL, emit_gather, &g, err);
         t0 = now();
         for (size_t j = 0; j < un->n_keys && !st; j++) {
             size_t k = un->keys[j];
