@@ -537,6 +537,12 @@ size_t tm_checkpoint_n_tensors(const tm_checkpoint *ck) { return ck ? ck->n_tens
 size_t tm_checkpoint_n_storages(const tm_checkpoint *ck) { return ck ? ck->n_storages : 0; }
 int tm_checkpoint_is_module(const tm_checkpoint *ck) { return ck && ck->is_module; }
 
+int tm_checkpoint_storage_location(const tm_checkpoint *ck, size_t i, uint64_t *file_offset) {
+    if (!ck || i >= ck->n_tensors || ck->n_maps != 1) return 0;
+    *file_offset = ck->storages[ck->tensors[i].storage].file_offset;
+    return 1;
+}
+
 tm_status tm_checkpoint_tensor(const tm_checkpoint *ck, size_t i, tm_tensor_info *out) {
     tm_error err = {0};
     if (!ck || !out || i >= ck->n_tensors) {

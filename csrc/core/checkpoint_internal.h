@@ -15,6 +15,9 @@ tm_status tm_checkpoint_open_err(const char *path, const tm_open_options *opts,
                                  tm_checkpoint **out, tm_error *err);
 /* 1 when the file is a TorchScript module (torch.jit.save archive). */
 int tm_checkpoint_is_module(const tm_checkpoint *ckpt);
+/* Where tensor i's storage bytes start in the (single) file the checkpoint was read from: 1 and
+ * *file_offset, or 0 for multi-file checkpoints. */
+int tm_checkpoint_storage_location(const tm_checkpoint *ckpt, size_t i, uint64_t *file_offset);
 /* Prefetch / release the mapped bytes of tensor i's storage. */
 void tm_checkpoint_prefetch_tensor(const tm_checkpoint *ckpt, size_t i);
 void tm_checkpoint_release_tensor(const tm_checkpoint *ckpt, size_t i);

@@ -21,6 +21,7 @@
 #include "core/atomic_output.h"
 #include "core/crc32.h"
 #include "core/torch_bridge.h"
+#include "formats/archive_rewriter.h"
 #include "formats/pt_writer.h"
 #include "formats/safetensors.h"
 #include "merge/kernel.h"
@@ -45,6 +46,8 @@ typedef struct merge_ctx {
     tm_st_writer *st;
     const tm_torch_bridge *bridge;
     tm_module_writer *module;
+    tm_archive_rewriter *rw;
+    int64_t *unit_record; /* TorchScript output without LibTorch: the template record of each unit */
     char ignored[768];
     size_t n_ignored;
     /* scratch */
@@ -222,6 +225,7 @@ typedef struct slot {
 typedef struct pipeline {
     merge_ctx *c;
     size_t u0, u1;
+    const size_t *order; /* units to write, in this order (NULL: u0, u0 + 1, …) */
     int want_crc;
     slot slots[N_SLOTS];
     size_t produced, consumed;
@@ -261,12 +265,15 @@ static tm_status emit_pipe(merge_ctx *c, const void *data, size_t len, void *use
     return push_slot(user, data, len, 0, err);
 }
 
+#define UNIT_AT(order, k) ((order) ? (order)[k] : (k))
+
 static void *producer(void *arg) {
     pipeline *p = arg;
     merge_ctx *c = p->c;
     tm_status st = TM_OK;
-    for (size_t u = p->u0; u < p->u1 && !st; u++) {
-        if (u + 1 < p->u1) touch_unit(c, &c->plan.units[u + 1], 0);
+    for (size_t k = p->u0; k < p->u1 && !st; k++) {
+        size_t u = UNIT_AT(p->order, k);
+        if (k + 1 < p->u1) touch_unit(c, &c->plan.units[UNIT_AT(p->order, k + 1)], 0);
         st = merge_unit(c, &c->plan.units[u], reserve_slot, emit_pipe, p, &p->err);
         if (!st) st = push_slot(p, NULL, 0, 1, &p->err);
         touch_unit(c, &c->plan.units[u], 1);
@@ -279,14 +286,17 @@ static void *producer(void *arg) {
     return NULL;
 }
 
-/* Merges units [u0, u1) on a second thread while this one writes them through snk. */
-static tm_status run_pipeline(merge_ctx *c, size_t u0, size_t u1, int want_crc, const sink *snk, size_t *done,
+/* Merges units [u0, u1) (or order[u0 .. u1)) on a second thread while this one writes them
+ * through snk. */
+static tm_status run_pipeline(merge_ctx *c, size_t u0, size_t u1, const size_t *order, int want_crc, const sink *snk,
+                              size_t *done,
                               tm_error *err) {
     pipeline p;
     memset(&p, 0, sizeof p);
     p.c = c;
     p.u0 = u0;
     p.u1 = u1;
+    p.order = order;
     p.want_crc = want_crc;
     size_t item_max = 16;
     for (size_t i = 0; i < N_SLOTS; i++)
@@ -301,7 +311,8 @@ static tm_status run_pipeline(merge_ctx *c, size_t u0, size_t u1, int want_crc, 
     if (pthread_create(&th, NULL, producer, &p) != 0) {
         st = tm_error_set(err, TM_ERROR_INTERNAL, "cannot start the merge thread");
     } else {
-        for (size_t u = u0; u < u1 && !st; u++) {
+        for (size_t k = u0; k < u1 && !st; k++) {
+            size_t u = UNIT_AT(order, k);
             double t0 = now();
             st = snk->begin(c, u, err);
             while (!st) {
@@ -389,7 +400,7 @@ static tm_status write_pt(merge_ctx *c, const char *output, tm_error *err) {
     c->prof.save_calls++;
     static const sink pt_sink = {pt_begin, pt_write, pt_end};
     size_t done = 0;
-    if (!st) st = run_pipeline(c, 0, p->n_units, 1, &pt_sink, &done, err);
+    if (!st) st = run_pipeline(c, 0, p->n_units, NULL, 1, &pt_sink, &done, err);
     t0 = now();
     if (!st) st = tm_pt_writer_commit(c->pt, err);
     c->prof.save_seconds += now() - t0;
@@ -410,6 +421,118 @@ static tm_status emit_gather(merge_ctx *c, const void *data, size_t len, void *u
     memcpy(g->buf + g->used, data, len);
     g->used += len;
     return TM_OK;
+}
+
+/* The streaming way, without LibTorch: when every merged tensor has exactly the template's dtype
+ * and layout, and each merged storage is one whole storage record of the template, the template
+ * archive is copied record by record and those records are replaced by the merged bytes as they
+ * are computed. Anything else (a --dtype change, a tensor that is a view into a larger template
+ * storage such as cuDNN's flat RNN weights, two units in one storage) leaves *applicable = 0 and
+ * nothing written, for write_module() below. */
+static tm_status ts_begin(merge_ctx *c, size_t u, tm_error *err) {
+    return tm_archive_rewriter_begin(c->rw, (size_t)c->unit_record[u], err);
+}
+static tm_status ts_write(merge_ctx *c, const void *data, size_t len, uint32_t crc, tm_error *err) {
+    return tm_archive_rewriter_write_crc(c->rw, data, len, crc, err);
+}
+static tm_status ts_end(merge_ctx *c, size_t u, tm_error *err) {
+    (void)u;
+    return tm_archive_rewriter_end(c->rw, err);
+}
+
+/* The template record unit u can replace: >= 0; -1 when the template has none of its tensors
+ * (the unit is skipped, as LibTorch skips names the module lacks); -2 when it cannot stream. */
+static int64_t unit_template_record(merge_ctx *c, const tm_checkpoint *tpl, const tm_unit *un) {
+    const tm_plan *p = &c->plan;
+    int64_t record = -1;
+    int in_template = 0, not_in_template = 0;
+    for (size_t j = 0; j < un->n_keys; j++) {
+        size_t k = un->keys[j];
+        int64_t ti = tm_checkpoint_find(tpl, p->keys[k]);
+        if (ti < 0) {
+            not_in_template = 1;
+            continue;
+        }
+        in_template = 1;
+        tm_tensor_info t = info_of((tm_checkpoint *)tpl, ti);
+        size_t i = 0;
+        while (tm_plan_where(p, k, i) < 0) i++;
+        tm_tensor_info r = info_of(c->in[i], tm_plan_where(p, k, i));
+        int64_t stride[TM_MAX_NDIM], offset;
+        tm_plan_output_layout(p, c->in, k, stride, &offset);
+        if (t.dtype != un->out_dtype || t.ndim != r.ndim || t.storage_offset != offset ||
+            t.storage_nbytes != (uint64_t)un->numel * tm_dtype_size(un->out_dtype))
+            return -2;
+        for (int32_t d = 0; d < t.ndim; d++)
+            if (t.shape[d] != r.shape[d] || (t.shape[d] > 1 && t.stride[d] != stride[d])) return -2;
+        uint64_t at;
+        if (!tm_checkpoint_storage_location(tpl, (size_t)ti, &at)) return -2;
+        int64_t rec = tm_archive_rewriter_find_record(c->rw, at, t.storage_nbytes);
+        if (rec < 0 || (record >= 0 && rec != record)) return -2;
+        record = rec;
+    }
+    if (in_template && not_in_template) return -2;
+    return in_template ? record : -1;
+}
+
+static int cmp_by_record(const void *a, const void *b, void *records) {
+    int64_t ra = ((const int64_t *)records)[*(const size_t *)a], rb = ((const int64_t *)records)[*(const size_t *)b];
+    return (ra > rb) - (ra < rb);
+}
+
+static tm_status write_module_streaming(merge_ctx *c, const char *module_path, const char *output, int *applicable,
+                                        tm_error *err) {
+    const tm_plan *p = &c->plan;
+    *applicable = 0;
+    if (c->o->has_dtype) return TM_OK;
+    tm_checkpoint *tpl = NULL, *opened = NULL;
+    for (size_t i = 0; i < c->n && !tpl; i++)
+        if (same_file(module_path, c->in[i] ? tm_checkpoint_path(c->in[i]) : NULL)) tpl = c->in[i];
+    tm_error ignore;
+    if (!tpl && tm_checkpoint_open_err(module_path, NULL, &opened, &ignore) == TM_OK) tpl = opened;
+    if (!tpl || !tm_checkpoint_is_module(tpl) || tm_archive_rewriter_open(module_path, &c->rw, &ignore) != TM_OK) {
+        tm_checkpoint_close(opened);
+        return TM_OK;
+    }
+    c->unit_record = malloc((p->n_units + 1) * sizeof *c->unit_record);
+    size_t *order = malloc((p->n_units + 1) * sizeof *order);
+    int ok = c->unit_record && order;
+    size_t n_order = 0;
+    for (size_t u = 0; u < p->n_units && ok; u++) {
+        int64_t rec = c->unit_record[u] = unit_template_record(c, tpl, &p->units[u]);
+        if (rec == -2) ok = 0;
+        else if (rec >= 0) order[n_order++] = u;
+        else
+            for (size_t j = 0; j < p->units[u].n_keys; j++)
+                note_name(c->ignored, sizeof c->ignored, &c->n_ignored, p->keys[p->units[u].keys[j]]);
+    }
+    tm_checkpoint_close(opened);
+    if (ok) qsort_r(order, n_order, sizeof *order, cmp_by_record, c->unit_record);
+    for (size_t k = 1; k < n_order && ok; k++) ok = c->unit_record[order[k]] != c->unit_record[order[k - 1]];
+    if (!ok) {
+        c->ignored[0] = 0;
+        c->n_ignored = 0;
+        free(order);
+        tm_archive_rewriter_free(c->rw);
+        c->rw = NULL;
+        return TM_OK;
+    }
+    *applicable = 1;
+    unsigned char *replaced = calloc(tm_archive_rewriter_count(c->rw) + 1, 1);
+    tm_status st = replaced ? TM_OK : tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    for (size_t k = 0; k < n_order && !st; k++) replaced[c->unit_record[order[k]]] = 1;
+    double t0 = now();
+    if (!st) st = tm_archive_rewriter_start(c->rw, output, replaced, err);
+    c->prof.save_seconds += now() - t0;
+    static const sink ts_sink = {ts_begin, ts_write, ts_end};
+    size_t done = 0;
+    if (!st) st = run_pipeline(c, 0, n_order, order, 1, &ts_sink, &done, err);
+    t0 = now();
+    if (!st) st = tm_archive_rewriter_commit(c->rw, err);
+    c->prof.save_seconds += now() - t0;
+    free(replaced);
+    free(order);
+    return st;
 }
 
 static tm_status write_module(merge_ctx *c, const char *module_path, const char *output, tm_error *err) {
@@ -535,7 +658,7 @@ static tm_status write_st_units(merge_ctx *c, int fd, const char *label, size_t 
     c->prof.save_seconds += now() - t0;
     free(t);
     static const sink st_sink = {st_begin, st_write, st_begin};
-    if (!st) st = run_pipeline(c, u0, u1, 0, &st_sink, done, err);
+    if (!st) st = run_pipeline(c, u0, u1, NULL, 0, &st_sink, done, err);
     if (!st) st = tm_st_writer_finish(c->st, err);
     tm_st_writer_free(c->st);
     c->st = NULL;
@@ -837,7 +960,9 @@ static tm_status run(merge_ctx *c, const char *const *paths, const char *output,
         if (!module)
             return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
                                 "%s: TorchScript output needs module inputs or a --template MODULE", paths[0]);
-        st = write_module(c, module, output, err);
+        int streamed = 0;
+        st = write_module_streaming(c, module, output, &streamed, err);
+        if (!st && !streamed) st = write_module(c, module, output, err);
         if (!st && c->n_ignored)
             warn(c, "ignored %zu tensors that %s holds no parameter or buffer for: %s%s", c->n_ignored, module,
                  c->ignored, c->n_ignored > 10 ? ", …" : "");
@@ -883,6 +1008,8 @@ tm_status tm_merge_files(const char *const *inputs, size_t n, const char *output
     tm_pt_writer_free(c.pt);
     tm_st_writer_free(c.st);
     if (c.module) c.bridge->module_writer_free(c.module);
+    tm_archive_rewriter_free(c.rw);
+    free(c.unit_record);
     tm_plan_free(&c.plan);
     for (size_t i = 0; c.in && i < n; i++) tm_checkpoint_close(c.in[i]);
     free(c.in);

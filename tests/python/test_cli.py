@@ -401,6 +401,79 @@ def test_template_fills_torchscript_module_with_merged_weights(fx, work, example
     assert sha256(fx("template.pt")) == template_hash
 
 
+def tm_loaded_libraries(*args, cwd):
+    """Runs the CLI with the dynamic loader's trace on; returns (exit status, the shared objects
+    it loaded)."""
+    env = dict(os.environ, LC_ALL="C", LD_DEBUG="files")
+    p = subprocess.run([str(BIN)] + [str(a) for a in args], cwd=str(cwd), stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=300)
+    loaded = set(re.findall(r"file=(\S+)\s+\[\d+\];\s+(?:dynamically loaded|needed)", p.stderr.decode()))
+    return p.returncode, {os.path.basename(x) for x in loaded}, p.stderr.decode()
+
+
+def records(path: Path) -> dict:
+    with zipfile.ZipFile(str(path)) as z:
+        return {n: z.read(n) for n in z.namelist()}
+
+
+@pytest.mark.parametrize("template", [False, True], ids=["module_inputs", "template"])
+def test_torchscript_output_is_the_template_archive_with_merged_storages_and_no_libtorch(
+        fx, work, example_input, template):
+    """Same dtype and layout as the template: the module's records are copied as they are and
+    only its tensor storages replaced, streaming, without loading LibTorch."""
+    if template:
+        inputs, tpl = fx("sd_a.pt", "sd_b.pt", "sd_c.pt"), fx("template.pt")
+        args = ["--template", tpl]
+    else:
+        inputs, args = fx("ts_a.pt", "ts_b.pt", "ts_c.pt"), []
+        tpl = inputs[0]
+    rc, libs, err = tm_loaded_libraries("simple_average", "-q", *args, "-o", work / "out.pt", *inputs, cwd=work)
+    assert rc == 0, err[-2000:]
+    assert not any(lib.startswith(("libtorchmerge_torch", "libtorch.so", "libtorch_cpu", "libc10")) for lib in libs), \
+        sorted(libs)
+    merged = ref.reference_merge(sds(fx, *[Path(i).name for i in inputs]))
+    check_torchscript_output(work / "out.pt", merged, example_input)
+    got, want = records(work / "out.pt"), records(tpl)
+    assert sorted(got) == sorted(want)
+    changed = sorted(n for n in want if got[n] != want[n])
+    assert changed and all("/data/" in n for n in changed), changed
+
+
+def test_torchscript_output_with_a_dtype_change_goes_through_libtorch(fx, work, example_input):
+    rc, libs, err = tm_loaded_libraries("simple_average", "-q", "--dtype", "float64", "-o", work / "out.pt",
+                                        *fx("ts_a.pt", "ts_b.pt", "ts_c.pt"), cwd=work)
+    assert rc == 0, err[-2000:]
+    assert any(lib.startswith("libtorchmerge_torch") for lib in libs), sorted(libs)
+    sd = torch.jit.load(str(work / "out.pt")).state_dict()
+    assert sd["fc.weight"].dtype == torch.float64
+    merged = ref.reference_merge(sds(fx, "ts_a.pt", "ts_b.pt", "ts_c.pt"))
+    assert torch.allclose(sd["fc.weight"], merged.expected["fc.weight"].double(), rtol=0, atol=1e-6)
+
+
+def test_torchscript_template_whose_storage_is_larger_than_its_tensor_goes_through_libtorch(work):
+    """A parameter that is a view into a larger storage (like cuDNN's flat RNN weights) cannot
+    be replaced record for record: LibTorch writes that module."""
+    class M(torch.nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            g = torch.Generator().manual_seed(seed)
+            base = torch.randn(10, generator=g)
+            self.w = torch.nn.Parameter(base[2:6])  # 4 of the storage's 10 elements
+
+        def forward(self, x):
+            return x * self.w
+
+    paths = []
+    for seed in (1, 2):
+        paths.append(work / ("m%d.pt" % seed))
+        torch.jit.save(torch.jit.script(M(seed)), str(paths[-1]))
+    rc, libs, err = tm_loaded_libraries("simple_average", "-q", "-o", work / "out.pt", *paths, cwd=work)
+    assert rc == 0, err[-2000:]
+    assert any(lib.startswith("libtorchmerge_torch") for lib in libs), sorted(libs)
+    want = (torch.jit.load(str(paths[0])).w.double() + torch.jit.load(str(paths[1])).w.double()) / 2
+    assert torch.equal(torch.jit.load(str(work / "out.pt")).w, want.float())
+
+
 def test_format_pt_with_torchscript_inputs_writes_state_dict(fx, work):
     out, _ = merge_ok(work, "simple_average", "--format", "pt",
                       *fx("ts_a.pt", "ts_b.pt", "ts_c.pt"))
