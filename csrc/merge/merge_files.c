@@ -5,6 +5,7 @@
 #define _GNU_SOURCE
 #include <math.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -131,7 +132,19 @@ static tm_view unit_view(const merge_ctx *c, const tm_unit *u, size_t i, int64_t
 typedef tm_status (*emit_fn)(merge_ctx *c, const void *data, size_t len, void *user, tm_error *err);
 typedef void *(*reserve_fn)(void *user);
 
-static tm_status merge_unit(merge_ctx *c, const tm_unit *u, reserve_fn reserve, emit_fn emit, void *user,
+/* What one merging thread owns: its scratch and its share of the profile. */
+typedef struct worker {
+    double *acc;          /* 2 * BLOCK_ELEMS doubles */
+    double *rule_weights; /* one per input */
+    double merge_seconds;
+    size_t merge_calls;
+} worker;
+
+/* Serialises what merging threads share: the per-tensor weight callback (user code) and the
+ * list of differing names. */
+static pthread_mutex_t shared_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static tm_status merge_unit(merge_ctx *c, worker *w, const tm_unit *u, reserve_fn reserve, emit_fn emit, void *user,
                             tm_error *err) {
     tm_view views[64], *vp = views;
     int64_t shapes[64], strides[64], *sp = shapes, *tp = strides;
@@ -146,9 +159,13 @@ static tm_status merge_unit(merge_ctx *c, const tm_unit *u, reserve_fn reserve, 
             return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
         }
     }
-    double *raw = c->rule_weights;
+    double *raw = w->rule_weights;
     memcpy(raw, c->weights, c->n * sizeof *raw);
-    if (c->o->tensor_weights) c->o->tensor_weights(c->o->rules_user, c->plan.keys[u->keys[0]], c->n, raw);
+    if (c->o->tensor_weights) {
+        pthread_mutex_lock(&shared_mu);
+        c->o->tensor_weights(c->o->rules_user, c->plan.keys[u->keys[0]], c->n, raw);
+        pthread_mutex_unlock(&shared_mu);
+    }
     size_t m = 0;
     double wsum = 0;
     for (size_t i = 0; i < c->n; i++) {
@@ -180,18 +197,21 @@ static tm_status merge_unit(merge_ctx *c, const tm_unit *u, reserve_fn reserve, 
         }
         double t0 = now();
         if (u->floating) {
-            tm_kernel_weighted_sum(vp, wp, m, begin, count, u->out_dtype, dst, c->acc);
+            tm_kernel_weighted_sum(vp, wp, m, begin, count, u->out_dtype, dst, w->acc);
         } else {
             tm_kernel_copy(&vp[0], begin, count, u->out_dtype, dst);
             for (size_t j = 1; j < m && !differs; j++) differs = !tm_kernel_equal(&vp[0], &vp[j], begin, count);
         }
-        c->prof.merge_seconds += now() - t0;
-        c->prof.merge_calls++;
+        w->merge_seconds += now() - t0;
+        w->merge_calls++;
         st = emit(c, dst, count * item, user, err);
     }
-    if (differs)
+    if (differs) {
+        pthread_mutex_lock(&shared_mu);
         for (size_t k = 0; k < u->n_keys; k++)
             note_name(c->differing, sizeof c->differing, &c->n_differing, c->plan.keys[u->keys[k]]);
+        pthread_mutex_unlock(&shared_mu);
+    }
     if (vp != views) { free(vp); free(sp); free(tp); free(wp); }
     return st;
 }
@@ -205,9 +225,14 @@ static void touch_unit(const merge_ctx *c, const tm_unit *u, int release) {
     }
 }
 
-/* ---- Two-stage pipeline: one thread merges (and checksums), the caller writes -------------- */
+/* ---- Pipeline: merging threads compute (and checksum), the caller writes ------------------ */
 
+/* Each merging thread owns a ring of slots and takes every n-th unit of the write order; the
+ * caller drains the rings in that order, so the output is the same bytes whatever the number
+ * of threads. The caller mostly waits on the disk (O_DIRECT), so there are as many merging
+ * threads as CPUs (TORCHMERGE_THREADS caps it). */
 #define N_SLOTS 16
+#define MAX_MERGE_THREADS 8
 
 typedef struct sink {
     tm_status (*begin)(merge_ctx *c, size_t unit, tm_error *err);
@@ -222,39 +247,54 @@ typedef struct slot {
     int end_of_unit;
 } slot;
 
+struct pipeline;
+
+typedef struct ring {
+    struct pipeline *p;
+    size_t first; /* the first order index this thread merges; then every n_rings-th */
+    slot slots[N_SLOTS];
+    size_t produced, consumed;
+    int finished;
+    tm_status st;
+    tm_error err;
+    worker w;
+    pthread_t th;
+    int running;
+} ring;
+
 typedef struct pipeline {
     merge_ctx *c;
     size_t u0, u1;
     const size_t *order; /* units to write, in this order (NULL: u0, u0 + 1, …) */
     int want_crc;
-    slot slots[N_SLOTS];
-    size_t produced, consumed;
-    int cancel, finished;
-    tm_status st;
-    tm_error err;
+    ring rings[MAX_MERGE_THREADS];
+    size_t n_rings;
+    int cancel;
     pthread_mutex_t mu;
     pthread_cond_t changed;
 } pipeline;
 
-/* The next slot to fill, once the writer has freed it; NULL when cancelled. */
+/* The next slot of r to fill, once the writer has freed it; NULL when cancelled. */
 static void *reserve_slot(void *user) {
-    pipeline *p = user;
+    ring *r = user;
+    pipeline *p = r->p;
     pthread_mutex_lock(&p->mu);
-    while (p->produced - p->consumed == N_SLOTS && !p->cancel) pthread_cond_wait(&p->changed, &p->mu);
+    while (r->produced - r->consumed == N_SLOTS && !p->cancel) pthread_cond_wait(&p->changed, &p->mu);
     int cancel = p->cancel;
     pthread_mutex_unlock(&p->mu);
-    return cancel ? NULL : p->slots[p->produced % N_SLOTS].buf;
+    return cancel ? NULL : r->slots[r->produced % N_SLOTS].buf;
 }
 
-static tm_status push_slot(pipeline *p, const void *data, size_t len, int end_of_unit, tm_error *err) {
-    if (!reserve_slot(p)) return tm_error_set(err, TM_ERROR_INTERRUPTED, "cancelled");
-    slot *s = &p->slots[p->produced % N_SLOTS];
+static tm_status push_slot(ring *r, const void *data, size_t len, int end_of_unit, tm_error *err) {
+    if (!reserve_slot(r)) return tm_error_set(err, TM_ERROR_INTERRUPTED, "cancelled");
+    pipeline *p = r->p;
+    slot *s = &r->slots[r->produced % N_SLOTS];
     if (len && data != s->buf) memcpy(s->buf, data, len);
     s->len = len;
     s->end_of_unit = end_of_unit;
     s->crc = p->want_crc && len ? tm_crc32(0, s->buf, len) : 0;
     pthread_mutex_lock(&p->mu);
-    p->produced++;
+    r->produced++;
     pthread_cond_broadcast(&p->changed);
     pthread_mutex_unlock(&p->mu);
     return TM_OK;
@@ -267,30 +307,48 @@ static tm_status emit_pipe(merge_ctx *c, const void *data, size_t len, void *use
 
 #define UNIT_AT(order, k) ((order) ? (order)[k] : (k))
 
-static void *producer(void *arg) {
-    pipeline *p = arg;
+static void *merging_thread(void *arg) {
+    ring *r = arg;
+    pipeline *p = r->p;
     merge_ctx *c = p->c;
     tm_status st = TM_OK;
-    for (size_t k = p->u0; k < p->u1 && !st; k++) {
+    for (size_t k = r->first; k < p->u1 && !st; k += p->n_rings) {
         size_t u = UNIT_AT(p->order, k);
-        if (k + 1 < p->u1) touch_unit(c, &c->plan.units[UNIT_AT(p->order, k + 1)], 0);
-        st = merge_unit(c, &c->plan.units[u], reserve_slot, emit_pipe, p, &p->err);
-        if (!st) st = push_slot(p, NULL, 0, 1, &p->err);
+        if (k + p->n_rings < p->u1) touch_unit(c, &c->plan.units[UNIT_AT(p->order, k + p->n_rings)], 0);
+        st = merge_unit(c, &r->w, &c->plan.units[u], reserve_slot, emit_pipe, r, &r->err);
+        if (!st) st = push_slot(r, NULL, 0, 1, &r->err);
         touch_unit(c, &c->plan.units[u], 1);
     }
     pthread_mutex_lock(&p->mu);
-    p->st = st;
-    p->finished = 1;
+    r->st = st;
+    r->finished = 1;
     pthread_cond_broadcast(&p->changed);
     pthread_mutex_unlock(&p->mu);
     return NULL;
 }
 
-/* Merges units [u0, u1) (or order[u0 .. u1)) on a second thread while this one writes them
+static size_t merging_threads(size_t n_units) {
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    size_t n = cpus > 0 ? (size_t)cpus : 1;
+    const char *env = getenv("TORCHMERGE_THREADS");
+    if (env && atoi(env) > 0) n = (size_t)atoi(env);
+    if (n > MAX_MERGE_THREADS) n = MAX_MERGE_THREADS;
+    if (n > n_units) n = n_units;
+    return n ? n : 1;
+}
+
+static void free_rings(pipeline *p) {
+    for (size_t r = 0; r < p->n_rings; r++) {
+        for (size_t i = 0; i < N_SLOTS; i++) free(p->rings[r].slots[i].buf);
+        free(p->rings[r].w.acc);
+        free(p->rings[r].w.rule_weights);
+    }
+}
+
+/* Merges units [u0, u1) (or order[u0 .. u1)) on merging threads while this one writes them
  * through snk. */
 static tm_status run_pipeline(merge_ctx *c, size_t u0, size_t u1, const size_t *order, int want_crc, const sink *snk,
-                              size_t *done,
-                              tm_error *err) {
+                              size_t *done, tm_error *err) {
     pipeline p;
     memset(&p, 0, sizeof p);
     p.c = c;
@@ -298,59 +356,84 @@ static tm_status run_pipeline(merge_ctx *c, size_t u0, size_t u1, const size_t *
     p.u1 = u1;
     p.order = order;
     p.want_crc = want_crc;
-    size_t item_max = 16;
-    for (size_t i = 0; i < N_SLOTS; i++)
-        if (!(p.slots[i].buf = malloc(BLOCK_ELEMS * item_max))) {
-            for (size_t j = 0; j < i; j++) free(p.slots[j].buf);
-            return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
-        }
+    p.n_rings = merging_threads(u1 - u0);
+    int ok = 1;
+    for (size_t r = 0; r < p.n_rings; r++) {
+        ring *rg = &p.rings[r];
+        rg->p = &p;
+        rg->first = u0 + r;
+        rg->w.acc = malloc(2 * BLOCK_ELEMS * sizeof *rg->w.acc);
+        rg->w.rule_weights = malloc((c->n + 1) * sizeof *rg->w.rule_weights);
+        ok = ok && rg->w.acc && rg->w.rule_weights;
+        for (size_t i = 0; i < N_SLOTS; i++) ok = ok && (rg->slots[i].buf = malloc(BLOCK_ELEMS * 16));
+    }
+    if (!ok) {
+        free_rings(&p);
+        return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    }
     pthread_mutex_init(&p.mu, NULL);
     pthread_cond_init(&p.changed, NULL);
-    pthread_t th;
+    /* The merging threads start with the termination signals blocked, so the handlers run on
+     * this thread, the one creating output files. (Not SIGBUS: a truncated input raises it in
+     * the merging thread that touched the page.) */
+    sigset_t term, before;
+    sigemptyset(&term);
+    sigaddset(&term, SIGINT);
+    sigaddset(&term, SIGTERM);
+    sigaddset(&term, SIGHUP);
+    sigaddset(&term, SIGQUIT);
+    pthread_sigmask(SIG_BLOCK, &term, &before);
     tm_status st = TM_OK;
-    if (pthread_create(&th, NULL, producer, &p) != 0) {
-        st = tm_error_set(err, TM_ERROR_INTERNAL, "cannot start the merge thread");
-    } else {
-        for (size_t k = u0; k < u1 && !st; k++) {
-            size_t u = UNIT_AT(order, k);
-            double t0 = now();
-            st = snk->begin(c, u, err);
-            while (!st) {
-                pthread_mutex_lock(&p.mu);
-                while (p.produced == p.consumed && !p.finished) pthread_cond_wait(&p.changed, &p.mu);
-                int have = p.produced > p.consumed;
-                pthread_mutex_unlock(&p.mu);
-                if (!have) { /* the producer stopped early: its error explains why */
-                    st = p.st ? p.st : TM_ERROR_INTERNAL;
-                    *err = p.err;
-                    break;
-                }
-                slot *sl = &p.slots[p.consumed % N_SLOTS];
-                int end = sl->end_of_unit;
-                if (!end) st = snk->write(c, sl->buf, sl->len, sl->crc, err);
-                pthread_mutex_lock(&p.mu);
-                p.consumed++;
-                pthread_cond_broadcast(&p.changed);
-                pthread_mutex_unlock(&p.mu);
-                if (end) break;
-            }
-            if (!st) st = snk->end(c, u, err);
-            c->prof.save_seconds += now() - t0;
-            c->prof.save_calls++;
-            ++*done;
-            if (!st && c->o->progress) c->o->progress(c->o->progress_user, *done, c->plan.n_units);
-        }
-        pthread_mutex_lock(&p.mu);
-        p.cancel = 1;
-        pthread_cond_broadcast(&p.changed);
-        pthread_mutex_unlock(&p.mu);
-        pthread_join(th, NULL);
-        if (!st && p.st) {
-            st = p.st;
-            *err = p.err;
-        }
+    for (size_t r = 0; r < p.n_rings && !st; r++) {
+        if (pthread_create(&p.rings[r].th, NULL, merging_thread, &p.rings[r]) == 0) p.rings[r].running = 1;
+        else st = tm_error_set(err, TM_ERROR_INTERNAL, "cannot start a merge thread");
     }
-    for (size_t i = 0; i < N_SLOTS; i++) free(p.slots[i].buf);
+    pthread_sigmask(SIG_SETMASK, &before, NULL);
+    for (size_t k = u0; k < u1 && !st; k++) {
+        size_t u = UNIT_AT(order, k);
+        ring *r = &p.rings[(k - u0) % p.n_rings];
+        double t0 = now();
+        st = snk->begin(c, u, err);
+        while (!st) {
+            pthread_mutex_lock(&p.mu);
+            while (r->produced == r->consumed && !r->finished) pthread_cond_wait(&p.changed, &p.mu);
+            int have = r->produced > r->consumed;
+            pthread_mutex_unlock(&p.mu);
+            if (!have) { /* the merging thread stopped early: its error explains why */
+                st = r->st ? r->st : TM_ERROR_INTERNAL;
+                *err = r->err;
+                break;
+            }
+            slot *sl = &r->slots[r->consumed % N_SLOTS];
+            int end = sl->end_of_unit;
+            if (!end) st = snk->write(c, sl->buf, sl->len, sl->crc, err);
+            pthread_mutex_lock(&p.mu);
+            r->consumed++;
+            pthread_cond_broadcast(&p.changed);
+            pthread_mutex_unlock(&p.mu);
+            if (end) break;
+        }
+        if (!st) st = snk->end(c, u, err);
+        c->prof.save_seconds += now() - t0;
+        c->prof.save_calls++;
+        ++*done;
+        if (!st && c->o->progress) c->o->progress(c->o->progress_user, *done, c->plan.n_units);
+    }
+    pthread_mutex_lock(&p.mu);
+    p.cancel = 1;
+    pthread_cond_broadcast(&p.changed);
+    pthread_mutex_unlock(&p.mu);
+    for (size_t r = 0; r < p.n_rings; r++) {
+        if (!p.rings[r].running) continue;
+        pthread_join(p.rings[r].th, NULL);
+        if (!st && p.rings[r].st) {
+            st = p.rings[r].st;
+            *err = p.rings[r].err;
+        }
+        c->prof.merge_seconds += p.rings[r].w.merge_seconds;
+        c->prof.merge_calls += p.rings[r].w.merge_calls;
+    }
+    free_rings(&p);
     pthread_mutex_destroy(&p.mu);
     pthread_cond_destroy(&p.changed);
     return st;
@@ -546,7 +629,10 @@ static tm_status write_module(merge_ctx *c, const char *module_path, const char 
         const tm_unit *un = &p->units[u];
         gather g = {malloc((size_t)un->numel * tm_dtype_size(un->out_dtype) + 1), 0};
         if (!g.buf) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
-        st = merge_unit(c, un, NULL, emit_gather, &g, err);
+        worker w = {c->acc, c->rule_weights, 0, 0};
+        st = merge_unit(c, &w, un, NULL, emit_gather, &g, err);
+        c->prof.merge_seconds += w.merge_seconds;
+        c->prof.merge_calls += w.merge_calls;
         t0 = now();
         for (size_t j = 0; j < un->n_keys && !st; j++) {
             size_t k = un->keys[j];
