@@ -121,6 +121,23 @@ def merge_ok(work, *args) -> (dict, Result):
 
 # ---- averaging -------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("out_name", ["out.pt", "out.safetensors", "ts.pt"])
+def test_output_bytes_do_not_depend_on_the_number_of_merging_threads(fx, work, out_name):
+    inputs = fx("ts_a.pt", "ts_b.pt", "ts_c.pt") if out_name == "ts.pt" else fx("sd_a.pt", "sd_b.pt", "sd_c.pt")
+    outputs, stderr = [], set()
+    for threads in ("1", "2", "3", "8"):
+        env = dict(os.environ, LC_ALL="C", TORCHMERGE_THREADS=threads)
+        out = work / threads / out_name
+        out.parent.mkdir()
+        p = subprocess.run([str(BIN), "weighted_average", "--weights", "0.2,0.3,0.5", "-o", str(out)] +
+                           [str(i) for i in inputs], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert p.returncode == 0, p.stderr.decode()
+        outputs.append(out.read_bytes())
+        stderr.add(p.stderr.decode().replace(str(out.parent), "OUT"))
+    assert all(o == outputs[0] for o in outputs[1:])
+    assert len(stderr) == 1, stderr  # the same warnings (e.g. differing integer tensors) too
+
+
 def test_simple_average_matches_float64_reference_within_one_ulp(fx, work):
     out, res = merge_ok(work, "simple_average", *fx("sd_a.pt", "sd_b.pt", "sd_c.pt"))
     merged = ref.reference_merge(sds(fx, "sd_a.pt", "sd_b.pt", "sd_c.pt"))
