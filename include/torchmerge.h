@@ -326,7 +326,8 @@ TM_API tm_status tm_greedy_soup(const char *const *inputs, size_t n, const char 
 /* Frees report->tried and zeroes *report (not report itself). NULL is fine. */
 TM_API void tm_greedy_report_free(tm_greedy_report *report);
 
-/* Removes the temporary files of outputs being written in this process. Async-signal-safe:
+/* Removes the temporary files (and a folder output's temporary folder with the shards in it) of
+ * outputs being written in this process. Async-signal-safe:
  * call it from a SIGINT/SIGTERM handler (then re-raise the signal) so an interrupted merge
  * leaves nothing behind. */
 TM_API void tm_remove_temporary_outputs(void);

@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "core/atomic_output.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
@@ -11,26 +12,61 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-/* Temporary paths a signal handler must remove. A small fixed table: a process writes one or
- * two outputs at a time, and a signal handler cannot take locks or allocate. */
+/* Temporary paths a signal handler must remove. Small fixed tables: a process writes one or
+ * two outputs at a time, and a signal handler cannot take locks or allocate. A folder (sharded
+ * output) is one entry however many files it holds: the handler lists it itself, so a shard
+ * needs no entry of its own and no table can run out of room. */
 #define MAX_LIVE 16
-static char *volatile live[MAX_LIVE];
+static char *volatile live[MAX_LIVE];        /* files */
+static char *volatile live_dirs[MAX_LIVE];   /* flat folders: emptied, then removed */
 
-static void live_add(char *p) {
+static void live_add(char *volatile *table, char *p) {
     for (int i = 0; i < MAX_LIVE; i++)
-        if (!live[i]) { live[i] = p; return; }
+        if (!table[i]) { table[i] = p; return; }
 }
 static void live_remove(const char *p) {
-    for (int i = 0; i < MAX_LIVE; i++)
+    for (int i = 0; i < MAX_LIVE; i++) {
         if (live[i] == p) live[i] = NULL;
+        if (live_dirs[i] == p) live_dirs[i] = NULL;
+    }
 }
 
-void tm_temporary_track(char *path) { live_add(path); }
+void tm_temporary_track(char *path) { live_add(live, path); }
+void tm_temporary_track_folder(char *path) { live_add(live_dirs, path); }
 void tm_temporary_untrack(const char *path) { live_remove(path); }
 
+/* Empties a flat folder and removes it with system calls only (opendir allocates). Another
+ * thread may create a file in it meanwhile: rmdir then fails with ENOTEMPTY and the folder is
+ * listed again; once it is gone, nothing more can be created in it. */
+static void remove_folder_now(const char *dir) {
+    for (int attempt = 0; attempt < 16; attempt++) {
+        int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd < 0) return;
+        _Alignas(struct dirent64) char buf[4096];
+        ssize_t n;
+        while ((n = getdents64(fd, buf, sizeof buf)) > 0)
+            for (ssize_t off = 0; off < n;) {
+                const struct dirent64 *e = (const struct dirent64 *)(buf + off);
+                off += e->d_reclen;
+                if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0) unlinkat(fd, e->d_name, 0);
+            }
+        close(fd);
+        if (rmdir(dir) == 0 || errno != ENOTEMPTY) return;
+    }
+}
+
 void tm_remove_temporary_outputs(void) {
-    for (int i = 0; i < MAX_LIVE; i++)
-        if (live[i]) unlink(live[i]);
+    int saved = errno; /* a handler that returns must not change errno under the code it interrupted */
+    for (int i = 0; i < MAX_LIVE; i++) {
+        char *p = live[i];
+        if (p) unlink(p);
+    }
+    /* Files first, then folders: rmdir needs them empty. */
+    for (int i = 0; i < MAX_LIVE; i++) {
+        char *p = live_dirs[i];
+        if (p) remove_folder_now(p);
+    }
+    errno = saved;
 }
 
 static char *dir_of(const char *path) {
@@ -64,7 +100,7 @@ tm_status tm_atomic_output_open(const char *target, tm_atomic_output *out, tm_er
     }
     /* Registered before it exists (mkostemp fills the name in place), so a signal arriving
      * right after the file is created still finds it. */
-    live_add(out->temp);
+    live_add(live, out->temp);
     out->fd = mkostemp(out->temp, O_CLOEXEC);
     if (out->fd < 0) {
         int e = errno;

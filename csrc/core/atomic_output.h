@@ -28,6 +28,10 @@ void tm_atomic_output_abort(tm_atomic_output *out);
 /* Other temporary files (greedy soup candidates) that tm_remove_temporary_outputs() must
  * remove: path stays owned by the caller and must stay valid until it is untracked. */
 void tm_temporary_track(char *path);
+/* The same for a temporary folder holding only files (sharded output): every file in it is
+ * removed, then the folder, so the files written into it need no entries of their own. */
+void tm_temporary_track_folder(char *path);
+/* Untracks a file or a folder. */
 void tm_temporary_untrack(const char *path);
 
 #ifdef __cplusplus

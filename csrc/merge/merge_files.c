@@ -374,8 +374,9 @@ static tm_status run_pipeline(merge_ctx *c, size_t u0, size_t u1, const size_t *
     pthread_mutex_init(&p.mu, NULL);
     pthread_cond_init(&p.changed, NULL);
     /* The merging threads start with the termination signals blocked, so the handlers run on
-     * this thread, the one creating output files. (Not SIGBUS: a truncated input raises it in
-     * the merging thread that touched the page.) */
+     * this thread, the one creating output files: a handler removing a temporary folder then
+     * never races a shard being created in it. (Not SIGBUS: a truncated input raises it in the
+     * merging thread that touched the page.) */
     sigset_t term, before;
     sigemptyset(&term);
     sigaddset(&term, SIGINT);
@@ -890,8 +891,12 @@ static tm_status write_safetensors(merge_ctx *c, const char *const *paths, const
     if (!copy1 || !copy2 || asprintf(&tmp, "%s/.%s.tmp.XXXXXX", dirname(copy1), basename(copy2)) < 0) tmp = NULL;
     free(copy1);
     free(copy2);
+    /* Registered before it exists (mkdtemp fills the name in place), so a signal arriving right
+     * after it is created still finds it; the handler removes the shards in it too. */
+    if (tmp) tm_temporary_track_folder(tmp);
     if (!tmp || !mkdtemp(tmp)) {
         st = tm_error_set(err, TM_ERROR_IO, "%s: cannot create a temporary folder beside it: %s", target, strerror(errno));
+        if (tmp) tm_temporary_untrack(tmp);
         free(tmp);
         free(target);
         metadata_free(&m);
@@ -946,21 +951,37 @@ static tm_status write_safetensors(merge_ctx *c, const char *const *paths, const
         free(path);
     }
     if (!st) {
-        /* An existing folder is moved aside, the new one renamed into place, the old one removed. */
+        /* An existing folder is moved aside, the new one renamed into place, the old one removed.
+         * No signal is taken between the two renames: its handler would find neither folder at
+         * OUT. Once the new one is there, the old one is a temporary like any other. */
         char *old = NULL;
         struct stat sb;
         int exists = stat(target, &sb) == 0;
         if (exists && asprintf(&old, "%s.old", tmp) < 0) old = NULL;
+        sigset_t all, before;
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, &before);
         if (exists && (!old || rename(target, old) != 0))
             st = tm_error_set(err, TM_ERROR_IO, "%s: cannot replace the existing folder: %s", target, strerror(errno));
         if (!st && rename(tmp, target) != 0) {
             st = tm_error_set(err, TM_ERROR_IO, "%s: cannot rename the temporary folder into place: %s", target, strerror(errno));
             if (old) rename(old, target);
         }
-        if (!st && old) remove_flat_dir(old);
+        if (!st) {
+            tm_temporary_untrack(tmp);
+            if (old) tm_temporary_track_folder(old);
+        }
+        pthread_sigmask(SIG_SETMASK, &before, NULL);
+        if (!st && old) {
+            remove_flat_dir(old);
+            tm_temporary_untrack(old);
+        }
         free(old);
     }
-    if (st) remove_flat_dir(tmp);
+    if (st) {
+        remove_flat_dir(tmp);
+        tm_temporary_untrack(tmp);
+    }
     free(first);
     free(tmp);
     free(target);
