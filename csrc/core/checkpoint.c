@@ -496,6 +496,10 @@ tm_status tm_checkpoint_open_err(const char *path, const tm_open_options *opts,
         tm_checkpoint_close(ck);
         return st;
     }
+    /* Opening touched a page here and there (zip headers, the pickle): recent kernels map a whole
+     * large page-cache folio (up to 2 MiB) on such a touch, so much of a file's tensor data could
+     * be resident before any is merged. Drop it all; what is read later is mapped again. */
+    for (size_t m = 0; m < ck->n_maps; m++) tm_mapped_file_release(&ck->maps[m], 0, ck->maps[m].size);
     *out = ck;
     return TM_OK;
 }

@@ -71,8 +71,16 @@ void tm_mapped_file_prefetch(const tm_mapped_file *f, uint64_t offset, uint64_t 
     if (f && page_range(f, offset, len, 0, &p, &n)) madvise(p, n, MADV_WILLNEED);
 }
 
+/* Pages here are never written (a private read-only mapping), so dropping one that a neighbour
+ * still needs costs only a refault. Recent kernels map a whole large page-cache folio (up to
+ * 2 MiB) on the first touch of any byte of it, so reading a small tensor maps the tail of the
+ * big one before it again; tensors are read in file order, so the range dropped reaches back to
+ * the 2 MiB boundary below it, taking such re-mapped pages with it. */
+#define FOLIO_SPAN ((uint64_t)2 << 20)
+
 void tm_mapped_file_release(const tm_mapped_file *f, uint64_t offset, uint64_t len) {
     uint8_t *p;
     size_t n;
-    if (f && page_range(f, offset, len, 1, &p, &n)) madvise(p, n, MADV_DONTNEED);
+    uint64_t lo = offset / FOLIO_SPAN * FOLIO_SPAN;
+    if (f && page_range(f, lo, offset + len - lo, 0, &p, &n)) madvise(p, n, MADV_DONTNEED);
 }
