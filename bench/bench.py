@@ -96,6 +96,8 @@ def main():
     ap.add_argument("--work", default="/tmp/torchmerge-bench")
     ap.add_argument("--bin", default=os.path.join(ROOT, "build", "torchmerge"))
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--only", nargs="+", choices=["n", "scaling", "torchscript"],
+                    default=["n", "scaling", "torchscript"], help="which tables to print (default: all)")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
     out = os.path.join(a.work, "out")
@@ -103,7 +105,7 @@ def main():
     tm = a.bin
     print(f"# torchmerge benchmark ({os.uname().nodename}, {os.cpu_count()} cores), median of {a.runs} alternating runs")
 
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16") if "n" in a.only else ():
         for n in a.n:
             inputs = make_inputs(a.work, n, dtype, 24)
             for p in inputs:  # warm the page cache
@@ -126,23 +128,30 @@ def main():
             table(f"simple_average, n = {n}, {dtype} inputs ({size:.0f} MiB each); "
                   f"peak RSS target <= {rss_budget(n, dtype):.0f} MiB", med, hashes)
 
-    # Scaling with model size (n = 4, float32).
+    if "scaling" in a.only:
+        scaling(a, tm, out)
+    if "torchscript" in a.only:
+        torchscript(a, tm, out)
+
+
+def scaling(a, tm, out):
+    """Scaling with model size (n = 4, float32)."""
     print("\n## Scaling with model size (n = 4, float32, torchmerge -> .pt)\n")
-    print("| layers | MiB per model | wall s | peak RSS MiB |")
-    print("|-------:|--------------:|-------:|-------------:|")
+    print("| layers | MiB per model | floor s | wall s | × floor | peak RSS MiB |")
+    print("|-------:|--------------:|--------:|-------:|--------:|-------------:|")
     for layers in (6, 12, 24, 48):
         inputs = make_inputs(a.work, 4, "float32", layers)
-        walls, rss = [], []
-        for _ in range(a.runs):
-            w, _, r = run([tm, "simple_average", "-q", "-o", os.path.join(out, "scale.pt")] + inputs)
-            walls.append(w)
-            rss.append(r)
-        print(f"| {layers:6d} | {os.path.getsize(inputs[0]) / 2**20:13.0f} | {statistics.median(walls):6.2f} | "
-              f"{statistics.median(rss):12.0f} |")
+        cmds = {"floor": floor_cmd(inputs, os.path.join(out, "floor.pt")),
+                "tm": [tm, "simple_average", "-q", "-o", os.path.join(out, "scale.pt")] + inputs}
+        med, _ = case("scaling", cmds, a.runs, {})
+        print(f"| {layers:6d} | {os.path.getsize(inputs[0]) / 2**20:13.0f} | {med['floor'][0]:7.2f} | "
+              f"{med['tm'][0]:6.2f} | {med['tm'][0] / med['floor'][0]:7.2f} | {med['tm'][2]:12.0f} |")
         if layers != 24:
             shutil.rmtree(os.path.dirname(inputs[0]))
 
-    # TorchScript modules in, TorchScript module out.
+
+def torchscript(a, tm, out):
+    """TorchScript modules in, TorchScript module (and state dict) out."""
     inputs = make_inputs(a.work, 4, "float32", 24, torchscript=True)
     cmds = {"I/O floor (cat + cp)": floor_cmd(inputs, os.path.join(out, "floor.pt")),
             "torchmerge TorchScript -> TorchScript": [tm, "simple_average", "-q", "-o",
