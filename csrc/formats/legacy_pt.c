@@ -83,27 +83,6 @@ static size_t find_key(const tm_legacy_pt *lp, const char *key) {
     return SIZE_MAX;
 }
 
-static const char *kind_word(tm_pk_kind k) {
-    switch (k) {
-    case TM_PK_NONE: return "None";
-    case TM_PK_BOOL: return "bool";
-    case TM_PK_INT:
-    case TM_PK_BIGINT: return "int";
-    case TM_PK_FLOAT: return "float";
-    case TM_PK_STRING: return "str";
-    case TM_PK_BYTES: return "bytes";
-    case TM_PK_TUPLE: return "tuple";
-    case TM_PK_LIST: return "list";
-    case TM_PK_DICT: return "dict";
-    case TM_PK_SET: return "set";
-    case TM_PK_GLOBAL: return "global";
-    case TM_PK_OBJECT: return "object";
-    case TM_PK_STORAGE: return "storage";
-    case TM_PK_TENSOR: return "tensor";
-    }
-    return "?";
-}
-
 /* ---- Signature ---------------------------------------------------------------------------- */
 
 int tm_legacy_pt_looks_like(const uint8_t *data, size_t size) {
@@ -131,7 +110,7 @@ static tm_status check_magic(const tm_pk_value *v, const char *label, tm_error *
 static tm_status check_version(const tm_pk_value *v, const char *label, tm_error *err) {
     if (v->kind != TM_PK_INT)
         return lerr(err, TM_ERROR_FORMAT, label,
-                    "legacy torch.save protocol version is a %s, not an int", kind_word(v->kind));
+                    "legacy torch.save protocol version is a %s, not an int", tm_pk_kind_name(v->kind));
     if (v->u.integer != LEGACY_PROTOCOL_VERSION)
         return lerr(err, TM_ERROR_UNSUPPORTED, label,
                     "legacy torch.save protocol version %lld is not supported (expected %d)",
@@ -142,7 +121,7 @@ static tm_status check_version(const tm_pk_value *v, const char *label, tm_error
 static tm_status check_sys_info(const tm_pk_value *v, const char *label, tm_error *err) {
     if (v->kind != TM_PK_DICT)
         return lerr(err, TM_ERROR_FORMAT, label, "legacy sys_info is a %s, not a dict",
-                    kind_word(v->kind));
+                    tm_pk_kind_name(v->kind));
     const tm_pk_value *le = tm_pk_dict_get(v, "little_endian");
     if (!le) return TM_OK; /* torch.load ignores sys_info; every writer sets it */
     int little;
@@ -150,7 +129,7 @@ static tm_status check_sys_info(const tm_pk_value *v, const char *label, tm_erro
     else if (le->kind == TM_PK_INT) little = le->u.integer != 0;
     else
         return lerr(err, TM_ERROR_FORMAT, label, "legacy sys_info little_endian is a %s",
-                    kind_word(le->kind));
+                    tm_pk_kind_name(le->kind));
     if (!little)
         return lerr(err, TM_ERROR_UNSUPPORTED, label, "big-endian checkpoints are not supported");
     return TM_OK;
@@ -190,7 +169,7 @@ static tm_status place_storages(tm_legacy_pt *lp, const tm_pk_value *keys, const
     if (keys->kind != TM_PK_LIST && keys->kind != TM_PK_TUPLE)
         return lerr(err, TM_ERROR_FORMAT, label,
                     "the legacy storage key list (fifth pickle) is a %s, not a list",
-                    kind_word(keys->kind));
+                    tm_pk_kind_name(keys->kind));
     size_t nkeys = keys->u.seq.n;
     uint64_t off = pos;
     for (size_t i = 0; i < nkeys; i++) {
@@ -206,7 +185,7 @@ static tm_status place_storages(tm_legacy_pt *lp, const tm_pk_value *keys, const
             key = buf;
         } else {
             return lerr(err, TM_ERROR_FORMAT, label, "storage key %zu of the key list is a %s", i,
-                        kind_word(k->kind));
+                        tm_pk_kind_name(k->kind));
         }
         size_t e = find_key(lp, key);
         if (e == SIZE_MAX)

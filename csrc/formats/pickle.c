@@ -245,7 +245,7 @@ static const char *op_name(uint8_t op) {
     }
 }
 
-static const char *kind_name(tm_pk_kind k) {
+const char *tm_pk_kind_name(tm_pk_kind k) {
     switch (k) {
     case TM_PK_NONE: return "None";
     case TM_PK_BOOL: return "bool";
@@ -1014,7 +1014,7 @@ static int str_is(const tm_pk_value *v, const char *s) {
 static tm_status encode_text(parser *p, const tm_pk_value *text, const tm_pk_value *enc,
                              tm_pk_value **out) {
     if (text->kind != TM_PK_STRING)
-        return perr(p, TM_ERROR_FORMAT, "_codecs.encode of a %s", kind_name(text->kind));
+        return perr(p, TM_ERROR_FORMAT, "_codecs.encode of a %s", tm_pk_kind_name(text->kind));
     if (!enc || str_is(enc, "utf-8") || str_is(enc, "utf8") || str_is(enc, "UTF-8"))
         return new_str(p, TM_PK_BYTES, text->u.str.data, text->u.str.len, out);
     if (str_is(enc, "latin1") || str_is(enc, "latin-1") || str_is(enc, "iso-8859-1") ||
@@ -1023,7 +1023,7 @@ static tm_status encode_text(parser *p, const tm_pk_value *text, const tm_pk_val
     if (enc->kind == TM_PK_STRING)
         return perr(p, TM_ERROR_UNSUPPORTED, "_codecs.encode with encoding '%.64s'",
                     enc->u.str.data);
-    return perr(p, TM_ERROR_FORMAT, "_codecs.encode with a %s encoding", kind_name(enc->kind));
+    return perr(p, TM_ERROR_FORMAT, "_codecs.encode with a %s encoding", tm_pk_kind_name(enc->kind));
 }
 
 /* ---- Globals: what is refused, what is understood ------------------------------------ */
@@ -1304,7 +1304,7 @@ static tm_status persistent_load(parser *p, tm_pk_value *pid, tm_pk_value **out)
             return perr(p, TM_ERROR_UNSUPPORTED, "unsupported persistent id ('%.64s', ...)",
                         pid->u.seq.items[0]->u.str.data);
         return perr(p, TM_ERROR_UNSUPPORTED, "unsupported persistent id (a %s)",
-                    kind_name(pid->kind));
+                    tm_pk_kind_name(pid->kind));
     }
     tm_pk_value **it = pid->u.seq.items;
     size_t n = pid->u.seq.n;
@@ -1317,7 +1317,7 @@ static tm_status persistent_load(parser *p, tm_pk_value *pid, tm_pk_value **out)
             return perr(p, TM_ERROR_UNSUPPORTED, "storage type %.100s.%.100s is not supported",
                         it[1]->u.global.module, it[1]->u.global.name);
         return perr(p, TM_ERROR_FORMAT, "persistent id: storage type is a %s",
-                    kind_name(it[1]->kind));
+                    tm_pk_kind_name(it[1]->kind));
     }
     const char *key;
     if (it[2]->kind == TM_PK_STRING) {
@@ -1330,13 +1330,13 @@ static tm_status persistent_load(parser *p, tm_pk_value *pid, tm_pk_value **out)
         key = k;
     } else {
         return perr(p, TM_ERROR_FORMAT, "persistent id: storage key is a %s",
-                    kind_name(it[2]->kind));
+                    tm_pk_kind_name(it[2]->kind));
     }
     if (strlen(key) != (it[2]->kind == TM_PK_STRING ? it[2]->u.str.len : strlen(key)))
         return perr(p, TM_ERROR_FORMAT, "persistent id: storage key contains NUL");
     if (it[3]->kind != TM_PK_STRING)
         return perr(p, TM_ERROR_FORMAT, "persistent id: location is a %s",
-                    kind_name(it[3]->kind));
+                    tm_pk_kind_name(it[3]->kind));
     if (it[4]->kind != TM_PK_INT || it[4]->u.integer < 0)
         return perr(p, TM_ERROR_FORMAT, "persistent id: storage size is not a non-negative int");
     if (n == 6 && it[5]->kind != TM_PK_NONE)
@@ -1361,7 +1361,7 @@ static tm_status build_tensor(parser *p, const char *fn, tm_pk_value *const *a, 
                               tm_dtype dtype, tm_pk_value **out) {
     const tm_pk_value *st = a[0], *off = a[1], *size = a[2], *stride = a[3];
     if (st->kind != TM_PK_STORAGE)
-        return perr(p, TM_ERROR_FORMAT, "%s: storage argument is a %s", fn, kind_name(st->kind));
+        return perr(p, TM_ERROR_FORMAT, "%s: storage argument is a %s", fn, tm_pk_kind_name(st->kind));
     if (off->kind != TM_PK_INT || off->u.integer < 0)
         return perr(p, TM_ERROR_FORMAT, "%s: storage offset is not a non-negative int", fn);
     if (!is_seq(size) || !is_seq(stride))
@@ -1431,11 +1431,11 @@ static tm_status tensor_call(parser *p, const tm_pk_value *fn, const tm_pk_value
 static tm_status as_parameter(parser *p, const tm_pk_value *data, const tm_pk_value *rg,
                               tm_pk_value **out) {
     if (data->kind != TM_PK_TENSOR)
-        return perr(p, TM_ERROR_FORMAT, "_rebuild_parameter: data is a %s", kind_name(data->kind));
+        return perr(p, TM_ERROR_FORMAT, "_rebuild_parameter: data is a %s", tm_pk_kind_name(data->kind));
     int flag = data->u.tensor.requires_grad;
     if (rg && !as_flag(rg, &flag))
         return perr(p, TM_ERROR_FORMAT, "_rebuild_parameter: requires_grad is a %s",
-                    kind_name(rg->kind));
+                    tm_pk_kind_name(rg->kind));
     tm_pk_value *t = NULL;
     TRY(new_value(p, TM_PK_TENSOR, &t));
     t->u.tensor = data->u.tensor; /* a copy: the data tensor may be shared through the memo */
@@ -1461,7 +1461,7 @@ static tm_status tensor_call(parser *p, const tm_pk_value *fn, const tm_pk_value
         int rg;
         if (!as_flag(a[4], &rg))
             return perr(p, TM_ERROR_FORMAT, "%s: requires_grad is a %s", name,
-                        kind_name(a[4]->kind));
+                        tm_pk_kind_name(a[4]->kind));
         TRY(build_tensor(p, name, a, 0, TM_FLOAT32, out));
         (*out)->u.tensor.requires_grad = rg;
         return TM_OK;
@@ -1471,11 +1471,11 @@ static tm_status tensor_call(parser *p, const tm_pk_value *fn, const tm_pk_value
         int rg;
         if (!as_flag(a[4], &rg))
             return perr(p, TM_ERROR_FORMAT, "%s: requires_grad is a %s", name,
-                        kind_name(a[4]->kind));
+                        tm_pk_kind_name(a[4]->kind));
         const tm_pk_value *dt = a[6];
         if (dt->kind != TM_PK_GLOBAL || NODE(dt)->special != SP_DTYPE)
             return perr(p, TM_ERROR_FORMAT, "%s: dtype argument is a %s", name,
-                        kind_name(dt->kind));
+                        tm_pk_kind_name(dt->kind));
         if (NODE(dt)->dtype < 0)
             return perr(p, TM_ERROR_UNSUPPORTED, "dtype %.100s is not supported",
                         dt->u.global.name);
@@ -1528,7 +1528,7 @@ static tm_status dict_from_args(parser *p, const char *fn, const tm_pk_value *ar
                 TRY(dict_set(p, d, pair->u.seq.items[0], pair->u.seq.items[1]));
             }
         } else {
-            return perr(p, TM_ERROR_FORMAT, "%s of a %s", fn, kind_name(src->kind));
+            return perr(p, TM_ERROR_FORMAT, "%s of a %s", fn, tm_pk_kind_name(src->kind));
         }
     }
     *out = d;
@@ -1545,7 +1545,7 @@ static tm_status seq_from_args(parser *p, const char *fn, tm_pk_kind kind,
     if (src->kind == TM_PK_DICT)
         return new_seq(p, kind, src->u.dict.keys, src->u.dict.n, out);
     if (!is_seq(src) && src->kind != TM_PK_SET)
-        return perr(p, TM_ERROR_FORMAT, "%s of a %s", fn, kind_name(src->kind));
+        return perr(p, TM_ERROR_FORMAT, "%s of a %s", fn, tm_pk_kind_name(src->kind));
     if (kind == TM_PK_TUPLE && src->kind == TM_PK_TUPLE) {
         *out = (tm_pk_value *)src; /* tuple(t) is t */
         return TM_OK;
@@ -1577,7 +1577,7 @@ static int is_class_special(int sp) {
 static tm_status instantiate(parser *p, const tm_pk_value *cls, tm_pk_value *args,
                              tm_pk_value **out) {
     if (cls->kind != TM_PK_GLOBAL)
-        return perr(p, TM_ERROR_FORMAT, "cannot instantiate a %s", kind_name(cls->kind));
+        return perr(p, TM_ERROR_FORMAT, "cannot instantiate a %s", tm_pk_kind_name(cls->kind));
     int sp = NODE(cls)->special;
     switch (sp) {
     case SP_ODICT:
@@ -1601,9 +1601,9 @@ static tm_status instantiate(parser *p, const tm_pk_value *cls, tm_pk_value *arg
 /* func(*args): REDUCE, INST, OBJ. */
 static tm_status call(parser *p, const tm_pk_value *fn, tm_pk_value *args, tm_pk_value **out) {
     if (fn->kind != TM_PK_GLOBAL)
-        return perr(p, TM_ERROR_FORMAT, "calling a %s (not a global)", kind_name(fn->kind));
+        return perr(p, TM_ERROR_FORMAT, "calling a %s (not a global)", tm_pk_kind_name(fn->kind));
     if (args->kind != TM_PK_TUPLE)
-        return perr(p, TM_ERROR_FORMAT, "arguments are a %s, not a tuple", kind_name(args->kind));
+        return perr(p, TM_ERROR_FORMAT, "arguments are a %s, not a tuple", tm_pk_kind_name(args->kind));
     const char *name = fn->u.global.name;
     tm_pk_value *const *a = args->u.seq.items;
     size_t n = args->u.seq.n;
@@ -1678,7 +1678,7 @@ static tm_status append_items(parser *p, tm_pk_value *target, tm_pk_value *const
             return perr(p, TM_ERROR_FORMAT, "appending to an object that has dict items");
         return seq_extend(p, target->u.object.items, items, n);
     }
-    return perr(p, TM_ERROR_FORMAT, "appending to a %s", kind_name(target->kind));
+    return perr(p, TM_ERROR_FORMAT, "appending to a %s", tm_pk_kind_name(target->kind));
 }
 
 static tm_status set_items(parser *p, tm_pk_value *target, tm_pk_value *const *items, size_t n) {
@@ -1691,7 +1691,7 @@ static tm_status set_items(parser *p, tm_pk_value *target, tm_pk_value *const *i
         if (d->kind != TM_PK_DICT)
             return perr(p, TM_ERROR_FORMAT, "setting items of an object that has list items");
     } else if (target->kind != TM_PK_DICT) {
-        return perr(p, TM_ERROR_FORMAT, "setting items of a %s", kind_name(target->kind));
+        return perr(p, TM_ERROR_FORMAT, "setting items of a %s", tm_pk_kind_name(target->kind));
     }
     for (size_t i = 0; i < n; i += 2) TRY(dict_set(p, d, items[i], items[i + 1]));
     return TM_OK;
@@ -1712,7 +1712,7 @@ static tm_status build(parser *p, tm_pk_value *inst, tm_pk_value *state) {
     case TM_PK_BYTES:
         return TM_OK;
     default:
-        return perr(p, TM_ERROR_FORMAT, "BUILD on a %s", kind_name(inst->kind));
+        return perr(p, TM_ERROR_FORMAT, "BUILD on a %s", tm_pk_kind_name(inst->kind));
     }
 }
 
@@ -1795,7 +1795,7 @@ static tm_status check_graph(parser *p, tm_pk_value *root) {
                     if (cn->color == 1) {
                         st = perr(p, TM_ERROR_UNSUPPORTED,
                                   "a %s contains itself (self-referencing data)",
-                                  kind_name(c->kind));
+                                  tm_pk_kind_name(c->kind));
                         goto done;
                     }
                     if (cn->color == 2) {
@@ -2046,7 +2046,7 @@ static tm_status run(parser *p, tm_pk_value **result) {
             TRY(pop_mark(p, &base, &n));
             TRY(top(p, &v));
             if (v->kind != TM_PK_SET)
-                return perr(p, TM_ERROR_FORMAT, "adding items to a %s", kind_name(v->kind));
+                return perr(p, TM_ERROR_FORMAT, "adding items to a %s", tm_pk_kind_name(v->kind));
             TRY(seq_extend(p, v, p->stack + base, n));
             break;
         case 0x91:
@@ -2080,7 +2080,7 @@ static tm_status run(parser *p, tm_pk_value **result) {
             TRY(pop(p, &v));
             if (w->kind != TM_PK_TUPLE)
                 return perr(p, TM_ERROR_FORMAT, "arguments are a %s, not a tuple",
-                            kind_name(w->kind));
+                            tm_pk_kind_name(w->kind));
             TRY(instantiate(p, v, w, &x));
             TRY(push(p, x));
             break;

@@ -35,6 +35,9 @@ typedef enum tm_pk_kind {
     TM_PK_TENSOR
 } tm_pk_kind;
 
+/* Python's word for a kind ("int", "dict", …), for error messages. */
+const char *tm_pk_kind_name(tm_pk_kind k);
+
 typedef struct tm_pk_value tm_pk_value;
 
 struct tm_pk_value {
