@@ -24,10 +24,11 @@
 #include <vector>
 
 #include "formats/safetensors.h"
+#include "test_support.hpp"
 
 namespace {
 
-using Bytes = std::vector<uint8_t>;
+using tm_test::Bytes;
 using Meta = std::vector<std::pair<std::string, std::string>>;
 
 #ifdef TM_TEST_PYTHON
@@ -44,34 +45,11 @@ const std::string kStCorpus = "../shared/realworld";
 
 const char *const kLabel = "test.safetensors";
 
-struct StTempFile {
-    std::string path;
-    explicit StTempFile(const char *suffix = ".safetensors") {
-        const char *dir = std::getenv("TMPDIR");
-        std::string tmpl = std::string(dir && *dir ? dir : "/tmp") + "/tm_st_XXXXXX" + suffix;
-        std::vector<char> buf(tmpl.begin(), tmpl.end());
-        buf.push_back('\0');
-        int fd = mkstemps(buf.data(), (int)std::strlen(suffix));
-        REQUIRE(fd >= 0);
-        close(fd);
-        path = buf.data();
-    }
-    ~StTempFile() { std::remove(path.c_str()); }
-    StTempFile(const StTempFile &) = delete;
-    StTempFile &operator=(const StTempFile &) = delete;
+struct StTempFile : tm_test::TempFile {
+    explicit StTempFile(const char *suffix = ".safetensors") : tm_test::TempFile(suffix) {}
 };
-
-Bytes slurp(const std::string &path) {
-    std::ifstream f(path, std::ios::binary);
-    REQUIRE(f.good());
-    return Bytes(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-}
-
-void spit(const std::string &path, const std::string &text) {
-    std::ofstream f(path, std::ios::binary);
-    f << text;
-    REQUIRE(f.good());
-}
+using tm_test::read_file;
+using tm_test::write_file;
 
 std::string run_capture(const std::string &cmd, int *rc) {
     std::string out;
@@ -237,7 +215,7 @@ Bytes write_to_bytes(const std::vector<Spec> &specs, const Meta &meta, size_t ch
     close(fd);
     INFO(err.msg);
     REQUIRE(st == TM_OK);
-    return slurp(tmp.path);
+    return read_file(tmp.path);
 }
 
 void check_matches_specs(const Opened &o, const std::vector<Spec> &specs, const Meta &meta) {
@@ -434,7 +412,7 @@ TEST_CASE("safetensors writer refuses complex128 with a clear error", "[safetens
     CHECK(msg.find("out.safetensors: tensor 'z'") == 0);
     CHECK(msg.find("complex128") != std::string::npos);
     CHECK(msg.find("safetensors") != std::string::npos);
-    CHECK(slurp(tmp.path).empty());
+    CHECK(read_file(tmp.path).empty());
 }
 
 TEST_CASE("safetensors writer refuses invalid tensors and metadata before writing anything",
@@ -481,7 +459,7 @@ TEST_CASE("safetensors writer refuses invalid tensors and metadata before writin
         INFO(err.msg);
         CHECK(std::string(err.msg).rfind("out.safetensors: ", 0) == 0);
         CHECK(std::string(err.msg).find(c.part) != std::string::npos);
-        CHECK(slurp(tmp.path).empty());
+        CHECK(read_file(tmp.path).empty());
     }
 
     tm_error err{};
@@ -574,7 +552,7 @@ TEST_CASE("Python parses the writer's output by hand and torch.frombuffer sees t
         f.write((const char *)file.data(), (std::streamsize)file.size());
     }
     StTempFile script(".py");
-    spit(script.path, R"PY(
+    write_file(script.path, R"PY(
 import json, struct, sys, torch
 b = open(sys.argv[1], 'rb').read()
 n = struct.unpack('<Q', b[:8])[0]
@@ -928,7 +906,7 @@ TEST_CASE("safetensors reader refuses duplicate names and bad metadata", "[safet
 TEST_CASE("safetensors reader opens burn's mnist with 20 tensors", "[safetensors][corpus]") {
     std::string path = corpus_file("tracel-ai__burn/mnist.safetensors");
     if (path.empty()) return;
-    Opened o(slurp(path), path.c_str());
+    Opened o(read_file(path), path.c_str());
     INFO(o.err.msg);
     REQUIRE(o.status == TM_OK);
     CHECK(tm_safetensors_count(o.st) == 20);
@@ -956,7 +934,7 @@ TEST_CASE("safetensors reader opens burn's mnist with 20 tensors", "[safetensors
 TEST_CASE("safetensors reader opens tinygrad's mnist with 2 tensors", "[safetensors][corpus]") {
     std::string path = corpus_file("AliBayatMokhtari__mnist-tinygrad/model_4bc2046.safetensors");
     if (path.empty()) return;
-    Opened o(slurp(path), path.c_str());
+    Opened o(read_file(path), path.c_str());
     INFO(o.err.msg);
     REQUIRE(o.status == TM_OK);
     REQUIRE(tm_safetensors_count(o.st) == 2);
@@ -978,7 +956,7 @@ TEST_CASE("safetensors reader opens the PEFT LoRA adapters with 28 tensors and f
           "dayanidhi04__emotion-classification-distilbert-lora/adapter_model.safetensors"}) {
         std::string path = corpus_file(rel);
         if (path.empty()) continue;
-        Opened o(slurp(path), path.c_str());
+        Opened o(read_file(path), path.c_str());
         INFO(path << ": " << o.err.msg);
         REQUIRE(o.status == TM_OK);
         CHECK(tm_safetensors_count(o.st) == 28);
@@ -998,7 +976,7 @@ TEST_CASE("safetensors reader refuses the FluxML dtype-coverage file over its F8
           "[safetensors][corpus]") {
     std::string path = corpus_file("FluxML__SafeTensors.jl/model.safetensors");
     if (path.empty()) return;
-    Bytes file = slurp(path);
+    Bytes file = read_file(path);
     {
         Opened o(file, path.c_str());
         CHECK(o.status == TM_ERROR_UNSUPPORTED);
@@ -1029,7 +1007,7 @@ TEST_CASE("safetensors reader refuses safetensors-cpp's abuse file whose header 
           "[safetensors][corpus]") {
     std::string path = corpus_file("syoyo__safetensors-cpp/safetensors_abuse_attempt_1.safetensors");
     if (path.empty()) return;
-    Opened o(slurp(path), path.c_str());
+    Opened o(read_file(path), path.c_str());
     CHECK(o.status == TM_ERROR_FORMAT);
     CHECK(std::string(o.err.msg) == path + ": safetensors header length 1000 runs past the end "
                                            "of the file (88 bytes)");
@@ -1050,7 +1028,7 @@ TEST_CASE("safetensors reader agrees with a Python parse of the corpus files",
     }
     if (paths.empty()) return;
     StTempFile script(".py");
-    spit(script.path, R"PY(
+    write_file(script.path, R"PY(
 import json, struct, sys, zlib
 for path in sys.argv[1:]:
     b = open(path, 'rb').read()
@@ -1075,7 +1053,7 @@ for path in sys.argv[1:]:
 
     std::ostringstream ours;
     for (const auto &p : paths) {
-        Opened o(slurp(p), p.c_str());
+        Opened o(read_file(p), p.c_str());
         INFO(o.err.msg);
         REQUIRE(o.status == TM_OK);
         ours << "file\t" << p << "\t" << tm_safetensors_data_offset(o.st) << "\t"

@@ -946,7 +946,8 @@ done:
     return s;
 }
 
-tm_status tm_st_writer_write(tm_st_writer *w, const void *data, size_t len, tm_error *err) {
+/* A writer that failed or finished takes no more calls. */
+static tm_status check_usable(const tm_st_writer *w, tm_error *err) {
     if (!w) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "safetensors: NULL writer");
     if (w->failed)
         return tm_error_set(err, TM_ERROR_IO, "%s: safetensors: an earlier write failed",
@@ -954,6 +955,12 @@ tm_status tm_st_writer_write(tm_st_writer *w, const void *data, size_t len, tm_e
     if (w->finished)
         return tm_error_set(err, TM_ERROR_INTERNAL, "%s: safetensors: file already finished",
                             w->label);
+    return TM_OK;
+}
+
+tm_status tm_st_writer_write(tm_st_writer *w, const void *data, size_t len, tm_error *err) {
+    tm_status s = check_usable(w, err);
+    if (s) return s;
     if (len && !data)
         return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: safetensors: NULL data",
                             w->label);
@@ -964,19 +971,14 @@ tm_status tm_st_writer_write(tm_st_writer *w, const void *data, size_t len, tm_e
                             "data declared (%llu already written)",
                             w->label, len, (ull)w->total, (ull)w->written);
     }
-    tm_status s = put(w, data, len, err);
+    s = put(w, data, len, err);
     if (!s) w->written += len;
     return s;
 }
 
 tm_status tm_st_writer_finish(tm_st_writer *w, tm_error *err) {
-    if (!w) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "safetensors: NULL writer");
-    if (w->failed)
-        return tm_error_set(err, TM_ERROR_IO, "%s: safetensors: an earlier write failed",
-                            w->label);
-    if (w->finished)
-        return tm_error_set(err, TM_ERROR_INTERNAL, "%s: safetensors: file already finished",
-                            w->label);
+    tm_status s = check_usable(w, err);
+    if (s) return s;
     if (w->written != w->total) {
         w->failed = 1;
         return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
@@ -984,7 +986,7 @@ tm_status tm_st_writer_finish(tm_st_writer *w, tm_error *err) {
                             "written",
                             w->label, (ull)w->written, (ull)w->total);
     }
-    tm_status s = tm_output_stream_flush(&w->out, err);
+    s = tm_output_stream_flush(&w->out, err);
     if (s) w->failed = 1;
     else w->finished = 1;
     return s;
