@@ -22,10 +22,11 @@ def main() -> int:
     parser.add_argument("--ops-lib", help="libtorchmerge_ops.so (default: $TORCHMERGE_OPS_LIB or build/)")
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    if args.ops_lib:  # average_modules loads the library when imported
+        os.environ["TORCHMERGE_OPS_LIB"] = args.ops_lib
     import torch
     import average_modules
 
-    average_modules.load_ops(args.ops_lib)
     scripted = torch.jit.script(average_modules.Averager())
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     scripted.save(args.output)

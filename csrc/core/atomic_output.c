@@ -35,6 +35,15 @@ void tm_temporary_track(char *path) { live_add(live, path); }
 void tm_temporary_track_folder(char *path) { live_add(live_dirs, path); }
 void tm_temporary_untrack(const char *path) { live_remove(path); }
 
+int tm_same_file(const char *a, const char *b) {
+    if (!a || !b) return 0;
+    char *ra = realpath(a, NULL), *rb = realpath(b, NULL);
+    int same = ra && rb && strcmp(ra, rb) == 0;
+    free(ra);
+    free(rb);
+    return same;
+}
+
 /* Empties a flat folder and removes it with system calls only (opendir allocates). Another
  * thread may create a file in it meanwhile: rmdir then fails with ENOTEMPTY and the folder is
  * listed again; once it is gone, nothing more can be created in it. */

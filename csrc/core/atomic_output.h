@@ -34,6 +34,9 @@ void tm_temporary_track_folder(char *path);
 /* Untracks a file or a folder. */
 void tm_temporary_untrack(const char *path);
 
+/* 1 when a and b name the same existing file or folder (an output must never replace an input). */
+int tm_same_file(const char *a, const char *b);
+
 #ifdef __cplusplus
 }
 #endif

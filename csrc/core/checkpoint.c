@@ -134,8 +134,9 @@ static tm_status locate_storage(const tm_checkpoint *ck, const storage_source *s
 
 static tm_status add_storage(tm_checkpoint *ck, const storage_source *src, const tm_pk_value *pk,
                              tm_dtype tensor_dtype, size_t *index, const char *tname, tm_error *err) {
-    for (size_t i = 0; i < ck->n_storages; i++)
-        if (ck->storages[i].map == ck->cur && ck->storages[i].pk == pk) { *index = i; return TM_OK; }
+    /* Storages are appended file by file: only the tail can belong to this file. */
+    for (size_t i = ck->n_storages; i-- > 0 && ck->storages[i].map == ck->cur;)
+        if (ck->storages[i].pk == pk) { *index = i; return TM_OK; }
     uint64_t offset = 0, size = 0;
     tm_status st = locate_storage(ck, src, pk, tname, &offset, &size, err);
     if (st) return st;
@@ -172,8 +173,13 @@ static tm_status reserve_tensors(tm_checkpoint *ck, size_t more, tm_error *err) 
     return TM_OK;
 }
 
-static tm_status build_table(tm_checkpoint *ck, const storage_source *src,
-                             const tm_named_tensors *nt, tm_error *err) {
+/* Adds one file's walked tensors; the state dict's key (--key or found) comes from the first. */
+static tm_status build_table(tm_checkpoint *ck, const storage_source *src, tm_named_tensors *nt,
+                             tm_error *err) {
+    if (!ck->key) {
+        ck->key = nt->key;
+        nt->key = NULL;
+    }
     tm_status st = reserve_tensors(ck, nt->n, err);
     if (st) return st;
     for (size_t i = 0; i < nt->n; i++) {
@@ -251,10 +257,6 @@ static tm_status open_zip(tm_checkpoint *ck, const tm_open_options *opts, tm_err
     if ((st = tm_pickle_load(bytes, e->size, label, NULL, &pk, NULL, err))) goto done;
     if ((st = tm_state_dict_walk(tm_pickle_root(pk), opts ? opts->key : NULL, CUR_PATH(ck), &nt, err)))
         goto done;
-    if (!ck->key) {
-        ck->key = nt.key;
-        nt.key = NULL;
-    }
     storage_source src = {zr, prefix, NULL};
     st = build_table(ck, &src, &nt, err);
 done:
@@ -272,8 +274,6 @@ static tm_status open_legacy(tm_checkpoint *ck, const tm_open_options *opts, tm_
     tm_status st = tm_legacy_pt_open(CUR_MAP(ck)->data, CUR_MAP(ck)->size, CUR_PATH(ck), &lp, err);
     if (!st) st = tm_state_dict_walk(tm_legacy_pt_root(lp), opts ? opts->key : NULL, CUR_PATH(ck), &nt, err);
     if (!st) {
-        ck->key = nt.key;
-        nt.key = NULL;
         storage_source src = {NULL, NULL, lp};
         st = build_table(ck, &src, &nt, err);
     }

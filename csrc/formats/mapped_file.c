@@ -47,19 +47,12 @@ void tm_mapped_file_close(tm_mapped_file *f) {
     f->size = 0;
 }
 
-static int page_range(const tm_mapped_file *f, uint64_t offset, uint64_t len, int inward,
-                      uint8_t **start, size_t *size) {
+/* The whole pages covering [offset, offset+len), clipped to the file. */
+static int page_range(const tm_mapped_file *f, uint64_t offset, uint64_t len, uint8_t **start, size_t *size) {
     if (!f->data || offset >= f->size || len == 0) return 0;
     if (len > f->size - offset) len = f->size - offset;
     uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
-    uint64_t lo = offset, hi = offset + len;
-    if (inward) {
-        lo = (lo + page - 1) / page * page;
-        if (hi != f->size) hi = hi / page * page; /* the file's last partial page is ours */
-    } else {
-        lo = lo / page * page;
-    }
-    if (hi <= lo) return 0;
+    uint64_t lo = offset / page * page, hi = offset + len;
     *start = (uint8_t *)f->data + lo;
     *size = (size_t)(hi - lo);
     return 1;
@@ -68,7 +61,7 @@ static int page_range(const tm_mapped_file *f, uint64_t offset, uint64_t len, in
 void tm_mapped_file_prefetch(const tm_mapped_file *f, uint64_t offset, uint64_t len) {
     uint8_t *p;
     size_t n;
-    if (f && page_range(f, offset, len, 0, &p, &n)) madvise(p, n, MADV_WILLNEED);
+    if (f && page_range(f, offset, len, &p, &n)) madvise(p, n, MADV_WILLNEED);
 }
 
 /* Pages here are never written (a private read-only mapping), so dropping one that a neighbour
@@ -82,5 +75,5 @@ void tm_mapped_file_release(const tm_mapped_file *f, uint64_t offset, uint64_t l
     uint8_t *p;
     size_t n;
     uint64_t lo = offset / FOLIO_SPAN * FOLIO_SPAN;
-    if (f && page_range(f, lo, offset + len - lo, 0, &p, &n)) madvise(p, n, MADV_DONTNEED);
+    if (f && page_range(f, lo, offset + len - lo, &p, &n)) madvise(p, n, MADV_DONTNEED);
 }

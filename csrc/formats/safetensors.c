@@ -10,14 +10,10 @@
 #include "core/output_stream.h"
 
 #include <cjson/cJSON.h>
-#include <errno.h>
-#include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/types.h>
-#include <unistd.h>
 
 typedef unsigned long long ull;
 

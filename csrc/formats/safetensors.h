@@ -18,7 +18,7 @@
  *
  * The writer knows every tensor up front: it writes the header (tensors in the given order,
  * contiguous offsets, "__metadata__" first, padded with spaces to a multiple of 8 bytes), then
- * streams the tensors' bytes in that order to a file descriptor through a 4 MiB buffer. */
+ * streams the tensors' bytes in that order to a file descriptor through the output stream (core/output_stream.h). */
 #ifndef TM_FORMATS_SAFETENSORS_H
 #define TM_FORMATS_SAFETENSORS_H
 

@@ -6,8 +6,6 @@
 #define _POSIX_C_SOURCE 200809L /* strdup */
 #include "formats/zip_writer.h"
 
-#include <errno.h>
-#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
@@ -52,7 +50,6 @@ typedef struct zw_entry {
 struct tm_zip_writer {
     tm_output_stream out;
     char *label;
-    uint64_t pos; /* bytes emitted so far, buffered ones included: the next member's offset */
     zw_entry *entries;
     size_t count, cap;
     int in_member;
@@ -83,7 +80,6 @@ static int count_needs64(const tm_zip_writer *zw, uint64_t n) {
 static tm_status put(tm_zip_writer *zw, const void *data, size_t n, tm_error *err) {
     tm_status st = tm_output_stream_put(&zw->out, data, n, err);
     if (st) zw->failed = 1;
-    else zw->pos += n;
     return st;
 }
 
@@ -160,7 +156,7 @@ tm_status tm_zip_writer_begin(tm_zip_writer *zw, const char *name, uint64_t size
     zw_entry *e = &zw->entries[zw->count];
     e->name = strdup(name);
     if (!e->name) return tm_error_set(err, TM_ERROR_NOMEM, "%s: zip: out of memory", zw->label);
-    e->offset = zw->pos;
+    e->offset = zw->out.pos;
     e->size = size;
     e->crc = 0;
     zw->count++;
@@ -352,15 +348,15 @@ tm_status tm_zip_writer_finish(tm_zip_writer *zw, tm_error *err) {
                             zw->label, zw->entries[zw->count - 1].name);
     if ((st = check_unique_names(zw, err))) return st;
 
-    uint64_t cd_offset = zw->pos;
+    uint64_t cd_offset = zw->out.pos;
     for (size_t i = 0; i < zw->count; i++)
         if ((st = put_central_entry(zw, &zw->entries[i], err))) return st;
-    uint64_t cd_size = zw->pos - cd_offset, count = zw->count;
+    uint64_t cd_size = zw->out.pos - cd_offset, count = zw->count;
 
     int big_count = count_needs64(zw, count);
     int big_cd_size = needs64(zw, cd_size), big_cd_offset = needs64(zw, cd_offset);
     if (big_count || big_cd_size || big_cd_offset) {
-        uint64_t rec_offset = zw->pos;
+        uint64_t rec_offset = zw->out.pos;
         uint8_t r[56 + 20];
         wr32(r, SIG_EOCD64);
         wr64(r + 4, 56 - 12); /* size of the rest of the record */

@@ -25,15 +25,6 @@ typedef struct greedy_ctx {
     char *template_path;   /* malloc'd copy when found among the inputs */
 } greedy_ctx;
 
-static int same_file(const char *a, const char *b) {
-    if (!a || !b) return 0;
-    char *ra = realpath(a, NULL), *rb = realpath(b, NULL);
-    int same = ra && rb && strcmp(ra, rb) == 0;
-    free(ra);
-    free(rb);
-    return same;
-}
-
 /* ".<base>.greedy.XXXXXX" in output's folder (for a folder output: beside that folder). */
 static tm_status make_temp(greedy_ctx *g, const char *output, tm_error *err) {
     char *a = strdup(output), *b = strdup(output);
@@ -50,16 +41,18 @@ static tm_status make_temp(greedy_ctx *g, const char *output, tm_error *err) {
         g->temp = NULL;
         return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
     }
+    /* Registered before it exists (mkostemp fills the name in place), like every temporary. */
+    tm_temporary_track(g->temp);
     int fd = mkostemp(g->temp, O_CLOEXEC);
     if (fd < 0) {
         tm_error_set(err, TM_ERROR_IO, "%s: cannot create a temporary file beside it for the greedy soup's candidates: %s",
                      output, strerror(errno));
+        tm_temporary_untrack(g->temp);
         free(g->temp);
         g->temp = NULL;
         return err->status;
     }
     close(fd);
-    tm_temporary_track(g->temp);
     return TM_OK;
 }
 
@@ -141,12 +134,12 @@ static tm_status run(greedy_ctx *g, const char *output, const tm_merge_options *
         return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "greedy soup averages uniformly: weights are not accepted");
     for (size_t i = 0; i < g->n; i++) {
         if (!g->inputs[i]) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "input %zu is NULL", i + 1);
-        if (same_file(g->inputs[i], output))
+        if (tm_same_file(g->inputs[i], output))
             return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: the output would replace an input", output);
     }
-    if (same_file(g->eval, output))
+    if (tm_same_file(g->eval, output))
         return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: the output would replace the evaluation module", output);
-    if (same_file(o->template_path, output))
+    if (tm_same_file(o->template_path, output))
         return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: the output would replace the template", output);
     if (access(g->eval, R_OK) != 0) return tm_error_set(err, TM_ERROR_IO, "%s: cannot read: %s", g->eval, strerror(errno));
 

@@ -36,7 +36,6 @@ typedef struct merge_ctx {
     tm_checkpoint **in;
     size_t n;
     double *weights;      /* as given, one per input */
-    double *rule_weights; /* scratch: per-tensor weights */
     tm_plan plan;
     tm_profile prof;
     /* names whose non-floating values differ between inputs, for one warning line */
@@ -51,9 +50,6 @@ typedef struct merge_ctx {
     int64_t *unit_record; /* TorchScript output without LibTorch: the template record of each unit */
     char ignored[768];
     size_t n_ignored;
-    /* scratch */
-    double *acc;
-    uint8_t *block;
 } merge_ctx;
 
 static double now(void) {
@@ -100,17 +96,6 @@ static tm_status resolve_weights(merge_ctx *c, tm_error *err) {
     return TM_OK;
 }
 
-static int is_folder_output(const char *output);
-
-static int same_file(const char *a, const char *b) {
-    if (!a || !b) return 0;
-    char *ra = realpath(a, NULL), *rb = realpath(b, NULL);
-    int same = ra && rb && strcmp(ra, rb) == 0;
-    free(ra);
-    free(rb);
-    return same;
-}
-
 /* One input's view of unit u (the whole storage, or the tensor). */
 static tm_view unit_view(const merge_ctx *c, const tm_unit *u, size_t i, int64_t *shape1, int64_t *stride1) {
     tm_tensor_info t = info_of(c->in[i], tm_plan_where(&c->plan, u->keys[0], i));
@@ -128,7 +113,7 @@ static tm_view unit_view(const merge_ctx *c, const tm_unit *u, size_t i, int64_t
 
 /* Computes unit u block by block; emit(ctx, bytes, len) receives the output in order. Each
  * block is computed into reserve(user) when given (the pipeline's next free slot, so the
- * result is not copied again), else into c->block. */
+ * result is not copied again), else into w->block. */
 typedef tm_status (*emit_fn)(merge_ctx *c, const void *data, size_t len, void *user, tm_error *err);
 typedef void *(*reserve_fn)(void *user);
 
@@ -136,6 +121,7 @@ typedef void *(*reserve_fn)(void *user);
 typedef struct worker {
     double *acc;          /* 2 * BLOCK_ELEMS doubles */
     double *rule_weights; /* one per input */
+    uint8_t *block;       /* BLOCK_ELEMS * 16 bytes, when blocks are not computed into slots */
     double merge_seconds;
     size_t merge_calls;
 } worker;
@@ -190,7 +176,7 @@ static tm_status merge_unit(merge_ctx *c, worker *w, const tm_unit *u, reserve_f
     int differs = 0;
     for (uint64_t begin = 0; begin < (uint64_t)u->numel && !st; begin += BLOCK_ELEMS) {
         size_t count = (uint64_t)u->numel - begin < BLOCK_ELEMS ? (size_t)((uint64_t)u->numel - begin) : BLOCK_ELEMS;
-        uint8_t *dst = reserve ? reserve(user) : c->block;
+        uint8_t *dst = reserve ? reserve(user) : w->block;
         if (!dst) {
             st = tm_error_set(err, TM_ERROR_INTERRUPTED, "cancelled");
             break;
@@ -571,7 +557,7 @@ static tm_status write_module_streaming(merge_ctx *c, const char *module_path, c
     if (c->o->has_dtype) return TM_OK;
     tm_checkpoint *tpl = NULL, *opened = NULL;
     for (size_t i = 0; i < c->n && !tpl; i++)
-        if (same_file(module_path, c->in[i] ? tm_checkpoint_path(c->in[i]) : NULL)) tpl = c->in[i];
+        if (tm_same_file(module_path, c->in[i] ? tm_checkpoint_path(c->in[i]) : NULL)) tpl = c->in[i];
     tm_error ignore;
     if (!tpl && tm_checkpoint_open_err(module_path, NULL, &opened, &ignore) == TM_OK) tpl = opened;
     if (!tpl || !tm_checkpoint_is_module(tpl) || tm_archive_rewriter_open(module_path, &c->rw, &ignore) != TM_OK) {
@@ -628,14 +614,17 @@ static tm_status write_module(merge_ctx *c, const char *module_path, const char 
     if (!st) st = c->bridge->module_writer_open(module_path, output, c->o->has_dtype, c->o->dtype, &c->module, err);
     c->prof.load_seconds += now() - t0;
     c->prof.load_calls++;
+    worker w = {malloc(2 * BLOCK_ELEMS * sizeof(double)), malloc((c->n + 1) * sizeof(double)), malloc(BLOCK_ELEMS * 16),
+                0, 0};
+    if (!st && (!w.acc || !w.rule_weights || !w.block)) st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
     for (size_t u = 0; u < p->n_units && !st; u++) {
         const tm_unit *un = &p->units[u];
         gather g = {malloc((size_t)un->numel * tm_dtype_size(un->out_dtype) + 1), 0};
-        if (!g.buf) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
-        worker w = {c->acc, c->rule_weights, 0, 0};
+        if (!g.buf) {
+            st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+            break;
+        }
         st = merge_unit(c, &w, un, NULL, emit_gather, &g, err);
-        c->prof.merge_seconds += w.merge_seconds;
-        c->prof.merge_calls += w.merge_calls;
         t0 = now();
         for (size_t j = 0; j < un->n_keys && !st; j++) {
             size_t k = un->keys[j];
@@ -657,6 +646,11 @@ static tm_status write_module(merge_ctx *c, const char *module_path, const char 
         touch_unit(c, un, 1);
         if (!st && c->o->progress) c->o->progress(c->o->progress_user, u + 1, p->n_units);
     }
+    c->prof.merge_seconds += w.merge_seconds;
+    c->prof.merge_calls += w.merge_calls;
+    free(w.acc);
+    free(w.rule_weights);
+    free(w.block);
     t0 = now();
     if (!st) st = c->bridge->module_writer_commit(c->module, err);
     c->prof.save_seconds += now() - t0;
@@ -869,12 +863,13 @@ static int is_folder_output(const char *output) {
     return (n && output[n - 1] == '/') || (stat(output, &sb) == 0 && S_ISDIR(sb.st_mode));
 }
 
-static tm_status write_safetensors(merge_ctx *c, const char *const *paths, const char *output, tm_error *err) {
+static tm_status write_safetensors(merge_ctx *c, const char *const *paths, const char *output, int folder,
+                                   tm_error *err) {
     metadata m = {0};
     tm_status st = build_metadata(c, paths, &m, err);
     size_t done = 0;
     if (st) return st;
-    if (!is_folder_output(output)) {
+    if (!folder) {
         tm_atomic_output out;
         st = tm_atomic_output_open(output, &out, err);
         if (!st) {
@@ -1011,14 +1006,13 @@ static tm_status run(merge_ctx *c, const char *const *paths, const char *output,
     if (!output || !*output) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "no output path");
     tm_status st = resolve_weights(c, err);
     if (st) return st;
-    c->rule_weights = malloc(c->n * sizeof *c->rule_weights);
-    if (!c->rule_weights) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
     for (size_t i = 0; i < c->n; i++) {
         if (!paths[i]) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "input %zu is NULL", i + 1);
-        if (same_file(paths[i], output))
+        if (tm_same_file(paths[i], output))
             return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: the output would replace an input", output);
     }
-    if (is_folder_output(output)) {
+    int folder = is_folder_output(output);
+    if (folder) {
         /* Replacing a folder replaces every file in it: refuse when an input lives there. */
         char *dir = realpath(output, NULL);
         for (size_t i = 0; dir && i <= c->n; i++) {
@@ -1036,7 +1030,7 @@ static tm_status run(merge_ctx *c, const char *const *paths, const char *output,
         }
         free(dir);
     }
-    if (same_file(c->o->template_path, output))
+    if (tm_same_file(c->o->template_path, output))
         return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: the output would replace the template", output);
 
     double t0 = now();
@@ -1051,18 +1045,15 @@ static tm_status run(merge_ctx *c, const char *const *paths, const char *output,
     }
     tm_format format = c->o->format;
     size_t olen = strlen(output);
-    if (format == TM_FORMAT_AUTO && (is_folder_output(output) || (olen > 12 && strcmp(output + olen - 12, ".safetensors") == 0)))
+    if (format == TM_FORMAT_AUTO && (folder || (olen > 12 && strcmp(output + olen - 12, ".safetensors") == 0)))
         format = TM_FORMAT_SAFETENSORS;
     if (format == TM_FORMAT_AUTO)
         format = c->o->template_path || (!st && tm_checkpoint_is_module(c->in[0])) ? TM_FORMAT_TORCHSCRIPT : TM_FORMAT_PT;
     if (!st) st = tm_plan_build(&c->plan, c->in, c->n, c->o, format == TM_FORMAT_SAFETENSORS, err);
     c->prof.load_seconds += now() - t0;
     if (st) return st;
-    if (format != TM_FORMAT_SAFETENSORS && is_folder_output(output))
+    if (format != TM_FORMAT_SAFETENSORS && folder)
         return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: is a folder; folder output is sharded safetensors", output);
-    c->acc = malloc(2 * BLOCK_ELEMS * sizeof *c->acc);
-    c->block = malloc(BLOCK_ELEMS * 16);
-    if (!c->acc || !c->block) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
     if (format == TM_FORMAT_TORCHSCRIPT) {
         const char *module = c->o->template_path;
         if (!module && tm_checkpoint_is_module(c->in[0])) module = paths[0];
@@ -1076,15 +1067,12 @@ static tm_status run(merge_ctx *c, const char *const *paths, const char *output,
             warn(c, "ignored %zu tensors that %s holds no parameter or buffer for: %s%s", c->n_ignored, module,
                  c->ignored, c->n_ignored > 10 ? ", …" : "");
     } else if (format == TM_FORMAT_SAFETENSORS) {
-        st = write_safetensors(c, paths, output, err);
-        size_t n_alias = 0;
-        for (size_t k = 0; k < c->plan.n_keys; k++) n_alias += c->plan.alias_of[k] >= 0;
-        if (!st && n_alias)
-            for (size_t k = 0; k < c->plan.n_keys; k++)
-                if (c->plan.alias_of[k] >= 0)
-                    warn(c, "'%s' shares its storage with '%s' (tied weights): safetensors stores it once, under '%s'; "
-                            "the alias is recorded in __metadata__['torchmerge_aliases']",
-                         c->plan.keys[k], c->plan.keys[c->plan.alias_of[k]], c->plan.keys[c->plan.alias_of[k]]);
+        st = write_safetensors(c, paths, output, folder, err);
+        for (size_t k = 0; k < c->plan.n_keys && !st; k++)
+            if (c->plan.alias_of[k] >= 0)
+                warn(c, "'%s' shares its storage with '%s' (tied weights): safetensors stores it once, under '%s'; "
+                        "the alias is recorded in __metadata__['torchmerge_aliases']",
+                     c->plan.keys[k], c->plan.keys[c->plan.alias_of[k]], c->plan.keys[c->plan.alias_of[k]]);
     } else {
         st = write_pt(c, output, err);
     }
@@ -1123,8 +1111,5 @@ tm_status tm_merge_files(const char *const *inputs, size_t n, const char *output
     for (size_t i = 0; c.in && i < n; i++) tm_checkpoint_close(c.in[i]);
     free(c.in);
     free(c.weights);
-    free(c.rule_weights);
-    free(c.acc);
-    free(c.block);
     return st ? tm_error_publish(&err) : TM_OK;
 }

@@ -4,12 +4,8 @@
 #include <torch/csrc/jit/serialization/export.h>
 #include <torch/csrc/jit/serialization/import.h>
 
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstring>
-
 #include "core/atomic_output.h"
+#include "core/output_stream.h"
 #include "torch/aten_bridge.h"
 #include "torch/bridge_impl.h"
 
@@ -27,8 +23,6 @@ torch::jit::Module load_module(const std::string &path) {
     }
 }
 }  // namespace
-
-void check_loadable_module(const std::string &path) { (void)load_module(path); }
 
 ModuleWriter::ModuleWriter(const std::string &template_path, const std::string &output,
                            bool has_dtype, tm_dtype dtype)
@@ -70,31 +64,29 @@ void ModuleWriter::commit() {
     check(tm_atomic_output_open(output_.c_str(), &out, &err), err);
     /* LibTorch's zip writer throws from its destructor after a failed write (std::terminate:
      * the process aborted and the temporary file stayed). So its writer function never fails:
-     * it keeps the first errno, drops the bytes after it, and the error is reported here. */
-    int write_errno = 0;
+     * the stream keeps the first error and drops the bytes after it; it is reported here. */
+    tm_output_stream stream;
+    tm_error werr{};
+    if (tm_output_stream_init(&stream, out.fd, output_.c_str(), &err)) {
+        tm_atomic_output_abort(&out);
+        check(err.status, err);
+    }
     auto writer = [&](const void *buf, size_t n) -> size_t {
-        const char *p = static_cast<const char *>(buf);
-        for (size_t left = n; left && !write_errno;) {
-            ssize_t w = ::write(out.fd, p, left);
-            if (w < 0 && errno == EINTR) continue;
-            if (w <= 0) {
-                write_errno = w < 0 ? errno : EIO;
-                break;
-            }
-            p += w;
-            left -= static_cast<size_t>(w);
-        }
+        if (!werr.status) tm_output_stream_put(&stream, buf, n, &werr);
         return n;
     };
     try {
         torch::jit::ExportModule(module_, writer);
     } catch (const c10::Error &e) {
+        tm_output_stream_free(&stream);
         tm_atomic_output_abort(&out);
         fail(TM_ERROR_IO, output_ + ": cannot save the module: " + e.what_without_backtrace());
     }
-    if (write_errno) {
+    if (!werr.status) tm_output_stream_flush(&stream, &werr);
+    tm_output_stream_free(&stream);
+    if (werr.status) {
         tm_atomic_output_abort(&out);
-        fail(TM_ERROR_IO, output_ + ": cannot write: " + std::strerror(write_errno));
+        check(werr.status, werr);
     }
     check(tm_atomic_output_commit(&out, &err), err);
 }

@@ -36,7 +36,4 @@ private:
     std::map<std::string, bool> done_;
 };
 
-// 1 if path is a TorchScript archive LibTorch can load (used to validate --template early).
-void check_loadable_module(const std::string &path);
-
 }  // namespace torchmerge
