@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
 #include <unistd.h>
 
 int tm_cli_quiet;
@@ -25,6 +26,30 @@ int tm_cli_usage_error(const char *help, const char *fmt, ...) {
     fprintf(stderr, " (see %s)\n", help);
     va_end(ap);
     return TM_EXIT_USAGE;
+}
+
+int tm_cli_set_format(tm_merge_options *o, const char *arg, const char *help) {
+    if (strcmp(arg, "pt") == 0) o->format = TM_FORMAT_PT;
+    else if (strcmp(arg, "torchscript") == 0) o->format = TM_FORMAT_TORCHSCRIPT;
+    else if (strcmp(arg, "safetensors") == 0) o->format = TM_FORMAT_SAFETENSORS;
+    else return tm_cli_usage_error(help, "--format: expected pt, torchscript or safetensors, got '%s'", arg);
+    return 0;
+}
+
+int tm_cli_set_dtype(tm_merge_options *o, const char *arg, const char *help) {
+    if (tm_dtype_from_name(arg, &o->dtype) != TM_OK || !tm_dtype_is_floating(o->dtype) ||
+        o->dtype == TM_COMPLEX64 || o->dtype == TM_COMPLEX128)
+        return tm_cli_usage_error(help, "--dtype: expected float32, float16, bfloat16 or float64, got '%s'", arg);
+    o->has_dtype = 1;
+    return 0;
+}
+
+int tm_cli_set_keys(tm_merge_options *o, const char *arg, const char *help) {
+    if (strcmp(arg, "strict") == 0) o->keys = TM_KEYS_STRICT;
+    else if (strcmp(arg, "intersection") == 0) o->keys = TM_KEYS_INTERSECTION;
+    else if (strcmp(arg, "union") == 0) o->keys = TM_KEYS_UNION;
+    else return tm_cli_usage_error(help, "--keys: expected strict, intersection or union, got '%s'", arg);
+    return 0;
 }
 
 static void on_warning(void *user, const char *msg) {

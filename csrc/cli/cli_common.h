@@ -14,6 +14,10 @@ extern int tm_cli_quiet;
 void tm_cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Same, followed by " (see HELP)"; returns TM_EXIT_USAGE. */
 int tm_cli_usage_error(const char *help, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* --format, --dtype and --keys into o: 0, or the usage error's exit status after printing it. */
+int tm_cli_set_format(tm_merge_options *o, const char *arg, const char *help);
+int tm_cli_set_dtype(tm_merge_options *o, const char *arg, const char *help);
+int tm_cli_set_keys(tm_merge_options *o, const char *arg, const char *help);
 /* Fills the warning callback, and the progress bar when stderr is a terminal and not quiet. */
 void tm_cli_set_callbacks(tm_merge_options *o);
 /* SIGINT/SIGTERM/SIGHUP/SIGBUS remove temporary outputs then re-raise; SIGXFSZ is ignored so

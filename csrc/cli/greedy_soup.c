@@ -4,15 +4,14 @@
 #include "cli/greedy_soup.h"
 
 #include <getopt.h>
-#include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "torchmerge.h"
 #include "cli/cli_common.h"
+
+#define HELP "torchmerge greedy_soup --help"
 
 
 
@@ -66,7 +65,7 @@ int tm_cli_greedy_soup(int argc, char **argv) {
     tm_merge_options o;
     tm_merge_options_init(&o);
     const char *output = NULL, *eval = NULL;
-    int c;
+    int c, rc;
     optind = 1;
     opterr = 0;
     while ((c = getopt_long(argc, argv, ":o:qh", longopts, NULL)) != -1) {
@@ -76,45 +75,30 @@ int tm_cli_greedy_soup(int argc, char **argv) {
         case 'h': greedy_usage(stdout); return 0;
         case OPT_EVAL: eval = optarg; break;
         case OPT_TEMPLATE: o.template_path = optarg; break;
-        case OPT_FORMAT:
-            if (strcmp(optarg, "pt") == 0) o.format = TM_FORMAT_PT;
-            else if (strcmp(optarg, "torchscript") == 0) o.format = TM_FORMAT_TORCHSCRIPT;
-            else if (strcmp(optarg, "safetensors") == 0) o.format = TM_FORMAT_SAFETENSORS;
-            else return tm_cli_usage_error("torchmerge greedy_soup --help", "--format: expected pt, torchscript or safetensors, got '%s'", optarg);
-            break;
-        case OPT_DTYPE:
-            if (tm_dtype_from_name(optarg, &o.dtype) != TM_OK || !tm_dtype_is_floating(o.dtype) ||
-                o.dtype == TM_COMPLEX64 || o.dtype == TM_COMPLEX128)
-                return tm_cli_usage_error("torchmerge greedy_soup --help", "--dtype: expected float32, float16, bfloat16 or float64, got '%s'", optarg);
-            o.has_dtype = 1;
-            break;
-        case OPT_KEYS:
-            if (strcmp(optarg, "strict") == 0) o.keys = TM_KEYS_STRICT;
-            else if (strcmp(optarg, "intersection") == 0) o.keys = TM_KEYS_INTERSECTION;
-            else if (strcmp(optarg, "union") == 0) o.keys = TM_KEYS_UNION;
-            else return tm_cli_usage_error("torchmerge greedy_soup --help", "--keys: expected strict, intersection or union, got '%s'", optarg);
-            break;
+        case OPT_FORMAT: if ((rc = tm_cli_set_format(&o, optarg, HELP))) return rc; break;
+        case OPT_DTYPE: if ((rc = tm_cli_set_dtype(&o, optarg, HELP))) return rc; break;
+        case OPT_KEYS: if ((rc = tm_cli_set_keys(&o, optarg, HELP))) return rc; break;
         case OPT_KEY: o.key = optarg; break;
-        case ':': return tm_cli_usage_error("torchmerge greedy_soup --help", "option '%s' needs a value", argv[optind - 1]);
-        default: return tm_cli_usage_error("torchmerge greedy_soup --help", "unknown option '%s'", argv[optind - 1]);
+        case ':': return tm_cli_usage_error(HELP, "option '%s' needs a value", argv[optind - 1]);
+        default: return tm_cli_usage_error(HELP, "unknown option '%s'", argv[optind - 1]);
         }
     }
-    if (!eval) return tm_cli_usage_error("torchmerge greedy_soup --help", "greedy_soup needs --eval EVAL.pt");
-    if (!output) return tm_cli_usage_error("torchmerge greedy_soup --help", "missing -o OUT");
-    if (optind >= argc) return tm_cli_usage_error("torchmerge greedy_soup --help", "no input files");
+    if (!eval) return tm_cli_usage_error(HELP, "greedy_soup needs --eval EVAL.pt");
+    if (!output) return tm_cli_usage_error(HELP, "missing -o OUT");
+    if (optind >= argc) return tm_cli_usage_error(HELP, "no input files");
     tm_cli_set_callbacks(&o);
 
     tm_cli_install_signal_handlers();
     tm_greedy_report report;
     char **inputs = argv + optind;
     if (tm_greedy_soup((const char *const *)inputs, (size_t)(argc - optind), output, eval, &o, &report) != TM_OK) {
-        fprintf(stderr, "torchmerge: error: %s\n", tm_errmsg());
+        tm_cli_error("%s", tm_errmsg());
         return TM_EXIT_FAILED;
     }
     print_report(&report, inputs, eval, output);
     tm_greedy_report_free(&report);
     if (fflush(stdout) != 0) {
-        fputs("torchmerge: error: cannot write the report\n", stderr);
+        tm_cli_error("cannot write the report");
         return TM_EXIT_FAILED;
     }
     return 0;

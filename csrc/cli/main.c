@@ -2,13 +2,9 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <getopt.h>
-#include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 
 #include "torchmerge.h"
 #include "cli/cli_common.h"
@@ -132,7 +128,7 @@ static int cmd_merge(int argc, char **argv, int weighted) {
     const char *output = NULL;
     double *weights = NULL;
     size_t n_weights = 0;
-    int profile = 0, c;
+    int profile = 0, c, rc;
     tm_profile prof;
     while ((c = getopt_long(argc, argv, "o:qh", longopts, NULL)) != -1) {
         switch (c) {
@@ -147,13 +143,7 @@ static int cmd_merge(int argc, char **argv, int weighted) {
             break;
         case OPT_NO_NORMALIZE: o.normalize = 0; break;
         case OPT_FORMAT:
-            if (strcmp(optarg, "pt") == 0) o.format = TM_FORMAT_PT;
-            else if (strcmp(optarg, "torchscript") == 0) o.format = TM_FORMAT_TORCHSCRIPT;
-            else if (strcmp(optarg, "safetensors") == 0) o.format = TM_FORMAT_SAFETENSORS;
-            else {
-                free(weights);
-                return tm_cli_usage_error("torchmerge --help", "--format: expected pt, torchscript or safetensors, got '%s'", optarg);
-            }
+            if ((rc = tm_cli_set_format(&o, optarg, "torchmerge --help"))) { free(weights); return rc; }
             break;
         case OPT_MAX_SHARD:
             if (parse_size(optarg, &o.max_shard_size)) {
@@ -163,18 +153,10 @@ static int cmd_merge(int argc, char **argv, int weighted) {
             break;
         case OPT_TEMPLATE: o.template_path = optarg; break;
         case OPT_DTYPE:
-            if (tm_dtype_from_name(optarg, &o.dtype) != TM_OK || !tm_dtype_is_floating(o.dtype) ||
-                o.dtype == TM_COMPLEX64 || o.dtype == TM_COMPLEX128) {
-                free(weights);
-                return tm_cli_usage_error("torchmerge --help", "--dtype: expected float32, float16, bfloat16 or float64, got '%s'", optarg);
-            }
-            o.has_dtype = 1;
+            if ((rc = tm_cli_set_dtype(&o, optarg, "torchmerge --help"))) { free(weights); return rc; }
             break;
         case OPT_KEYS:
-            if (strcmp(optarg, "strict") == 0) o.keys = TM_KEYS_STRICT;
-            else if (strcmp(optarg, "intersection") == 0) o.keys = TM_KEYS_INTERSECTION;
-            else if (strcmp(optarg, "union") == 0) o.keys = TM_KEYS_UNION;
-            else { free(weights); return tm_cli_usage_error("torchmerge --help", "--keys: expected strict, intersection or union, got '%s'", optarg); }
+            if ((rc = tm_cli_set_keys(&o, optarg, "torchmerge --help"))) { free(weights); return rc; }
             break;
         case OPT_KEY: o.key = optarg; break;
         case OPT_PROFILE: profile = 1; break;

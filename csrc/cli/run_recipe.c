@@ -4,12 +4,9 @@
 #include "cli/run_recipe.h"
 
 #include <getopt.h>
-#include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "torchmerge.h"
 #include "cli/cli_common.h"
@@ -103,7 +100,7 @@ int tm_cli_run(int argc, char **argv) {
     size_t n = (size_t)(argc - optind - 1);
     char **overrides = calloc(n + 2, sizeof *overrides);
     if (!overrides) {
-        fputs("torchmerge: error: out of memory\n", stderr);
+        tm_cli_error("out of memory");
         return TM_EXIT_FAILED;
     }
     for (size_t i = 0; i < n; i++) {
@@ -124,7 +121,7 @@ int tm_cli_run(int argc, char **argv) {
         }
         if (!(out_override = output_override(output))) {
             free(overrides);
-            fputs("torchmerge: error: out of memory\n", stderr);
+            tm_cli_error("out of memory");
             return TM_EXIT_FAILED;
         }
         overrides[n++] = out_override;
@@ -133,7 +130,7 @@ int tm_cli_run(int argc, char **argv) {
     if (strcmp(recipe, "-") == 0 && !(text = read_stdin())) {
         free(overrides);
         free(out_override);
-        fputs("torchmerge: error: cannot read the recipe from standard input\n", stderr);
+        tm_cli_error("cannot read the recipe from standard input");
         return TM_EXIT_FAILED;
     }
 
@@ -148,7 +145,7 @@ int tm_cli_run(int argc, char **argv) {
     free(overrides);
     free(out_override);
     if (st != TM_OK) {
-        fprintf(stderr, "torchmerge: error: %s\n", tm_errmsg());
+        tm_cli_error("%s", tm_errmsg());
         return TM_EXIT_FAILED;
     }
     if (profile) tm_cli_print_profile(&prof);
