@@ -15,7 +15,9 @@ int TM_FUZZ_ENTRY(const uint8_t *data, size_t size) {
         if (lp) TM_FUZZ_FAIL("failed open returned a reader");
         return 0;
     }
-    tm_fuzz_walk w = {1000000, 1000};
+    tm_pickle_limits lim; /* the legacy reader unpickles with the defaults */
+    tm_pickle_limits_default(&lim);
+    tm_fuzz_walk w = {1000000, lim.max_depth};
     tm_fuzz_walk_value(&w, tm_legacy_pt_root(lp), 0, 0);
     for (size_t i = 0; i < tm_legacy_pt_n_storages(lp); i++) {
         const char *key = NULL;

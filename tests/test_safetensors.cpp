@@ -31,17 +31,8 @@ namespace {
 using tm_test::Bytes;
 using Meta = std::vector<std::pair<std::string, std::string>>;
 
-#ifdef TM_TEST_PYTHON
-const char *kStPython = TM_TEST_PYTHON;
-#else
-const char *kStPython = "/usr/bin/python3";
-#endif
-
-#ifdef TM_SHARED_DIR
-const std::string kStCorpus = std::string(TM_SHARED_DIR) + "/realworld";
-#else
-const std::string kStCorpus = "../shared/realworld";
-#endif
+const char *kStPython = TM_TEST_PYTHON;  // test_support.hpp defaults it
+const std::string kStCorpus = std::string(TM_SHARED_DIR) + "/realworld";  // set by tests/CMakeLists.txt
 
 const char *const kLabel = "test.safetensors";
 

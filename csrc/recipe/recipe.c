@@ -338,18 +338,16 @@ static tm_status parse_setting(ictx *c, const tm_rnode *n, const char *what, tm_
 
 static int is_catch_all(const tm_recipe_rule *rule) { return !rule->filter || !strcmp(rule->filter, "*"); }
 
-/* The value the setting gives when no filter matches (its catch-all), or 0 when it has none. */
+/* 1 and the value the setting gives when no filter matches (its catch-all; out may be NULL), or
+ * 0 when it has none. */
 static int setting_default(const tm_recipe_setting *s, double *out) {
+    double v;
+    if (!out) out = &v;
     if (!s->present) return 0;
     if (!s->is_rules) return *out = s->value, 1;
     for (size_t i = 0; i < s->n_rules; i++)
         if (is_catch_all(&s->rules[i])) return *out = s->rules[i].value, 1;
     return 0;
-}
-
-static int setting_total(const tm_recipe_setting *s) {
-    double v;
-    return setting_default(s, &v);
 }
 
 int tm_recipe_pattern_matches(const char *pattern, const char *name) {
@@ -795,7 +793,7 @@ static tm_status check_rules_cover(ictx *c) {
     if (!r->per_tensor) return TM_OK;
     for (size_t i = 0; i < r->n_models; i++) {
         tm_recipe_model *m = &r->models[i];
-        if (setting_total(&m->weight) || setting_total(&r->default_weight)) continue;
+        if (setting_default(&m->weight, NULL) || setting_default(&r->default_weight, NULL)) continue;
         tm_open_options oo;
         tm_open_options_init(&oo);
         oo.key = r->key;
@@ -896,7 +894,6 @@ void tm_recipe_merge_options(tm_recipe *r, const tm_merge_options *base, tm_merg
         o->warning_user = base->warning_user;
         o->profile = base->profile;
     }
-    r->base = base;
     o->weights = r->weighted ? r->weights : NULL;
     o->n_weights = r->weighted ? r->n_models : 0;
     o->normalize = r->normalize;

@@ -121,8 +121,6 @@ typedef struct tm_recipe {
     tm_recipe_pattern *include, *exclude;
     size_t n_include, n_exclude;
     char *text;                 /* the effective recipe, re-emitted as YAML */
-    /* set by tm_merge_recipe for the callbacks */
-    const tm_merge_options *base;
 } tm_recipe;
 
 /* Parses, applies the overrides, interprets and validates (model files exist, weights match the

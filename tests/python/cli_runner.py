@@ -37,11 +37,16 @@ class Result:
             " ".join(self.args), self.rc, self.stdout, self.stderr)
 
 
-def tm(*args, cwd) -> Result:
+def require_binary() -> None:
     if not (BIN.is_file() and os.access(str(BIN), os.X_OK)):
         pytest.fail("torchmerge binary not found at %s (build it, or set TORCHMERGE_BIN)" % BIN)
+
+
+def tm(*args, cwd, env=None) -> Result:
+    """Runs the CLI in cwd; env adds to (or overrides) the environment."""
+    require_binary()
     argv = [str(a) for a in args]
-    env = dict(os.environ, LC_ALL="C")
+    env = dict(os.environ, LC_ALL="C", **(env or {}))
     p = subprocess.run([str(BIN)] + argv, cwd=str(cwd), stdin=subprocess.DEVNULL,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=300)
     return Result(argv, p.returncode, p.stdout.decode("utf-8", "replace"),

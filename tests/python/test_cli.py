@@ -126,14 +126,13 @@ def test_output_bytes_do_not_depend_on_the_number_of_merging_threads(fx, work, o
     inputs = fx("ts_a.pt", "ts_b.pt", "ts_c.pt") if out_name == "ts.pt" else fx("sd_a.pt", "sd_b.pt", "sd_c.pt")
     outputs, stderr = [], set()
     for threads in ("1", "2", "3", "8"):
-        env = dict(os.environ, LC_ALL="C", TORCHMERGE_THREADS=threads)
         out = work / threads / out_name
         out.parent.mkdir()
-        p = subprocess.run([str(BIN), "weighted_average", "--weights", "0.2,0.3,0.5", "-o", str(out)] +
-                           [str(i) for i in inputs], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert p.returncode == 0, p.stderr.decode()
+        res = tm("weighted_average", "--weights", "0.2,0.3,0.5", "-o", out, *inputs, cwd=work,
+                 env={"TORCHMERGE_THREADS": threads})
+        assert res.rc == 0, res.describe()
         outputs.append(out.read_bytes())
-        stderr.add(p.stderr.decode().replace(str(out.parent), "OUT"))
+        stderr.add(res.stderr.replace(str(out.parent), "OUT"))
     assert all(o == outputs[0] for o in outputs[1:])
     assert len(stderr) == 1, stderr  # the same warnings (e.g. differing integer tensors) too
 
@@ -420,12 +419,10 @@ def test_template_fills_torchscript_module_with_merged_weights(fx, work, example
 
 def tm_loaded_libraries(*args, cwd):
     """Runs the CLI with the dynamic loader's trace on; returns (exit status, the shared objects
-    it loaded)."""
-    env = dict(os.environ, LC_ALL="C", LD_DEBUG="files")
-    p = subprocess.run([str(BIN)] + [str(a) for a in args], cwd=str(cwd), stdin=subprocess.DEVNULL,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=300)
-    loaded = set(re.findall(r"file=(\S+)\s+\[\d+\];\s+(?:dynamically loaded|needed)", p.stderr.decode()))
-    return p.returncode, {os.path.basename(x) for x in loaded}, p.stderr.decode()
+    it loaded, stderr)."""
+    res = tm(*args, cwd=cwd, env={"LD_DEBUG": "files"})
+    loaded = set(re.findall(r"file=(\S+)\s+\[\d+\];\s+(?:dynamically loaded|needed)", res.stderr))
+    return res.rc, {os.path.basename(x) for x in loaded}, res.stderr
 
 
 def records(path: Path) -> dict:

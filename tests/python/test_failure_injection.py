@@ -27,9 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(os.environ.get("TORCHMERGE_BIN", str(REPO / "build" / "torchmerge")))
-ERROR_PREFIX = "torchmerge: error: "
+from cli_runner import BIN, ERROR_PREFIX, require_binary  # noqa: E402
+
 N_INPUTS = 8
 TENSORS, ROWS = 12, 1100  # 12 x 1100 x 1024 float32: about 54 MB per input
 PRECIOUS = b"an existing output that a failed merge must not touch\n" * 10
@@ -61,17 +60,12 @@ def big(tmp_path_factory):
     return BigInputs(tmp_path_factory.mktemp("failure_inputs"))
 
 
-def check_binary():
-    if not (BIN.is_file() and os.access(str(BIN), os.X_OK)):
-        pytest.fail("torchmerge binary not found at %s (build it, or set TORCHMERGE_BIN)" % BIN)
-
-
 def leftovers(folder: Path, out_name: str):
     return sorted(os.path.basename(p) for p in glob.glob(str(folder / (".%s.tmp.*" % out_name))))
 
 
 def start(args, cwd, preexec_fn=None):
-    check_binary()
+    require_binary()
     env = dict(os.environ, LC_ALL="C")
     return subprocess.Popen([str(BIN)] + [str(a) for a in args], cwd=str(cwd), env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -40,9 +40,7 @@ import torch
 import conftest
 import hostile_inputs as H
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(os.environ.get("TORCHMERGE_BIN", str(REPO / "build" / "torchmerge")))
-ERROR_PREFIX = "torchmerge: error: "
+from cli_runner import BIN, ERROR_PREFIX, require_binary  # noqa: E402
 TIMEOUT = 20
 MEMORY = 4 << 30
 JOBS = max(2, os.cpu_count() or 2)
@@ -81,8 +79,7 @@ class Result:
 
 def tm(*args, cwd) -> Result:
     """Runs the CLI within TIMEOUT seconds and MEMORY bytes of address space."""
-    if not (BIN.is_file() and os.access(str(BIN), os.X_OK)):
-        pytest.fail("torchmerge binary not found at %s (build it, or set TORCHMERGE_BIN)" % BIN)
+    require_binary()
     env = dict(os.environ, LC_ALL="C")
     argv = [str(BIN)] + [str(a) for a in args]
     if ASAN:
