@@ -95,7 +95,8 @@ def test_signal_mid_merge_leaves_nothing_behind(big, tmp_path, sig, delay, out_n
     out = tmp_path / out_name
     out.write_bytes(PRECIOUS)
     for attempt in range(3):
-        p = start(["simple_average", "-q", "-o", out] + big.paths, tmp_path)
+        # Each input twice: the merge now outruns a 0.2 s signal on 8 inputs.
+        p = start(["simple_average", "-q", "-o", out] + big.paths * 2, tmp_path)
         hit = interrupt(p, tmp_path, out_name, sig, delay / (attempt + 1))
         _, err = p.communicate(timeout=60)
         if hit:
