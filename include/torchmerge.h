@@ -16,6 +16,24 @@
  *   passed in are borrowed for the duration of the call only.
  * - Tensor bytes of an opened checkpoint are not copied: they point into the read-only memory
  *   mapping of the file (or into LibTorch's memory for TorchScript modules).
+ * - Growing structs: every struct passed by pointer (options the caller fills, and records the
+ *   library fills for the caller) starts with `size_t struct_size`, the caller's sizeof. Fill
+ *   it with the struct's *_init function (or set it to sizeof yourself). The library reads and
+ *   writes only the fields that fit in struct_size and uses defaults for the rest, so a program
+ *   compiled against an older, shorter layout keeps working when fields are added at the end.
+ *   struct_size 0 (a struct never initialised) is TM_ERROR_INVALID_ARGUMENT.
+ * - Releasing: every handle and every record the library allocates is released by one function
+ *   named *_free (tm_checkpoint_free, tm_state_dict_free, tm_greedy_report_free). Each accepts
+ *   NULL and does nothing then.
+ * - Method parameters (weights, normalize, and those of later methods) travel as name/value
+ *   pairs (tm_param), described by the method table (tm_method_*): new methods and parameters
+ *   need no new struct fields.
+ * - Threads: every function may be called from any thread. Calls on different handles, and the
+ *   read-only calls (getters, tm_checkpoint_read) on one handle, may run concurrently; calls that
+ *   change a tm_state_dict (set/add/mul/free) need the caller to serialise them with every other
+ *   use of that state dict. tm_merge_files, tm_merge_recipe and tm_greedy_soup may run
+ *   concurrently with each other (distinct outputs); their callbacks are called from one thread
+ *   at a time, not necessarily the caller's. tm_errmsg() is per thread.
  */
 #ifndef TORCHMERGE_H
 #define TORCHMERGE_H
@@ -36,9 +54,9 @@ extern "C" {
 #endif
 
 #define TORCHMERGE_VERSION_MAJOR 0
-#define TORCHMERGE_VERSION_MINOR 1
+#define TORCHMERGE_VERSION_MINOR 2
 #define TORCHMERGE_VERSION_PATCH 0
-#define TORCHMERGE_VERSION_STRING "0.1.0"
+#define TORCHMERGE_VERSION_STRING "0.2.0"
 
 /* ---- Status codes ------------------------------------------------------------------------ */
 
@@ -71,7 +89,7 @@ TM_API const char *tm_strerror(tm_status status);
 /* The message of the most recent failure on this thread ("" if none). Thread-local storage
  * owned by the library; valid until the next failing call on this thread. */
 TM_API const char *tm_errmsg(void);
-/* "0.1.0". Static string. */
+/* "0.2.0". Static string. */
 TM_API const char *tm_version(void);
 
 /* ---- Data types -------------------------------------------------------------------------- */
@@ -114,6 +132,7 @@ TM_API int tm_dtype_is_floating(tm_dtype dtype);
 /* A tensor as stored: a strided view into a storage. All pointers are owned by the handle
  * that produced the info (checkpoint or state dict) and live as long as it does. */
 typedef struct tm_tensor_info {
+    size_t struct_size;         /* the caller's sizeof(tm_tensor_info): tm_tensor_info_init */
     const char *name;           /* state-dict key, e.g. "encoder.layer.0.weight" */
     tm_dtype dtype;
     int32_t ndim;               /* 0 for a scalar */
@@ -127,6 +146,9 @@ typedef struct tm_tensor_info {
     uint64_t nbytes;            /* numel * element size (contiguous size) */
 } tm_tensor_info;
 
+/* Zeroes *info and sets struct_size. */
+TM_API void tm_tensor_info_init(tm_tensor_info *info);
+
 /* ---- Checkpoints (read-only, lazily mapped) --------------------------------------------- */
 
 /* An opened checkpoint file: torch.save (zip), TorchScript module (torch.jit.save).
@@ -134,6 +156,7 @@ typedef struct tm_tensor_info {
 typedef struct tm_checkpoint tm_checkpoint;
 
 typedef struct tm_open_options {
+    size_t struct_size;        /* sizeof(tm_open_options), set by tm_open_options_init */
     /* For nested training checkpoints ({'epoch':…, 'state_dict':{…}}): the key of the state
      * dict to use; dots descend ("model.ema"). NULL: found automatically when unambiguous.
      * A file that is already a flat state dict ignores it. */
@@ -146,7 +169,7 @@ TM_API void tm_open_options_init(tm_open_options *opts);
  * failure *out is NULL and tm_errmsg() says why. opts may be NULL (defaults). */
 TM_API tm_status tm_checkpoint_open(const char *path, const tm_open_options *opts,
                                     tm_checkpoint **out);
-TM_API void tm_checkpoint_close(tm_checkpoint *ckpt);
+TM_API void tm_checkpoint_free(tm_checkpoint *ckpt);
 
 /* "pt" (torch.save zip), "pt-legacy" (torch.save before 1.6), "torchscript". Static string. */
 TM_API const char *tm_checkpoint_format(const tm_checkpoint *ckpt);
@@ -155,7 +178,8 @@ TM_API const char *tm_checkpoint_path(const tm_checkpoint *ckpt);
 /* Key used for a nested checkpoint ("" when the file is a flat state dict); owned by ckpt. */
 TM_API const char *tm_checkpoint_key(const tm_checkpoint *ckpt);
 TM_API size_t tm_checkpoint_n_tensors(const tm_checkpoint *ckpt);
-/* Tensor i (0 <= i < n) in file order. Fills *out; pointers in it are owned by ckpt. */
+/* Tensor i (0 <= i < n) in file order. Fills *out (out->struct_size set by the caller, see
+ * tm_tensor_info_init); pointers in it are owned by ckpt. */
 TM_API tm_status tm_checkpoint_tensor(const tm_checkpoint *ckpt, size_t i, tm_tensor_info *out);
 /* Index of the tensor named name, or -1. */
 TM_API int64_t tm_checkpoint_find(const tm_checkpoint *ckpt, const char *name);
@@ -183,7 +207,8 @@ TM_API tm_status tm_state_dict_clone(const tm_state_dict *sd, tm_state_dict **ou
 TM_API void tm_state_dict_free(tm_state_dict *sd);
 
 TM_API size_t tm_state_dict_size(const tm_state_dict *sd);
-/* Tensor i in insertion order; pointers owned by sd, valid until sd changes or is freed. */
+/* Tensor i in insertion order (out->struct_size set by the caller); pointers owned by sd, valid
+ * until sd changes or is freed. */
 TM_API tm_status tm_state_dict_tensor(const tm_state_dict *sd, size_t i, tm_tensor_info *out);
 TM_API int64_t tm_state_dict_find(const tm_state_dict *sd, const char *name);
 /* Inserts or replaces name with a copy of the contiguous array data (numel * size bytes). */
@@ -216,14 +241,86 @@ typedef enum tm_key_policy {
 
 /* Wall-clock seconds spent per phase, filled by tm_merge_files when requested. */
 typedef struct tm_profile {
+    size_t struct_size;        /* the caller's sizeof(tm_profile): tm_profile_init */
     double load_seconds, merge_seconds, save_seconds;
     uint64_t load_calls, merge_calls, save_calls;
 } tm_profile;
 
+TM_API void tm_profile_init(tm_profile *profile);
+
+/* ---- Merge methods ------------------------------------------------------------------------
+ *
+ * Every merge method is an entry of one table: its name, its parameters (name, kind, default,
+ * range) and what it needs. The command line's flags, the recipe keys, the validation messages
+ * and `torchmerge METHOD --help` all come from it. Parameters are given as tm_param name/value
+ * pairs. */
+
+typedef enum tm_param_kind {
+    TM_PARAM_NUMBER = 0, /* a real number ("0.5"); with per_input, one per input ("0.2,0.8") */
+    TM_PARAM_INTEGER,    /* a whole number ("42") */
+    TM_PARAM_BOOL,       /* "true"/"false" (also 1/0, yes/no, on/off) */
+    TM_PARAM_CHOICE      /* one word of choices ("sum") */
+} tm_param_kind;
+
+/* One parameter as a method declares it. Static strings owned by the library. */
+typedef struct tm_method_param_info {
+    size_t struct_size;        /* the caller's sizeof: tm_method_param_info_init */
+    const char *name;          /* "weights": the C API and recipe name; the flag is --weights */
+    const char *const *aliases; /* other recipe names ("weight"), NULL-terminated; never NULL */
+    tm_param_kind kind;
+    int per_input;             /* 1: one value per input (a single value applies to every input) */
+    int required;              /* 1: no default */
+    const char *default_value; /* as text ("true", "1"), "" when required */
+    double min, max;           /* numbers: the accepted range (inclusive unless *_exclusive) */
+    int min_exclusive, max_exclusive;
+    const char *choices;       /* TM_PARAM_CHOICE: "sum|count"; else "" */
+    const char *help;          /* one sentence */
+} tm_method_param_info;
+
+typedef struct tm_method_info {
+    size_t struct_size;        /* the caller's sizeof: tm_method_info_init */
+    const char *name;          /* "weighted_average" */
+    const char *const *aliases; /* other names accepted (mergekit's "linear"), NULL-terminated;
+                                   never NULL */
+    const char *summary;       /* one line: the formula */
+    int needs_base;            /* 1: a base model is required */
+    size_t min_inputs, max_inputs; /* max_inputs 0: no limit */
+    size_t n_params;
+} tm_method_info;
+
+TM_API void tm_method_info_init(tm_method_info *info);
+TM_API void tm_method_param_info_init(tm_method_param_info *info);
+/* The number of methods, and method i (0 <= i < count) in table order. */
+TM_API size_t tm_method_count(void);
+TM_API tm_status tm_method_get(size_t i, tm_method_info *out);
+/* The index of the method called name (or one of its aliases), or -1. */
+TM_API int64_t tm_method_find(const char *name);
+/* Parameter j (0 <= j < n_params) of method i. */
+TM_API tm_status tm_method_param(size_t i, size_t j, tm_method_param_info *out);
+
+/* A method parameter's value: text as a user writes it ("0.5", "0.2,0.8", "true", "sum"), or,
+ * when text is NULL, n_numbers numbers (one, or one per input). Borrowed for the call. */
+typedef struct tm_param {
+    const char *name;
+    const char *text;
+    const double *numbers;
+    size_t n_numbers;
+} tm_param;
+
+/* "500MB", "2GB", "2GiB", "5e9", "1048576" → bytes. K/M/G/T (with or without B) are powers of
+ * 1000, as Hugging Face counts shard sizes; KiB/MiB/GiB/TiB powers of 1024; case-insensitive.
+ * The one size grammar of the command line (--max-shard-size) and recipes (max_shard_size).
+ * TM_ERROR_INVALID_ARGUMENT for anything else, zero, or more than 2^64 - 1 bytes. */
+TM_API tm_status tm_byte_size_parse(const char *text, uint64_t *out);
+
 typedef struct tm_merge_options {
-    const double *weights;     /* one per input; NULL: uniform 1/n */
-    size_t n_weights;
-    int normalize;             /* 1 (default): weights are divided by their sum */
+    size_t struct_size;        /* sizeof(tm_merge_options), set by tm_merge_options_init */
+    const char *method;        /* a method of the table (or an alias); NULL: "simple_average".
+                                  Recorded in the output's metadata. */
+    const tm_param *params;    /* the method's parameters, n_params of them; unknown names, values
+                                  out of range and missing required ones are errors naming the
+                                  parameter. E.g. {"weights", NULL, w, 3}, {"normalize", "false"} */
+    size_t n_params;
     tm_format format;
     const char *template_path; /* TorchScript module to fill with merged weights, or NULL */
     int has_dtype;             /* 1: floating tensors are written as dtype */
@@ -238,22 +335,22 @@ typedef struct tm_merge_options {
     void *warning_user;
     tm_profile *profile;       /* filled when non-NULL */
     uint64_t max_shard_size;   /* folder output: bytes per shard at most (0: 5 GiB) */
-    const char *method;        /* recorded in the output's metadata; NULL: "simple_average" or
-                                  "weighted_average" from weights */
     const char *recipe_text;   /* YAML recipe recorded with the output (safetensors metadata,
                                   torchmerge_recipe.yaml beside a folder), or NULL */
     /* Optional per-tensor rules (recipes): include_tensor returns 0 to leave a tensor out of the
-     * output; tensor_weights may overwrite weights[0..n) (one per input, before normalisation)
-     * for the tensor name. Either may be NULL. */
+     * output; tensor_param may overwrite the numeric parameter param for the tensor name:
+     * values[0..n) holds its value for the merge (n = the number of inputs for a per-input
+     * parameter, else 1) and the callback changes it in place. Either may be NULL. */
     int (*include_tensor)(void *user, const char *name);
-    void (*tensor_weights)(void *user, const char *name, size_t n, double *weights);
+    void (*tensor_param)(void *user, const char *name, const char *param, size_t n, double *values);
     void *rules_user;
 } tm_merge_options;
 
 TM_API void tm_merge_options_init(tm_merge_options *opts);
 
-/* Merges the n input files into output: θ = Σ wᵢθᵢ tensor by tensor, streaming. Floating
- * tensors are accumulated in float64 (complex128) and rounded once to the output dtype;
+/* Merges the n input files into output with opts->method, tensor by tensor, streaming (for the
+ * averages θ = Σ wᵢθᵢ). Floating tensors are computed in float64 (complex128) and rounded once to
+ * the output dtype;
  * non-floating tensors are taken from the first input that has them. output is written to a
  * temporary file beside it and renamed on success: a failure leaves no partial file and an
  * existing output untouched. opts may be NULL (uniform average, strict keys, pt). */
@@ -298,6 +395,7 @@ typedef struct tm_greedy_ingredient {
 } tm_greedy_ingredient;
 
 typedef struct tm_greedy_report {
+    size_t struct_size;         /* the caller's sizeof(tm_greedy_report): tm_greedy_report_init */
     size_t n;                   /* number of inputs */
     tm_greedy_ingredient *tried; /* n entries in the order tried: by score, best first, ties in
                                     input order. Allocated by tm_greedy_soup, owned by the
@@ -323,7 +421,8 @@ typedef struct tm_greedy_report {
 TM_API tm_status tm_greedy_soup(const char *const *inputs, size_t n, const char *output,
                                 const char *eval_module, const tm_merge_options *opts,
                                 tm_greedy_report *report);
-/* Frees report->tried and zeroes *report (not report itself). NULL is fine. */
+TM_API void tm_greedy_report_init(tm_greedy_report *report);
+/* Frees report->tried and zeroes *report but its struct_size (not report itself). NULL is fine. */
 TM_API void tm_greedy_report_free(tm_greedy_report *report);
 
 /* Removes the temporary files (and a folder output's temporary folder with the shards in it) of

@@ -7,13 +7,17 @@
 #include <fcntl.h>
 #include <libgen.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "core/atomic_output.h"
+#include "core/struct_size.h"
 #include "core/torch_bridge.h"
+#include "merge/merge_files_internal.h"
+#include "merge/method.h"
 
 typedef struct greedy_ctx {
     const char *const *inputs;
@@ -69,7 +73,7 @@ static tm_status find_template(greedy_ctx *g, const tm_merge_options *o, tm_erro
         if (tm_checkpoint_open(g->inputs[i], &oo, &ck) != TM_OK)
             return tm_error_set(err, TM_ERROR_FORMAT, "%s", tm_errmsg());
         int module = strcmp(tm_checkpoint_format(ck), "torchscript") == 0;
-        tm_checkpoint_close(ck);
+        tm_checkpoint_free(ck);
         if (module) {
             g->template_path = strdup(g->inputs[i]);
             if (!g->template_path) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
@@ -130,8 +134,9 @@ static tm_status run(greedy_ctx *g, const char *output, const tm_merge_options *
     if (!g->inputs || g->n == 0) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "no input files");
     if (!output || !*output) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "no output path");
     if (!g->eval || !*g->eval) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "no evaluation module");
-    if (o->weights)
-        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "greedy soup averages uniformly: weights are not accepted");
+    if (o->n_params || (o->method && tm_methods_find(o->method) != tm_methods_find("simple_average")))
+        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
+                            "greedy soup averages uniformly: a method and its parameters are not accepted");
     for (size_t i = 0; i < g->n; i++) {
         if (!g->inputs[i]) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "input %zu is NULL", i + 1);
         if (tm_same_file(g->inputs[i], output))
@@ -145,9 +150,6 @@ static tm_status run(greedy_ctx *g, const char *output, const tm_merge_options *
 
     g->cand = *o;
     g->cand.format = TM_FORMAT_TORCHSCRIPT;
-    g->cand.weights = NULL;
-    g->cand.n_weights = 0;
-    g->cand.normalize = 1;
     g->cand.has_dtype = 0; /* scored in the template's dtype: the evaluation inputs are in it */
     g->cand.progress = NULL;
     g->cand.warning = NULL;
@@ -198,11 +200,10 @@ static tm_status run(greedy_ctx *g, const char *output, const tm_merge_options *
     if (!st) {
         tm_merge_options fo = *o;
         fo.template_path = g->cand.template_path;
-        if (!fo.method) fo.method = "greedy_soup";
         const char **pp = malloc(n_kept * sizeof *pp);
         if (!pp) st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
         for (size_t j = 0; !st && j < n_kept; j++) pp[j] = g->inputs[kept[j]];
-        if (!st && (st = tm_merge_files(pp, n_kept, output, &fo)) != TM_OK) tm_error_set(err, st, "%s", tm_errmsg());
+        if (!st) st = tm_merge_files_as(pp, n_kept, output, &fo, "greedy_soup", err);
         free(pp);
     }
     free(kept);
@@ -210,29 +211,35 @@ static tm_status run(greedy_ctx *g, const char *output, const tm_merge_options *
         free(t);
         return st;
     }
-    if (rep) {
-        rep->n = g->n;
-        rep->tried = t;
-        rep->n_kept = n_kept;
-        rep->final_score = best;
-    } else {
-        free(t);
-    }
+    rep->n = g->n;
+    rep->tried = t;
+    rep->n_kept = n_kept;
+    rep->final_score = best;
     return TM_OK;
 }
 
+void tm_greedy_report_init(tm_greedy_report *report) { TM_STRUCT_INIT(report); }
+
 tm_status tm_greedy_soup(const char *const *inputs, size_t n, const char *output, const char *eval_module,
                          const tm_merge_options *opts, tm_greedy_report *report) {
-    if (report) memset(report, 0, sizeof *report);
-    tm_merge_options defaults;
-    tm_merge_options_init(&defaults);
+    tm_error err = {0};
+    tm_merge_options o;
+    tm_merge_options_init(&o);
+    if (opts && TM_STRUCT_CHECK(opts, &err)) return tm_error_publish(&err);
+    if (opts) TM_STRUCT_COPY_IN(&o, opts);
+    if (report && TM_STRUCT_CHECK(report, &err)) return tm_error_publish(&err);
+    tm_greedy_report result;
+    tm_greedy_report_init(&result);
     greedy_ctx g;
     memset(&g, 0, sizeof g);
     g.inputs = inputs;
     g.n = n;
     g.eval = eval_module;
-    tm_error err = {0};
-    tm_status st = run(&g, output, opts ? opts : &defaults, report, &err);
+    tm_status st = run(&g, output, &o, &result, &err);
+    /* the list belongs to the caller only when its report has room for the pointer */
+    int holds = report && report->struct_size >= offsetof(tm_greedy_report, n_kept);
+    if (report) TM_STRUCT_COPY_OUT(report, &result);
+    if (!holds) free(result.tried);
     if (g.temp) {
         unlink(g.temp);
         tm_temporary_untrack(g.temp);
@@ -243,7 +250,9 @@ tm_status tm_greedy_soup(const char *const *inputs, size_t n, const char *output
 }
 
 void tm_greedy_report_free(tm_greedy_report *report) {
-    if (!report) return;
+    if (!report || report->struct_size < offsetof(tm_greedy_report, n_kept)) return;
     free(report->tried);
-    memset(report, 0, sizeof *report);
+    size_t size = report->struct_size;
+    memset(report, 0, size < sizeof *report ? size : sizeof *report);
+    report->struct_size = size;
 }

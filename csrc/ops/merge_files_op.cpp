@@ -22,9 +22,13 @@ void merge_files(const c10::List<std::string> &inputs, const std::string &output
     for (const auto &p : paths) argv.push_back(p.c_str());
     tm_merge_options opts;
     tm_merge_options_init(&opts);
+    tm_param w = {"weights", nullptr, nullptr, 0};
     if (weights) {
-        opts.weights = weights->data();
-        opts.n_weights = weights->size();
+        w.numbers = weights->data();
+        w.n_numbers = weights->size();
+        opts.method = "weighted_average";
+        opts.params = &w;
+        opts.n_params = 1;
     }
     opts.warning = on_warning;
     tm_status st = tm_merge_files(argv.data(), argv.size(), output.c_str(), &opts);

@@ -22,6 +22,7 @@
 #include <strings.h>
 #include <sys/stat.h>
 
+#include "core/c_number.h"
 #include "recipe/recipe.h"
 
 typedef struct ictx {
@@ -115,21 +116,11 @@ static tm_status get_string(ictx *c, const tm_rnode *n, const char *what, const 
     return TM_OK;
 }
 
-/* Numbers are read the same way whatever the process locale (strtod_l with the C locale). */
-static locale_t the_c_locale;
-static void make_c_locale(void) { the_c_locale = newlocale(LC_ALL_MASK, "C", (locale_t)0); }
-static locale_t c_locale(void) {
-    static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, make_c_locale);
-    return the_c_locale;
-}
-
 static int parse_double(const char *s, double *out) {
     if (!*s || *s == ' ') return 0;
     char *end;
     errno = 0;
-    locale_t loc = c_locale();
-    double v = loc ? strtod_l(s, &end, loc) : strtod(s, &end);
+    double v = tm_strtod_c(s, &end);
     if (end == s || *end || errno == ERANGE || !isfinite(v)) return 0;
     *out = v;
     return 1;
@@ -403,18 +394,6 @@ static int excluded_by_patterns(const tm_recipe *r, const char *name) {
 
 /* ---- models ----------------------------------------------------------------------------------- */
 
-static tm_status parse_model_params(ictx *c, const tm_rnode *params, const char *where, tm_recipe_model *m) {
-    if (is_null(params)) return TM_OK;
-    char what[300];
-    snprintf(what, sizeof what, "%s.parameters", where);
-    tm_status st = want_map(c, params, what);
-    static const char *const keys[] = {"weight", NULL};
-    if (!st) st = check_keys(c, params, what, keys, NULL, NULL);
-    if (st) return st;
-    snprintf(what, sizeof what, "%s.parameters.weight", where);
-    return parse_setting(c, tm_rnode_get(params, "weight"), what, &m->weight);
-}
-
 /* One model: "path", or {model: path, parameters: {...}} (path: is accepted for model:). */
 static tm_status parse_model(ictx *c, const tm_rnode *n, const char *where, const char *name, tm_recipe_model *m) {
     memset(m, 0, sizeof *m);
@@ -434,7 +413,15 @@ static tm_status parse_model(ictx *c, const tm_rnode *n, const char *where, cons
             if ((st = get_string(c, nm, "name", &s))) return st;
             if (!(m->name = dup_s(s))) return oom(c);
         }
-        if ((st = parse_model_params(c, tm_rnode_get(n, "parameters"), where, m))) return st;
+        const tm_rnode *params = tm_rnode_get(n, "parameters");
+        if (!is_null(params)) {
+            char what[300];
+            snprintf(what, sizeof what, "%s.parameters", where);
+            const char *keys[48];
+            keys[known_param_names(keys, 47, 1)] = NULL;
+            if ((st = want_map(c, params, what)) || (st = check_keys(c, params, what, keys, NULL, NULL))) return st;
+            m->params_at = params; /* read once the method is known */
+        }
     } else if (n->kind == TM_RNODE_SEQ) {
         return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s: expected a path or {model: PATH, parameters: ...}, got a list",
                     where);
@@ -460,7 +447,7 @@ static void model_free(tm_recipe_model *m) {
     free(m->name);
     free(m->written);
     free(m->path);
-    setting_free(&m->weight);
+    for (size_t j = 0; j < TM_METHOD_MAX_PARAMS; j++) setting_free(&m->params[j]);
 }
 
 static tm_status parse_models(ictx *c, const tm_rnode *models) {
@@ -491,26 +478,261 @@ static tm_status parse_models(ictx *c, const tm_rnode *models) {
 
 /* ---- the method -------------------------------------------------------------------------------- */
 
-static tm_status method_from_name(ictx *c, const tm_rnode *n, int *weighted) {
+static tm_status method_from_name(ictx *c, const tm_rnode *n, const tm_method **out) {
     const char *s = NULL;
     tm_status st = get_string(c, n, "method", &s);
     if (st) return st;
-    if (!strcmp(s, "simple_average")) return *weighted = 0, TM_OK;
-    if (!strcmp(s, "weighted_average") || !strcmp(s, "linear")) return *weighted = 1, TM_OK;
-    return ierr(c, TM_ERROR_UNSUPPORTED, n,
-                "unknown method '%s' (torchmerge runs simple_average, weighted_average and mergekit's linear)", s);
+    if ((*out = tm_methods_find(s))) return TM_OK;
+    return ierr(c, TM_ERROR_UNSUPPORTED, n, "unknown method '%s' (torchmerge runs %s)", s, tm_methods_list());
 }
 
-static tm_status method_from_target(ictx *c, const tm_rnode *n, int *weighted) {
+/* FusionBench's newer configs name the algorithm's class: fusion_bench.method.XAlgorithm. */
+static tm_status method_from_target(ictx *c, const tm_rnode *n, const tm_method **out) {
     const char *s = NULL;
     tm_status st = get_string(c, n, "_target_", &s);
     if (st) return st;
     const char *cls = strrchr(s, '.');
     cls = cls ? cls + 1 : s;
-    if (!strcmp(cls, "SimpleAverageAlgorithm")) return *weighted = 0, TM_OK;
-    if (!strcmp(cls, "WeightedAverageAlgorithm")) return *weighted = 1, TM_OK;
-    return ierr(c, TM_ERROR_UNSUPPORTED, n,
-                "unknown method '_target_: %s' (torchmerge runs SimpleAverageAlgorithm and WeightedAverageAlgorithm)", s);
+    char known[512] = "";
+    for (size_t i = 0, used = 0; i < tm_methods_count(); i++) {
+        const tm_method *m = tm_methods_at(i);
+        if (!m->fusionbench_class) continue;
+        if (!strcmp(cls, m->fusionbench_class)) return *out = m, TM_OK;
+        if (used < sizeof known)
+            used += (size_t)snprintf(known + used, sizeof known - used, "%s%s", used ? ", " : "", m->fusionbench_class);
+    }
+    return ierr(c, TM_ERROR_UNSUPPORTED, n, "unknown method '_target_: %s' (torchmerge runs %s)", s, known);
+}
+
+/* The parameter names (and aliases) of every method, each once, per-input ones only when
+ * per_input: the keys a recipe may use before its method is known. Returns how many (≤ cap). */
+static size_t known_param_names(const char **out, size_t cap, int per_input) {
+    size_t n = 0;
+    for (size_t i = 0; i < tm_methods_count(); i++) {
+        const tm_method *m = tm_methods_at(i);
+        for (size_t j = 0; j < m->n_params; j++) {
+            const tm_param_decl *d = &m->params[j];
+            if (per_input && !d->per_input) continue;
+            for (size_t k = 0; k < 5; k++) {
+                const char *name = k ? d->aliases[k - 1] : d->name;
+                if (!name) break;
+                int seen = 0;
+                for (size_t q = 0; q < n && !seen; q++) seen = !strcmp(out[q], name);
+                if (!seen && n < cap) out[n++] = name;
+            }
+        }
+    }
+    return n;
+}
+
+/* ---- the method's parameters ------------------------------------------------------------------ */
+
+/* A parameter key found in the recipe (any method's), with its value node. */
+typedef struct given_param {
+    const char *key;
+    const tm_rnode *value;
+} given_param;
+
+/* Every key naming some method's parameter: at the top, under method:, in parameters:, in a
+ * model's parameters:. Returns how many (≤ cap). */
+static size_t find_given(const tm_recipe *r, const tm_rnode *root, const tm_rnode *method_map, const tm_rnode *params,
+                         given_param *out, size_t cap) {
+    const char *known[48];
+    known[known_param_names(known, 47, 0)] = NULL;
+    size_t n = 0;
+    for (size_t w = 0; w < 3 + r->n_models; w++) {
+        const tm_rnode *map = w == 0 ? root : w == 1 ? method_map : w == 2 ? params : r->models[w - 3].params_at;
+        for (size_t i = 0; map && i < map->n && n < cap; i++)
+            if (tm_name_in(known, map->keys[i]->text) && !is_null(map->items[i]))
+                out[n++] = (given_param){map->keys[i]->text, map->items[i]};
+    }
+    return n;
+}
+
+/* Rules and values are checked against the parameter's range where they are written. */
+static tm_status check_setting(ictx *c, const tm_param_decl *d, const tm_recipe_setting *s) {
+    tm_error e = {0};
+    if (s->present && !s->is_rules && tm_param_check_number(d, s->value, &e))
+        return ierr(c, e.status, s->at, "%s", e.msg);
+    for (size_t i = 0; s->is_rules && i < s->n_rules; i++)
+        if (tm_param_check_number(d, s->rules[i].value, &e)) return ierr(c, e.status, s->rules[i].at, "%s", e.msg);
+    return TM_OK;
+}
+
+/* The node giving parameter d in map by its name or an alias, and that key. */
+static const tm_rnode *get_param(const tm_rnode *map, const tm_param_decl *d, const char **key) {
+    for (size_t k = 0; map && k < 4; k++) {
+        const char *name = k ? d->aliases[k - 1] : d->name;
+        if (!name) break;
+        const tm_rnode *v = tm_rnode_get(map, name);
+        if (!is_null(v)) return *key = name, v;
+    }
+    return NULL;
+}
+
+/* Parameter j given merge-wide (top level, method:, or mergekit's parameters:). */
+static tm_status parse_global_param(ictx *c, size_t j, const tm_rnode *root, const tm_rnode *method_map,
+                                    const tm_rnode *params, const tm_rnode **list) {
+    tm_recipe *r = c->r;
+    const tm_param_decl *d = &r->method->params[j];
+    const tm_rnode *cand[3];
+    const char *keys[3] = {d->name, d->name, d->name}, *places[3];
+    char where[3][120];
+    const tm_rnode *maps[3] = {root, method_map, params};
+    static const char *const prefix[3] = {"", "method.", "parameters."};
+    for (int w = 0; w < 3; w++) {
+        cand[w] = get_param(maps[w], d, &keys[w]);
+        snprintf(where[w], sizeof where[w], "as %s%s", prefix[w], keys[w]);
+        places[w] = where[w];
+    }
+    const tm_rnode *n;
+    size_t at = 0;
+    tm_status st = choose_at(c, d->name, cand, places, 3, &n, &at);
+    *list = NULL;
+    if (st || !n) return st;
+    if (is_missing_marker(n))
+        return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s is mandatory ('?\?\?'): give it in the recipe or as method.%s=%s",
+                    d->name, d->name, d->per_input ? "[V1,V2,...]" : "VALUE");
+    if (at == 2 && d->kind == TM_PARAM_NUMBER) { /* mergekit: a value, or per-tensor rules */
+        char what[120];
+        snprintf(what, sizeof what, "parameters.%s", keys[2]);
+        if ((st = parse_setting(c, n, what, &r->defaults[j]))) return st;
+        r->defaults[j].key = keys[2];
+        return check_setting(c, d, &r->defaults[j]);
+    }
+    if (n->kind == TM_RNODE_SEQ) {
+        if (!d->per_input) return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s: expected a single value, got a list", d->name);
+        if (n->n != r->n_models)
+            return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "expected %zu %s (one per model), got %zu", r->n_models, d->name,
+                        n->n);
+        if (!(r->numbers[j] = calloc(n->n + 1, sizeof *r->numbers[j]))) return oom(c);
+        for (size_t i = 0; i < n->n; i++) {
+            char what[140];
+            tm_error e = {0};
+            snprintf(what, sizeof what, "%s[%zu]", d->name, i);
+            if ((st = get_number(c, n->items[i], what, &r->numbers[j][i]))) return st;
+            if (tm_param_check_number(d, r->numbers[j][i], &e)) return ierr(c, e.status, n->items[i], "%s", e.msg);
+        }
+        r->params[r->n_params++] = (tm_param){d->name, NULL, r->numbers[j], n->n};
+        *list = n;
+        return TM_OK;
+    }
+    if ((st = want_scalar(c, n, d->name))) return st;
+    if (d->kind == TM_PARAM_NUMBER || d->kind == TM_PARAM_INTEGER) {
+        if (!(r->numbers[j] = calloc(1, sizeof *r->numbers[j]))) return oom(c);
+        tm_error e = {0};
+        if ((st = get_number(c, n, d->name, r->numbers[j]))) return st;
+        if (tm_param_check_number(d, r->numbers[j][0], &e)) return ierr(c, e.status, n, "%s", e.msg);
+        r->params[r->n_params++] = (tm_param){d->name, NULL, r->numbers[j], 1};
+        return TM_OK;
+    }
+    double v;
+    size_t count;
+    tm_error e = {0};
+    if (tm_param_parse_text(d, n->text, &v, 1, &count, &e)) return ierr(c, e.status, n, "%s", e.msg);
+    r->params[r->n_params++] = (tm_param){d->name, n->text, NULL, 0};
+    return TM_OK;
+}
+
+/* A per-input parameter given per model (mergekit's models[].parameters), with the top-level
+ * parameters: as every model's default: one number per model for the merge, the rules kept for
+ * tm_recipe_tensor_param. */
+static tm_status parse_model_param(ictx *c, size_t j, const tm_rnode *list) {
+    tm_recipe *r = c->r;
+    const tm_param_decl *d = &r->method->params[j];
+    const tm_rnode *first = NULL;
+    tm_status st;
+    for (size_t i = 0; i < r->n_models; i++) {
+        tm_recipe_model *m = &r->models[i];
+        const char *key = d->name;
+        const tm_rnode *n = get_param(m->params_at, d, &key);
+        if (!n) continue;
+        char what[300];
+        snprintf(what, sizeof what, "models[%zu].parameters.%s", i, key);
+        if ((st = parse_setting(c, n, what, &m->params[j]))) return st;
+        m->params[j].key = key;
+        if ((st = check_setting(c, d, &m->params[j]))) return st;
+        if (!first) first = n;
+    }
+    if (!first && !r->defaults[j].present) return TM_OK;
+    if (list && first) {
+        char w1[600], w2[600];
+        short_where(w1, sizeof w1, list);
+        short_where(w2, sizeof w2, first);
+        return ierr(c, TM_ERROR_INVALID_ARGUMENT, first, "%s are given both as a list (%s) and per model (%s); keep one",
+                    d->name, w1, w2);
+    }
+    if (!(r->numbers[j] = calloc(r->n_models + 1, sizeof *r->numbers[j]))) return oom(c);
+    for (size_t i = 0; i < r->n_models; i++) {
+        tm_recipe_model *m = &r->models[i];
+        const tm_recipe_setting *own = &m->params[j], *dflt = &r->defaults[j];
+        if (!own->present && !dflt->present)
+            return ierr(c, TM_ERROR_INVALID_ARGUMENT, m->at,
+                        "model '%s' has no %s: give it parameters: {%s: V} (or a default in the top-level parameters)",
+                        m->written, d->aliases[0] ? d->aliases[0] : d->name, d->aliases[0] ? d->aliases[0] : d->name);
+        if (own->is_rules || (!own->present && dflt->is_rules)) r->per_tensor = 1;
+        /* without a catch-all, every tensor has a rule (check_rules_cover): any in-range value */
+        double v = d->default_value ? tm_strtod_c(d->default_value, NULL) : 1.0;
+        if (!setting_default(own, &v)) setting_default(dflt, &v);
+        r->numbers[j][i] = v;
+    }
+    r->params[r->n_params++] = (tm_param){d->name, NULL, r->numbers[j], r->n_models};
+    return TM_OK;
+}
+
+/* Which method, when the recipe names none (a FusionBench model pool file): the first of the table
+ * that takes every parameter given (simple_average with none; weighted_average with weights). */
+static tm_status infer_method(ictx *c, const given_param *given, size_t n_given) {
+    for (size_t i = 0; i < tm_methods_count(); i++) {
+        const tm_method *m = tm_methods_at(i);
+        size_t k = 0;
+        while (k < n_given && tm_method_param_index(m, given[k].key, 1) >= 0) k++;
+        if (k == n_given) return c->r->method = m, TM_OK;
+    }
+    return ierr(c, TM_ERROR_INVALID_ARGUMENT, given[0].value, "no method takes all these parameters: name the method");
+}
+
+static tm_status parse_method_params(ictx *c, const tm_rnode *root, const tm_rnode *method_map, const tm_rnode *params,
+                                     const tm_rnode *name) {
+    tm_recipe *r = c->r;
+    given_param given[64];
+    size_t n_given = find_given(r, root, method_map, params, given, 64);
+    tm_status st;
+    if (!r->method && (st = infer_method(c, given, n_given))) return st;
+    for (size_t k = 0; k < n_given; k++)
+        if (tm_method_param_index(r->method, given[k].key, 1) < 0) {
+            char others[400] = "";
+            for (size_t i = 0, used = 0; i < tm_methods_count(); i++)
+                if (tm_method_param_index(tm_methods_at(i), given[k].key, 1) >= 0 && used < sizeof others)
+                    used += (size_t)snprintf(others + used, sizeof others - used, "%s%s", used ? ", " : "",
+                                             tm_methods_at(i)->name);
+            return ierr(c, TM_ERROR_INVALID_ARGUMENT, given[k].value, "%s takes no %s (methods that do: %s)",
+                        r->method->name, given[k].key, others);
+        }
+    for (size_t j = 0; j < r->method->n_params; j++) {
+        const tm_rnode *list = NULL;
+        if ((st = parse_global_param(c, j, root, method_map, params, &list))) return st;
+        if (r->method->params[j].per_input && (st = parse_model_param(c, j, list))) return st;
+        else if (!r->method->params[j].per_input && r->defaults[j].present) {
+            const tm_param_decl *d = &r->method->params[j];
+            if (r->defaults[j].is_rules) r->per_tensor = 1;
+            if (!(r->numbers[j] = calloc(1, sizeof *r->numbers[j]))) return oom(c);
+            r->numbers[j][0] = d->default_value ? tm_strtod_c(d->default_value, NULL) : r->defaults[j].rules[0].value;
+            setting_default(&r->defaults[j], r->numbers[j]);
+            r->params[r->n_params++] = (tm_param){d->name, NULL, r->numbers[j], 1};
+        }
+    }
+    /* The method's own checks (required parameters, weights that sum to 0, ...), located at the
+     * parameter the message names, else at the method's name. */
+    tm_param_values pv;
+    tm_error e = {0};
+    st = tm_param_values_resolve(r->method, r->params, r->n_params, r->n_models, &pv, &e);
+    tm_param_values_free(&pv);
+    if (!st) return TM_OK;
+    const tm_rnode *at = name;
+    for (size_t k = 0; k < n_given && at == name; k++)
+        if (strstr(e.msg, given[k].key)) at = given[k].value;
+    return ierr(c, e.status, at, "%s", e.msg);
 }
 
 /* ---- sizes and dtypes -------------------------------------------------------------------------- */
@@ -518,27 +740,9 @@ static tm_status method_from_target(ictx *c, const tm_rnode *n, int *weighted) {
 static tm_status parse_size(ictx *c, const tm_rnode *n, uint64_t *out) {
     tm_status st = want_scalar(c, n, "max_shard_size");
     if (st) return st;
-    const char *s = n->text;
-    char *end;
-    errno = 0;
-    locale_t loc = c_locale();
-    double v = loc ? strtod_l(s, &end, loc) : strtod(s, &end);
-    if (end == s || errno || !isfinite(v) || v <= 0) goto bad;
-    while (*end == ' ') end++;
-    static const struct { const char *unit; double scale; } units[] = {
-        {"", 1},          {"B", 1},           {"KB", 1e3},        {"MB", 1e6},         {"GB", 1e9},
-        {"TB", 1e12},     {"KiB", 1024.0},    {"MiB", 1048576.0}, {"GiB", 1073741824.0},
-        {"TiB", 1099511627776.0}};
-    for (size_t i = 0; i < sizeof units / sizeof *units; i++)
-        if (!strcasecmp(end, units[i].unit)) {
-            double bytes = v * units[i].scale;
-            if (bytes < 1 || bytes > 1.8e19) goto bad;
-            *out = (uint64_t)bytes;
-            return TM_OK;
-        }
-bad:
-    return ierr(c, TM_ERROR_INVALID_ARGUMENT, n,
-                "max_shard_size: expected a size in bytes such as 5GB, 500MB, 2GiB or 1000000, got '%s'", s);
+    if (tm_byte_size_parse(n->text, out) != TM_OK)
+        return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "max_shard_size: %s", tm_errmsg());
+    return TM_OK;
 }
 
 static tm_status parse_dtypes(ictx *c, const tm_rnode *root) {
@@ -576,22 +780,29 @@ static tm_status interpret(ictx *c) {
     tm_recipe *r = c->r;
     const tm_rnode *root = r->doc.root;
     tm_status st;
-    static const char *const top_keys[] = {"name", "method", "merge_method", "weights", "normalize", "models",
-                                           "modelpool", "parameters", "output", "format", "dtype", "out_dtype",
-                                           "keys", "key", "template", "max_shard_size", "include", "exclude",
-                                           NULL};
+    static const char *const fixed_keys[] = {"name", "method", "merge_method", "models", "modelpool", "parameters",
+                                             "output", "format", "dtype", "out_dtype", "keys", "key", "template",
+                                             "max_shard_size", "include", "exclude"};
     static const char *const mergekit_ignored[] = {"base_model", "tokenizer_source", "tokenizer", "chat_template",
                                                    NULL};
+    /* Parameter names of every method are known keys here; one the chosen method lacks is
+     * refused once the method is known ("simple_average takes no weights"). */
+    const char *top_keys[64], *method_keys[48], *param_keys[48];
+    size_t nt = 0;
+    for (size_t i = 0; i < sizeof fixed_keys / sizeof *fixed_keys; i++) top_keys[nt++] = fixed_keys[i];
+    method_keys[0] = "name";
+    size_t nm = 1 + known_param_names(method_keys + 1, 46, 0), np = known_param_names(param_keys, 47, 0);
+    for (size_t i = 1; i < nm && nt < 63; i++) top_keys[nt++] = method_keys[i];
+    top_keys[nt] = method_keys[nm] = param_keys[np] = NULL;
     if ((st = check_keys(c, root, "the recipe", top_keys, mergekit_ignored,
                          "a mergekit setting that plain averaging does not use")))
         return st;
 
-    /* method: name / weights / normalize at the top (a FusionBench method file), under method:,
+    /* method: its name and parameters at the top (a FusionBench method file), under method:,
      * or mergekit's merge_method + parameters */
     const tm_rnode *method = tm_rnode_get(root, "method"), *method_map = NULL, *method_name = NULL;
     if (method && method->kind == TM_RNODE_MAP) {
-        static const char *const keys[] = {"name", "weights", "normalize", NULL};
-        if ((st = check_keys(c, method, "method", keys, NULL, NULL))) return st; /* _target_ passes as _x_ */
+        if ((st = check_keys(c, method, "method", method_keys, NULL, NULL))) return st; /* _target_ passes as _x_ */
         method_map = method;
     } else if (method && method->kind == TM_RNODE_SEQ) {
         return ierr(c, TM_ERROR_INVALID_ARGUMENT, method, "method: expected a name or a mapping, got a list");
@@ -600,8 +811,7 @@ static tm_status interpret(ictx *c) {
     }
     const tm_rnode *params = tm_rnode_get(root, "parameters");
     if (!is_null(params)) {
-        static const char *const keys[] = {"weight", "normalize", NULL};
-        if ((st = want_map(c, params, "parameters")) || (st = check_keys(c, params, "parameters", keys, NULL, NULL)))
+        if ((st = want_map(c, params, "parameters")) || (st = check_keys(c, params, "parameters", param_keys, NULL, NULL)))
             return st;
     } else {
         params = NULL;
@@ -625,23 +835,8 @@ static tm_status interpret(ictx *c) {
                                               "as method._target_"};
         if ((st = choose_at(c, "the method", cand, places, 5, &name, &name_at))) return st;
     }
-    int weighted = -1;
-    if (name) {
-        st = name_at >= 3 ? method_from_target(c, name, &weighted) : method_from_name(c, name, &weighted);
-        if (st) return st;
-    }
-
-    const tm_rnode *weights, *normalize;
-    {
-        const tm_rnode *cand[2] = {tm_rnode_get(root, "weights"), method_map ? tm_rnode_get(method_map, "weights") : NULL};
-        static const char *const places[2] = {"as weights", "as method.weights"};
-        if ((st = choose(c, "weights", cand, places, 2, &weights))) return st;
-        const tm_rnode *ncand[3] = {tm_rnode_get(root, "normalize"),
-                                    method_map ? tm_rnode_get(method_map, "normalize") : NULL,
-                                    params ? tm_rnode_get(params, "normalize") : NULL};
-        static const char *const nplaces[3] = {"as normalize", "as method.normalize", "as parameters.normalize"};
-        if ((st = choose(c, "normalize", ncand, nplaces, 3, &normalize))) return st;
-    }
+    if (name && (st = name_at >= 3 ? method_from_target(c, name, &r->method) : method_from_name(c, name, &r->method)))
+        return st;
 
     /* models */
     {
@@ -660,82 +855,7 @@ static tm_status interpret(ictx *c) {
         if (!models) return ierr(c, TM_ERROR_INVALID_ARGUMENT, NULL, "no models: give models: [PATH, PATH, ...]");
         if ((st = parse_models(c, models))) return st;
     }
-
-    /* weights: method weights (one per model), or per model (mergekit), with the top-level
-     * parameters.weight as the default */
-    if (params && (st = parse_setting(c, tm_rnode_get(params, "weight"), "parameters.weight", &r->default_weight)))
-        return st;
-    const tm_rnode *model_weight = NULL;
-    for (size_t i = 0; i < r->n_models && !model_weight; i++)
-        if (r->models[i].weight.present) model_weight = r->models[i].weight.at;
-    if (!model_weight && r->default_weight.present) model_weight = r->default_weight.at;
-    if (weighted < 0) weighted = weights || model_weight;
-    r->weighted = weighted;
-    if (!weighted) {
-        const tm_rnode *w = weights ? weights : model_weight;
-        if (w)
-            return ierr(c, TM_ERROR_INVALID_ARGUMENT, w,
-                        "simple_average takes no weights (use weighted_average, or merge_method: linear)");
-    }
-    r->normalize = 1;
-    if (normalize && (st = get_bool(c, normalize, "normalize", &r->normalize))) return st;
-    if (!weighted && !r->normalize)
-        return ierr(c, TM_ERROR_INVALID_ARGUMENT, normalize,
-                    "simple_average always divides by the number of models; normalize: false needs weighted_average");
-    if (weighted) {
-        if (!(r->weights = calloc(r->n_models, sizeof *r->weights))) return oom(c);
-        if (weights && model_weight) {
-            char w1[600], w2[600];
-            short_where(w1, sizeof w1, weights);
-            short_where(w2, sizeof w2, model_weight);
-            return ierr(c, TM_ERROR_INVALID_ARGUMENT, model_weight,
-                        "weights are given both as a list (%s) and per model (%s); keep one", w1, w2);
-        }
-        if (weights) {
-            if (is_missing_marker(weights))
-                return ierr(c, TM_ERROR_INVALID_ARGUMENT, weights,
-                            "weights are mandatory ('?\?\?'): give one per model, e.g. method.weights=[0.5,0.5]");
-            if (weights->kind != TM_RNODE_SEQ)
-                return ierr(c, TM_ERROR_INVALID_ARGUMENT, weights, "weights: expected a list of numbers, got %s",
-                            kind_name(weights));
-            if (weights->n != r->n_models)
-                return ierr(c, TM_ERROR_INVALID_ARGUMENT, weights, "expected %zu weights (one per model), got %zu",
-                            r->n_models, weights->n);
-            for (size_t i = 0; i < weights->n; i++) {
-                char what[64];
-                snprintf(what, sizeof what, "weights[%zu]", i);
-                if ((st = get_number(c, weights->items[i], what, &r->weights[i]))) return st;
-            }
-        } else if (!model_weight) {
-            return ierr(c, TM_ERROR_INVALID_ARGUMENT, name,
-                        "%s needs weights: give weights: [W1, W2, ...] (one per model) or parameters: {weight: W} "
-                        "per model",
-                        name ? name->text : "weighted_average");
-        } else {
-            for (size_t i = 0; i < r->n_models; i++) {
-                tm_recipe_model *m = &r->models[i];
-                if (!m->weight.present && !r->default_weight.present)
-                    return ierr(c, TM_ERROR_INVALID_ARGUMENT, m->at,
-                                "model '%s' has no weight: give it parameters: {weight: W} (or a default weight in the "
-                                "top-level parameters)",
-                                m->written);
-                if (m->weight.is_rules || (!m->weight.present && r->default_weight.is_rules)) r->per_tensor = 1;
-                double w = 1.0;
-                if (!setting_default(&m->weight, &w)) setting_default(&r->default_weight, &w);
-                r->weights[i] = w;
-            }
-        }
-        double sum = 0;
-        for (size_t i = 0; i < r->n_models; i++) sum += r->weights[i];
-        if (r->normalize && sum == 0) {
-            /* with rules, these are only the catch-all values: each tensor's own sum is checked by
-             * the engine */
-            if (!r->per_tensor)
-                return ierr(c, TM_ERROR_INVALID_ARGUMENT, weights ? weights : model_weight,
-                            "the weights sum to 0 and cannot be normalised (set normalize: false)");
-            for (size_t i = 0; i < r->n_models; i++) r->weights[i] = 1.0;
-        }
-    }
+    if ((st = parse_method_params(c, root, method_map, params, name))) return st;
 
     /* everything else */
     const tm_rnode *n;
@@ -793,7 +913,13 @@ static tm_status check_rules_cover(ictx *c) {
     if (!r->per_tensor) return TM_OK;
     for (size_t i = 0; i < r->n_models; i++) {
         tm_recipe_model *m = &r->models[i];
-        if (setting_default(&m->weight, NULL) || setting_default(&r->default_weight, NULL)) continue;
+        size_t uncovered[TM_METHOD_MAX_PARAMS], n_unc = 0;
+        for (size_t j = 0; j < r->method->n_params; j++) {
+            tm_recipe_setting *own = r->method->params[j].per_input ? &m->params[j] : NULL;
+            if ((own && setting_default(own, NULL)) || setting_default(&r->defaults[j], NULL)) continue;
+            if ((own && own->is_rules) || r->defaults[j].is_rules) uncovered[n_unc++] = j;
+        }
+        if (!n_unc) continue;
         tm_open_options oo;
         tm_open_options_init(&oo);
         oo.key = r->key;
@@ -803,17 +929,22 @@ static tm_status check_rules_cover(ictx *c) {
         tm_status st = TM_OK;
         for (size_t t = 0; t < tm_checkpoint_n_tensors(ck) && !st; t++) {
             tm_tensor_info info;
+            tm_tensor_info_init(&info);
             if (tm_checkpoint_tensor(ck, t, &info) != TM_OK || !tm_dtype_is_floating(info.dtype)) continue;
             if (excluded_by_patterns(r, info.name)) continue;
-            double w;
-            if (setting_lookup(&m->weight, info.name, 0, &w) || setting_lookup(&r->default_weight, info.name, 0, &w))
-                continue;
-            const tm_rnode *at = m->weight.present ? m->weight.at : r->default_weight.at;
-            st = ierr(c, TM_ERROR_INVALID_ARGUMENT, at,
-                      "model '%s': no weight rule matches tensor '%s' (add a rule without filter as the default)",
-                      m->written, info.name);
+            for (size_t u = 0; u < n_unc && !st; u++) {
+                size_t j = uncovered[u];
+                tm_recipe_setting *own = r->method->params[j].per_input ? &m->params[j] : NULL, *s = own;
+                double w;
+                if ((own && setting_lookup(own, info.name, 0, &w)) || setting_lookup(&r->defaults[j], info.name, 0, &w))
+                    continue;
+                if (!s || !s->present) s = &r->defaults[j];
+                st = ierr(c, TM_ERROR_INVALID_ARGUMENT, s->at,
+                          "model '%s': no %s rule matches tensor '%s' (add a rule without filter as the default)",
+                          m->written, s->key, info.name);
+            }
         }
-        tm_checkpoint_close(ck);
+        tm_checkpoint_free(ck);
         if (st) return st;
     }
     return TM_OK;
@@ -869,8 +1000,10 @@ void tm_recipe_free(tm_recipe *r) {
     if (!r) return;
     for (size_t i = 0; i < r->n_models; i++) model_free(&r->models[i]);
     free(r->models);
-    free(r->weights);
-    setting_free(&r->default_weight);
+    for (size_t j = 0; j < TM_METHOD_MAX_PARAMS; j++) {
+        free(r->numbers[j]);
+        setting_free(&r->defaults[j]);
+    }
     free(r->output);
     free(r->key);
     free(r->template_path);
@@ -894,9 +1027,9 @@ void tm_recipe_merge_options(tm_recipe *r, const tm_merge_options *base, tm_merg
         o->warning_user = base->warning_user;
         o->profile = base->profile;
     }
-    o->weights = r->weighted ? r->weights : NULL;
-    o->n_weights = r->weighted ? r->n_models : 0;
-    o->normalize = r->normalize;
+    o->method = r->method->name;
+    o->params = r->params;
+    o->n_params = r->n_params;
     o->format = r->format;
     o->template_path = r->template_path;
     o->has_dtype = r->has_dtype;
@@ -904,10 +1037,9 @@ void tm_recipe_merge_options(tm_recipe *r, const tm_merge_options *base, tm_merg
     o->keys = r->keys;
     o->key = r->key;
     o->max_shard_size = r->max_shard_size;
-    o->method = r->weighted ? "weighted_average" : "simple_average";
     o->recipe_text = r->text;
     o->include_tensor = r->n_include || r->n_exclude ? tm_recipe_include_tensor : NULL;
-    o->tensor_weights = r->per_tensor ? tm_recipe_tensor_weights : NULL;
+    o->tensor_param = r->per_tensor ? tm_recipe_tensor_param : NULL;
     o->rules_user = r;
 }
 
@@ -928,12 +1060,16 @@ int tm_recipe_include_tensor(void *user, const char *name) {
     return keep;
 }
 
-void tm_recipe_tensor_weights(void *user, const char *name, size_t n, double *weights) {
+void tm_recipe_tensor_param(void *user, const char *name, const char *param, size_t n, double *values) {
     tm_recipe *r = user;
-    for (size_t i = 0; i < n && i < r->n_models; i++) {
+    int j = tm_method_param_index(r->method, param, 0);
+    if (j < 0) return;
+    int per_input = r->method->params[j].per_input;
+    for (size_t i = 0; i < n && (!per_input || i < r->n_models); i++) {
         double w;
-        if (setting_lookup(&r->models[i].weight, name, 1, &w) || setting_lookup(&r->default_weight, name, 1, &w))
-            weights[i] = w;
+        if ((per_input && setting_lookup(&r->models[i].params[j], name, 1, &w)) ||
+            setting_lookup(&r->defaults[j], name, 1, &w))
+            values[i] = w;
     }
 }
 
@@ -946,12 +1082,13 @@ static void warn_unmatched(ictx *c) {
     for (size_t i = 0; i < r->n_exclude; i++)
         if (!r->exclude[i].matched)
             iwarn(c, r->exclude[i].at, "exclude pattern '%s' matched no tensor", r->exclude[i].pattern);
-    for (size_t i = 0; i <= r->n_models; i++) {
-        tm_recipe_setting *s = i < r->n_models ? &r->models[i].weight : &r->default_weight;
-        for (size_t k = 0; s->is_rules && k < s->n_rules; k++)
-            if (!is_catch_all(&s->rules[k]) && !s->rules[k].matched)
-                iwarn(c, s->rules[k].at, "weight rule '%s' matched no tensor", s->rules[k].filter);
-    }
+    for (size_t i = 0; i <= r->n_models; i++)
+        for (size_t j = 0; j < r->method->n_params; j++) {
+            tm_recipe_setting *s = i < r->n_models ? &r->models[i].params[j] : &r->defaults[j];
+            for (size_t k = 0; s->is_rules && k < s->n_rules; k++)
+                if (!is_catch_all(&s->rules[k]) && !s->rules[k].matched)
+                    iwarn(c, s->rules[k].at, "%s rule '%s' matched no tensor", s->key, s->rules[k].filter);
+        }
 }
 
 tm_status tm_merge_recipe(const char *recipe, int is_path, const char *const *overrides, size_t n_overrides,

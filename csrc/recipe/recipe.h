@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "core/error.h"
+#include "merge/method.h"
 #include "torchmerge.h"
 
 #ifdef __cplusplus
@@ -77,20 +78,23 @@ typedef struct tm_recipe_rule {
     uint64_t matched; /* tensors it was used for (for the "matched nothing" warning) */
 } tm_recipe_rule;
 
+/* A numeric method parameter given in mergekit's form: a value, or per-tensor rules. */
 typedef struct tm_recipe_setting {
+    const char *key;    /* the key it was given as ("weight"), for messages */
     int present;
     int is_rules;       /* 0: value; 1: rules */
     double value;
     tm_recipe_rule *rules;
     size_t n_rules;
-    const tm_rnode *at; /* the weight node */
+    const tm_rnode *at; /* the value node */
 } tm_recipe_setting;
 
 typedef struct tm_recipe_model {
     char *name;         /* pool name, or NULL */
     char *written;      /* the path as written in the recipe */
     char *path;         /* resolved */
-    tm_recipe_setting weight;
+    const tm_rnode *params_at;  /* its parameters: mapping, read once the method is known */
+    tm_recipe_setting params[TM_METHOD_MAX_PARAMS]; /* per-input parameters, by method index */
     const tm_rnode *at; /* the path node */
 } tm_recipe_model;
 
@@ -102,13 +106,16 @@ typedef struct tm_recipe_pattern {
 
 typedef struct tm_recipe {
     tm_rdoc doc;
-    int weighted;               /* 0: simple_average; 1: weighted_average (linear) */
+    const tm_method *method;
     tm_recipe_model *models;
     size_t n_models;
-    double *weights;            /* per model (weighted), the base weights for tm_merge_options */
-    tm_recipe_setting default_weight; /* mergekit's top-level parameters.weight */
-    int per_tensor;             /* some weight depends on the tensor name */
-    int normalize;
+    /* The method's parameters as the merge gets them (numbers or the text of a scalar), and
+     * mergekit's top-level parameters: (values or per-tensor rules), by method index. */
+    tm_param params[TM_METHOD_MAX_PARAMS];
+    size_t n_params;
+    double *numbers[TM_METHOD_MAX_PARAMS];
+    tm_recipe_setting defaults[TM_METHOD_MAX_PARAMS];
+    int per_tensor;             /* some parameter depends on the tensor name */
     char *output;               /* resolved, or NULL */
     const tm_rnode *output_at;
     tm_format format;
@@ -133,11 +140,11 @@ void tm_recipe_free(tm_recipe *r);
  * callbacks that read r (which must outlive the merge). */
 void tm_recipe_merge_options(tm_recipe *r, const tm_merge_options *base, tm_merge_options *o);
 
-/* The callbacks (rules_user is the tm_recipe). The engine calls them from one thread at a time
- * (tensor_weights from its producer thread); they count matches for the "matched no tensor"
- * warnings, which tm_merge_recipe reads after the merge. */
+/* The callbacks (rules_user is the tm_recipe). The engine calls them from one thread at a time;
+ * they count matches for the "matched no tensor" warnings, which tm_merge_recipe reads after the
+ * merge. */
 int tm_recipe_include_tensor(void *user, const char *name);
-void tm_recipe_tensor_weights(void *user, const char *name, size_t n, double *weights);
+void tm_recipe_tensor_param(void *user, const char *name, const char *param, size_t n, double *values);
 /* 1 when pattern matches name (substring, or glob when it has * ? [). */
 int tm_recipe_pattern_matches(const char *pattern, const char *name);
 

@@ -57,13 +57,16 @@ int main(int argc, char **argv) {
     size_t n = (size_t)(argc - arg - 1);
 
     tm_merge_options opts;
-    tm_merge_options_init(&opts); /* uniform weights, strict keys, format from the inputs */
-    if (n_weights) {
-        opts.weights = weights;
-        opts.n_weights = n_weights;
+    tm_merge_options_init(&opts); /* simple_average, strict keys, format from the output */
+    tm_param w = {"weights", NULL, weights, n_weights};
+    if (n_weights) { /* method parameters are name/value pairs */
+        opts.method = "weighted_average";
+        opts.params = &w;
+        opts.n_params = 1;
     }
     opts.warning = on_warning;
     tm_profile profile;
+    tm_profile_init(&profile);
     opts.profile = &profile;
     tm_status st = tm_merge_files(inputs, n, output, &opts);
     if (st != TM_OK) return fail("tm_merge_files", st);
@@ -75,15 +78,16 @@ int main(int argc, char **argv) {
            tm_checkpoint_n_tensors(ck), n, profile.load_seconds + profile.merge_seconds + profile.save_seconds);
     for (size_t i = 0; i < tm_checkpoint_n_tensors(ck); i++) {
         tm_tensor_info info;
+        tm_tensor_info_init(&info);
         st = tm_checkpoint_tensor(ck, i, &info);
         if (st != TM_OK) {
-            tm_checkpoint_close(ck);
+            tm_checkpoint_free(ck);
             return fail("tm_checkpoint_tensor", st);
         }
         printf("  %-28s %-8s [", info.name, tm_dtype_name(info.dtype));
         for (int32_t d = 0; d < info.ndim; d++) printf("%s%lld", d ? ", " : "", (long long)info.shape[d]);
         printf("]\n");
     }
-    tm_checkpoint_close(ck);
+    tm_checkpoint_free(ck);
     return 0;
 }

@@ -1,0 +1,81 @@
+/* The averaging family: simple_average (FusionBench's SimpleAverageAlgorithm, model soups) and
+ * weighted_average (FusionBench's WeightedAverageAlgorithm, mergekit's linear). θ = Σ wᵢθᵢ with
+ * the weights of the inputs that hold the tensor, divided by their sum unless normalize is off;
+ * accumulated in float64 by the fused kernel and rounded once. Two table entries, one algorithm
+ * (as mergekit groups a family in one file). C11. */
+#include "merge/methods/methods.h"
+
+#include <math.h>
+
+enum { P_WEIGHTS, P_NORMALIZE };
+
+static const tm_param_decl weighted_params[] = {
+    [P_WEIGHTS] = {.name = "weights", .aliases = {"weight"}, .kind = TM_PARAM_NUMBER, .per_input = 1, .required = 1,
+                   .min = -INFINITY, .max = INFINITY,
+                   .help = "one weight per input (a single one applies to every input)"},
+    [P_NORMALIZE] = {.name = "normalize", .kind = TM_PARAM_BOOL, .default_value = "true",
+                     .help = "divide the weights by their sum (over the inputs that hold each tensor)"},
+};
+
+/* state: the n coefficients of the inputs holding the tensor. */
+static tm_status prepare(const tm_method_tensor *t, const double *weights, int normalize, double *state,
+                         tm_error *err) {
+    double sum = 0;
+    for (size_t j = 0; j < t->n; j++) sum += state[j] = weights ? weights[t->input[j]] : 1.0;
+    if (!normalize) return TM_OK;
+    if (sum == 0 || !isfinite(sum))
+        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "tensor '%s': its weights sum to 0 and cannot be normalised",
+                            t->name);
+    for (size_t j = 0; j < t->n; j++) state[j] /= sum;
+    return TM_OK;
+}
+
+static tm_status prepare_simple(const tm_method_tensor *t, double *state, tm_error *err) {
+    return prepare(t, NULL, 1, state, err);
+}
+
+static tm_status prepare_weighted(const tm_method_tensor *t, double *state, tm_error *err) {
+    return prepare(t, t->params + t->param_at[P_WEIGHTS], tm_method_param1(t, P_NORMALIZE) != 0, state, err);
+}
+
+/* Merge-wide: with normalize, weights that sum to 0 have no average (per tensor, rules may
+ * change them; the same check runs again for each tensor). */
+static tm_status check_weighted(const tm_param_values *p, tm_error *err) {
+    if (!p->values[p->at[P_NORMALIZE]]) return TM_OK;
+    double sum = 0;
+    for (size_t i = 0; i < p->count[P_WEIGHTS]; i++) sum += p->values[p->at[P_WEIGHTS] + i];
+    if (sum == 0 || !isfinite(sum))
+        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
+                            "the weights sum to 0 and cannot be normalised (set normalize to false: --no-normalize, "
+                            "normalize: false)");
+    return TM_OK;
+}
+
+static void apply(const tm_method_tensor *t, const double *state, uint64_t begin, size_t count, void *out,
+                  double *scratch) {
+    tm_kernel_weighted_sum(t->in, state, t->n, begin, count, t->out_dtype, out, scratch);
+}
+
+const tm_method tm_method_simple_average = {
+    .name = "simple_average",
+    .fusionbench_class = "SimpleAverageAlgorithm",
+    .summary = "θ = (1/n) Σ θᵢ: the uniform average (a model soup)",
+    .min_inputs = 1,
+    .state_per_input = 1,
+    .prepare = prepare_simple,
+    .apply = apply,
+};
+
+const tm_method tm_method_weighted_average = {
+    .name = "weighted_average",
+    .aliases = {"linear"},
+    .fusionbench_class = "WeightedAverageAlgorithm",
+    .summary = "θ = Σ wᵢθᵢ / Σ wᵢ (or Σ wᵢθᵢ without normalize)",
+    .params = weighted_params,
+    .n_params = sizeof weighted_params / sizeof *weighted_params,
+    .min_inputs = 1,
+    .state_per_input = 1,
+    .check = check_weighted,
+    .prepare = prepare_weighted,
+    .apply = apply,
+};

@@ -1,0 +1,11 @@
+/* The methods of the table, one `extern const tm_method` per entry, defined in this folder (one
+ * file per method or method family). method_table.c lists them. C11. */
+#ifndef TM_MERGE_METHODS_METHODS_H
+#define TM_MERGE_METHODS_METHODS_H
+
+#include "merge/method.h"
+
+extern const tm_method tm_method_simple_average;   /* average.c */
+extern const tm_method tm_method_weighted_average; /* average.c */
+
+#endif
