@@ -10,28 +10,18 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "core/fs.h"
+
 int tm_fuzz_one(const uint8_t *data, size_t size);
 
 static int run_file(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        fprintf(stderr, "replay: cannot open %s\n", path);
+    char *buf = NULL;
+    size_t n = 0;
+    tm_error err = {0};
+    if (tm_fs_read_file(path, SIZE_MAX, NULL, &buf, &n, &err) != TM_OK) {
+        fprintf(stderr, "replay: %s\n", err.msg);
         return -1;
     }
-    size_t cap = 1 << 16, n = 0;
-    uint8_t *buf = malloc(cap);
-    for (;;) {
-        if (!buf) {
-            fclose(f);
-            return -1;
-        }
-        n += fread(buf + n, 1, cap - n, f);
-        if (n < cap) break;
-        uint8_t *nb = realloc(buf, cap *= 2);
-        if (!nb) free(buf);
-        buf = nb;
-    }
-    fclose(f);
     /* An exact-size copy, so AddressSanitizer catches a read one byte past the input. */
     uint8_t *exact = malloc(n ? n : 1);
     if (!exact) {

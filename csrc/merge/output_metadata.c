@@ -1,0 +1,72 @@
+#define _GNU_SOURCE
+#include "merge/output_metadata.h"
+
+#include <cjson/cJSON.h>
+#include <libgen.h>
+#include <stdlib.h>
+#include <string.h>
+
+void tm_output_metadata_free(tm_output_metadata *m) {
+    for (size_t i = 0; i < m->n; i++) free(m->values[i]);
+    free(m->keys);
+    free(m->values);
+    memset(m, 0, sizeof *m);
+}
+
+/* Appends key = value, taking value (NULL: out of memory, reported by the caller). */
+static int add(tm_output_metadata *m, const char *key, char *value) {
+    if (!value) return -1;
+    if (m->n == m->cap) {
+        size_t cap = m->cap ? 2 * m->cap : 8;
+        const char **keys = realloc(m->keys, cap * sizeof *keys);
+        if (keys) m->keys = keys;
+        char **values = keys ? realloc(m->values, cap * sizeof *values) : NULL;
+        if (!values) {
+            free(value);
+            return -1;
+        }
+        m->values = values;
+        m->cap = cap;
+    }
+    m->keys[m->n] = key;
+    m->values[m->n++] = value;
+    return 0;
+}
+
+/* A JSON value as text (cJSON escapes strings correctly). */
+static char *json_text(cJSON *v) {
+    char *s = v ? cJSON_PrintUnformatted(v) : NULL;
+    cJSON_Delete(v);
+    return s;
+}
+
+tm_status tm_output_metadata_build(const merge_ctx *c, const char *const *paths, tm_output_metadata *m,
+                                   tm_error *err) {
+    const tm_merge_options *o = c->o;
+    const char *method = o->method ? o->method : o->weights ? "weighted_average" : "simple_average";
+    cJSON *weights = cJSON_CreateArray(), *inputs = cJSON_CreateArray(), *aliases = cJSON_CreateObject();
+    for (size_t i = 0; i < c->n; i++) {
+        cJSON_AddItemToArray(weights, cJSON_CreateNumber(c->weights[i]));
+        char *copy = strdup(paths[i]);
+        cJSON_AddItemToArray(inputs, cJSON_CreateString(copy ? basename(copy) : paths[i]));
+        free(copy);
+    }
+    size_t n_alias = 0;
+    for (size_t k = 0; k < c->plan.n_keys; k++)
+        if (c->plan.alias_of[k] >= 0) {
+            cJSON_AddStringToObject(aliases, c->plan.keys[k], c->plan.keys[c->plan.alias_of[k]]);
+            n_alias++;
+        }
+    /* One statement each: the order of the entries is the order in the file (the operands of
+     * a single `|` expression would be evaluated in an unspecified order). */
+    int bad = add(m, "format", strdup("pt"));
+    bad |= add(m, "torchmerge_version", strdup(tm_version()));
+    bad |= add(m, "torchmerge_method", strdup(method));
+    bad |= add(m, "torchmerge_weights", json_text(weights));
+    bad |= add(m, "torchmerge_normalize", strdup(o->normalize ? "true" : "false"));
+    bad |= add(m, "torchmerge_inputs", json_text(inputs));
+    if (n_alias) bad |= add(m, "torchmerge_aliases", json_text(aliases));
+    else cJSON_Delete(aliases);
+    if (o->recipe_text) bad |= add(m, "torchmerge_recipe", strdup(o->recipe_text));
+    return bad ? tm_error_set(err, TM_ERROR_NOMEM, "out of memory") : TM_OK;
+}
