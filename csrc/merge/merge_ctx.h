@@ -4,6 +4,7 @@
 #ifndef TM_MERGE_MERGE_CTX_H
 #define TM_MERGE_MERGE_CTX_H
 
+#include "merge/method.h"
 #include "merge/plan.h"
 
 #ifdef __cplusplus
@@ -23,10 +24,12 @@ typedef struct tm_name_list {
 void tm_name_list_add(tm_name_list *l, const char *name);
 
 typedef struct merge_ctx {
-    const tm_merge_options *o;
+    const tm_merge_options *o; /* the caller's options over the defaults (struct_size applied) */
+    const char *label;         /* what the output records as its method ("greedy_soup"), or NULL */
     tm_checkpoint **in;
     size_t n;
-    double *weights;        /* as given (uniform 1/n when none), one per input: merge_unit.c */
+    const tm_method *method;
+    tm_param_values params; /* the method's parameters for the whole merge: merge_unit.c */
     tm_plan plan;
     tm_profile prof;
     tm_name_list differing; /* non-floating tensors whose values differ between inputs */

@@ -14,6 +14,8 @@
 
 #include "core/atomic_output.h"
 #include "core/fs.h"
+#include "core/struct_size.h"
+#include "merge/merge_files_internal.h"
 #include "merge/merge_ctx.h"
 #include "merge/merge_unit.h"
 #include "merge/output_metadata.h"
@@ -128,7 +130,7 @@ static tm_status run(merge_ctx *c, const char *const *paths, const char *output,
     if (c->n == 0) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "no input files");
     if (!paths) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "inputs is NULL");
     if (!output || !*output) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "no output path");
-    tm_status st = tm_merge_weights(c, err);
+    tm_status st = tm_merge_method(c, err);
     if (st) return st;
     int folder = tm_fs_is_folder_output(output);
     st = check_paths(c, paths, output, folder, err);
@@ -147,28 +149,40 @@ static tm_status run(merge_ctx *c, const char *const *paths, const char *output,
 }
 
 void tm_merge_options_init(tm_merge_options *opts) {
+    TM_STRUCT_INIT(opts);
     if (!opts) return;
-    memset(opts, 0, sizeof *opts);
-    opts->normalize = 1;
     opts->format = TM_FORMAT_AUTO;
     opts->keys = TM_KEYS_STRICT;
     opts->dtype = TM_FLOAT32;
 }
 
-tm_status tm_merge_files(const char *const *inputs, size_t n, const char *output,
-                         const tm_merge_options *opts) {
-    tm_merge_options defaults;
-    tm_merge_options_init(&defaults);
+void tm_profile_init(tm_profile *profile) { TM_STRUCT_INIT(profile); }
+
+tm_status tm_merge_files_as(const char *const *inputs, size_t n, const char *output, const tm_merge_options *opts,
+                            const char *label, tm_error *err) {
+    /* The caller's fields over the defaults: an older, shorter struct gets defaults for the rest. */
+    tm_merge_options o;
+    tm_merge_options_init(&o);
+    if (opts && TM_STRUCT_CHECK(opts, err)) return err->status;
+    if (opts) TM_STRUCT_COPY_IN(&o, opts);
+    if (o.profile && TM_STRUCT_CHECK(o.profile, err)) return err->status;
     merge_ctx c;
     memset(&c, 0, sizeof c);
-    c.o = opts ? opts : &defaults;
+    c.o = &o;
+    c.label = label;
     c.n = n;
-    tm_error err = {0};
-    tm_status st = run(&c, inputs, output, &err);
-    if (c.o->profile) *c.o->profile = c.prof;
+    tm_profile_init(&c.prof);
+    tm_status st = run(&c, inputs, output, err);
+    if (o.profile) TM_STRUCT_COPY_OUT(o.profile, &c.prof);
     tm_plan_free(&c.plan);
-    for (size_t i = 0; c.in && i < n; i++) tm_checkpoint_close(c.in[i]);
+    for (size_t i = 0; c.in && i < n; i++) tm_checkpoint_free(c.in[i]);
     free(c.in);
-    free(c.weights);
+    tm_param_values_free(&c.params);
+    return st;
+}
+
+tm_status tm_merge_files(const char *const *inputs, size_t n, const char *output, const tm_merge_options *opts) {
+    tm_error err = {0};
+    tm_status st = tm_merge_files_as(inputs, n, output, opts, NULL, &err);
     return st ? tm_error_publish(&err) : TM_OK;
 }

@@ -1,51 +1,54 @@
-/* The per-unit arithmetic: weights as given, normalised per tensor over the inputs that have it
- * (so per-tensor weight rules and --keys union share one rule), summed in float64 by the kernel
- * and rounded once; non-floating tensors are copied from the first input. C11. */
+/* The per-unit arithmetic: the method's parameters for the tensor (the merge's values, then the
+ * caller's per-tensor rules), then the method's prepare, optional reduce pass and apply, block
+ * by block; non-floating tensors are copied from the first input that has them. C11. */
 #define _GNU_SOURCE
 #include "merge/merge_unit.h"
 
-#include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "merge/kernel.h"
 
-tm_status tm_merge_worker_init(tm_merge_worker *w, size_t n_inputs) {
+tm_status tm_merge_worker_init(tm_merge_worker *w, const merge_ctx *c) {
     memset(w, 0, sizeof *w);
+    size_t n = c->n + 1, state = c->method->state_fixed + c->method->state_per_input * c->n + 1;
     w->acc = malloc(2 * TM_BLOCK_ELEMS * sizeof *w->acc);
-    w->rule_weights = malloc((n_inputs + 1) * sizeof *w->rule_weights);
-    return w->acc && w->rule_weights ? TM_OK : TM_ERROR_NOMEM;
+    w->params = malloc((c->params.n_values + 1) * sizeof *w->params);
+    w->state = malloc(state * sizeof *w->state);
+    w->views = malloc(n * sizeof *w->views);
+    w->shape1 = malloc(n * sizeof *w->shape1);
+    w->stride1 = malloc(n * sizeof *w->stride1);
+    w->input = malloc(n * sizeof *w->input);
+    return w->acc && w->params && w->state && w->views && w->shape1 && w->stride1 && w->input ? TM_OK
+                                                                                             : TM_ERROR_NOMEM;
 }
 
 void tm_merge_worker_free(tm_merge_worker *w) {
     free(w->acc);
-    free(w->rule_weights);
-    w->acc = w->rule_weights = NULL;
+    free(w->params);
+    free(w->state);
+    free(w->views);
+    free(w->shape1);
+    free(w->stride1);
+    free(w->input);
+    memset(w, 0, sizeof *w);
 }
 
-/* The weights as given (uniform 1/n when none); normalisation happens per tensor, in
- * tm_merge_unit. */
-tm_status tm_merge_weights(merge_ctx *c, tm_error *err) {
-    const tm_merge_options *o = c->o;
-    c->weights = malloc(c->n * sizeof *c->weights);
-    if (!c->weights) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
-    for (size_t i = 0; i < c->n; i++) c->weights[i] = 1.0 / (double)c->n;
-    if (!o->weights) return TM_OK;
-    if (o->n_weights != c->n)
-        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "expected %zu weights (one per input), got %zu",
-                            c->n, o->n_weights);
-    double sum = 0;
-    for (size_t i = 0; i < c->n; i++) {
-        if (!isfinite(o->weights[i]))
-            return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "weight %zu is not a finite number", i + 1);
-        c->weights[i] = o->weights[i];
-        sum += o->weights[i];
-    }
-    if (o->normalize && (sum == 0 || !isfinite(sum)))
-        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
-                            "the weights sum to 0 and cannot be normalised (use --no-normalize)");
-    return TM_OK;
+tm_status tm_merge_method(merge_ctx *c, tm_error *err) {
+    const char *name = c->o->method ? c->o->method : "simple_average";
+    c->method = tm_methods_find(name);
+    if (!c->method)
+        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "unknown method '%s' (torchmerge runs %s)", name,
+                            tm_methods_list());
+    const tm_method *m = c->method;
+    if (c->n < m->min_inputs)
+        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s needs at least %zu inputs, got %zu", m->name,
+                            m->min_inputs, c->n);
+    if (m->max_inputs && c->n > m->max_inputs)
+        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s merges at most %zu inputs, got %zu", m->name,
+                            m->max_inputs, c->n);
+    return tm_param_values_resolve(m, c->o->params, c->o->n_params, c->n, &c->params, err);
 }
 
 /* One input's view of unit u (the whole storage, or the tensor). */
@@ -63,55 +66,47 @@ static tm_view unit_view(const merge_ctx *c, const tm_unit *u, size_t i, int64_t
     return v;
 }
 
-/* Serialises what merging threads share: the per-tensor weight callback (user code) and the
+/* Serialises what merging threads share: the per-tensor parameter callback (user code) and the
  * list of differing names. */
 static pthread_mutex_t shared_mu = PTHREAD_MUTEX_INITIALIZER;
 
+/* This tensor's parameter values: the merge's, changed by the caller's per-tensor rules. */
+static void tensor_params(const merge_ctx *c, const char *name, double *values) {
+    const tm_param_values *p = &c->params;
+    memcpy(values, p->values, p->n_values * sizeof *values);
+    if (!c->o->tensor_param) return;
+    pthread_mutex_lock(&shared_mu);
+    for (size_t j = 0; j < p->n_params; j++)
+        if (c->method->params[j].kind == TM_PARAM_NUMBER)
+            c->o->tensor_param(c->o->rules_user, name, c->method->params[j].name, p->count[j], values + p->at[j]);
+    pthread_mutex_unlock(&shared_mu);
+}
+
 tm_status tm_merge_unit(merge_ctx *c, tm_merge_worker *w, const tm_unit *u, const tm_block_out *out, tm_error *err) {
-    tm_view views[64], *vp = views;
-    int64_t shapes[64], strides[64], *sp = shapes, *tp = strides;
-    double wv[64], *wp = wv;
-    if (c->n > 64) {
-        vp = malloc(c->n * sizeof *vp);
-        sp = malloc(c->n * sizeof *sp);
-        tp = malloc(c->n * sizeof *tp);
-        wp = malloc(c->n * sizeof *wp);
-        if (!vp || !sp || !tp || !wp) {
-            free(vp); free(sp); free(tp); free(wp);
-            return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
-        }
-    }
-    double *raw = w->rule_weights;
-    memcpy(raw, c->weights, c->n * sizeof *raw);
-    if (c->o->tensor_weights) {
-        pthread_mutex_lock(&shared_mu);
-        c->o->tensor_weights(c->o->rules_user, c->plan.keys[u->keys[0]], c->n, raw);
-        pthread_mutex_unlock(&shared_mu);
-    }
-    size_t m = 0;
-    double wsum = 0;
+    const tm_method *m = c->method;
+    tm_method_tensor t = {.name = c->plan.keys[u->keys[0]], .n_inputs = c->n, .input = w->input, .in = w->views,
+                          .out_dtype = u->out_dtype, .numel = (uint64_t)u->numel, .params = w->params,
+                          .param_at = c->params.at};
     for (size_t i = 0; i < c->n; i++) {
         if (tm_plan_where(&c->plan, u->keys[0], i) < 0) continue;
-        vp[m] = unit_view(c, u, i, &sp[m], &tp[m]);
-        wp[m] = raw[i];
-        wsum += wp[m];
-        m++;
+        w->views[t.n] = unit_view(c, u, i, &w->shape1[t.n], &w->stride1[t.n]);
+        w->input[t.n++] = i;
     }
-    if (c->o->normalize && u->floating) {
-        if (wsum == 0 || !isfinite(wsum)) {
-            if (vp != views) { free(vp); free(sp); free(tp); free(wp); }
-            return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
-                                "tensor '%s': its weights sum to 0 and cannot be normalised",
-                                c->plan.keys[u->keys[0]]);
-        }
-        for (size_t j = 0; j < m; j++) wp[j] /= wsum;
-    }
-
     tm_status st = TM_OK;
+    if (u->floating) {
+        tensor_params(c, t.name, w->params);
+        st = m->prepare(&t, w->state, err);
+    }
     size_t item = tm_dtype_size(u->out_dtype);
     int differs = 0;
-    for (uint64_t begin = 0; begin < (uint64_t)u->numel && !st; begin += TM_BLOCK_ELEMS) {
-        size_t count = (uint64_t)u->numel - begin < TM_BLOCK_ELEMS ? (size_t)((uint64_t)u->numel - begin) : TM_BLOCK_ELEMS;
+    for (uint64_t begin = 0; m->reduce && u->floating && !st && begin < t.numel; begin += TM_BLOCK_ELEMS) {
+        size_t count = t.numel - begin < TM_BLOCK_ELEMS ? (size_t)(t.numel - begin) : TM_BLOCK_ELEMS;
+        double t0 = tm_merge_now();
+        m->reduce(&t, w->state, begin, count, w->acc);
+        w->merge_seconds += tm_merge_now() - t0;
+    }
+    for (uint64_t begin = 0; begin < t.numel && !st; begin += TM_BLOCK_ELEMS) {
+        size_t count = t.numel - begin < TM_BLOCK_ELEMS ? (size_t)(t.numel - begin) : TM_BLOCK_ELEMS;
         uint8_t *dst = out->next(out->user);
         if (!dst) {
             st = tm_error_set(err, TM_ERROR_INTERRUPTED, "cancelled");
@@ -119,10 +114,10 @@ tm_status tm_merge_unit(merge_ctx *c, tm_merge_worker *w, const tm_unit *u, cons
         }
         double t0 = tm_merge_now();
         if (u->floating) {
-            tm_kernel_weighted_sum(vp, wp, m, begin, count, u->out_dtype, dst, w->acc);
+            m->apply(&t, w->state, begin, count, dst, w->acc);
         } else {
-            tm_kernel_copy(&vp[0], begin, count, u->out_dtype, dst);
-            for (size_t j = 1; j < m && !differs; j++) differs = !tm_kernel_equal(&vp[0], &vp[j], begin, count);
+            tm_kernel_copy(&w->views[0], begin, count, u->out_dtype, dst);
+            for (size_t j = 1; j < t.n && !differs; j++) differs = !tm_kernel_equal(&w->views[0], &w->views[j], begin, count);
         }
         w->merge_seconds += tm_merge_now() - t0;
         w->merge_calls++;
@@ -133,6 +128,5 @@ tm_status tm_merge_unit(merge_ctx *c, tm_merge_worker *w, const tm_unit *u, cons
         for (size_t k = 0; k < u->n_keys; k++) tm_name_list_add(&c->differing, c->plan.keys[u->keys[k]]);
         pthread_mutex_unlock(&shared_mu);
     }
-    if (vp != views) { free(vp); free(sp); free(tp); free(wp); }
     return st;
 }

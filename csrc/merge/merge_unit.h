@@ -1,7 +1,8 @@
-/* The arithmetic of one output unit (a tensor, or a storage shared by several): the inputs'
- * weights, their normalisation, and the block-by-block weighted sum of floating tensors (or the
- * copy of non-floating ones from the first input). The only merge file that knows what merging
- * computes: the pipeline calls tm_merge_unit per unit and moves the bytes. C11. */
+/* The arithmetic of one output unit (a tensor, or a storage shared by several), as the merge
+ * method says: the method's parameters for this tensor (after per-tensor rules), its prepare,
+ * reduce and apply steps block by block (floating tensors); non-floating tensors are copied from
+ * the first input. The only merge file that calls the method: the pipeline calls tm_merge_unit
+ * per unit and moves the bytes. C11. */
 #ifndef TM_MERGE_MERGE_UNIT_H
 #define TM_MERGE_MERGE_UNIT_H
 
@@ -13,13 +14,17 @@ extern "C" {
 
 /* What one merging thread owns: its scratch and its share of the profile. */
 typedef struct tm_merge_worker {
-    double *acc;          /* 2 * TM_BLOCK_ELEMS doubles: the float64 (complex128) sums */
-    double *rule_weights; /* one per input */
+    double *acc;          /* 2 * TM_BLOCK_ELEMS doubles: the methods' float64 (complex128) scratch */
+    double *params;       /* this tensor's parameter values (c->params.n_values) */
+    double *state;        /* the method's per-tensor state */
+    tm_view *views;       /* one per input, and their 1-d shapes/strides for whole storages */
+    int64_t *shape1, *stride1;
+    size_t *input;
     double merge_seconds; /* in the arithmetic only, not waiting for a free block */
     size_t merge_calls;
 } tm_merge_worker;
 
-tm_status tm_merge_worker_init(tm_merge_worker *w, size_t n_inputs);
+tm_status tm_merge_worker_init(tm_merge_worker *w, const merge_ctx *c);
 void tm_merge_worker_free(tm_merge_worker *w);
 
 /* Where a unit's blocks go, in order. next(user) returns the buffer the next block is computed
@@ -31,8 +36,9 @@ typedef struct tm_block_out {
     void *user;
 } tm_block_out;
 
-/* Checks the options' weights and fills c->weights (as given, or 1/n each when none). */
-tm_status tm_merge_weights(merge_ctx *c, tm_error *err);
+/* Finds the method of the options and resolves its parameters into c (before any file is
+ * opened, so a bad parameter costs nothing). */
+tm_status tm_merge_method(merge_ctx *c, tm_error *err);
 
 /* Computes unit u into out, block by block. Thread-safe for distinct workers. */
 tm_status tm_merge_unit(merge_ctx *c, tm_merge_worker *w, const tm_unit *u, const tm_block_out *out, tm_error *err);

@@ -195,7 +195,7 @@ tm_status tm_pipeline_run(merge_ctx *c, const size_t *order, size_t u0, size_t u
         ring *rg = &p.rings[r];
         rg->p = &p;
         rg->first = u0 + r;
-        ok = tm_merge_worker_init(&rg->w, c->n) == TM_OK && ok;
+        ok = tm_merge_worker_init(&rg->w, c) == TM_OK && ok;
         for (size_t i = 0; i < N_SLOTS; i++) ok = ok && (rg->slots[i].buf = malloc(TM_BLOCK_BYTES));
     }
     if (!ok) {
