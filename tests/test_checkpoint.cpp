@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "core/checkpoint_internal.h"
+#include "checkpoint/checkpoint_internal.h"
 
 namespace {
 

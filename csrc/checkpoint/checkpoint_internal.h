@@ -1,7 +1,7 @@
 /* What the merge engine (C++) needs from an opened checkpoint beyond the public getters:
  * page-level hints so mapped tensor bytes are prefetched before use and dropped after. */
-#ifndef TM_CORE_CHECKPOINT_INTERNAL_H
-#define TM_CORE_CHECKPOINT_INTERNAL_H
+#ifndef TM_CHECKPOINT_INTERNAL_H
+#define TM_CHECKPOINT_INTERNAL_H
 
 #include "torchmerge.h"
 #include "core/error.h"
