@@ -35,7 +35,7 @@ static void load(void) {
         /* The usual case: a build configured with -DTORCHMERGE_WITH_TORCH=OFF has no such file. */
         snprintf(load_error, sizeof load_error,
                  "this needs the LibTorch part of torchmerge, %s (rebuilding TorchScript modules, "
-                 "greedy soup, in-memory state dicts), which is not installed: build torchmerge with "
+                 "greedy soup, in-memory state dicts), which was not built or installed: build torchmerge with "
                  "-DTORCHMERGE_WITH_TORCH=ON",
                  TM_TORCH_BRIDGE_LIBRARY);
         return;
