@@ -8,7 +8,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
-#include "core/checkpoint_internal.h"
+#include "checkpoint/checkpoint_internal.h"
 
 #define MAX_READ ((uint64_t)16 << 20)
 

@@ -13,5 +13,13 @@ cmake -S "$src" -B "$work/build" -DCMAKE_PREFIX_PATH="$work/prefix" \
 cmake --build "$work/build" >/dev/null
 LD_LIBRARY_PATH="$work/prefix/lib:${LD_LIBRARY_PATH:-}" "$work/build/consumer" \
   "$fixtures/sd_a.pt" "$fixtures/sd_b.pt" "$work/merged.pt"
+# The installed CLI loads the installed LibTorch half (dlopen beside libtorchmerge.so), which
+# finds the installed libtorchmerge.so through its RUNPATH: a module rebuild (--dtype) works.
+if [[ -e $work/prefix/lib/libtorchmerge_torch.so ]]; then
+  "$work/prefix/bin/torchmerge" simple_average -q --dtype float16 -o "$work/merged_module.pt" \
+    "$fixtures/ts_a.pt" "$fixtures/ts_b.pt"
+  ! ldd "$work/prefix/lib/libtorchmerge_torch.so" | grep -q "libtorchmerge.so.* => not found" ||
+    { echo "the installed libtorchmerge_torch.so cannot find libtorchmerge.so"; exit 1; }
+fi
 PKG_CONFIG_PATH="$work/prefix/lib/pkgconfig" pkg-config --cflags --libs torchmerge >/dev/null 2>&1 ||
   { command -v pkg-config >/dev/null || exit 0; echo "pkg-config cannot find torchmerge"; exit 1; }

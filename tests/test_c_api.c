@@ -153,6 +153,17 @@ static void test_state_dict_add_mul_equals_mean(void) {
     tm_state_dict_free(NULL);
 }
 
+/* A build without LibTorch (-DTORCHMERGE_WITH_TORCH=OFF) has no libtorchmerge_torch.so: the
+ * in-memory state dicts fail with one line saying what is missing and how to build it. */
+static void test_state_dict_needs_the_torch_half(void) {
+    tm_state_dict *a = NULL;
+    CHECK(tm_state_dict_load(path_of("sd_a.pt"), NULL, &a) == TM_ERROR_UNSUPPORTED);
+    CHECK(a == NULL);
+    CHECK(strstr(tm_errmsg(), "libtorchmerge_torch.so") != NULL);
+    CHECK(strstr(tm_errmsg(), "-DTORCHMERGE_WITH_TORCH=ON") != NULL);
+    CHECK(strchr(tm_errmsg(), '\n') == NULL);
+}
+
 static void test_merge_files_with_options(void) {
     const char *inputs[3];
     tm_merge_options o;
@@ -209,7 +220,10 @@ int main(int argc, char **argv) {
     test_open_and_iterate();
     test_nested_checkpoint_found_by_key();
     test_errors_name_the_file();
-    test_state_dict_add_mul_equals_mean();
+    if (TM_TEST_WITH_TORCH)
+        test_state_dict_add_mul_equals_mean();
+    else
+        test_state_dict_needs_the_torch_half();
     test_merge_files_with_options();
     printf("%d passed, %d failed\n", checks - failures, failures);
     return failures ? 1 : 0;

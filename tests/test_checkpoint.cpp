@@ -8,11 +8,12 @@
 #include <string>
 #include <vector>
 
-#include "core/checkpoint_internal.h"
+#include "checkpoint/checkpoint_internal.h"
+#include "test_support.hpp"
 
 namespace {
 
-const std::string kCorpus = std::string(TM_SHARED_DIR) + "/realworld";
+const std::string kCorpus = tm_test::realworld_dir();
 
 struct OracleRow {
     std::string path, dtype, shape, stride;
@@ -28,11 +29,7 @@ std::vector<std::string> split(const std::string &s, char sep) {
     return out;
 }
 
-bool corpus_present() {
-    std::ifstream f(kCorpus + "/MANIFEST.tsv");
-    if (!f) WARN("skipped: " << kCorpus << " is absent (the shared real-world corpus)");
-    return bool(f);
-}
+bool corpus_present() { return !tm_test::realworld_file("MANIFEST.tsv").empty(); }
 
 std::map<std::string, std::string> manifest_formats() {
     std::map<std::string, std::string> out;

@@ -25,9 +25,6 @@
 #include "formats/pickle.h"
 #include "test_support.hpp"
 
-#ifndef TM_SHARED_DIR
-#define TM_SHARED_DIR "../shared"
-#endif
 
 namespace {
 
@@ -39,8 +36,6 @@ const std::string &tmp() {
     static tm_test::TempDir d("legacy");
     return d.path;
 }
-
-bool file_exists(const std::string &path) { return std::ifstream(path).good(); }
 
 using tm_test::read_file;
 using tm_test::write_file;
@@ -353,12 +348,10 @@ std::map<std::string, std::vector<MetaRow>> meta() {
 
 // ---- The real-world corpus -----------------------------------------------------------------
 
-const std::string kCorpus = std::string(TM_SHARED_DIR) + "/realworld";
+const std::string kCorpus = tm_test::realworld_dir();
 
 bool corpus_present() {
-    bool ok = file_exists(kCorpus + "/MANIFEST.tsv") && file_exists(kCorpus + "/TENSORS.tsv");
-    if (!ok) WARN("skipped: " << kCorpus << " is absent (the shared real-world corpus)");
-    return ok;
+    return !tm_test::realworld_file("MANIFEST.tsv").empty() && !tm_test::realworld_file("TENSORS.tsv").empty();
 }
 
 struct OracleRow {

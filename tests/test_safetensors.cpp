@@ -32,7 +32,6 @@ using tm_test::Bytes;
 using Meta = std::vector<std::pair<std::string, std::string>>;
 
 const char *kStPython = TM_TEST_PYTHON;  // test_support.hpp defaults it
-const std::string kStCorpus = std::string(TM_SHARED_DIR) + "/realworld";  // set by tests/CMakeLists.txt
 
 const char *const kLabel = "test.safetensors";
 
@@ -55,18 +54,8 @@ std::string run_capture(const std::string &cmd, int *rc) {
 
 bool python_present() {
     if (access(kStPython, X_OK) == 0) return true;
-    WARN("skipped: no Python at " << kStPython);
+    tm_test::skip(std::string("no Python at ") + kStPython);
     return false;
-}
-
-// Path of a corpus file, or "" (with a warning) when the corpus is absent.
-std::string corpus_file(const std::string &rel) {
-    std::string path = kStCorpus + "/" + rel;
-    if (access(path.c_str(), R_OK) != 0) {
-        WARN("skipped: " << path << " is absent (the shared real-world corpus)");
-        return "";
-    }
-    return path;
 }
 
 void put_le64(Bytes &b, uint64_t v) {
@@ -895,7 +884,7 @@ TEST_CASE("safetensors reader refuses duplicate names and bad metadata", "[safet
 // ---- Real files from the shared corpus ------------------------------------------------------
 
 TEST_CASE("safetensors reader opens burn's mnist with 20 tensors", "[safetensors][corpus]") {
-    std::string path = corpus_file("tracel-ai__burn/mnist.safetensors");
+    std::string path = tm_test::realworld_file("tracel-ai__burn/mnist.safetensors");
     if (path.empty()) return;
     Opened o(read_file(path), path.c_str());
     INFO(o.err.msg);
@@ -923,7 +912,7 @@ TEST_CASE("safetensors reader opens burn's mnist with 20 tensors", "[safetensors
 }
 
 TEST_CASE("safetensors reader opens tinygrad's mnist with 2 tensors", "[safetensors][corpus]") {
-    std::string path = corpus_file("AliBayatMokhtari__mnist-tinygrad/model_4bc2046.safetensors");
+    std::string path = tm_test::realworld_file("AliBayatMokhtari__mnist-tinygrad/model_4bc2046.safetensors");
     if (path.empty()) return;
     Opened o(read_file(path), path.c_str());
     INFO(o.err.msg);
@@ -945,7 +934,7 @@ TEST_CASE("safetensors reader opens the PEFT LoRA adapters with 28 tensors and f
     for (const char *rel :
          {"Tashu014__lora-imdb-distilbert/adapter_model.safetensors",
           "dayanidhi04__emotion-classification-distilbert-lora/adapter_model.safetensors"}) {
-        std::string path = corpus_file(rel);
+        std::string path = tm_test::realworld_file(rel);
         if (path.empty()) continue;
         Opened o(read_file(path), path.c_str());
         INFO(path << ": " << o.err.msg);
@@ -965,7 +954,7 @@ TEST_CASE("safetensors reader opens the PEFT LoRA adapters with 28 tensors and f
 
 TEST_CASE("safetensors reader refuses the FluxML dtype-coverage file over its F8 tensors",
           "[safetensors][corpus]") {
-    std::string path = corpus_file("FluxML__SafeTensors.jl/model.safetensors");
+    std::string path = tm_test::realworld_file("FluxML__SafeTensors.jl/model.safetensors");
     if (path.empty()) return;
     Bytes file = read_file(path);
     {
@@ -996,7 +985,7 @@ TEST_CASE("safetensors reader refuses the FluxML dtype-coverage file over its F8
 
 TEST_CASE("safetensors reader refuses safetensors-cpp's abuse file whose header runs past EOF",
           "[safetensors][corpus]") {
-    std::string path = corpus_file("syoyo__safetensors-cpp/safetensors_abuse_attempt_1.safetensors");
+    std::string path = tm_test::realworld_file("syoyo__safetensors-cpp/safetensors_abuse_attempt_1.safetensors");
     if (path.empty()) return;
     Opened o(read_file(path), path.c_str());
     CHECK(o.status == TM_ERROR_FORMAT);
@@ -1014,7 +1003,7 @@ TEST_CASE("safetensors reader agrees with a Python parse of the corpus files",
           "AliBayatMokhtari__mnist-tinygrad/model_6682ba5.safetensors",
           "Tashu014__lora-imdb-distilbert/adapter_model.safetensors",
           "dayanidhi04__emotion-classification-distilbert-lora/adapter_model.safetensors"}) {
-        std::string p = corpus_file(rel);
+        std::string p = tm_test::realworld_file(rel);
         if (!p.empty()) paths.push_back(p);
     }
     if (paths.empty()) return;

@@ -5,6 +5,7 @@
 #define TM_CORE_ATOMIC_OUTPUT_H
 
 #include "core/error.h"
+#include "core/internal_export.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -17,11 +18,11 @@ typedef struct tm_atomic_output {
 } tm_atomic_output;
 
 /* Creates the temporary file for target. */
-tm_status tm_atomic_output_open(const char *target, tm_atomic_output *out, tm_error *err);
+TM_INTERNAL tm_status tm_atomic_output_open(const char *target, tm_atomic_output *out, tm_error *err);
 /* fsync + close + rename onto target + fsync of the folder. The temp is removed on failure. */
-tm_status tm_atomic_output_commit(tm_atomic_output *out, tm_error *err);
+TM_INTERNAL tm_status tm_atomic_output_commit(tm_atomic_output *out, tm_error *err);
 /* Closes and removes the temporary file (no-op when already committed or aborted). */
-void tm_atomic_output_abort(tm_atomic_output *out);
+TM_INTERNAL void tm_atomic_output_abort(tm_atomic_output *out);
 
 /* tm_remove_temporary_outputs() (public) removes every temporary file still open. */
 

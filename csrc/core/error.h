@@ -5,6 +5,7 @@
 #define TM_CORE_ERROR_H
 
 #include "torchmerge.h"
+#include "core/internal_export.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -19,7 +20,7 @@ typedef struct tm_error {
 
 /* Stores status and a printf-formatted message; returns status so callers can
  * `return tm_error_set(err, TM_ERROR_FORMAT, "%s: ...", label);`. err may be NULL. */
-tm_status tm_error_set(tm_error *err, tm_status status, const char *fmt, ...)
+TM_INTERNAL tm_status tm_error_set(tm_error *err, tm_status status, const char *fmt, ...)
 #if defined(__GNUC__)
     __attribute__((format(printf, 3, 4)))
 #endif

@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "core/error.h"
+#include "core/internal_export.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -28,13 +29,13 @@ typedef struct tm_output_stream {
 } tm_output_stream;
 
 /* Sets up s over fd (which must be at offset 0 when O_DIRECT is to be used). */
-tm_status tm_output_stream_init(tm_output_stream *s, int fd, const char *label, tm_error *err);
+TM_INTERNAL tm_status tm_output_stream_init(tm_output_stream *s, int fd, const char *label, tm_error *err);
 /* Appends n bytes. */
-tm_status tm_output_stream_put(tm_output_stream *s, const void *data, size_t n, tm_error *err);
+TM_INTERNAL tm_status tm_output_stream_put(tm_output_stream *s, const void *data, size_t n, tm_error *err);
 /* Writes out everything buffered; leaves fd without O_DIRECT. Call once, at the end. */
-tm_status tm_output_stream_flush(tm_output_stream *s, tm_error *err);
+TM_INTERNAL tm_status tm_output_stream_flush(tm_output_stream *s, tm_error *err);
 /* Frees the buffer (the fd stays open). */
-void tm_output_stream_free(tm_output_stream *s);
+TM_INTERNAL void tm_output_stream_free(tm_output_stream *s);
 
 #ifdef __cplusplus
 }

@@ -7,6 +7,7 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 static const tm_torch_bridge *bridge;
@@ -23,10 +24,20 @@ static void load(void) {
                      TM_TORCH_BRIDGE_LIBRARY);
     }
     void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (!h && access(path, F_OK) == 0) {
+        /* It is there but does not load (LibTorch missing, a mismatched build): say why. */
+        snprintf(load_error, sizeof load_error, "cannot load %s, the LibTorch part of torchmerge: %s", path,
+                 dlerror());
+        return;
+    }
     if (!h) h = dlopen(TM_TORCH_BRIDGE_LIBRARY, RTLD_NOW | RTLD_LOCAL);
     if (!h) {
-        snprintf(load_error, sizeof load_error, "cannot load %s (needed for TorchScript and in-memory state dicts): %s",
-                 TM_TORCH_BRIDGE_LIBRARY, dlerror());
+        /* The usual case: a build configured with -DTORCHMERGE_WITH_TORCH=OFF has no such file. */
+        snprintf(load_error, sizeof load_error,
+                 "this needs the LibTorch part of torchmerge, %s (rebuilding TorchScript modules, "
+                 "greedy soup, in-memory state dicts), which was not built or installed: build torchmerge with "
+                 "-DTORCHMERGE_WITH_TORCH=ON",
+                 TM_TORCH_BRIDGE_LIBRARY);
         return;
     }
     const tm_torch_bridge *(*get)(void) = (const tm_torch_bridge *(*)(void))dlsym(h, TM_TORCH_BRIDGE_SYMBOL);

@@ -1,8 +1,11 @@
 /* The seam between the C core (libtorchmerge) and the parts that need LibTorch
  * (libtorchmerge_torch: TorchScript output and ATen in-memory state dicts). The core loads the
  * LibTorch half with dlopen only when one of those is used, so merging files to .pt never pays
- * LibTorch's start-up time and ~160 MB of resident memory. Every function reports through a
- * tm_error: the two libraries keep separate thread-local error slots. */
+ * LibTorch's start-up time and ~160 MB of resident memory. The LibTorch half links
+ * libtorchmerge.so and uses its internal functions (TM_INTERNAL), so both report through the
+ * same tm_error and share one table of temporary files. A build without LibTorch
+ * (-DTORCHMERGE_WITH_TORCH=OFF) has no LibTorch half: these calls then fail with one line
+ * saying so. */
 #ifndef TM_CORE_TORCH_BRIDGE_H
 #define TM_CORE_TORCH_BRIDGE_H
 

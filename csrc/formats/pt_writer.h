@@ -5,6 +5,7 @@
 #define TM_FORMATS_PT_WRITER_H
 
 #include "formats/pickle_writer.h"
+#include "core/internal_export.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -14,18 +15,18 @@ typedef struct tm_pt_writer tm_pt_writer;
 
 /* Creates the temporary file and writes data.pkl for tensors (their storage_key must be the
  * decimal storage index "0", "1", …, and storages are then written in that order). */
-tm_status tm_pt_writer_open(const char *path, const tm_pk_out_tensor *tensors, size_t n,
+TM_INTERNAL tm_status tm_pt_writer_open(const char *path, const tm_pk_out_tensor *tensors, size_t n,
                             tm_pt_writer **out, tm_error *err);
 /* Starts storage record index (0, 1, … in order) of exactly nbytes bytes. */
-tm_status tm_pt_writer_begin_storage(tm_pt_writer *w, size_t index, uint64_t nbytes, tm_error *err);
-tm_status tm_pt_writer_write(tm_pt_writer *w, const void *data, size_t len, tm_error *err);
+TM_INTERNAL tm_status tm_pt_writer_begin_storage(tm_pt_writer *w, size_t index, uint64_t nbytes, tm_error *err);
+TM_INTERNAL tm_status tm_pt_writer_write(tm_pt_writer *w, const void *data, size_t len, tm_error *err);
 /* Same, with the CRC-32 of data already computed by the caller. */
 tm_status tm_pt_writer_write_crc(tm_pt_writer *w, const void *data, size_t len, uint32_t data_crc, tm_error *err);
-tm_status tm_pt_writer_end_storage(tm_pt_writer *w, tm_error *err);
+TM_INTERNAL tm_status tm_pt_writer_end_storage(tm_pt_writer *w, tm_error *err);
 /* Finishes the archive, fsyncs and renames it into place. */
-tm_status tm_pt_writer_commit(tm_pt_writer *w, tm_error *err);
+TM_INTERNAL tm_status tm_pt_writer_commit(tm_pt_writer *w, tm_error *err);
 /* Frees; removes the temporary file unless committed. NULL-safe. */
-void tm_pt_writer_free(tm_pt_writer *w);
+TM_INTERNAL void tm_pt_writer_free(tm_pt_writer *w);
 
 #ifdef __cplusplus
 }

@@ -5,7 +5,7 @@
 #ifndef TM_MERGE_PLAN_H
 #define TM_MERGE_PLAN_H
 
-#include "core/checkpoint_internal.h"
+#include "checkpoint/checkpoint_internal.h"
 
 #ifdef __cplusplus
 extern "C" {

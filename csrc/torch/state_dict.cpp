@@ -7,7 +7,7 @@
 #include <cstring>
 #include <memory>
 
-#include "core/checkpoint_internal.h"
+#include "checkpoint/checkpoint_internal.h"
 #include "formats/pt_writer.h"
 #include "torch/aten_bridge.h"
 #include "torch/bridge_impl.h"

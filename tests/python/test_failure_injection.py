@@ -126,6 +126,89 @@ def test_signal_before_any_output_exists(big, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+# ---- signals on the LibTorch paths (libtorchmerge_torch.so writes the output) ---------------
+# Its temporary files must be in the table the CLI's signal handler empties: before the torch
+# half linked libtorchmerge.so, it had a table of its own and these left `.OUT.tmp.*` behind.
+
+MODULE_LAYERS = 16  # 16 x Linear(1024, 1024): about 67 MB per module
+needs_torch_half = pytest.mark.skipif(os.environ.get("TORCHMERGE_WITH_TORCH") == "0",
+                                      reason="built with -DTORCHMERGE_WITH_TORCH=OFF: no libtorchmerge_torch.so")
+
+
+class BigModules:
+    """Three TorchScript modules of about 67 MB (issue 12 saw the leak with three of 134 MB)."""
+
+    def __init__(self, d: Path):
+        self.paths = []
+        for k in range(3):
+            torch.manual_seed(200 + k)
+            net = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(MODULE_LAYERS)])
+            p = d / ("module_%d.pt" % k)
+            torch.jit.save(torch.jit.script(net.eval()), str(p))
+            self.paths.append(p)
+
+
+@pytest.fixture(scope="session")
+def big_modules(tmp_path_factory):
+    return BigModules(tmp_path_factory.mktemp("failure_inputs_modules"))
+
+
+def signal_during_write(argv, folder: Path, out_name: str, start_fn=start):
+    """Runs argv and sends SIGINT as soon as the temporary output exists (the torch half
+    writes it last, in one go: there is no delay to shorten); three attempts, then
+    (None, None) when every one finished first."""
+    for _ in range(3):
+        p = start_fn(argv, folder)
+        hit = interrupt(p, folder, out_name, signal.SIGINT, 0.0)
+        _, err = p.communicate(timeout=120)
+        if hit:
+            return p, err
+        assert p.returncode == 0, err.decode()
+        os.remove(folder / out_name)
+    return None, None
+
+
+@needs_torch_half
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
+def test_signal_during_torchscript_dtype_output_leaves_nothing_behind(big_modules, tmp_path, existing):
+    """--dtype rebuilds the module with LibTorch (libtorchmerge_torch's module writer)."""
+    out = tmp_path / "out.pt"
+    if existing:
+        out.write_bytes(PRECIOUS)
+    argv = ["simple_average", "-q", "--dtype", "float16", "-o", out] + big_modules.paths
+    p, err = signal_during_write(argv, tmp_path, "out.pt")
+    if p is None:
+        pytest.skip("the module was always written before the signal")
+    assert p.returncode == -signal.SIGINT, "exit status %s\n%s" % (p.returncode, err.decode())
+    assert leftovers(tmp_path, "out.pt") == [], "temporary output left behind"
+    if existing and out.read_bytes() != PRECIOUS:
+        torch.jit.load(str(out))  # the signal landed after the rename: OUT is whole
+    assert sorted(os.listdir(tmp_path)) == (["out.pt"] if existing else [])
+
+
+SAVE_STATE_DICT = os.environ.get("TORCHMERGE_SAVE_STATE_DICT_BIN")
+
+
+@needs_torch_half
+@pytest.mark.parametrize("fmt", ["pt", "torchscript"])
+def test_signal_during_state_dict_save_leaves_nothing_behind(big_modules, tmp_path, fmt):
+    """tm_state_dict_save (libtorchmerge_torch) from tests/save_state_dict.c, which handles
+    signals as the CLI does."""
+    if not SAVE_STATE_DICT:
+        pytest.skip("TORCHMERGE_SAVE_STATE_DICT_BIN is not set (ctest sets it)")
+
+    def start_save(argv, cwd):
+        return subprocess.Popen([SAVE_STATE_DICT] + [str(a) for a in argv], cwd=str(cwd),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    p, err = signal_during_write([big_modules.paths[0], tmp_path / "out.pt", fmt], tmp_path, "out.pt",
+                                 start_fn=start_save)
+    if p is None:
+        pytest.skip("the state dict was always saved before the signal")
+    assert p.returncode == -signal.SIGINT, "exit status %s\n%s" % (p.returncode, err.decode())
+    assert os.listdir(tmp_path) == [], "left behind: %s" % os.listdir(tmp_path)
+
+
 SHARDS = ["--max-shard-size", "10MB"]  # six shards of two tensors: files of several kinds in the folder
 
 

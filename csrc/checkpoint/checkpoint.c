@@ -2,7 +2,7 @@
  * of strided views over the mapped bytes. Nothing is copied at open; tensor bytes are read
  * when the caller uses them. */
 #define _GNU_SOURCE
-#include "core/checkpoint_internal.h"
+#include "checkpoint/checkpoint_internal.h"
 
 #include <stdio.h>
 #include <stdlib.h>

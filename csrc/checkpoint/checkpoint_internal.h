@@ -1,17 +1,18 @@
 /* What the merge engine (C++) needs from an opened checkpoint beyond the public getters:
  * page-level hints so mapped tensor bytes are prefetched before use and dropped after. */
-#ifndef TM_CORE_CHECKPOINT_INTERNAL_H
-#define TM_CORE_CHECKPOINT_INTERNAL_H
+#ifndef TM_CHECKPOINT_INTERNAL_H
+#define TM_CHECKPOINT_INTERNAL_H
 
 #include "torchmerge.h"
 #include "core/error.h"
+#include "core/internal_export.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 /* Same as tm_checkpoint_open but reports through err instead of publishing to tm_errmsg(). */
-tm_status tm_checkpoint_open_err(const char *path, const tm_open_options *opts,
+TM_INTERNAL tm_status tm_checkpoint_open_err(const char *path, const tm_open_options *opts,
                                  tm_checkpoint **out, tm_error *err);
 /* 1 when the file is a TorchScript module (torch.jit.save archive). */
 int tm_checkpoint_is_module(const tm_checkpoint *ckpt);
