@@ -6,6 +6,8 @@
 
 #include "formats/legacy_pt.h"
 
+#include "formats/pickle_hash.h"
+
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -53,11 +55,7 @@ static tm_status lerr(tm_error *err, tm_status st, const char *label, const char
 }
 
 static uint64_t key_hash(const char *s) {
-    uint64_t h = 0xcbf29ce484222325ULL;
-    for (; *s; s++) {
-        h ^= (unsigned char)*s;
-        h *= 0x100000001b3ULL;
-    }
+    uint64_t h = tm_pk_hash_str(s);
     h ^= h >> 31;
     return h;
 }

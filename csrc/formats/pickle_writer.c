@@ -3,6 +3,8 @@
  * SETITEMS, so there is a single code path for LibTorch's reader to accept. */
 #include "formats/pickle_writer.h"
 
+#include "formats/pickle_hash.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -156,19 +158,10 @@ static const char *storage_type_name(tm_dtype d) {
     }
 }
 
-static uint64_t hash_str(const char *s) {
-    uint64_t h = 0xcbf29ce484222325ULL;
-    for (; *s; s++) {
-        h ^= (unsigned char)*s;
-        h *= 0x100000001b3ULL;
-    }
-    return h;
-}
-
 /* Returns the memo index of key's string, or -1 the first time (then records idx). */
 static int64_t key_lookup(writer *w, const char *key, size_t *slot) {
     size_t mask = w->key_cap - 1;
-    size_t j = (size_t)hash_str(key) & mask;
+    size_t j = (size_t)tm_pk_hash_str(key) & mask;
     while (w->key_names[j]) {
         if (strcmp(w->key_names[j], key) == 0) return w->key_memo[j];
         j = (j + 1) & mask;
