@@ -53,6 +53,7 @@ int TM_FUZZ_ENTRY(const uint8_t *data, size_t size) {
     size_t n = tm_checkpoint_n_tensors(ck);
     for (size_t i = 0; i < n; i++) {
         tm_tensor_info t;
+        tm_tensor_info_init(&t);
         if (tm_checkpoint_tensor(ck, i, &t) != TM_OK) TM_FUZZ_FAIL("tensor %zu", i);
         if (!t.name || tm_checkpoint_find(ck, t.name) != (int64_t)i) TM_FUZZ_FAIL("find(tensor %zu)", i);
         if ((unsigned)t.dtype >= TM_DTYPE_COUNT || t.ndim < 0 || t.ndim > TM_MAX_NDIM)
@@ -78,6 +79,6 @@ int TM_FUZZ_ENTRY(const uint8_t *data, size_t size) {
         }
         tm_checkpoint_release_tensor(ck, i);
     }
-    tm_checkpoint_close(ck);
+    tm_checkpoint_free(ck);
     return 0;
 }

@@ -165,7 +165,7 @@ typedef struct tm_open_options {
 
 TM_API void tm_open_options_init(tm_open_options *opts);
 
-/* Opens path. On success *out is a handle the caller frees with tm_checkpoint_close; on
+/* Opens path. On success *out is a handle the caller frees with tm_checkpoint_free; on
  * failure *out is NULL and tm_errmsg() says why. opts may be NULL (defaults). */
 TM_API tm_status tm_checkpoint_open(const char *path, const tm_open_options *opts,
                                     tm_checkpoint **out);

@@ -34,6 +34,7 @@ static const char *path_of(const char *name) {
 static float *read_f32(tm_checkpoint *ck, const char *name, size_t *numel) {
     int64_t i = tm_checkpoint_find(ck, name);
     tm_tensor_info info;
+    tm_tensor_info_init(&info);
     float *data;
     if (i < 0 || tm_checkpoint_tensor(ck, (size_t)i, &info) != TM_OK) return NULL;
     if (info.dtype != TM_FLOAT32) return NULL;
@@ -69,6 +70,7 @@ static void test_open_and_iterate(void) {
     CHECK(n > 3);
     for (i = 0; i < n; i++) {
         tm_tensor_info info;
+        tm_tensor_info_init(&info);
         CHECK(tm_checkpoint_tensor(ck, i, &info) == TM_OK);
         CHECK(info.name != NULL && info.storage_data != NULL);
         CHECK(tm_checkpoint_find(ck, info.name) == (int64_t)i);
@@ -77,8 +79,8 @@ static void test_open_and_iterate(void) {
     CHECK(total > 0);
     CHECK(tm_checkpoint_find(ck, "no.such.tensor") == -1);
     CHECK(tm_checkpoint_tensor(ck, n, NULL) != TM_OK);
-    tm_checkpoint_close(ck);
-    tm_checkpoint_close(NULL); /* NULL-safe */
+    tm_checkpoint_free(ck);
+    tm_checkpoint_free(NULL); /* NULL-safe */
 }
 
 static void test_nested_checkpoint_found_by_key(void) {
@@ -86,14 +88,14 @@ static void test_nested_checkpoint_found_by_key(void) {
     tm_open_options oo;
     CHECK(tm_checkpoint_open(path_of("nested_a.pt"), NULL, &ck) == TM_OK);
     if (ck) CHECK(strcmp(tm_checkpoint_key(ck), "state_dict") == 0);
-    tm_checkpoint_close(ck);
+    tm_checkpoint_free(ck);
     CHECK(tm_checkpoint_open(path_of("ambiguous.pt"), NULL, &ck) == TM_ERROR_AMBIGUOUS);
     CHECK(ck == NULL);
     CHECK(strstr(tm_errmsg(), "'model'") && strstr(tm_errmsg(), "'ema'"));
     tm_open_options_init(&oo);
     oo.key = "ema";
     CHECK(tm_checkpoint_open(path_of("ambiguous.pt"), &oo, &ck) == TM_OK);
-    tm_checkpoint_close(ck);
+    tm_checkpoint_free(ck);
 }
 
 static void test_errors_name_the_file(void) {
@@ -135,7 +137,7 @@ static void test_state_dict_add_mul_equals_mean(void) {
             CHECK(fabs(xm[i] - ref) <= 1e-6 * (1.0 + fabs(ref)));
         }
     free(xm); free(xa); free(xb); free(xc);
-    tm_checkpoint_close(ck); tm_checkpoint_close(ca); tm_checkpoint_close(cb); tm_checkpoint_close(cc);
+    tm_checkpoint_free(ck); tm_checkpoint_free(ca); tm_checkpoint_free(cb); tm_checkpoint_free(cc);
 
     /* Mismatched keys are refused with the key named. */
     {
@@ -169,6 +171,7 @@ static void test_merge_files_with_options(void) {
     tm_merge_options o;
     tm_profile prof;
     double w[3] = {1.0, 1.0, 2.0};
+    tm_param weights;
     tm_checkpoint *ck = NULL, *ca = NULL, *cc = NULL;
     size_t nm = 0, na = 0, nc = 0, i;
     float *xm, *xa, *xc;
@@ -176,9 +179,15 @@ static void test_merge_files_with_options(void) {
     inputs[1] = path_of("sd_a.pt");
     inputs[2] = path_of("sd_c.pt");
     tm_merge_options_init(&o);
-    CHECK(o.normalize == 1 && o.keys == TM_KEYS_STRICT && o.format == TM_FORMAT_AUTO);
-    o.weights = w;
-    o.n_weights = 3;
+    tm_profile_init(&prof);
+    CHECK(o.struct_size == sizeof o && o.method == NULL && o.keys == TM_KEYS_STRICT && o.format == TM_FORMAT_AUTO);
+    weights.name = "weights";
+    weights.text = NULL;
+    weights.numbers = w;
+    weights.n_numbers = 3;
+    o.method = "weighted_average";
+    o.params = &weights;
+    o.n_params = 1;
     o.profile = &prof;
     CHECK(tm_merge_files(inputs, 3, path_of("capi_weighted.pt"), &o) == TM_OK);
     CHECK(prof.load_calls > 0 && prof.merge_calls > 0 && prof.save_calls > 0);
@@ -195,9 +204,9 @@ static void test_merge_files_with_options(void) {
             CHECK(fabs(xm[i] - ref) <= 1e-6 * (1.0 + fabs(ref)));
         }
     free(xm); free(xa); free(xc);
-    tm_checkpoint_close(ck); tm_checkpoint_close(ca); tm_checkpoint_close(cc);
+    tm_checkpoint_free(ck); tm_checkpoint_free(ca); tm_checkpoint_free(cc);
 
-    o.n_weights = 2;
+    weights.n_numbers = 2;
     CHECK(tm_merge_files(inputs, 3, path_of("capi_bad.pt"), &o) == TM_ERROR_INVALID_ARGUMENT);
     CHECK(strstr(tm_errmsg(), "weights") != NULL);
     inputs[1] = path_of("shape_mismatch.pt");

@@ -82,7 +82,7 @@ struct Opened {
         o.key = key;
         st = tm_checkpoint_open_err(path.c_str(), &o, &ck, &err);
     }
-    ~Opened() { tm_checkpoint_close(ck); }
+    ~Opened() { tm_checkpoint_free(ck); }
 };
 
 }  // namespace
@@ -108,6 +108,7 @@ TEST_CASE("every tensor read from a real torch.save or TorchScript file matches 
         std::string key = tm_checkpoint_key(o.ck);
         for (size_t i = 0; i < tm_checkpoint_n_tensors(o.ck); i++) {
             tm_tensor_info t{};
+            tm_tensor_info_init(&t);
             REQUIRE(tm_checkpoint_tensor(o.ck, i, &t) == TM_OK);
             INFO(t.name);
             std::string want_path = key.empty() ? t.name : key + "." + t.name;
@@ -146,6 +147,7 @@ TEST_CASE("Fortran-ordered strides are reported, and reading applies them") {
     Opened o(kCorpus + "/huggingface__candle/fortran_tensor_3d.pth");
     REQUIRE(o.st == TM_OK);
     tm_tensor_info t{};
+    tm_tensor_info_init(&t);
     REQUIRE(tm_checkpoint_tensor(o.ck, 0, &t) == TM_OK);
     CHECK(dims(t.ndim, t.stride) == "1x2x6");
     std::vector<int64_t> v(24);
@@ -164,6 +166,7 @@ TEST_CASE("views into one flat storage keep their offsets and share a storage id
     std::map<int64_t, int> per_storage;
     for (size_t i = 0; i < tm_checkpoint_n_tensors(o.ck); i++) {
         tm_tensor_info t{};
+        tm_tensor_info_init(&t);
         tm_checkpoint_tensor(o.ck, i, &t);
         per_storage[t.storage_id]++;
     }

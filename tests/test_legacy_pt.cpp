@@ -773,7 +773,7 @@ TEST_CASE("legacy .pt: a whole pickled module opens and its module persistent id
     tm_checkpoint *ck = nullptr;
     REQUIRE(tm_checkpoint_open((tmp() + "/module.pt").c_str(), nullptr, &ck) == TM_OK);
     CHECK(tm_checkpoint_n_tensors(ck) == 9);  // ...state-dict discovery does: 2 Linear + BatchNorm
-    tm_checkpoint_close(ck);
+    tm_checkpoint_free(ck);
 }
 
 TEST_CASE("legacy .pt: storage lookup refuses values that are not storages of the file", "[legacy]") {

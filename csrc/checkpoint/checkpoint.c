@@ -11,6 +11,8 @@
 #include <cjson/cJSON.h>
 #include <sys/stat.h>
 
+#include "core/fs.h"
+#include "core/struct_size.h"
 #include "formats/legacy_pt.h"
 #include "formats/safetensors.h"
 #include "formats/mapped_file.h"
@@ -62,9 +64,9 @@ struct tm_checkpoint {
     size_t n_storages;
 };
 
-void tm_open_options_init(tm_open_options *opts) {
-    if (opts) memset(opts, 0, sizeof *opts);
-}
+void tm_open_options_init(tm_open_options *opts) { TM_STRUCT_INIT(opts); }
+
+void tm_tensor_info_init(tm_tensor_info *info) { TM_STRUCT_INIT(info); }
 
 /* Finds "<prefix>/data.pkl" (the prefix is arbitrary: "archive", the file stem, …). */
 static const tm_zip_entry *find_data_pkl(const tm_zip_reader *zr, char *prefix, size_t cap) {
@@ -481,19 +483,19 @@ tm_status tm_checkpoint_open_err(const char *path, const tm_open_options *opts,
     }
     if (!st) st = build_index(ck, err);
     if (!st && ck->folder && !tm_checkpoint_metadata(ck, "torchmerge_recipe")) {
-        char *recipe = NULL;
-        if (asprintf(&recipe, "%s/torchmerge_recipe.yaml", ck->folder) >= 0 && file_exists(recipe)) {
-            FILE *f = fopen(recipe, "rb");
-            char buf[1 << 16];
-            size_t len = f ? fread(buf, 1, sizeof buf - 1, f) : 0;
-            if (f) fclose(f);
-            buf[len] = '\0';
-            if (len && add_meta(ck, "torchmerge_recipe", buf)) st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
-        }
+        char *recipe = NULL, *text = NULL;
+        size_t len = 0;
+        tm_error ignored;
+        /* the recipe beside a folder we wrote; a missing or unreadable one is no error */
+        if (asprintf(&recipe, "%s/torchmerge_recipe.yaml", ck->folder) >= 0 && file_exists(recipe) &&
+            tm_fs_read_file(recipe, TM_RECIPE_MAX_BYTES, "the recipe", &text, &len, &ignored) == TM_OK && len &&
+            add_meta(ck, "torchmerge_recipe", text))
+            st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+        free(text);
         free(recipe);
     }
     if (st) {
-        tm_checkpoint_close(ck);
+        tm_checkpoint_free(ck);
         return st;
     }
     /* Opening touched a page here and there (zip headers, the pickle): recent kernels map a whole
@@ -510,11 +512,16 @@ tm_status tm_checkpoint_open(const char *path, const tm_open_options *opts, tm_c
         tm_error_set(&err, TM_ERROR_INVALID_ARGUMENT, "tm_checkpoint_open: out is NULL");
         return tm_error_publish(&err);
     }
-    tm_status st = tm_checkpoint_open_err(path, opts, out, &err);
+    *out = NULL;
+    tm_open_options o; /* the caller's fields over the defaults */
+    tm_open_options_init(&o);
+    if (opts && TM_STRUCT_CHECK(opts, &err)) return tm_error_publish(&err);
+    if (opts) TM_STRUCT_COPY_IN(&o, opts);
+    tm_status st = tm_checkpoint_open_err(path, &o, out, &err);
     return st ? tm_error_publish(&err) : TM_OK;
 }
 
-void tm_checkpoint_close(tm_checkpoint *ck) {
+void tm_checkpoint_free(tm_checkpoint *ck) {
     if (!ck) return;
     for (size_t i = 0; i < ck->n_tensors; i++) free(ck->tensors[i].name);
     free(ck->tensors);
@@ -547,25 +554,35 @@ int tm_checkpoint_storage_location(const tm_checkpoint *ck, size_t i, uint64_t *
     return 1;
 }
 
+tm_tensor_info tm_checkpoint_info(const tm_checkpoint *ck, size_t i) {
+    tm_tensor_info out;
+    tm_tensor_info_init(&out);
+    if (!ck || i >= ck->n_tensors) return out;
+    const ckpt_tensor *t = &ck->tensors[i];
+    const ckpt_storage *s = &ck->storages[t->storage];
+    out.name = t->name;
+    out.dtype = t->dtype;
+    out.ndim = t->ndim;
+    out.shape = t->shape;
+    out.stride = t->stride;
+    out.storage_offset = t->storage_offset;
+    out.storage_data = s->data;
+    out.storage_nbytes = s->nbytes;
+    out.storage_id = (int64_t)t->storage;
+    out.numel = t->numel;
+    out.nbytes = t->numel * tm_dtype_size(t->dtype);
+    return out;
+}
+
 tm_status tm_checkpoint_tensor(const tm_checkpoint *ck, size_t i, tm_tensor_info *out) {
     tm_error err = {0};
-    if (!ck || !out || i >= ck->n_tensors) {
+    if (TM_STRUCT_CHECK(out, &err)) return tm_error_publish(&err);
+    if (!ck || i >= ck->n_tensors) {
         tm_error_set(&err, TM_ERROR_INVALID_ARGUMENT, "tm_checkpoint_tensor: index %zu out of range", i);
         return tm_error_publish(&err);
     }
-    const ckpt_tensor *t = &ck->tensors[i];
-    const ckpt_storage *s = &ck->storages[t->storage];
-    out->name = t->name;
-    out->dtype = t->dtype;
-    out->ndim = t->ndim;
-    out->shape = t->shape;
-    out->stride = t->stride;
-    out->storage_offset = t->storage_offset;
-    out->storage_data = s->data;
-    out->storage_nbytes = s->nbytes;
-    out->storage_id = (int64_t)t->storage;
-    out->numel = t->numel;
-    out->nbytes = t->numel * tm_dtype_size(t->dtype);
+    tm_tensor_info info = tm_checkpoint_info(ck, i);
+    TM_STRUCT_COPY_OUT(out, &info);
     return TM_OK;
 }
 
@@ -590,6 +607,7 @@ const char *tm_checkpoint_metadata(const tm_checkpoint *ck, const char *key) {
 
 tm_status tm_checkpoint_read(const tm_checkpoint *ck, size_t i, void *dst, size_t dst_size) {
     tm_tensor_info info;
+    tm_tensor_info_init(&info);
     tm_status st = tm_checkpoint_tensor(ck, i, &info);
     if (st) return st;
     if (dst_size < info.nbytes || (!dst && info.nbytes)) {

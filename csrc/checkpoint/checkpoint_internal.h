@@ -11,6 +11,13 @@
 extern "C" {
 #endif
 
+/* The largest recipe read: by tm_merge_recipe, and beside a folder output we wrote. */
+#define TM_RECIPE_MAX_BYTES ((size_t)16 << 20)
+
+/* Tensor i as tm_checkpoint_tensor describes it (zeroed when out of range), for the library's
+ * own callers, which need no struct_size handshake. */
+tm_tensor_info tm_checkpoint_info(const tm_checkpoint *ckpt, size_t i);
+
 /* Same as tm_checkpoint_open but reports through err instead of publishing to tm_errmsg(). */
 TM_INTERNAL tm_status tm_checkpoint_open_err(const char *path, const tm_open_options *opts,
                                  tm_checkpoint **out, tm_error *err);

@@ -90,6 +90,7 @@ int tm_cli_greedy_soup(int argc, char **argv) {
 
     tm_cli_install_signal_handlers();
     tm_greedy_report report;
+    tm_greedy_report_init(&report);
     char **inputs = argv + optind;
     if (tm_greedy_soup((const char *const *)inputs, (size_t)(argc - optind), output, eval, &o, &report) != TM_OK) {
         tm_cli_error("%s", tm_errmsg());

@@ -17,6 +17,7 @@ static void totals(const tm_checkpoint *ck, uint64_t *bytes, uint64_t *params, u
     for (int d = 0; d < TM_DTYPE_COUNT; d++) per_dtype[d] = 0;
     for (size_t i = 0; i < tm_checkpoint_n_tensors(ck); i++) {
         tm_tensor_info t;
+        tm_tensor_info_init(&t);
         if (tm_checkpoint_tensor(ck, i, &t) != TM_OK) continue;
         *bytes += t.nbytes;
         *params += t.numel;
@@ -38,6 +39,7 @@ int tm_cli_inspect_text(const tm_checkpoint *ck, FILE *out) {
     fprintf(out, "\n%-48s %-10s %-20s %12s\n", "name", "dtype", "shape", "bytes");
     for (size_t i = 0; i < n; i++) {
         tm_tensor_info t;
+        tm_tensor_info_init(&t);
         if (tm_checkpoint_tensor(ck, i, &t) != TM_OK) continue;
         char shape[256];
         shape_text(&t, shape, sizeof shape);
@@ -78,6 +80,7 @@ int tm_cli_inspect_json(const tm_checkpoint *ck, FILE *out) {
     fputs(", \"tensors\": [", out);
     for (size_t i = 0; i < n; i++) {
         tm_tensor_info t;
+        tm_tensor_info_init(&t);
         if (tm_checkpoint_tensor(ck, i, &t) != TM_OK) continue;
         fputs(i ? ", {\"name\": " : "{\"name\": ", out);
         json_string(out, t.name);

@@ -38,7 +38,7 @@ void tm_cli_print_method_options(FILE *f, size_t method) {
         tm_method_param_info p;
         tm_method_param_info_init(&p);
         if (tm_method_param(method, j, &p) != TM_OK) continue;
-        char flag[96], left[160];
+        char flag[96], left[256];
         flag_name(p.name, flag, sizeof flag, "--");
         if (p.kind == TM_PARAM_BOOL) snprintf(left, sizeof left, "%s / --no-%s", flag, flag + 2);
         else if (p.kind == TM_PARAM_CHOICE) snprintf(left, sizeof left, "%s %s", flag, p.choices);

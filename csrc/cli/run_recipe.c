@@ -137,6 +137,7 @@ int tm_cli_run(int argc, char **argv) {
     tm_merge_options base;
     tm_merge_options_init(&base);
     tm_profile prof;
+    tm_profile_init(&prof);
     tm_cli_set_callbacks(&base);
     if (profile) base.profile = &prof;
     tm_cli_install_signal_handlers();

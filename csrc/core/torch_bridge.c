@@ -1,6 +1,7 @@
 /* Loads the LibTorch half on first use and forwards the in-memory state dict API to it. */
 #define _GNU_SOURCE
 #include "core/torch_bridge.h"
+#include "core/struct_size.h"
 
 #include <dlfcn.h>
 #include <limits.h>
@@ -73,7 +74,11 @@ tm_status tm_state_dict_new(tm_state_dict **out) {
 tm_status tm_state_dict_load(const char *path, const tm_open_options *opts, tm_state_dict **out) {
     if (out) *out = NULL;
     BRIDGE_OR_FAIL(b, e);
-    PUBLISH(b->state_dict_load(path, opts, out, &e));
+    tm_open_options o; /* the caller's fields over the defaults */
+    tm_open_options_init(&o);
+    if (opts && TM_STRUCT_CHECK(opts, &e)) return tm_error_publish(&e);
+    if (opts) TM_STRUCT_COPY_IN(&o, opts);
+    PUBLISH(b->state_dict_load(path, &o, out, &e));
 }
 
 tm_status tm_state_dict_clone(const tm_state_dict *sd, tm_state_dict **out) {
@@ -96,7 +101,12 @@ size_t tm_state_dict_size(const tm_state_dict *sd) {
 
 tm_status tm_state_dict_tensor(const tm_state_dict *sd, size_t i, tm_tensor_info *out) {
     BRIDGE_OR_FAIL(b, e);
-    PUBLISH(b->state_dict_tensor(sd, i, out, &e));
+    if (TM_STRUCT_CHECK(out, &e)) return tm_error_publish(&e);
+    tm_tensor_info full; /* written only as far as the caller's struct_size */
+    tm_tensor_info_init(&full);
+    tm_status st = b->state_dict_tensor(sd, i, &full, &e);
+    if (!st) TM_STRUCT_COPY_OUT(out, &full);
+    return st ? tm_error_publish(&e) : TM_OK;
 }
 
 int64_t tm_state_dict_find(const tm_state_dict *sd, const char *name) {

@@ -19,12 +19,7 @@ double tm_merge_now(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-tm_tensor_info tm_merge_tensor(tm_checkpoint *ck, int64_t idx) {
-    tm_tensor_info t;
-    memset(&t, 0, sizeof t);
-    tm_checkpoint_tensor(ck, (size_t)idx, &t);
-    return t;
-}
+tm_tensor_info tm_merge_tensor(tm_checkpoint *ck, int64_t idx) { return tm_checkpoint_info(ck, (size_t)idx); }
 
 tm_tensor_info tm_merge_key_tensor(const merge_ctx *c, size_t k) {
     size_t i = 0;

@@ -120,10 +120,10 @@ tm_status tm_param_parse_text(const tm_param_decl *d, const char *text, double *
 tm_status tm_param_check_number(const tm_param_decl *d, double v, tm_error *err);
 
 /* The value of parameter j for input i of t (per-input parameters), or its single value. */
-static inline double tm_method_param(const tm_method_tensor *t, size_t j, size_t input) {
+static inline double tm_tensor_param(const tm_method_tensor *t, size_t j, size_t input) {
     return t->params[t->param_at[j] + input];
 }
-static inline double tm_method_param1(const tm_method_tensor *t, size_t j) { return t->params[t->param_at[j]]; }
+static inline double tm_tensor_param1(const tm_method_tensor *t, size_t j) { return t->params[t->param_at[j]]; }
 
 #ifdef __cplusplus
 }

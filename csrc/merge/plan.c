@@ -6,10 +6,7 @@
 #include <string.h>
 
 static tm_tensor_info info_of(tm_checkpoint *ck, int64_t idx) {
-    tm_tensor_info t;
-    memset(&t, 0, sizeof t);
-    tm_checkpoint_tensor(ck, (size_t)idx, &t);
-    return t;
+    return tm_checkpoint_info(ck, (size_t)idx);
 }
 
 /* Appends "'a', 'b', … (N in all)" to buf. */

@@ -129,13 +129,13 @@ tm_status tm_sink_torchscript_write(merge_ctx *c, const char *module_path, const
     ts_sink s = {NULL, NULL};
     tm_error ignore;
     if (!tpl || !tm_checkpoint_is_module(tpl) || tm_archive_rewriter_open(module_path, &s.rw, &ignore) != TM_OK) {
-        tm_checkpoint_close(opened);
+        tm_checkpoint_free(opened);
         return TM_OK;
     }
     s.unit_record = malloc((p->n_units + 1) * sizeof *s.unit_record);
     size_t *order = malloc((p->n_units + 1) * sizeof *order), n_order = 0;
     *applicable = s.unit_record && order && plan_records(c, &s, tpl, order, &n_order);
-    tm_checkpoint_close(opened);
+    tm_checkpoint_free(opened);
     tm_status st = *applicable ? stream(c, &s, output, order, n_order, err) : TM_OK;
     tm_archive_rewriter_free(s.rw);
     free(s.unit_record);

@@ -23,6 +23,7 @@
 #include <sys/stat.h>
 
 #include "core/c_number.h"
+#include "core/struct_size.h"
 #include "recipe/recipe.h"
 
 typedef struct ictx {
@@ -134,19 +135,6 @@ static tm_status get_number(ictx *c, const tm_rnode *n, const char *what, double
     if (!parse_double(n->text, out))
         return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s: expected a finite number, got '%s'", what, n->text);
     return TM_OK;
-}
-
-static tm_status get_bool(ictx *c, const tm_rnode *n, const char *what, int *out) {
-    tm_status st = want_scalar(c, n, what);
-    if (st) return st;
-    static const char *yes[] = {"true", "True", "TRUE", "yes", "Yes", "YES", "on", "On", "ON"};
-    static const char *no[] = {"false", "False", "FALSE", "no", "No", "NO", "off", "Off", "OFF"};
-    if (n->plain)
-        for (size_t i = 0; i < sizeof yes / sizeof *yes; i++) {
-            if (!strcmp(n->text, yes[i])) return *out = 1, TM_OK;
-            if (!strcmp(n->text, no[i])) return *out = 0, TM_OK;
-        }
-    return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s: expected true or false, got '%s'", what, n->text);
 }
 
 /* ---- keys ------------------------------------------------------------------------------------- */
@@ -392,6 +380,27 @@ static int excluded_by_patterns(const tm_recipe *r, const char *name) {
     return !keep;
 }
 
+/* The parameter names (and aliases) of every method, each once, per-input ones only when
+ * per_input: the keys a recipe may use before its method is known. Returns how many (≤ cap). */
+static size_t known_param_names(const char **out, size_t cap, int per_input) {
+    size_t n = 0;
+    for (size_t i = 0; i < tm_methods_count(); i++) {
+        const tm_method *m = tm_methods_at(i);
+        for (size_t j = 0; j < m->n_params; j++) {
+            const tm_param_decl *d = &m->params[j];
+            if (per_input && !d->per_input) continue;
+            for (size_t k = 0; k < 5; k++) {
+                const char *name = k ? d->aliases[k - 1] : d->name;
+                if (!name) break;
+                int seen = 0;
+                for (size_t q = 0; q < n && !seen; q++) seen = !strcmp(out[q], name);
+                if (!seen && n < cap) out[n++] = name;
+            }
+        }
+    }
+    return n;
+}
+
 /* ---- models ----------------------------------------------------------------------------------- */
 
 /* One model: "path", or {model: path, parameters: {...}} (path: is accepted for model:). */
@@ -502,27 +511,6 @@ static tm_status method_from_target(ictx *c, const tm_rnode *n, const tm_method 
             used += (size_t)snprintf(known + used, sizeof known - used, "%s%s", used ? ", " : "", m->fusionbench_class);
     }
     return ierr(c, TM_ERROR_UNSUPPORTED, n, "unknown method '_target_: %s' (torchmerge runs %s)", s, known);
-}
-
-/* The parameter names (and aliases) of every method, each once, per-input ones only when
- * per_input: the keys a recipe may use before its method is known. Returns how many (≤ cap). */
-static size_t known_param_names(const char **out, size_t cap, int per_input) {
-    size_t n = 0;
-    for (size_t i = 0; i < tm_methods_count(); i++) {
-        const tm_method *m = tm_methods_at(i);
-        for (size_t j = 0; j < m->n_params; j++) {
-            const tm_param_decl *d = &m->params[j];
-            if (per_input && !d->per_input) continue;
-            for (size_t k = 0; k < 5; k++) {
-                const char *name = k ? d->aliases[k - 1] : d->name;
-                if (!name) break;
-                int seen = 0;
-                for (size_t q = 0; q < n && !seen; q++) seen = !strcmp(out[q], name);
-                if (!seen && n < cap) out[n++] = name;
-            }
-        }
-    }
-    return n;
 }
 
 /* ---- the method's parameters ------------------------------------------------------------------ */
@@ -1095,6 +1083,13 @@ tm_status tm_merge_recipe(const char *recipe, int is_path, const char *const *ov
                           const tm_merge_options *base) {
     tm_recipe r;
     tm_error err = {0};
+    tm_merge_options full; /* the caller's fields over the defaults */
+    tm_merge_options_init(&full);
+    if (base && TM_STRUCT_CHECK(base, &err)) return tm_error_publish(&err);
+    if (base) {
+        TM_STRUCT_COPY_IN(&full, base);
+        base = &full;
+    }
     tm_status st = tm_recipe_load(&r, recipe, is_path, overrides, n_overrides, base ? base->warning : NULL,
                                   base ? base->warning_user : NULL, &err);
     if (st) {

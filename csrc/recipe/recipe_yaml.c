@@ -10,10 +10,11 @@
 
 #include <yaml.h>
 
+#include "checkpoint/checkpoint_internal.h"
+#include "core/fs.h"
 #include "recipe/recipe.h"
 
 /* Recipes are small; these bound what a hostile file can make us allocate. */
-#define RECIPE_MAX_BYTES ((size_t)16 << 20)
 #define RECIPE_MAX_NODES ((size_t)100000)
 #define RECIPE_MAX_DEPTH 200
 
@@ -439,39 +440,7 @@ static tm_rorigin *add_origin(tm_rdoc *doc, const char *label, int is_override, 
 }
 
 static tm_status read_file(const char *path, char **out, size_t *len, tm_error *err) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return tm_error_set(err, errno == ENOENT ? TM_ERROR_NOT_FOUND : TM_ERROR_IO, "%s: cannot open the recipe: %s",
-                                path, strerror(errno));
-    size_t cap = 4096, used = 0;
-    char *buf = malloc(cap);
-    tm_status st = TM_OK;
-    while (buf) {
-        if (used == cap) {
-            if (cap >= RECIPE_MAX_BYTES) {
-                st = tm_error_set(err, TM_ERROR_LIMIT, "%s: a recipe may hold at most %zu bytes", path, RECIPE_MAX_BYTES);
-                break;
-            }
-            char *b = realloc(buf, cap * 2);
-            if (!b) break;
-            buf = b;
-            cap *= 2;
-        }
-        size_t got = fread(buf + used, 1, cap - used, f);
-        used += got;
-        if (got == 0) {
-            if (ferror(f)) st = tm_error_set(err, TM_ERROR_IO, "%s: cannot read the recipe: %s", path, strerror(errno));
-            break;
-        }
-    }
-    fclose(f);
-    if (!buf) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
-    if (st) {
-        free(buf);
-        return st;
-    }
-    *out = buf;
-    *len = used;
-    return TM_OK;
+    return tm_fs_read_file(path, TM_RECIPE_MAX_BYTES, "the recipe", out, len, err);
 }
 
 tm_status tm_rdoc_parse(tm_rdoc *doc, const char *recipe, int is_path, tm_error *err) {

@@ -71,15 +71,14 @@ tm_status sd_load(const char *path, const tm_open_options *opts, tm_state_dict *
         auto sd = std::make_unique<tm_state_dict>();
         try {
             for (size_t i = 0; i < tm_checkpoint_n_tensors(ck); i++) {
-                tm_tensor_info info{};
-                tm_checkpoint_tensor(ck, i, &info);
+                tm_tensor_info info = tm_checkpoint_info(ck, i);
                 insert(*sd, info.name, view_of(info).clone(at::MemoryFormat::Contiguous));
             }
         } catch (...) {
-            tm_checkpoint_close(ck);
+            tm_checkpoint_free(ck);
             throw;
         }
-        tm_checkpoint_close(ck);
+        tm_checkpoint_free(ck);
         *out = sd.release();
     });
 }

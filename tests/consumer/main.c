@@ -13,6 +13,6 @@ int main(int argc, char **argv) {
     tm_checkpoint *ck = NULL;
     if (tm_checkpoint_open(argv[3], NULL, &ck) != TM_OK) return 1;
     printf("torchmerge %s: %zu tensors\n", tm_version(), tm_checkpoint_n_tensors(ck));
-    tm_checkpoint_close(ck);
+    tm_checkpoint_free(ck);
     return 0;
 }

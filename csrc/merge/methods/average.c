@@ -35,7 +35,7 @@ static tm_status prepare_simple(const tm_method_tensor *t, double *state, tm_err
 }
 
 static tm_status prepare_weighted(const tm_method_tensor *t, double *state, tm_error *err) {
-    return prepare(t, t->params + t->param_at[P_WEIGHTS], tm_method_param1(t, P_NORMALIZE) != 0, state, err);
+    return prepare(t, t->params + t->param_at[P_WEIGHTS], tm_tensor_param1(t, P_NORMALIZE) != 0, state, err);
 }
 
 /* Merge-wide: with normalize, weights that sum to 0 have no average (per tensor, rules may
