@@ -16,7 +16,7 @@ extern "C" {
 
 /* Tensor i as tm_checkpoint_tensor describes it (zeroed when out of range), for the library's
  * own callers, which need no struct_size handshake. */
-tm_tensor_info tm_checkpoint_info(const tm_checkpoint *ckpt, size_t i);
+TM_INTERNAL tm_tensor_info tm_checkpoint_info(const tm_checkpoint *ckpt, size_t i);
 
 /* Same as tm_checkpoint_open but reports through err instead of publishing to tm_errmsg(). */
 TM_INTERNAL tm_status tm_checkpoint_open_err(const char *path, const tm_open_options *opts,

@@ -420,15 +420,20 @@ def merge_st(work, *args, name="out.safetensors"):
 
 
 def check_metadata(meta, method, n_inputs, input_names, weights=None):
+    """The merge as recorded: the method, all its parameters (torchmerge_params, defaults
+    included), the weights again as torchmerge_weights where the method has weights, inputs."""
     assert meta.get("format") == "pt", meta
     assert meta.get("torchmerge_method") == method, meta
-    w = json.loads(meta["torchmerge_weights"])
-    assert isinstance(w, list) and len(w) == n_inputs, meta
-    assert all(isinstance(v, (int, float)) for v in w), meta
-    if weights is None:
-        assert len(set(w)) == 1 and w[0] > 0, meta  # uniform
-    else:  # the weights as given, or normalised: proportional either way
-        s, sg = sum(w), sum(weights)
+    params = json.loads(meta["torchmerge_params"])
+    if weights is None:  # simple_average: no parameters, so no weights recorded
+        assert params == {} and "torchmerge_weights" not in meta, meta
+    else:
+        w = json.loads(meta["torchmerge_weights"])
+        assert w == params["weights"], meta
+        assert params["normalize"] is True and meta["torchmerge_normalize"] == "true", meta
+        assert isinstance(w, list) and len(w) == n_inputs, meta
+        assert all(isinstance(v, (int, float)) for v in w), meta
+        s, sg = sum(w), sum(weights)  # the weights as given, or normalised: proportional either way
         for got, given in zip(w, weights):
             assert abs(got / s - given / sg) < 1e-12, (w, weights)
     assert json.loads(meta["torchmerge_inputs"]) == list(input_names), meta
@@ -623,8 +628,6 @@ def test_safetensors_metadata_records_simple_average(inp, work):
     names = ("sd_a.pt", "legacy_sd_b.pt", "st_c.safetensors")
     st, _ = merge_st(work, "simple_average", *inp(*names))
     check_metadata(st.metadata, "simple_average", 3, names)
-    w = json.loads(st.metadata["torchmerge_weights"])
-    assert all(abs(v / sum(w) - 1 / 3) < 1e-12 for v in w), w
 
 
 def test_safetensors_metadata_records_weighted_average_weights(inp, work):
