@@ -9,19 +9,27 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "merge/kernel.h"
 
 tm_status tm_merge_worker_init(tm_merge_worker *w, size_t n_inputs) {
     memset(w, 0, sizeof *w);
+    size_t n = n_inputs + 1;
     w->acc = malloc(2 * TM_BLOCK_ELEMS * sizeof *w->acc);
-    w->rule_weights = malloc((n_inputs + 1) * sizeof *w->rule_weights);
-    return w->acc && w->rule_weights ? TM_OK : TM_ERROR_NOMEM;
+    w->rule_weights = malloc(n * sizeof *w->rule_weights);
+    w->weights = malloc(n * sizeof *w->weights);
+    w->views = malloc(n * sizeof *w->views);
+    w->shapes = malloc(n * sizeof *w->shapes);
+    w->strides = malloc(n * sizeof *w->strides);
+    return w->acc && w->rule_weights && w->weights && w->views && w->shapes && w->strides ? TM_OK : TM_ERROR_NOMEM;
 }
 
 void tm_merge_worker_free(tm_merge_worker *w) {
     free(w->acc);
     free(w->rule_weights);
-    w->acc = w->rule_weights = NULL;
+    free(w->weights);
+    free(w->views);
+    free(w->shapes);
+    free(w->strides);
+    memset(w, 0, sizeof *w);
 }
 
 /* The weights as given (uniform 1/n when none); normalisation happens per tensor, in
@@ -67,20 +75,9 @@ static tm_view unit_view(const merge_ctx *c, const tm_unit *u, size_t i, int64_t
  * list of differing names. */
 static pthread_mutex_t shared_mu = PTHREAD_MUTEX_INITIALIZER;
 
-tm_status tm_merge_unit(merge_ctx *c, tm_merge_worker *w, const tm_unit *u, const tm_block_out *out, tm_error *err) {
-    tm_view views[64], *vp = views;
-    int64_t shapes[64], strides[64], *sp = shapes, *tp = strides;
-    double wv[64], *wp = wv;
-    if (c->n > 64) {
-        vp = malloc(c->n * sizeof *vp);
-        sp = malloc(c->n * sizeof *sp);
-        tp = malloc(c->n * sizeof *tp);
-        wp = malloc(c->n * sizeof *wp);
-        if (!vp || !sp || !tp || !wp) {
-            free(vp); free(sp); free(tp); free(wp);
-            return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
-        }
-    }
+/* Fills w->views and w->weights for the m inputs holding unit u: the weights as given, through
+ * the per-tensor rule, normalised over those inputs (floating units, unless --no-normalize). */
+static tm_status unit_inputs(const merge_ctx *c, tm_merge_worker *w, const tm_unit *u, size_t *m, tm_error *err) {
     double *raw = w->rule_weights;
     memcpy(raw, c->weights, c->n * sizeof *raw);
     if (c->o->tensor_weights) {
@@ -88,26 +85,27 @@ tm_status tm_merge_unit(merge_ctx *c, tm_merge_worker *w, const tm_unit *u, cons
         c->o->tensor_weights(c->o->rules_user, c->plan.keys[u->keys[0]], c->n, raw);
         pthread_mutex_unlock(&shared_mu);
     }
-    size_t m = 0;
     double wsum = 0;
+    *m = 0;
     for (size_t i = 0; i < c->n; i++) {
         if (tm_plan_where(&c->plan, u->keys[0], i) < 0) continue;
-        vp[m] = unit_view(c, u, i, &sp[m], &tp[m]);
-        wp[m] = raw[i];
-        wsum += wp[m];
-        m++;
+        w->views[*m] = unit_view(c, u, i, &w->shapes[*m], &w->strides[*m]);
+        w->weights[*m] = raw[i];
+        wsum += raw[i];
+        ++*m;
     }
-    if (c->o->normalize && u->floating) {
-        if (wsum == 0 || !isfinite(wsum)) {
-            if (vp != views) { free(vp); free(sp); free(tp); free(wp); }
-            return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
-                                "tensor '%s': its weights sum to 0 and cannot be normalised",
-                                c->plan.keys[u->keys[0]]);
-        }
-        for (size_t j = 0; j < m; j++) wp[j] /= wsum;
-    }
+    if (!c->o->normalize || !u->floating) return TM_OK;
+    if (wsum == 0 || !isfinite(wsum))
+        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "tensor '%s': its weights sum to 0 and cannot be normalised",
+                            c->plan.keys[u->keys[0]]);
+    for (size_t j = 0; j < *m; j++) w->weights[j] /= wsum;
+    return TM_OK;
+}
 
-    tm_status st = TM_OK;
+tm_status tm_merge_unit(merge_ctx *c, tm_merge_worker *w, const tm_unit *u, const tm_block_out *out, tm_error *err) {
+    size_t m;
+    tm_status st = unit_inputs(c, w, u, &m, err);
+    const tm_view *v = w->views;
     size_t item = tm_dtype_size(u->out_dtype);
     int differs = 0;
     for (uint64_t begin = 0; begin < (uint64_t)u->numel && !st; begin += TM_BLOCK_ELEMS) {
@@ -119,10 +117,10 @@ tm_status tm_merge_unit(merge_ctx *c, tm_merge_worker *w, const tm_unit *u, cons
         }
         double t0 = tm_merge_now();
         if (u->floating) {
-            tm_kernel_weighted_sum(vp, wp, m, begin, count, u->out_dtype, dst, w->acc);
+            tm_kernel_weighted_sum(v, w->weights, m, begin, count, u->out_dtype, dst, w->acc);
         } else {
-            tm_kernel_copy(&vp[0], begin, count, u->out_dtype, dst);
-            for (size_t j = 1; j < m && !differs; j++) differs = !tm_kernel_equal(&vp[0], &vp[j], begin, count);
+            tm_kernel_copy(&v[0], begin, count, u->out_dtype, dst);
+            for (size_t j = 1; j < m && !differs; j++) differs = !tm_kernel_equal(&v[0], &v[j], begin, count);
         }
         w->merge_seconds += tm_merge_now() - t0;
         w->merge_calls++;
@@ -133,6 +131,5 @@ tm_status tm_merge_unit(merge_ctx *c, tm_merge_worker *w, const tm_unit *u, cons
         for (size_t k = 0; k < u->n_keys; k++) tm_name_list_add(&c->differing, c->plan.keys[u->keys[k]]);
         pthread_mutex_unlock(&shared_mu);
     }
-    if (vp != views) { free(vp); free(sp); free(tp); free(wp); }
     return st;
 }

@@ -5,6 +5,7 @@
 #ifndef TM_MERGE_MERGE_UNIT_H
 #define TM_MERGE_MERGE_UNIT_H
 
+#include "merge/kernel.h"
 #include "merge/merge_ctx.h"
 
 #ifdef __cplusplus
@@ -14,7 +15,11 @@ extern "C" {
 /* What one merging thread owns: its scratch and its share of the profile. */
 typedef struct tm_merge_worker {
     double *acc;          /* 2 * TM_BLOCK_ELEMS doubles: the float64 (complex128) sums */
-    double *rule_weights; /* one per input */
+    /* One per input, for the unit at hand: */
+    double *rule_weights; /* the weights after the per-tensor rule, all inputs */
+    double *weights;      /* the inputs holding the unit: their (normalised) weights */
+    tm_view *views;       /* and their views */
+    int64_t *shapes, *strides; /* 1-d shape and stride of a view over a whole storage */
     double merge_seconds; /* in the arithmetic only, not waiting for a free block */
     size_t merge_calls;
 } tm_merge_worker;
