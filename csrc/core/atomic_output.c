@@ -86,22 +86,24 @@ static char *dir_of(const char *path) {
     return d;
 }
 
+char *tm_temporary_name(const char *target, const char *kind) {
+    char *a = strdup(target), *b = strdup(target), *name = NULL;
+    if (a && b) {
+        for (size_t l = strlen(a); l > 1 && a[l - 1] == '/'; l--) a[l - 1] = b[l - 1] = '\0';
+        if (asprintf(&name, "%s/.%s.%s.XXXXXX", dirname(a), basename(b), kind) < 0) name = NULL;
+    }
+    free(a);
+    free(b);
+    return name;
+}
+
 tm_status tm_atomic_output_open(const char *target, tm_atomic_output *out, tm_error *err) {
     out->fd = -1;
     out->target = out->temp = NULL;
     struct stat st;
     if (stat(target, &st) == 0 && S_ISDIR(st.st_mode))
         return tm_error_set(err, TM_ERROR_IO, "%s: output is a directory", target);
-    char *copy = strdup(target), *dir = dir_of(target);
-    if (!copy || !dir) {
-        free(copy);
-        free(dir);
-        return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
-    }
-    const char *base = basename(copy);
-    if (asprintf(&out->temp, "%s/.%s.tmp.XXXXXX", dir, base) < 0) out->temp = NULL;
-    free(copy);
-    free(dir);
+    out->temp = tm_temporary_name(target, "tmp");
     out->target = strdup(target);
     if (!out->temp || !out->target) {
         tm_atomic_output_abort(out);

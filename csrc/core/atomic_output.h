@@ -17,6 +17,12 @@ typedef struct tm_atomic_output {
     char *temp;          /* malloc'd: "<dir>/.<base>.tmp.XXXXXX" */
 } tm_atomic_output;
 
+/* "<dir>/.<base>.<kind>.XXXXXX" for target, for mkostemp or mkdtemp: beside it, so the rename
+ * into place stays in one filesystem; hidden, so a crash leaves no file that looks like a model.
+ * Trailing slashes are ignored (a folder's temporary sits beside the folder). malloc'd; NULL when
+ * out of memory. */
+char *tm_temporary_name(const char *target, const char *kind);
+
 /* Creates the temporary file for target. */
 TM_INTERNAL tm_status tm_atomic_output_open(const char *target, tm_atomic_output *out, tm_error *err);
 /* fsync + close + rename onto target + fsync of the folder. The temp is removed on failure. */

@@ -5,7 +5,6 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
-#include <libgen.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -31,20 +30,8 @@ typedef struct greedy_ctx {
 
 /* ".<base>.greedy.XXXXXX" in output's folder (for a folder output: beside that folder). */
 static tm_status make_temp(greedy_ctx *g, const char *output, tm_error *err) {
-    char *a = strdup(output), *b = strdup(output);
-    if (!a || !b) {
-        free(a);
-        free(b);
-        return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
-    }
-    for (size_t l = strlen(a); l > 1 && a[l - 1] == '/'; l--) a[l - 1] = b[l - 1] = '\0';
-    int r = asprintf(&g->temp, "%s/.%s.greedy.XXXXXX", dirname(a), basename(b));
-    free(a);
-    free(b);
-    if (r < 0) {
-        g->temp = NULL;
-        return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
-    }
+    g->temp = tm_temporary_name(output, "greedy");
+    if (!g->temp) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
     /* Registered before it exists (mkostemp fills the name in place), like every temporary. */
     tm_temporary_track(g->temp);
     int fd = mkostemp(g->temp, O_CLOEXEC);

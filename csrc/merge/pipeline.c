@@ -8,7 +8,6 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
-#include <string.h>
 #include <unistd.h>
 
 #include "core/crc32.h"
@@ -41,7 +40,7 @@ typedef struct ring {
 
 typedef struct pipeline {
     merge_ctx *c;
-    size_t u0, u1;
+    size_t u1;           /* the end of the write order; each ring knows its first index */
     const size_t *order; /* units to write, in this order (NULL: u0, u0 + 1, …) */
     int want_crc;
     ring rings[MAX_MERGE_THREADS];
@@ -182,14 +181,8 @@ static tm_status write_unit(pipeline *p, ring *r, size_t u, const tm_sink *snk, 
 
 tm_status tm_pipeline_run(merge_ctx *c, const size_t *order, size_t u0, size_t u1, const tm_sink *snk, size_t *done,
                           tm_error *err) {
-    pipeline p;
-    memset(&p, 0, sizeof p);
-    p.c = c;
-    p.u0 = u0;
-    p.u1 = u1;
-    p.order = order;
-    p.want_crc = snk->want_crc;
-    p.n_rings = merging_threads(u1 - u0);
+    pipeline p = {.c = c, .u1 = u1, .order = order, .want_crc = snk->want_crc,
+                  .n_rings = merging_threads(u1 - u0)};
     int ok = 1;
     for (size_t r = 0; r < p.n_rings; r++) {
         ring *rg = &p.rings[r];

@@ -7,7 +7,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <libgen.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -182,21 +181,12 @@ static tm_status rename_into_place(char *tmp, const char *target, tm_error *err)
     return st;
 }
 
-/* ".<base>.tmp.XXXXXX" beside target (malloc'd), or NULL when out of memory. */
-static char *temp_folder_name(const char *target) {
-    char *copy1 = strdup(target), *copy2 = strdup(target), *tmp = NULL;
-    if (!copy1 || !copy2 || asprintf(&tmp, "%s/.%s.tmp.XXXXXX", dirname(copy1), basename(copy2)) < 0) tmp = NULL;
-    free(copy1);
-    free(copy2);
-    return tmp;
-}
-
 tm_status tm_sink_safetensors_folder_write(merge_ctx *c, const char *output, const tm_output_metadata *m,
                                            tm_error *err) {
     char *target = strdup(output);
     if (!target) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
     while (strlen(target) > 1 && target[strlen(target) - 1] == '/') target[strlen(target) - 1] = '\0';
-    char *tmp = temp_folder_name(target);
+    char *tmp = tm_temporary_name(target, "tmp");
     /* Registered before it exists (mkdtemp fills the name in place), so a signal arriving right
      * after it is created still finds it; the handler removes the shards in it too. */
     if (tmp) tm_temporary_track_folder(tmp);
