@@ -268,7 +268,9 @@ typedef struct tm_method_param_info {
     const char *name;          /* "weights": the C API and recipe name; the flag is --weights */
     const char *const *aliases; /* other recipe names ("weight"), NULL-terminated; never NULL */
     tm_param_kind kind;
-    int per_input;             /* 1: one value per input (a single value applies to every input) */
+    int per_input;             /* 1: one value per input (a single value applies to every input,
+                                  unless exactly_per_input) */
+    int exactly_per_input;
     int required;              /* 1: no default */
     const char *default_value; /* as text ("true", "1"), "" when required */
     double min, max;           /* numbers: the accepted range (inclusive unless *_exclusive) */

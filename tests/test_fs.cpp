@@ -11,6 +11,7 @@
 
 #include "core/atomic_output.h"
 #include "core/fs.h"
+#include "merge/merge_unit.h"
 #include "merge/output_metadata.h"
 #include "test_support.hpp"
 
@@ -92,25 +93,30 @@ TEST_CASE("the output metadata records the merge in a fixed order", "[fs][metada
     tm_merge_options o;
     tm_merge_options_init(&o);
     double w[2] = {0.25, 0.75};
-    o.weights = w;
-    o.n_weights = 2;
+    tm_param weights = {"weights", nullptr, w, 2};
+    o.method = "weighted_average";
+    o.params = &weights;
+    o.n_params = 1;
     o.recipe_text = "method: weighted_average\n";
     merge_ctx c{};
     c.o = &o;
     c.n = 2;
-    c.weights = w;
+    tm_error err{};
+    REQUIRE(tm_merge_method(&c, &err) == TM_OK);
     const char *paths[2] = {"/models/a.pt", "b.safetensors"};
     tm_output_metadata m{};
-    tm_error err{};
     REQUIRE(tm_output_metadata_build(&c, paths, &m, &err) == TM_OK);
-    REQUIRE(m.n == 7);
-    const char *keys[] = {"format", "torchmerge_version", "torchmerge_method", "torchmerge_weights",
-                          "torchmerge_normalize", "torchmerge_inputs", "torchmerge_recipe"};
+    REQUIRE(m.n == 8);
+    const char *keys[] = {"format", "torchmerge_version", "torchmerge_method", "torchmerge_params",
+                          "torchmerge_weights", "torchmerge_normalize", "torchmerge_inputs", "torchmerge_recipe"};
     for (size_t i = 0; i < m.n; i++) CHECK(std::string(m.keys[i]) == keys[i]);
     CHECK(std::string(m.values[2]) == "weighted_average");
-    CHECK(std::string(m.values[3]) == "[0.25,0.75]");
-    CHECK(std::string(m.values[5]) == "[\"a.pt\",\"b.safetensors\"]");
-    CHECK(std::string(m.values[6]) == o.recipe_text);
+    CHECK(std::string(m.values[3]) == "{\"weights\":[0.25,0.75],\"normalize\":true}");
+    CHECK(std::string(m.values[4]) == "[0.25,0.75]");
+    CHECK(std::string(m.values[5]) == "true");
+    CHECK(std::string(m.values[6]) == "[\"a.pt\",\"b.safetensors\"]");
+    CHECK(std::string(m.values[7]) == o.recipe_text);
     tm_output_metadata_free(&m);
     CHECK(m.n == 0);
+    tm_param_values_free(&c.params);
 }

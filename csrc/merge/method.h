@@ -33,6 +33,7 @@ typedef struct tm_param_decl {
     const char *aliases[4];    /* other recipe names (mergekit's, FusionBench's), NULL-terminated */
     tm_param_kind kind;
     int per_input;
+    int exactly_per_input;     /* per-input, and a single value is not spread over the inputs */
     int required;
     const char *default_value; /* NULL when required */
     double min, max;

@@ -125,9 +125,8 @@ static tm_status fill(const tm_param_decl *d, const tm_param *given, double *dst
         if (!src || !n) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: no value", d->name);
         for (size_t i = 0; i < n && !st; i++) st = tm_param_check_number(d, src[i], err);
     }
-    if (!st && n != 1 && n != count)
-        st = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: expected %zu values (one per input), got %zu",
-                          d->name, count, n);
+    if (!st && n != count && (n != 1 || d->exactly_per_input))
+        st = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "expected %zu %s (one per input), got %zu", count, d->name, n);
     for (size_t i = 0; i < count && !st; i++) dst[i] = src[n == 1 ? 0 : i];
     free(parsed);
     return st;

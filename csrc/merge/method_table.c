@@ -88,6 +88,7 @@ tm_status tm_method_param(size_t i, size_t j, tm_method_param_info *out) {
                               .aliases = d->aliases,
                               .kind = d->kind,
                               .per_input = d->per_input,
+                              .exactly_per_input = d->exactly_per_input,
                               .required = d->required,
                               .default_value = d->default_value ? d->default_value : "",
                               .min = d->min,

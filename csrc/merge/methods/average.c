@@ -10,9 +10,10 @@
 enum { P_WEIGHTS, P_NORMALIZE };
 
 static const tm_param_decl weighted_params[] = {
-    [P_WEIGHTS] = {.name = "weights", .aliases = {"weight"}, .kind = TM_PARAM_NUMBER, .per_input = 1, .required = 1,
+    [P_WEIGHTS] = {.name = "weights", .aliases = {"weight"}, .kind = TM_PARAM_NUMBER, .per_input = 1, .exactly_per_input = 1,
+                   .required = 1,
                    .min = -INFINITY, .max = INFINITY,
-                   .help = "one weight per input (a single one applies to every input)"},
+                   .help = "one weight per input"},
     [P_NORMALIZE] = {.name = "normalize", .kind = TM_PARAM_BOOL, .default_value = "true",
                      .help = "divide the weights by their sum (over the inputs that hold each tensor)"},
 };
