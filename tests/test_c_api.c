@@ -6,19 +6,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "c_check.h"
 #include "torchmerge.h"
 
-static int failures, checks;
-
-#define CHECK(cond)                                                                             \
-    do {                                                                                        \
-        checks++;                                                                               \
-        if (!(cond)) {                                                                          \
-            failures++;                                                                         \
-            fprintf(stderr, "%s:%d: CHECK(%s) failed; tm_errmsg: %s\n", __FILE__, __LINE__,     \
-                    #cond, tm_errmsg());                                                        \
-        }                                                                                       \
-    } while (0)
 
 static char workdir[1024];
 
@@ -234,6 +224,5 @@ int main(int argc, char **argv) {
     else
         test_state_dict_needs_the_torch_half();
     test_merge_files_with_options();
-    printf("%d passed, %d failed\n", checks - failures, failures);
-    return failures ? 1 : 0;
+    return tm_check_summary();
 }

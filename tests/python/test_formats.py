@@ -425,8 +425,8 @@ def check_metadata(meta, method, n_inputs, input_names, weights=None):
     assert meta.get("format") == "pt", meta
     assert meta.get("torchmerge_method") == method, meta
     params = json.loads(meta["torchmerge_params"])
-    if weights is None:  # simple_average: no parameters, so no weights recorded
-        assert params == {} and "torchmerge_weights" not in meta, meta
+    if weights is None:  # simple_average: normalize (always true) is its one parameter
+        assert params == {"normalize": True} and "torchmerge_weights" not in meta, meta
     else:
         w = json.loads(meta["torchmerge_weights"])
         assert w == params["weights"], meta

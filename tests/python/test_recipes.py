@@ -520,7 +520,7 @@ BAD_RECIPES = {
         normalize: false
         models: [{A}, {B}]
         output: out.pt
-        """, ["recipe.yaml:2:12:", "simple_average takes no normalize", "weighted_average"]),
+        """, ["recipe.yaml:2:12:", "normalize: false needs weighted_average"]),
     "weights_sum_to_zero": ("""
         name: weighted_average
         weights: [1, -1]

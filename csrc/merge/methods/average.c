@@ -18,6 +18,12 @@ static const tm_param_decl weighted_params[] = {
                      .help = "divide the weights by their sum (over the inputs that hold each tensor)"},
 };
 
+/* simple_average takes normalize too, fixed at true: FusionBench configs may write it. */
+static const tm_param_decl simple_params[] = {
+    {.name = "normalize", .kind = TM_PARAM_BOOL, .default_value = "true",
+     .help = "always true: the average divides by the number of inputs (accepted as configs write it)"},
+};
+
 /* state: the n coefficients of the inputs holding the tensor. */
 static tm_status prepare(const tm_method_tensor *t, const double *weights, int normalize, double *state,
                          tm_error *err) {
@@ -52,6 +58,14 @@ static tm_status check_weighted(const tm_param_values *p, tm_error *err) {
     return TM_OK;
 }
 
+static tm_status check_simple(const tm_param_values *p, tm_error *err) {
+    if (!p->values[p->at[0]])
+        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
+                            "simple_average always divides by the number of models; normalize: false needs "
+                            "weighted_average");
+    return TM_OK;
+}
+
 static void apply(const tm_method_tensor *t, const double *state, uint64_t begin, size_t count, void *out,
                   double *scratch) {
     tm_kernel_weighted_sum(t->in, state, t->n, begin, count, t->out_dtype, out, scratch);
@@ -61,8 +75,11 @@ const tm_method tm_method_simple_average = {
     .name = "simple_average",
     .fusionbench_class = "SimpleAverageAlgorithm",
     .summary = "θ = (1/n) Σ θᵢ: the uniform average (a model soup)",
+    .params = simple_params,
+    .n_params = sizeof simple_params / sizeof *simple_params,
     .min_inputs = 1,
     .state_per_input = 1,
+    .check = check_simple,
     .prepare = prepare_simple,
     .apply = apply,
 };
