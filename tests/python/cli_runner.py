@@ -10,6 +10,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("TORCHMERGE_BIN", str(REPO / "build" / "torchmerge")))
 ERROR_PREFIX = "torchmerge: error: "
+# Tests of what only libtorchmerge_torch.so does (rebuilding TorchScript modules, greedy soup,
+# in-memory state dicts): skipped in a build configured with -DTORCHMERGE_WITH_TORCH=OFF
+# (tests/CMakeLists.txt passes TORCHMERGE_WITH_TORCH=0), where tests/build_without_torch.sh
+# checks the error they get instead.
+needs_torch_half = pytest.mark.skipif(os.environ.get("TORCHMERGE_WITH_TORCH") == "0",
+                                      reason="built with -DTORCHMERGE_WITH_TORCH=OFF: no libtorchmerge_torch.so")
 WARNING_PREFIX = "torchmerge: warning: "
 
 

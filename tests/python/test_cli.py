@@ -45,7 +45,7 @@ def version_string() -> str:
 
 # ---- running the CLI -------------------------------------------------------------------------
 
-from cli_runner import BIN, ERROR_PREFIX, WARNING_PREFIX, Result, assert_error, assert_ok, tm  # noqa: E402,F401
+from cli_runner import BIN, ERROR_PREFIX, WARNING_PREFIX, Result, assert_error, assert_ok, needs_torch_half, tm  # noqa: E402,F401
 
 
 def load_pt(path: Path) -> dict:
@@ -453,6 +453,7 @@ def test_torchscript_output_is_the_template_archive_with_merged_storages_and_no_
     assert changed and all("/data/" in n for n in changed), changed
 
 
+@needs_torch_half
 def test_torchscript_output_with_a_dtype_change_goes_through_libtorch(fx, work, example_input):
     rc, libs, err = tm_loaded_libraries("simple_average", "-q", "--dtype", "float64", "-o", work / "out.pt",
                                         *fx("ts_a.pt", "ts_b.pt", "ts_c.pt"), cwd=work)
@@ -464,6 +465,7 @@ def test_torchscript_output_with_a_dtype_change_goes_through_libtorch(fx, work, 
     assert torch.allclose(sd["fc.weight"], merged.expected["fc.weight"].double(), rtol=0, atol=1e-6)
 
 
+@needs_torch_half
 def test_torchscript_template_whose_storage_is_larger_than_its_tensor_goes_through_libtorch(work):
     """A parameter that is a view into a larger storage (like cuDNN's flat RNN weights) cannot
     be replaced record for record: LibTorch writes that module."""

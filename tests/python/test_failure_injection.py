@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_runner import BIN, ERROR_PREFIX, require_binary  # noqa: E402
+from cli_runner import BIN, ERROR_PREFIX, needs_torch_half, require_binary  # noqa: E402
 
 N_INPUTS = 8
 TENSORS, ROWS = 12, 1100  # 12 x 1100 x 1024 float32: about 54 MB per input
@@ -131,8 +131,6 @@ def test_signal_before_any_output_exists(big, tmp_path):
 # half linked libtorchmerge.so, it had a table of its own and these left `.OUT.tmp.*` behind.
 
 MODULE_LAYERS = 16  # 16 x Linear(1024, 1024): about 67 MB per module
-needs_torch_half = pytest.mark.skipif(os.environ.get("TORCHMERGE_WITH_TORCH") == "0",
-                                      reason="built with -DTORCHMERGE_WITH_TORCH=OFF: no libtorchmerge_torch.so")
 
 
 class BigModules:

@@ -22,6 +22,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+from cli_runner import needs_torch_half  # noqa: E402
+
+# Greedy soup scores modules with LibTorch, and the evaluator links it.
+pytestmark = needs_torch_half
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("TORCHMERGE_BIN", str(REPO / "build" / "torchmerge"))).resolve()
 BUILD = BIN.parent
