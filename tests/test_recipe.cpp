@@ -127,7 +127,7 @@ TEST_CASE("recipe errors name the line, the column and the parameter", "[recipe]
         {"name: weighted_average\nnormalize: sometimes\nweights: [1, 2, 3]\nmodels: " + m.list() + "\noutput: o.pt\n",
          "<recipe>:2:12: normalize: expected true or false, got 'sometimes'"},
         {"name: weighted_average\nweights: ???\nmodels: " + m.list() + "\noutput: o.pt\n",
-         "<recipe>:2:10: weights is mandatory ('???')"},
+         "<recipe>:2:10: weights is mandatory ('?\?\?')"},
         {"name: weighted_average\nweights: [1, 2, 3]\nmethod: {weights: [1, 2, 3]}\nmodels: " + m.list() +
              "\noutput: o.pt\n",
          "weights is given twice: as weights (line 2) and as method.weights (line 3)"},
