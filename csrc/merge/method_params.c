@@ -135,6 +135,9 @@ static tm_status fill(const tm_param_decl *d, const tm_param *given, double *dst
 tm_status tm_param_values_resolve(const tm_method *m, const tm_param *params, size_t n_params, size_t n_inputs,
                                   tm_param_values *out, tm_error *err) {
     memset(out, 0, sizeof *out);
+    if (m->n_params > TM_METHOD_MAX_PARAMS) /* a table entry over the bound, caught by any test */
+        return tm_error_set(err, TM_ERROR_INTERNAL, "%s declares %zu parameters, more than %d", m->name, m->n_params,
+                            TM_METHOD_MAX_PARAMS);
     out->n_inputs = n_inputs;
     out->n_params = m->n_params;
     for (size_t j = 0; j < m->n_params; j++) {

@@ -380,25 +380,33 @@ static int excluded_by_patterns(const tm_recipe *r, const char *name) {
     return !keep;
 }
 
-/* The parameter names (and aliases) of every method, each once, per-input ones only when
- * per_input: the keys a recipe may use before its method is known. Returns how many (≤ cap). */
-static size_t known_param_names(const char **out, size_t cap, int per_input) {
+/* The keys a recipe may use before its method is known: fixed (NULL-terminated, or NULL), then
+ * every method's parameter names and aliases (only per-input ones when per_input), each once.
+ * malloc'd and NULL-terminated, sized from the table; NULL when out of memory. */
+#define MAX_NAMES_PER_PARAM (1 + sizeof((tm_param_decl *)0)->aliases / sizeof(char *))
+static const char **known_keys(const char *const *fixed, int per_input) {
+    size_t cap = 1;
+    for (const char *const *f = fixed; f && *f; f++) cap++;
+    for (size_t i = 0; i < tm_methods_count(); i++) cap += tm_methods_at(i)->n_params * MAX_NAMES_PER_PARAM;
+    const char **out = malloc(cap * sizeof *out);
+    if (!out) return NULL;
     size_t n = 0;
+    for (const char *const *f = fixed; f && *f; f++) out[n++] = *f;
     for (size_t i = 0; i < tm_methods_count(); i++) {
         const tm_method *m = tm_methods_at(i);
         for (size_t j = 0; j < m->n_params; j++) {
             const tm_param_decl *d = &m->params[j];
             if (per_input && !d->per_input) continue;
-            for (size_t k = 0; k < 5; k++) {
+            for (size_t k = 0; k < MAX_NAMES_PER_PARAM; k++) {
                 const char *name = k ? d->aliases[k - 1] : d->name;
                 if (!name) break;
-                int seen = 0;
-                for (size_t q = 0; q < n && !seen; q++) seen = !strcmp(out[q], name);
-                if (!seen && n < cap) out[n++] = name;
+                out[n] = NULL;
+                if (!tm_name_in(out, name)) out[n++] = name;
             }
         }
     }
-    return n;
+    out[n] = NULL;
+    return out;
 }
 
 /* ---- models ----------------------------------------------------------------------------------- */
@@ -426,9 +434,11 @@ static tm_status parse_model(ictx *c, const tm_rnode *n, const char *where, cons
         if (!is_null(params)) {
             char what[300];
             snprintf(what, sizeof what, "%s.parameters", where);
-            const char *keys[48];
-            keys[known_param_names(keys, 47, 1)] = NULL;
-            if ((st = want_map(c, params, what)) || (st = check_keys(c, params, what, keys, NULL, NULL))) return st;
+            const char **keys = known_keys(NULL, 1);
+            if (!keys) return oom(c);
+            if (!(st = want_map(c, params, what))) st = check_keys(c, params, what, keys, NULL, NULL);
+            free(keys);
+            if (st) return st;
             m->params_at = params; /* read once the method is known */
         }
     } else if (n->kind == TM_RNODE_SEQ) {
@@ -522,18 +532,23 @@ typedef struct given_param {
 } given_param;
 
 /* Every key naming some method's parameter: at the top, under method:, in parameters:, in a
- * model's parameters:. Returns how many (≤ cap). */
+ * model's parameters:, into *out (malloc'd; NULL when out of memory). Returns how many. */
 static size_t find_given(const tm_recipe *r, const tm_rnode *root, const tm_rnode *method_map, const tm_rnode *params,
-                         given_param *out, size_t cap) {
-    const char *known[48];
-    known[known_param_names(known, 47, 0)] = NULL;
-    size_t n = 0;
+                         given_param **out) {
+    const char **known = known_keys(NULL, 0);
+    size_t cap = 1, n = 0;
     for (size_t w = 0; w < 3 + r->n_models; w++) {
         const tm_rnode *map = w == 0 ? root : w == 1 ? method_map : w == 2 ? params : r->models[w - 3].params_at;
-        for (size_t i = 0; map && i < map->n && n < cap; i++)
-            if (tm_name_in(known, map->keys[i]->text) && !is_null(map->items[i]))
-                out[n++] = (given_param){map->keys[i]->text, map->items[i]};
+        cap += map ? map->n : 0;
     }
+    *out = known ? malloc(cap * sizeof **out) : NULL;
+    for (size_t w = 0; *out && w < 3 + r->n_models; w++) {
+        const tm_rnode *map = w == 0 ? root : w == 1 ? method_map : w == 2 ? params : r->models[w - 3].params_at;
+        for (size_t i = 0; map && i < map->n; i++)
+            if (tm_name_in(known, map->keys[i]->text) && !is_null(map->items[i]))
+                (*out)[n++] = (given_param){map->keys[i]->text, map->items[i]};
+    }
+    free(known);
     return n;
 }
 
@@ -680,11 +695,10 @@ static tm_status infer_method(ictx *c, const given_param *given, size_t n_given)
     return ierr(c, TM_ERROR_INVALID_ARGUMENT, given[0].value, "no method takes all these parameters: name the method");
 }
 
-static tm_status parse_method_params(ictx *c, const tm_rnode *root, const tm_rnode *method_map, const tm_rnode *params,
-                                     const tm_rnode *name) {
+static tm_status check_method_params(ictx *c, const tm_rnode *root, const tm_rnode *method_map,
+                                     const tm_rnode *params, const tm_rnode *name, const given_param *given,
+                                     size_t n_given) {
     tm_recipe *r = c->r;
-    given_param given[64];
-    size_t n_given = find_given(r, root, method_map, params, given, 64);
     tm_status st;
     if (!r->method && (st = infer_method(c, given, n_given))) return st;
     for (size_t k = 0; k < n_given; k++)
@@ -721,6 +735,16 @@ static tm_status parse_method_params(ictx *c, const tm_rnode *root, const tm_rno
     for (size_t k = 0; k < n_given && at == name; k++)
         if (strstr(e.msg, given[k].key)) at = given[k].value;
     return ierr(c, e.status, at, "%s", e.msg);
+}
+
+static tm_status parse_method_params(ictx *c, const tm_rnode *root, const tm_rnode *method_map, const tm_rnode *params,
+                                     const tm_rnode *name) {
+    given_param *given;
+    size_t n_given = find_given(c->r, root, method_map, params, &given);
+    if (!given) return oom(c);
+    tm_status st = check_method_params(c, root, method_map, params, name, given, n_given);
+    free(given);
+    return st;
 }
 
 /* ---- sizes and dtypes -------------------------------------------------------------------------- */
@@ -764,24 +788,12 @@ static tm_status parse_dtypes(ictx *c, const tm_rnode *root) {
 
 /* ---- the whole recipe ------------------------------------------------------------------------- */
 
-static tm_status interpret(ictx *c) {
+/* The recipe's keys, the method and its parameters, the models and every other setting. */
+static tm_status interpret_keys(ictx *c, const tm_rnode *root, const char *const *top_keys,
+                                const char *const *method_keys, const char *const *param_keys,
+                                const char *const *mergekit_ignored) {
     tm_recipe *r = c->r;
-    const tm_rnode *root = r->doc.root;
     tm_status st;
-    static const char *const fixed_keys[] = {"name", "method", "merge_method", "models", "modelpool", "parameters",
-                                             "output", "format", "dtype", "out_dtype", "keys", "key", "template",
-                                             "max_shard_size", "include", "exclude"};
-    static const char *const mergekit_ignored[] = {"base_model", "tokenizer_source", "tokenizer", "chat_template",
-                                                   NULL};
-    /* Parameter names of every method are known keys here; one the chosen method lacks is
-     * refused once the method is known ("simple_average takes no weights"). */
-    const char *top_keys[64], *method_keys[48], *param_keys[48];
-    size_t nt = 0;
-    for (size_t i = 0; i < sizeof fixed_keys / sizeof *fixed_keys; i++) top_keys[nt++] = fixed_keys[i];
-    method_keys[0] = "name";
-    size_t nm = 1 + known_param_names(method_keys + 1, 46, 0), np = known_param_names(param_keys, 47, 0);
-    for (size_t i = 1; i < nm && nt < 63; i++) top_keys[nt++] = method_keys[i];
-    top_keys[nt] = method_keys[nm] = param_keys[np] = NULL;
     if ((st = check_keys(c, root, "the recipe", top_keys, mergekit_ignored,
                          "a mergekit setting that plain averaging does not use")))
         return st;
@@ -892,6 +904,28 @@ static tm_status interpret(ictx *c) {
     if (!r->output)
         return ierr(c, TM_ERROR_INVALID_ARGUMENT, NULL, "no output: give output: PATH in the recipe, or output=PATH");
     return TM_OK;
+}
+
+/* The recipe as a whole, with the keys allowed at each place. */
+static tm_status interpret(ictx *c) {
+    const tm_rnode *root = c->r->doc.root;
+    tm_status st;
+    static const char *const fixed_keys[] = {"name", "method", "merge_method", "models", "modelpool", "parameters",
+                                             "output", "format", "dtype", "out_dtype", "keys", "key", "template",
+                                             "max_shard_size", "include", "exclude", NULL};
+    static const char *const mergekit_ignored[] = {"base_model", "tokenizer_source", "tokenizer", "chat_template",
+                                                   NULL};
+    /* Parameter names of every method are known keys here; one the chosen method lacks is
+     * refused once the method is known ("simple_average takes no weights"). */
+    static const char *const name_key[] = {"name", NULL};
+    const char **top_keys = known_keys(fixed_keys, 0), **method_keys = known_keys(name_key, 0),
+               **param_keys = known_keys(NULL, 0);
+    st = top_keys && method_keys && param_keys ? TM_OK : oom(c);
+    if (!st) st = interpret_keys(c, root, top_keys, method_keys, param_keys, mergekit_ignored);
+    free(top_keys);
+    free(method_keys);
+    free(param_keys);
+    return st;
 }
 
 /* Per-tensor rules without a catch-all must cover every averaged tensor of their model: checked
