@@ -11,6 +11,7 @@
 #include <cjson/cJSON.h>
 #include <sys/stat.h>
 
+#include "core/name_map.h"
 #include "formats/legacy_pt.h"
 #include "formats/safetensors.h"
 #include "formats/mapped_file.h"
@@ -36,6 +37,8 @@ typedef struct ckpt_tensor {
 
 typedef struct ckpt_storage {
     const tm_pk_value *pk;   /* identity while building the table (not dereferenced after) */
+    size_t same_key;         /* while building: the next storage of this file with pk's key (another
+                                dtype of a legacy typed storage), or SIZE_MAX */
     size_t map;              /* which mapped file */
     const uint8_t *data;
     uint64_t file_offset;
@@ -54,8 +57,7 @@ struct tm_checkpoint {
     size_t cur;              /* the file being read while opening */
     char **meta;             /* key, value, key, value, … (safetensors __metadata__, recipe) */
     size_t n_meta;
-    size_t *index;           /* open-addressing hash of tensor names → tensor index + 1 */
-    size_t index_cap;
+    tm_name_map index;       /* tensor name → tensor index */
     ckpt_tensor *tensors;
     size_t n_tensors;
     ckpt_storage *storages;
@@ -132,11 +134,15 @@ static tm_status locate_storage(const tm_checkpoint *ck, const storage_source *s
     return TM_OK;
 }
 
-static tm_status add_storage(tm_checkpoint *ck, const storage_source *src, const tm_pk_value *pk,
-                             tm_dtype tensor_dtype, size_t *index, const char *tname, tm_error *err) {
-    /* Storages are appended file by file: only the tail can belong to this file. */
-    for (size_t i = ck->n_storages; i-- > 0 && ck->storages[i].map == ck->cur;)
-        if (ck->storages[i].pk == pk) { *index = i; return TM_OK; }
+/* by_key: this file's storages by key (the pickle reader gives one pk per key and dtype, so a
+ * key's chain through same_key is at most one storage per dtype long). */
+static tm_status add_storage(tm_checkpoint *ck, const storage_source *src, tm_name_map *by_key,
+                             const tm_pk_value *pk, tm_dtype tensor_dtype, size_t *index, const char *tname,
+                             tm_error *err) {
+    size_t first = SIZE_MAX;
+    if (tm_name_map_find(by_key, pk->u.storage.key, &first))
+        for (size_t i = first; i != SIZE_MAX; i = ck->storages[i].same_key)
+            if (ck->storages[i].pk == pk) { *index = i; return TM_OK; }
     uint64_t offset = 0, size = 0;
     tm_status st = locate_storage(ck, src, pk, tname, &offset, &size, err);
     if (st) return st;
@@ -157,6 +163,13 @@ static tm_status add_storage(tm_checkpoint *ck, const storage_source *src, const
     }
     ckpt_storage *s = &ck->storages[ck->n_storages];
     s->pk = pk;
+    s->same_key = SIZE_MAX;
+    if (first != SIZE_MAX) { /* chain it after the key's first storage */
+        s->same_key = ck->storages[first].same_key;
+        ck->storages[first].same_key = ck->n_storages;
+    } else if (tm_name_map_insert(by_key, pk->u.storage.key, ck->n_storages, NULL) < 0) {
+        return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    }
     s->file_offset = offset;
     s->map = ck->cur;
     s->data = ck->maps[ck->cur].data + offset;
@@ -173,6 +186,9 @@ static tm_status reserve_tensors(tm_checkpoint *ck, size_t more, tm_error *err) 
     return TM_OK;
 }
 
+static tm_status build_rows(tm_checkpoint *ck, const storage_source *src, tm_named_tensors *nt,
+                            tm_name_map *by_key, tm_error *err);
+
 /* Adds one file's walked tensors; the state dict's key (--key or found) comes from the first. */
 static tm_status build_table(tm_checkpoint *ck, const storage_source *src, tm_named_tensors *nt,
                              tm_error *err) {
@@ -182,6 +198,15 @@ static tm_status build_table(tm_checkpoint *ck, const storage_source *src, tm_na
     }
     tm_status st = reserve_tensors(ck, nt->n, err);
     if (st) return st;
+    tm_name_map by_key = TM_NAME_MAP_INIT;
+    st = build_rows(ck, src, nt, &by_key, err);
+    tm_name_map_free(&by_key);
+    return st;
+}
+
+static tm_status build_rows(tm_checkpoint *ck, const storage_source *src, tm_named_tensors *nt,
+                            tm_name_map *by_key, tm_error *err) {
+    tm_status st = TM_OK;
     for (size_t i = 0; i < nt->n; i++) {
         const tm_pk_value *t = nt->items[i].tensor;
         const char *tname = nt->items[i].name;
@@ -216,7 +241,7 @@ static tm_status build_table(tm_checkpoint *ck, const storage_source *src, tm_na
                 uint64_t span = checked_mul((uint64_t)(ct->shape[d] - 1), (uint64_t)ct->stride[d], &of);
                 if (last > UINT64_MAX - span) of = 1; else last += span;
             }
-        st = add_storage(ck, src, t->u.tensor.storage, ct->dtype, &ct->storage, tname, err);
+        st = add_storage(ck, src, by_key, t->u.tensor.storage, ct->dtype, &ct->storage, tname, err);
         if (st) return st;
         uint64_t itemsize = tm_dtype_size(ct->dtype);
         uint64_t end = checked_mul(last + 1, itemsize, &of);
@@ -254,7 +279,13 @@ static tm_status open_zip(tm_checkpoint *ck, const tm_open_options *opts, tm_err
     if ((st = tm_zip_reader_read(zr, e, MAX_PICKLE_BYTES, &bytes, &owned, err))) goto done;
     char label[600];
     snprintf(label, sizeof label, "%s: %s", CUR_PATH(ck), e->name);
-    if ((st = tm_pickle_load(bytes, e->size, label, NULL, &pk, NULL, err))) goto done;
+    /* A state dict pickles ~6 memo entries per tensor, so the default cap (10⁶) refuses
+     * mixture-of-experts checkpoints of 200k tensors. Each entry costs at least one opcode byte,
+     * so a cap of one per pickle byte still bounds memory by the (already capped) pickle size. */
+    tm_pickle_limits lim;
+    tm_pickle_limits_default(&lim);
+    if (lim.max_memo < e->size) lim.max_memo = (size_t)e->size;
+    if ((st = tm_pickle_load(bytes, e->size, label, &lim, &pk, NULL, err))) goto done;
     if ((st = tm_state_dict_walk(tm_pickle_root(pk), opts ? opts->key : NULL, CUR_PATH(ck), &nt, err)))
         goto done;
     storage_source src = {zr, prefix, NULL};
@@ -431,28 +462,15 @@ static tm_status add_folder(tm_checkpoint *ck, const char *dir, const tm_open_op
                         "%s: folder holds no model.safetensors, pytorch_model.bin or *.index.json", dir);
 }
 
-static uint64_t hash_name(const char *s) {
-    uint64_t h = 1469598103934665603ull; /* FNV-1a */
-    while (*s) h = (h ^ (uint8_t)*s++) * 1099511628211ull;
-    return h;
-}
-
 /* Builds the name index; refuses duplicate names (also across shards). */
 static tm_status build_index(tm_checkpoint *ck, tm_error *err) {
-    size_t cap = 16;
-    while (cap < 2 * ck->n_tensors + 2) cap *= 2;
-    ck->index = calloc(cap, sizeof *ck->index);
-    if (!ck->index) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
-    ck->index_cap = cap;
+    if (tm_name_map_reserve(&ck->index, ck->n_tensors)) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
     for (size_t i = 0; i < ck->n_tensors; i++) {
-        size_t j = (size_t)hash_name(ck->tensors[i].name) & (cap - 1);
-        while (ck->index[j]) {
-            if (strcmp(ck->tensors[ck->index[j] - 1].name, ck->tensors[i].name) == 0)
-                return tm_error_set(err, TM_ERROR_FORMAT, "%s: tensor name '%s' appears twice", ck->path,
-                                    ck->tensors[i].name);
-            j = (j + 1) & (cap - 1);
-        }
-        ck->index[j] = i + 1;
+        int r = tm_name_map_insert(&ck->index, ck->tensors[i].name, i, NULL);
+        if (r < 0) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+        if (r > 0)
+            return tm_error_set(err, TM_ERROR_FORMAT, "%s: tensor name '%s' appears twice", ck->path,
+                                ck->tensors[i].name);
     }
     return TM_OK;
 }
@@ -525,7 +543,7 @@ void tm_checkpoint_close(tm_checkpoint *ck) {
     }
     free(ck->maps);
     free(ck->map_paths);
-    free(ck->index);
+    tm_name_map_free(&ck->index);
     free(ck->folder);
     for (size_t i = 0; i < 2 * ck->n_meta; i++) free(ck->meta[i]);
     free(ck->meta);
@@ -570,13 +588,8 @@ tm_status tm_checkpoint_tensor(const tm_checkpoint *ck, size_t i, tm_tensor_info
 }
 
 int64_t tm_checkpoint_find(const tm_checkpoint *ck, const char *name) {
-    if (!ck || !name || !ck->index) return -1;
-    size_t j = (size_t)hash_name(name) & (ck->index_cap - 1);
-    while (ck->index[j]) {
-        if (strcmp(ck->tensors[ck->index[j] - 1].name, name) == 0) return (int64_t)ck->index[j] - 1;
-        j = (j + 1) & (ck->index_cap - 1);
-    }
-    return -1;
+    size_t i;
+    return ck && tm_name_map_find(&ck->index, name, &i) ? (int64_t)i : -1;
 }
 
 const char *tm_checkpoint_folder(const tm_checkpoint *ck) { return ck ? ck->folder : NULL; }
