@@ -279,12 +279,13 @@ static tm_status open_zip(tm_checkpoint *ck, const tm_open_options *opts, tm_err
     if ((st = tm_zip_reader_read(zr, e, MAX_PICKLE_BYTES, &bytes, &owned, err))) goto done;
     char label[600];
     snprintf(label, sizeof label, "%s: %s", CUR_PATH(ck), e->name);
-    /* A state dict pickles ~6 memo entries per tensor, so the default cap (10⁶) refuses
-     * mixture-of-experts checkpoints of 200k tensors. Each entry costs at least one opcode byte,
-     * so a cap of one per pickle byte still bounds memory by the (already capped) pickle size. */
+    /* torch.save memoizes 8 objects per tensor (one per 16 bytes of pickle), so the default cap
+     * of 10⁶ entries refuses mixture-of-experts state dicts of 200k tensors. One entry per 8
+     * bytes of the (already capped) pickle keeps memory proportional to the file and still
+     * refuses a pickle that does little but memoize. */
     tm_pickle_limits lim;
     tm_pickle_limits_default(&lim);
-    if (lim.max_memo < e->size) lim.max_memo = (size_t)e->size;
+    if (lim.max_memo < e->size / 8) lim.max_memo = (size_t)(e->size / 8);
     if ((st = tm_pickle_load(bytes, e->size, label, &lim, &pk, NULL, err))) goto done;
     if ((st = tm_state_dict_walk(tm_pickle_root(pk), opts ? opts->key : NULL, CUR_PATH(ck), &nt, err)))
         goto done;
