@@ -418,20 +418,23 @@ static tm_status add_index(tm_checkpoint *ck, const char *index_path, const tm_o
     if (slash) *slash = '\0'; else strcpy(dir, ".");
     const cJSON *item;
     size_t shards_before = ck->n_maps;
+    tm_name_map shards = TM_NAME_MAP_INIT; /* shard file names added (the index lists one per tensor) */
     cJSON_ArrayForEach(item, map) {
         if (!cJSON_IsString(item) || strchr(item->valuestring, '/') || strcmp(item->valuestring, "..") == 0) {
             st = tm_error_set(err, TM_ERROR_FORMAT, "%s: tensor '%s': shard name must be a file name in the folder",
                               index_path, item->string);
             break;
         }
+        int seen = tm_name_map_insert(&shards, item->valuestring, 0, NULL);
+        if (seen < 0) { st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory"); break; }
+        if (seen) continue;
         char *shard = NULL;
         if (asprintf(&shard, "%s/%s", dir, item->valuestring) < 0) { st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory"); break; }
-        int seen = 0;
-        for (size_t m = shards_before; m < ck->n_maps && !seen; m++) seen = strcmp(ck->map_paths[m], shard) == 0;
-        if (!seen) st = add_file(ck, shard, opts, err);
+        st = add_file(ck, shard, opts, err);
         free(shard);
         if (st) break;
     }
+    tm_name_map_free(&shards);
     if (!st && ck->n_maps == shards_before)
         st = tm_error_set(err, TM_ERROR_FORMAT, "%s: the index lists no shards", index_path);
     if (!st) {
@@ -628,13 +631,45 @@ tm_status tm_checkpoint_read(const tm_checkpoint *ck, size_t i, void *dst, size_
     return TM_OK;
 }
 
+/* The bytes of its storage that tensor t reads, from its lowest to past its highest element
+ * (bounds were checked against the storage at open). */
+static void view_bytes(const ckpt_tensor *t, uint64_t *begin, uint64_t *len) {
+    int64_t lo = t->storage_offset, hi = t->storage_offset;
+    for (int d = 0; d < t->ndim && t->numel; d++) {
+        int64_t span = (t->shape[d] - 1) * t->stride[d];
+        if (span < 0) lo += span; else hi += span;
+    }
+    uint64_t item = tm_dtype_size(t->dtype);
+    *begin = (uint64_t)lo * item;
+    *len = t->numel ? (uint64_t)(hi - lo + 1) * item : 0;
+}
+
+/* A tensor's own bytes, not its whole storage: views of one storage merged one by one (for an
+ * output without shared storage) would otherwise each map and drop the whole storage, a cost
+ * quadratic in the number of views. */
 void tm_checkpoint_prefetch_tensor(const tm_checkpoint *ck, size_t i) {
+    if (!ck || i >= ck->n_tensors) return;
+    const ckpt_storage *s = &ck->storages[ck->tensors[i].storage];
+    uint64_t begin, len;
+    view_bytes(&ck->tensors[i], &begin, &len);
+    tm_mapped_file_prefetch(&ck->maps[s->map], s->file_offset + begin, len);
+}
+
+void tm_checkpoint_release_tensor(const tm_checkpoint *ck, size_t i) {
+    if (!ck || i >= ck->n_tensors) return;
+    const ckpt_storage *s = &ck->storages[ck->tensors[i].storage];
+    uint64_t begin, len;
+    view_bytes(&ck->tensors[i], &begin, &len);
+    tm_mapped_file_release(&ck->maps[s->map], s->file_offset + begin, len);
+}
+
+void tm_checkpoint_prefetch_storage(const tm_checkpoint *ck, size_t i) {
     if (!ck || i >= ck->n_tensors) return;
     const ckpt_storage *s = &ck->storages[ck->tensors[i].storage];
     tm_mapped_file_prefetch(&ck->maps[s->map], s->file_offset, s->nbytes);
 }
 
-void tm_checkpoint_release_tensor(const tm_checkpoint *ck, size_t i) {
+void tm_checkpoint_release_storage(const tm_checkpoint *ck, size_t i) {
     if (!ck || i >= ck->n_tensors) return;
     const ckpt_storage *s = &ck->storages[ck->tensors[i].storage];
     tm_mapped_file_release(&ck->maps[s->map], s->file_offset, s->nbytes);
