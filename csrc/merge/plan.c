@@ -21,18 +21,63 @@ static void append_names(char *buf, size_t cap, const char **names, size_t n) {
     if (n > 8 && used < cap) snprintf(buf + used, cap - used, ", … (%zu in all)", n);
 }
 
-/* The names to merge, in order: input 0's, then (union) each later input's new ones. Every
- * lookup is a hash probe (tm_checkpoint_find), so this is O(inputs² · tensors). */
+/* The strict policy's error: what the first input whose names differ from input 0's lacks and
+ * has in excess. Only built once a difference is known. */
+static tm_status strict_mismatch(tm_checkpoint *const *in, size_t n, const char **order, size_t n_order,
+                                 tm_error *err) {
+    char msg[TM_ERROR_MSG_MAX] = "";
+    size_t cap = n_order;
+    for (size_t i = 1; i < n; i++)
+        if (tm_checkpoint_n_tensors(in[i]) > cap) cap = tm_checkpoint_n_tensors(in[i]);
+    const char **names = malloc((cap ? cap : 1) * sizeof *names);
+    if (!names) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    const char *culprit = NULL;
+    for (size_t i = 1; i < n && !culprit; i++) {
+        size_t nl = 0;
+        for (size_t k = 0; k < n_order; k++)
+            if (tm_checkpoint_find(in[i], order[k]) < 0) names[nl++] = order[k];
+        if (nl) {
+            size_t u = strlen(msg);
+            snprintf(msg + u, sizeof msg - u, "; it lacks ");
+            append_names(msg, sizeof msg, names, nl);
+        }
+        size_t ne = 0;
+        for (size_t t = 0; t < tm_checkpoint_n_tensors(in[i]); t++) {
+            const char *name = info_of(in[i], (int64_t)t).name;
+            if (tm_checkpoint_find(in[0], name) < 0) names[ne++] = name;
+        }
+        if (ne) {
+            size_t u = strlen(msg);
+            snprintf(msg + u, sizeof msg - u, "; it has what %s lacks: ", tm_checkpoint_path(in[0]));
+            append_names(msg, sizeof msg, names, ne);
+        }
+        if (nl || ne) culprit = tm_checkpoint_path(in[i]);
+    }
+    free(names);
+    return tm_error_set(err, TM_ERROR_MISMATCH, "%s: tensor names differ from %s%s (see --keys intersection|union)",
+                        culprit ? culprit : "", tm_checkpoint_path(in[0]), msg);
+}
+
+/* The names to merge, in order: input 0's, then (union) each later input's new ones, each
+ * located in every input by one hash probe: O(inputs² · tensors) for union, O(inputs · tensors)
+ * otherwise. */
 static tm_status plan_keys(tm_plan *p, tm_checkpoint *const *in, size_t n, const tm_merge_options *opts,
                            tm_error *err) {
     tm_key_policy policy = opts->keys;
-    size_t cap = tm_checkpoint_n_tensors(in[0]);
+    size_t n0 = tm_checkpoint_n_tensors(in[0]), cap = n0;
     if (policy == TM_KEYS_UNION)
         for (size_t i = 1; i < n; i++) cap += tm_checkpoint_n_tensors(in[i]);
     const char **order = malloc((cap ? cap : 1) * sizeof *order);
-    if (!order) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    p->keys = malloc((cap ? cap : 1) * sizeof *p->keys);
+    p->where = malloc((cap ? cap : 1) * n * sizeof *p->where);
+    size_t *found = calloc(n, sizeof *found); /* per input: how many of order it has */
+    tm_status st = TM_OK;
+    if (!order || !p->keys || !p->where || !found) {
+        st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+        goto out;
+    }
     size_t n_order = 0;
-    for (size_t t = 0; t < tm_checkpoint_n_tensors(in[0]); t++) order[n_order++] = info_of(in[0], (int64_t)t).name;
+    for (size_t t = 0; t < n0; t++) order[n_order++] = info_of(in[0], (int64_t)t).name;
     if (policy == TM_KEYS_UNION)
         for (size_t i = 1; i < n; i++)
             for (size_t t = 0; t < tm_checkpoint_n_tensors(in[i]); t++) {
@@ -41,59 +86,37 @@ static tm_status plan_keys(tm_plan *p, tm_checkpoint *const *in, size_t n, const
                 for (size_t j = 0; j < i && !seen; j++) seen = tm_checkpoint_find(in[j], name) >= 0;
                 if (!seen) order[n_order++] = name;
             }
-    if (policy == TM_KEYS_STRICT) {
-        char msg[TM_ERROR_MSG_MAX] = "";
-        const char **names = malloc((cap ? cap : 1) * sizeof *names);
-        if (!names) { free(order); return tm_error_set(err, TM_ERROR_NOMEM, "out of memory"); }
-        const char *culprit = NULL;
-        for (size_t i = 1; i < n; i++) {
-            size_t nl = 0;
-            for (size_t k = 0; k < n_order; k++)
-                if (tm_checkpoint_find(in[i], order[k]) < 0) names[nl++] = order[k];
-            if (nl) {
-                size_t u = strlen(msg);
-                snprintf(msg + u, sizeof msg - u, "; it lacks ");
-                append_names(msg, sizeof msg, names, nl);
-            }
-            size_t ne = 0;
-            for (size_t t = 0; t < tm_checkpoint_n_tensors(in[i]); t++) {
-                const char *name = info_of(in[i], (int64_t)t).name;
-                if (tm_checkpoint_find(in[0], name) < 0) names[ne++] = name;
-            }
-            if (ne) {
-                size_t u = strlen(msg);
-                snprintf(msg + u, sizeof msg - u, "; it has what %s lacks: ", tm_checkpoint_path(in[0]));
-                append_names(msg, sizeof msg, names, ne);
-            }
-            if (nl || ne) { culprit = tm_checkpoint_path(in[i]); break; }
+    /* where[] for every name first (input 0's own names are its tensors 0..n0-1), compacted below
+     * to the names kept. */
+    for (size_t k = 0; k < n_order; k++)
+        for (size_t i = 0; i < n; i++) {
+            int64_t w = i == 0 ? (k < n0 ? (int64_t)k : -1) : tm_checkpoint_find(in[i], order[k]);
+            p->where[k * n + i] = w;
+            found[i] += w >= 0;
         }
-        free(names);
-        if (culprit) {
-            free(order);
-            return tm_error_set(err, TM_ERROR_MISMATCH,
-                                "%s: tensor names differ from %s%s (see --keys intersection|union)",
-                                culprit, tm_checkpoint_path(in[0]), msg);
-        }
-    }
-    p->keys = malloc((n_order ? n_order : 1) * sizeof *p->keys);
-    p->where = malloc((n_order ? n_order : 1) * n * sizeof *p->where);
-    if (!p->keys || !p->where) { free(order); return tm_error_set(err, TM_ERROR_NOMEM, "out of memory"); }
+    /* Names are unique within a checkpoint: input i has input 0's names exactly when it has all
+     * of them and nothing else. */
+    if (policy == TM_KEYS_STRICT)
+        for (size_t i = 1; i < n; i++)
+            if (found[i] != n_order || tm_checkpoint_n_tensors(in[i]) != n_order) {
+                st = strict_mismatch(in, n, order, n_order, err);
+                goto out;
+            }
     for (size_t k = 0; k < n_order; k++) {
         size_t present = 0;
-        int64_t *w = p->where + p->n_keys * n;
-        for (size_t i = 0; i < n; i++) {
-            w[i] = tm_checkpoint_find(in[i], order[k]);
-            present += w[i] >= 0;
-        }
+        for (size_t i = 0; i < n; i++) present += p->where[k * n + i] >= 0;
         if (policy == TM_KEYS_INTERSECTION && present != n) continue;
         if (opts->include_tensor && !opts->include_tensor(opts->rules_user, order[k])) continue;
+        memmove(p->where + p->n_keys * n, p->where + k * n, n * sizeof *p->where);
         p->keys[p->n_keys++] = order[k];
     }
-    free(order);
     if (!p->n_keys)
-        return tm_error_set(err, TM_ERROR_MISMATCH, "%s: the inputs have no tensor name in common",
-                            tm_checkpoint_path(in[0]));
-    return TM_OK;
+        st = tm_error_set(err, TM_ERROR_MISMATCH, "%s: the inputs have no tensor name in common",
+                          tm_checkpoint_path(in[0]));
+out:
+    free(order);
+    free(found);
+    return st;
 }
 
 static void shape_text(const tm_tensor_info *t, char *buf, size_t cap) {
