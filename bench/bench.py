@@ -6,6 +6,7 @@ RSS of each command come from wait4()'s rusage. Outputs are hashed on every run 
 speed never costs correctness (identical bytes across runs).
 
 usage: /usr/bin/python3 bench/bench.py [--n 2 4 8] [--runs 3] [--work /tmp/torchmerge-bench]
+                                      [--only n scaling torchscript many-tensors]
 """
 import argparse
 import hashlib
@@ -96,8 +97,9 @@ def main():
     ap.add_argument("--work", default="/tmp/torchmerge-bench")
     ap.add_argument("--bin", default=os.path.join(ROOT, "build", "torchmerge"))
     ap.add_argument("--skip-baseline", action="store_true")
-    ap.add_argument("--only", nargs="+", choices=["n", "scaling", "torchscript"],
-                    default=["n", "scaling", "torchscript"], help="which tables to print (default: all)")
+    ap.add_argument("--only", nargs="+", choices=["n", "scaling", "torchscript", "many-tensors"],
+                    default=["n", "scaling", "torchscript", "many-tensors"],
+                    help="which tables to print (default: all)")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
     out = os.path.join(a.work, "out")
@@ -132,6 +134,8 @@ def main():
         scaling(a, tm, out)
     if "torchscript" in a.only:
         torchscript(a, tm, out)
+    if "many-tensors" in a.only:
+        many_tensors(a, tm, out)
 
 
 def scaling(a, tm, out):
@@ -163,6 +167,33 @@ def torchscript(a, tm, out):
     model_mib = os.path.getsize(inputs[0]) / 2**20
     table(f"simple_average of 4 TorchScript modules (float32, {model_mib:.0f} MiB each); peak RSS target <= "
           f"{model_mib + rss_budget(4, 'float32'):.0f} MiB (one model + the streaming budget)", med, hashes)
+
+
+MANY_TENSORS = (100_000, 200_000)
+
+
+def many_tensors(a, tm, out):
+    """Per-tensor costs (planning, pickles, headers, tables): 2 inputs of 100,000 and 200,000 small
+    tensors, as a mixture-of-experts checkpoint has. Linear time means the 200k merge takes about
+    twice the 100k one."""
+    print("\n## Many small tensors (2 inputs of 8x8 float32 tensors; targets: 100k <= 10 s, "
+          "200k <= 2.3 x 100k)\n")
+    print("| tensors | format      | wall s | cpu s | peak RSS MiB |")
+    print("|--------:|:------------|-------:|------:|-------------:|")
+    walls = {}
+    for count in MANY_TENSORS:
+        d = os.path.join(a.work, f"many-{count}")
+        subprocess.run([PY, os.path.join(HERE, "make_many_tensors.py"), d, "2", str(count)], check=True)
+        for ext in ("pt", "safetensors"):
+            inputs = [os.path.join(d, f"model_{i}.{ext}") for i in range(2)]
+            cmds = {"tm": [tm, "simple_average", "-q", "-o", os.path.join(out, f"many.{ext}")] + inputs}
+            med, _ = case("many", cmds, a.runs, {})
+            walls[count, ext] = med["tm"][0]
+            print(f"| {count:7d} | {ext:<11} | {med['tm'][0]:6.2f} | {med['tm'][1]:5.2f} | {med['tm'][2]:12.0f} |")
+    lo, hi = MANY_TENSORS
+    for ext in ("pt", "safetensors"):
+        print(f"\n{ext}: {hi // 1000}k / {lo // 1000}k = {walls[hi, ext] / walls[lo, ext]:.2f}", end="")
+    print()
 
 
 if __name__ == "__main__":

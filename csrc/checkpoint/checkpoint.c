@@ -13,6 +13,7 @@
 
 #include "core/fs.h"
 #include "core/struct_size.h"
+#include "core/name_map.h"
 #include "formats/legacy_pt.h"
 #include "formats/safetensors.h"
 #include "formats/mapped_file.h"
@@ -38,6 +39,8 @@ typedef struct ckpt_tensor {
 
 typedef struct ckpt_storage {
     const tm_pk_value *pk;   /* identity while building the table (not dereferenced after) */
+    size_t same_key;         /* while building: the next storage of this file with pk's key (another
+                                dtype of a legacy typed storage), or SIZE_MAX */
     size_t map;              /* which mapped file */
     const uint8_t *data;
     uint64_t file_offset;
@@ -56,8 +59,7 @@ struct tm_checkpoint {
     size_t cur;              /* the file being read while opening */
     char **meta;             /* key, value, key, value, … (safetensors __metadata__, recipe) */
     size_t n_meta;
-    size_t *index;           /* open-addressing hash of tensor names → tensor index + 1 */
-    size_t index_cap;
+    tm_name_map index;       /* tensor name → tensor index */
     ckpt_tensor *tensors;
     size_t n_tensors;
     ckpt_storage *storages;
@@ -134,11 +136,15 @@ static tm_status locate_storage(const tm_checkpoint *ck, const storage_source *s
     return TM_OK;
 }
 
-static tm_status add_storage(tm_checkpoint *ck, const storage_source *src, const tm_pk_value *pk,
-                             tm_dtype tensor_dtype, size_t *index, const char *tname, tm_error *err) {
-    /* Storages are appended file by file: only the tail can belong to this file. */
-    for (size_t i = ck->n_storages; i-- > 0 && ck->storages[i].map == ck->cur;)
-        if (ck->storages[i].pk == pk) { *index = i; return TM_OK; }
+/* by_key: this file's storages by key (the pickle reader gives one pk per key and dtype, so a
+ * key's chain through same_key is at most one storage per dtype long). */
+static tm_status add_storage(tm_checkpoint *ck, const storage_source *src, tm_name_map *by_key,
+                             const tm_pk_value *pk, tm_dtype tensor_dtype, size_t *index, const char *tname,
+                             tm_error *err) {
+    size_t first = SIZE_MAX;
+    if (tm_name_map_find(by_key, pk->u.storage.key, &first))
+        for (size_t i = first; i != SIZE_MAX; i = ck->storages[i].same_key)
+            if (ck->storages[i].pk == pk) { *index = i; return TM_OK; }
     uint64_t offset = 0, size = 0;
     tm_status st = locate_storage(ck, src, pk, tname, &offset, &size, err);
     if (st) return st;
@@ -159,6 +165,13 @@ static tm_status add_storage(tm_checkpoint *ck, const storage_source *src, const
     }
     ckpt_storage *s = &ck->storages[ck->n_storages];
     s->pk = pk;
+    s->same_key = SIZE_MAX;
+    if (first != SIZE_MAX) { /* chain it after the key's first storage */
+        s->same_key = ck->storages[first].same_key;
+        ck->storages[first].same_key = ck->n_storages;
+    } else if (tm_name_map_insert(by_key, pk->u.storage.key, ck->n_storages, NULL) < 0) {
+        return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    }
     s->file_offset = offset;
     s->map = ck->cur;
     s->data = ck->maps[ck->cur].data + offset;
@@ -175,6 +188,9 @@ static tm_status reserve_tensors(tm_checkpoint *ck, size_t more, tm_error *err) 
     return TM_OK;
 }
 
+static tm_status build_rows(tm_checkpoint *ck, const storage_source *src, tm_named_tensors *nt,
+                            tm_name_map *by_key, tm_error *err);
+
 /* Adds one file's walked tensors; the state dict's key (--key or found) comes from the first. */
 static tm_status build_table(tm_checkpoint *ck, const storage_source *src, tm_named_tensors *nt,
                              tm_error *err) {
@@ -184,6 +200,15 @@ static tm_status build_table(tm_checkpoint *ck, const storage_source *src, tm_na
     }
     tm_status st = reserve_tensors(ck, nt->n, err);
     if (st) return st;
+    tm_name_map by_key = TM_NAME_MAP_INIT;
+    st = build_rows(ck, src, nt, &by_key, err);
+    tm_name_map_free(&by_key);
+    return st;
+}
+
+static tm_status build_rows(tm_checkpoint *ck, const storage_source *src, tm_named_tensors *nt,
+                            tm_name_map *by_key, tm_error *err) {
+    tm_status st = TM_OK;
     for (size_t i = 0; i < nt->n; i++) {
         const tm_pk_value *t = nt->items[i].tensor;
         const char *tname = nt->items[i].name;
@@ -218,7 +243,7 @@ static tm_status build_table(tm_checkpoint *ck, const storage_source *src, tm_na
                 uint64_t span = checked_mul((uint64_t)(ct->shape[d] - 1), (uint64_t)ct->stride[d], &of);
                 if (last > UINT64_MAX - span) of = 1; else last += span;
             }
-        st = add_storage(ck, src, t->u.tensor.storage, ct->dtype, &ct->storage, tname, err);
+        st = add_storage(ck, src, by_key, t->u.tensor.storage, ct->dtype, &ct->storage, tname, err);
         if (st) return st;
         uint64_t itemsize = tm_dtype_size(ct->dtype);
         uint64_t end = checked_mul(last + 1, itemsize, &of);
@@ -256,7 +281,14 @@ static tm_status open_zip(tm_checkpoint *ck, const tm_open_options *opts, tm_err
     if ((st = tm_zip_reader_read(zr, e, MAX_PICKLE_BYTES, &bytes, &owned, err))) goto done;
     char label[600];
     snprintf(label, sizeof label, "%s: %s", CUR_PATH(ck), e->name);
-    if ((st = tm_pickle_load(bytes, e->size, label, NULL, &pk, NULL, err))) goto done;
+    /* torch.save memoizes 8 objects per tensor (one per 16 bytes of pickle), so the default cap
+     * of 10⁶ entries refuses mixture-of-experts state dicts of 200k tensors. One entry per 8
+     * bytes of the (already capped) pickle keeps memory proportional to the file and still
+     * refuses a pickle that does little but memoize. */
+    tm_pickle_limits lim;
+    tm_pickle_limits_default(&lim);
+    if (lim.max_memo < e->size / 8) lim.max_memo = (size_t)(e->size / 8);
+    if ((st = tm_pickle_load(bytes, e->size, label, &lim, &pk, NULL, err))) goto done;
     if ((st = tm_state_dict_walk(tm_pickle_root(pk), opts ? opts->key : NULL, CUR_PATH(ck), &nt, err)))
         goto done;
     storage_source src = {zr, prefix, NULL};
@@ -388,20 +420,23 @@ static tm_status add_index(tm_checkpoint *ck, const char *index_path, const tm_o
     if (slash) *slash = '\0'; else strcpy(dir, ".");
     const cJSON *item;
     size_t shards_before = ck->n_maps;
+    tm_name_map shards = TM_NAME_MAP_INIT; /* shard file names added (the index lists one per tensor) */
     cJSON_ArrayForEach(item, map) {
         if (!cJSON_IsString(item) || strchr(item->valuestring, '/') || strcmp(item->valuestring, "..") == 0) {
             st = tm_error_set(err, TM_ERROR_FORMAT, "%s: tensor '%s': shard name must be a file name in the folder",
                               index_path, item->string);
             break;
         }
+        int seen = tm_name_map_insert(&shards, item->valuestring, 0, NULL);
+        if (seen < 0) { st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory"); break; }
+        if (seen) continue;
         char *shard = NULL;
         if (asprintf(&shard, "%s/%s", dir, item->valuestring) < 0) { st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory"); break; }
-        int seen = 0;
-        for (size_t m = shards_before; m < ck->n_maps && !seen; m++) seen = strcmp(ck->map_paths[m], shard) == 0;
-        if (!seen) st = add_file(ck, shard, opts, err);
+        st = add_file(ck, shard, opts, err);
         free(shard);
         if (st) break;
     }
+    tm_name_map_free(&shards);
     if (!st && ck->n_maps == shards_before)
         st = tm_error_set(err, TM_ERROR_FORMAT, "%s: the index lists no shards", index_path);
     if (!st) {
@@ -433,28 +468,15 @@ static tm_status add_folder(tm_checkpoint *ck, const char *dir, const tm_open_op
                         "%s: folder holds no model.safetensors, pytorch_model.bin or *.index.json", dir);
 }
 
-static uint64_t hash_name(const char *s) {
-    uint64_t h = 1469598103934665603ull; /* FNV-1a */
-    while (*s) h = (h ^ (uint8_t)*s++) * 1099511628211ull;
-    return h;
-}
-
 /* Builds the name index; refuses duplicate names (also across shards). */
 static tm_status build_index(tm_checkpoint *ck, tm_error *err) {
-    size_t cap = 16;
-    while (cap < 2 * ck->n_tensors + 2) cap *= 2;
-    ck->index = calloc(cap, sizeof *ck->index);
-    if (!ck->index) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
-    ck->index_cap = cap;
+    if (tm_name_map_reserve(&ck->index, ck->n_tensors)) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
     for (size_t i = 0; i < ck->n_tensors; i++) {
-        size_t j = (size_t)hash_name(ck->tensors[i].name) & (cap - 1);
-        while (ck->index[j]) {
-            if (strcmp(ck->tensors[ck->index[j] - 1].name, ck->tensors[i].name) == 0)
-                return tm_error_set(err, TM_ERROR_FORMAT, "%s: tensor name '%s' appears twice", ck->path,
-                                    ck->tensors[i].name);
-            j = (j + 1) & (cap - 1);
-        }
-        ck->index[j] = i + 1;
+        int r = tm_name_map_insert(&ck->index, ck->tensors[i].name, i, NULL);
+        if (r < 0) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+        if (r > 0)
+            return tm_error_set(err, TM_ERROR_FORMAT, "%s: tensor name '%s' appears twice", ck->path,
+                                ck->tensors[i].name);
     }
     return TM_OK;
 }
@@ -532,7 +554,7 @@ void tm_checkpoint_free(tm_checkpoint *ck) {
     }
     free(ck->maps);
     free(ck->map_paths);
-    free(ck->index);
+    tm_name_map_free(&ck->index);
     free(ck->folder);
     for (size_t i = 0; i < 2 * ck->n_meta; i++) free(ck->meta[i]);
     free(ck->meta);
@@ -587,13 +609,8 @@ tm_status tm_checkpoint_tensor(const tm_checkpoint *ck, size_t i, tm_tensor_info
 }
 
 int64_t tm_checkpoint_find(const tm_checkpoint *ck, const char *name) {
-    if (!ck || !name || !ck->index) return -1;
-    size_t j = (size_t)hash_name(name) & (ck->index_cap - 1);
-    while (ck->index[j]) {
-        if (strcmp(ck->tensors[ck->index[j] - 1].name, name) == 0) return (int64_t)ck->index[j] - 1;
-        j = (j + 1) & (ck->index_cap - 1);
-    }
-    return -1;
+    size_t i;
+    return ck && tm_name_map_find(&ck->index, name, &i) ? (int64_t)i : -1;
 }
 
 const char *tm_checkpoint_folder(const tm_checkpoint *ck) { return ck ? ck->folder : NULL; }
@@ -632,13 +649,45 @@ tm_status tm_checkpoint_read(const tm_checkpoint *ck, size_t i, void *dst, size_
     return TM_OK;
 }
 
+/* The bytes of its storage that tensor t reads, from its lowest to past its highest element
+ * (bounds were checked against the storage at open). */
+static void view_bytes(const ckpt_tensor *t, uint64_t *begin, uint64_t *len) {
+    int64_t lo = t->storage_offset, hi = t->storage_offset;
+    for (int d = 0; d < t->ndim && t->numel; d++) {
+        int64_t span = (t->shape[d] - 1) * t->stride[d];
+        if (span < 0) lo += span; else hi += span;
+    }
+    uint64_t item = tm_dtype_size(t->dtype);
+    *begin = (uint64_t)lo * item;
+    *len = t->numel ? (uint64_t)(hi - lo + 1) * item : 0;
+}
+
+/* A tensor's own bytes, not its whole storage: views of one storage merged one by one (for an
+ * output without shared storage) would otherwise each map and drop the whole storage, a cost
+ * quadratic in the number of views. */
 void tm_checkpoint_prefetch_tensor(const tm_checkpoint *ck, size_t i) {
+    if (!ck || i >= ck->n_tensors) return;
+    const ckpt_storage *s = &ck->storages[ck->tensors[i].storage];
+    uint64_t begin, len;
+    view_bytes(&ck->tensors[i], &begin, &len);
+    tm_mapped_file_prefetch(&ck->maps[s->map], s->file_offset + begin, len);
+}
+
+void tm_checkpoint_release_tensor(const tm_checkpoint *ck, size_t i) {
+    if (!ck || i >= ck->n_tensors) return;
+    const ckpt_storage *s = &ck->storages[ck->tensors[i].storage];
+    uint64_t begin, len;
+    view_bytes(&ck->tensors[i], &begin, &len);
+    tm_mapped_file_release(&ck->maps[s->map], s->file_offset + begin, len);
+}
+
+void tm_checkpoint_prefetch_storage(const tm_checkpoint *ck, size_t i) {
     if (!ck || i >= ck->n_tensors) return;
     const ckpt_storage *s = &ck->storages[ck->tensors[i].storage];
     tm_mapped_file_prefetch(&ck->maps[s->map], s->file_offset, s->nbytes);
 }
 
-void tm_checkpoint_release_tensor(const tm_checkpoint *ck, size_t i) {
+void tm_checkpoint_release_storage(const tm_checkpoint *ck, size_t i) {
     if (!ck || i >= ck->n_tensors) return;
     const ckpt_storage *s = &ck->storages[ck->tensors[i].storage];
     tm_mapped_file_release(&ck->maps[s->map], s->file_offset, s->nbytes);

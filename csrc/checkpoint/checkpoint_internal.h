@@ -26,9 +26,12 @@ int tm_checkpoint_is_module(const tm_checkpoint *ckpt);
 /* Where tensor i's storage bytes start in the (single) file the checkpoint was read from: 1 and
  * *file_offset, or 0 for multi-file checkpoints. */
 int tm_checkpoint_storage_location(const tm_checkpoint *ckpt, size_t i, uint64_t *file_offset);
-/* Prefetch / release the mapped bytes of tensor i's storage. */
+/* Prefetch / release the mapped bytes tensor i reads (its elements' range in its storage). */
 void tm_checkpoint_prefetch_tensor(const tm_checkpoint *ckpt, size_t i);
 void tm_checkpoint_release_tensor(const tm_checkpoint *ckpt, size_t i);
+/* The same for the whole storage tensor i lives in (a storage merged whole). */
+void tm_checkpoint_prefetch_storage(const tm_checkpoint *ckpt, size_t i);
+void tm_checkpoint_release_storage(const tm_checkpoint *ckpt, size_t i);
 /* The Hugging Face folder the checkpoint was opened from (its config and tokenizer files are
  * copied beside a folder output), or NULL for a plain file. Owned by ckpt. */
 const char *tm_checkpoint_folder(const tm_checkpoint *ckpt);

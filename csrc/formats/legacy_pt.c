@@ -6,7 +6,7 @@
 
 #include "formats/legacy_pt.h"
 
-#include "formats/pickle_hash.h"
+#include "core/name_map.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -32,8 +32,7 @@ struct tm_legacy_pt {
     uniq_storage *uniq;   /* one per distinct key */
     size_t nuniq;
     size_t *order;        /* uniq indices in key-list (file) order; nuniq entries */
-    uint32_t *index;      /* open addressing over uniq by key: entry + 1, 0 empty */
-    size_t index_cap;     /* power of two */
+    tm_name_map index;    /* storage key -> uniq index */
 };
 
 /* ---- Helpers ------------------------------------------------------------------------------ */
@@ -54,12 +53,6 @@ static tm_status lerr(tm_error *err, tm_status st, const char *label, const char
     return tm_error_set(err, st, "%s%s%s", l, *l ? ": " : "", msg);
 }
 
-static uint64_t key_hash(const char *s) {
-    uint64_t h = tm_pk_hash_str(s);
-    h ^= h >> 31;
-    return h;
-}
-
 static size_t storage_elsize(const tm_pk_value *s) {
     return s->u.storage.has_dtype ? tm_dtype_size(s->u.storage.dtype) : 1;
 }
@@ -72,13 +65,8 @@ static uint64_t rd_le64(const uint8_t *b) {
 
 /* Index of the distinct storage with this key, or SIZE_MAX. */
 static size_t find_key(const tm_legacy_pt *lp, const char *key) {
-    if (!lp->index_cap) return SIZE_MAX;
-    size_t mask = lp->index_cap - 1;
-    for (size_t j = (size_t)key_hash(key) & mask; lp->index[j]; j = (j + 1) & mask) {
-        size_t e = lp->index[j] - 1;
-        if (strcmp(lp->uniq[e].first->u.storage.key, key) == 0) return e;
-    }
-    return SIZE_MAX;
+    size_t e;
+    return tm_name_map_find(&lp->index, key, &e) ? e : SIZE_MAX;
 }
 
 /* ---- Signature ---------------------------------------------------------------------------- */
@@ -141,21 +129,15 @@ static tm_status build_index(tm_legacy_pt *lp, const char *label, tm_error *err)
         return lerr(err, TM_ERROR_LIMIT, label, "more than %u storages", (unsigned)(UINT32_MAX / 4));
     lp->uniq = calloc(n ? n : 1, sizeof *lp->uniq);
     lp->order = calloc(n ? n : 1, sizeof *lp->order);
-    size_t cap = 16;
-    while (cap < 2 * n) cap *= 2;
-    lp->index = calloc(cap, sizeof *lp->index);
-    if (!lp->uniq || !lp->order || !lp->index)
+    if (!lp->uniq || !lp->order || tm_name_map_reserve(&lp->index, n))
         return lerr(err, TM_ERROR_NOMEM, label, "out of memory");
-    lp->index_cap = cap;
     for (size_t i = 0; i < n; i++) {
         const tm_pk_value *s = tm_pickle_storage(lp->obj, i);
-        if (find_key(lp, s->u.storage.key) != SIZE_MAX) continue; /* same key, other dtype */
+        /* reserved above: inserting cannot fail; 1 is the same key seen with another dtype */
+        if (tm_name_map_insert(&lp->index, s->u.storage.key, lp->nuniq, NULL)) continue;
         uniq_storage *u = &lp->uniq[lp->nuniq];
         u->first = s;
         u->elsize = storage_elsize(s);
-        size_t j = (size_t)key_hash(s->u.storage.key) & (cap - 1);
-        while (lp->index[j]) j = (j + 1) & (cap - 1);
-        lp->index[j] = (uint32_t)(lp->nuniq + 1);
         lp->nuniq++;
     }
     return TM_OK;
@@ -334,6 +316,6 @@ void tm_legacy_pt_free(tm_legacy_pt *lp) {
     tm_pickle_free(lp->obj);
     free(lp->uniq);
     free(lp->order);
-    free(lp->index);
+    tm_name_map_free(&lp->index);
     free(lp);
 }

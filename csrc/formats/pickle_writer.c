@@ -3,7 +3,7 @@
  * SETITEMS, so there is a single code path for LibTorch's reader to accept. */
 #include "formats/pickle_writer.h"
 
-#include "formats/pickle_hash.h"
+#include "core/name_map.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,10 +16,7 @@ typedef struct writer {
     /* memo indices of objects Python's pickler would memoize once and fetch afterwards */
     int64_t memo_storage_str, memo_cpu_str, memo_rebuild, memo_odict;
     int64_t memo_storage_type[TM_DTYPE_COUNT];
-    /* storage key -> memo index of its key string (tensors sharing a storage) */
-    const char **key_names;
-    uint32_t *key_memo;
-    size_t key_cap, key_n;
+    tm_name_map key_memo; /* storage key -> memo index of its key string (tensors sharing a storage) */
 } writer;
 
 static void put(writer *w, const void *data, size_t n) {
@@ -158,18 +155,6 @@ static const char *storage_type_name(tm_dtype d) {
     }
 }
 
-/* Returns the memo index of key's string, or -1 the first time (then records idx). */
-static int64_t key_lookup(writer *w, const char *key, size_t *slot) {
-    size_t mask = w->key_cap - 1;
-    size_t j = (size_t)tm_pk_hash_str(key) & mask;
-    while (w->key_names[j]) {
-        if (strcmp(w->key_names[j], key) == 0) return w->key_memo[j];
-        j = (j + 1) & mask;
-    }
-    *slot = j;
-    return -1;
-}
-
 static int utf8_valid(const char *str) {
     const unsigned char *s = (const unsigned char *)str;
     while (*s) {
@@ -249,16 +234,9 @@ tm_status tm_pickle_write_state_dict(const tm_pk_out_tensor *tensors, size_t n,
     w.out = out;
     w.memo_storage_str = w.memo_cpu_str = w.memo_rebuild = w.memo_odict = -1;
     for (int d = 0; d < TM_DTYPE_COUNT; d++) w.memo_storage_type[d] = -1;
-    w.key_cap = 16;
-    while (w.key_cap < 2 * n + 2) w.key_cap *= 2;
-    w.key_names = calloc(w.key_cap, sizeof *w.key_names);
-    w.key_memo = calloc(w.key_cap, sizeof *w.key_memo);
     size_t start = out->size;
-    if (!w.key_names || !w.key_memo) {
-        free(w.key_names);
-        free(w.key_memo);
-        return tm_error_set(err, TM_ERROR_NOMEM, "pickle writer: out of memory");
-    }
+    /* Reserved for every key up front, so no insert below can run out of memory. */
+    if (tm_name_map_reserve(&w.key_memo, n)) return tm_error_set(err, TM_ERROR_NOMEM, "pickle writer: out of memory");
 
     put1(&w, 0x80);
     put1(&w, 2);
@@ -278,15 +256,12 @@ tm_status tm_pickle_write_state_dict(const tm_pk_out_tensor *tensors, size_t n,
             ONCE(&w, w.memo_storage_str, put_unicode(&w, "storage", 7));
             ONCE(&w, w.memo_storage_type[t->dtype],
                  put_global(&w, "torch", storage_type_name(t->dtype)));
-            size_t slot = 0;
-            int64_t km = key_lookup(&w, t->storage_key, &slot);
-            if (km >= 0) {
+            size_t km = 0;
+            if (tm_name_map_find(&w.key_memo, t->storage_key, &km)) {
                 get(&w, (uint32_t)km);
             } else {
                 put_unicode(&w, t->storage_key, strlen(t->storage_key));
-                w.key_names[slot] = t->storage_key;
-                w.key_memo[slot] = memoize(&w);
-                w.key_n++;
+                tm_name_map_insert(&w.key_memo, t->storage_key, memoize(&w), NULL);
             }
             ONCE(&w, w.memo_cpu_str, put_unicode(&w, "cpu", 3));
             put_int(&w, t->storage_numel);
@@ -310,8 +285,7 @@ tm_status tm_pickle_write_state_dict(const tm_pk_out_tensor *tensors, size_t n,
     }
     put1(&w, '.');
 
-    free(w.key_names);
-    free(w.key_memo);
+    tm_name_map_free(&w.key_memo);
     if (w.failed) {
         out->size = start;
         return tm_error_set(err, TM_ERROR_NOMEM, "pickle writer: out of memory");

@@ -7,6 +7,8 @@
 #define _POSIX_C_SOURCE 200809L /* strdup */
 #include "formats/safetensors.h"
 
+#include "core/name_map.h"
+
 #include "core/output_stream.h"
 
 #include <cjson/cJSON.h>
@@ -125,55 +127,11 @@ static int utf8_valid(const char *s) {
     return utf8_valid_prefix((const uint8_t *)s, n) == n;
 }
 
-/* An open-addressing set of strings (borrowed), mapping each to an index. */
-typedef struct name_slot {
-    const char *key;
-    size_t idx;
-} name_slot;
-typedef struct name_index {
-    name_slot *slots;
-    size_t mask;
-} name_index;
-
-static uint64_t hash_str(const char *s) {
-    uint64_t h = 1469598103934665603ull; /* FNV-1a */
-    for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
-    return h;
-}
-
-static int index_init(name_index *ix, size_t n) {
-    size_t cap = 16;
-    while (cap / 2 < n) {
-        if (cap > SIZE_MAX / 4) return -1;
-        cap *= 2;
-    }
-    ix->slots = calloc(cap, sizeof *ix->slots);
-    ix->mask = cap - 1;
-    return ix->slots ? 0 : -1;
-}
-
-static void index_free(name_index *ix) {
-    free(ix->slots);
-    ix->slots = NULL;
-}
-
-static int64_t index_find(const name_index *ix, const char *key) {
-    if (!ix->slots || !key) return -1;
-    for (size_t h = (size_t)hash_str(key) & ix->mask;; h = (h + 1) & ix->mask) {
-        if (!ix->slots[h].key) return -1;
-        if (strcmp(ix->slots[h].key, key) == 0) return (int64_t)ix->slots[h].idx;
-    }
-}
-
-/* Inserts key unless present; returns the index already there, or -1 after inserting. The
- * set must have been sized for every key inserted. */
-static int64_t index_insert(name_index *ix, const char *key, size_t idx) {
-    size_t h = (size_t)hash_str(key) & ix->mask;
-    for (; ix->slots[h].key; h = (h + 1) & ix->mask)
-        if (strcmp(ix->slots[h].key, key) == 0) return (int64_t)ix->slots[h].idx;
-    ix->slots[h].key = key;
-    ix->slots[h].idx = idx;
-    return -1;
+/* Index of key in m, or -1. Maps here are reserved for every key before the first insert, so an
+ * insert cannot run out of memory: it returns 0 (added) or 1 (a duplicate). */
+static int64_t index_find(const tm_name_map *m, const char *key) {
+    size_t i;
+    return tm_name_map_find(m, key, &i) ? (int64_t)i : -1;
 }
 
 static const char *json_kind(const cJSON *item) {
@@ -248,8 +206,8 @@ struct tm_safetensors {
     size_t count;
     char **meta_keys, **meta_values;
     size_t n_meta;
-    name_index names;
-    name_index meta_index;
+    tm_name_map names;
+    tm_name_map meta_index;
 };
 
 int tm_safetensors_looks_like(const uint8_t *data, size_t size) {
@@ -268,8 +226,8 @@ void tm_safetensors_free(tm_safetensors *st) {
     }
     free(st->meta_keys);
     free(st->meta_values);
-    index_free(&st->names);
-    index_free(&st->meta_index);
+    tm_name_map_free(&st->names);
+    tm_name_map_free(&st->meta_index);
     free(st);
 }
 
@@ -350,7 +308,7 @@ static tm_status read_metadata(tm_safetensors *st, const cJSON *meta, const char
     for (const cJSON *e = meta->child; e; e = e->next) n++;
     st->meta_keys = calloc(n ? n : 1, sizeof *st->meta_keys);
     st->meta_values = calloc(n ? n : 1, sizeof *st->meta_values);
-    if (!st->meta_keys || !st->meta_values || index_init(&st->meta_index, n))
+    if (!st->meta_keys || !st->meta_values || tm_name_map_reserve(&st->meta_index, n))
         return tm_error_set(err, TM_ERROR_NOMEM, "%s: out of memory reading " METADATA_KEY,
                             label);
     for (const cJSON *e = meta->child; e; e = e->next) {
@@ -368,7 +326,7 @@ static tm_status read_metadata(tm_safetensors *st, const cJSON *meta, const char
         st->meta_keys[st->n_meta] = k;
         st->meta_values[st->n_meta] = v;
         st->n_meta++;
-        if (index_insert(&st->meta_index, k, st->n_meta - 1) >= 0)
+        if (tm_name_map_insert(&st->meta_index, k, st->n_meta - 1, NULL) != 0)
             return tm_error_set(err, TM_ERROR_FORMAT,
                                 "%s: " METADATA_KEY " has the key '%s' twice", label,
                                 show(k, shown));
@@ -560,7 +518,7 @@ static tm_status read_header(tm_safetensors *st, const cJSON *root, const char *
     size_t n = 0;
     for (const cJSON *e = root->child; e; e = e->next) n++;
     st->tensors = calloc(n ? n : 1, sizeof *st->tensors);
-    if (!st->tensors || index_init(&st->names, n))
+    if (!st->tensors || tm_name_map_reserve(&st->names, n))
         return tm_error_set(err, TM_ERROR_NOMEM, "%s: out of memory reading the header", label);
     int seen_metadata = 0;
     tm_status s;
@@ -578,7 +536,7 @@ static tm_status read_header(tm_safetensors *st, const cJSON *root, const char *
             return tm_error_set(err, TM_ERROR_NOMEM, "%s: out of memory reading the header",
                                 label);
         st->count++;
-        if (index_insert(&st->names, t->name, st->count - 1) >= 0)
+        if (tm_name_map_insert(&st->names, t->name, st->count - 1, NULL) != 0)
             return tm_error_set(err, TM_ERROR_FORMAT,
                                 "%s: tensor '%s' appears twice in the header", label,
                                 show(t->name, shown));
@@ -828,9 +786,9 @@ tm_status tm_st_writer_open(int fd, const char *label, const tm_st_out_tensor *t
 
     tm_status s = TM_OK;
     sbuf hb = {0};
-    name_index seen = {0};
+    tm_name_map seen = TM_NAME_MAP_INIT;
     uint64_t *sizes = calloc(n ? n : 1, sizeof *sizes);
-    if (!sizes || index_init(&seen, n)) {
+    if (!sizes || tm_name_map_reserve(&seen, n)) {
         s = tm_error_set(err, TM_ERROR_NOMEM, "%s: out of memory", label);
         goto done;
     }
@@ -839,7 +797,7 @@ tm_status tm_st_writer_open(int fd, const char *label, const tm_st_out_tensor *t
     uint64_t total = 0;
     for (size_t i = 0; i < n && !s; i++) {
         if ((s = check_out_tensor(&tensors[i], i, label, &sizes[i], err))) break;
-        if (index_insert(&seen, tensors[i].name, i) >= 0)
+        if (tm_name_map_insert(&seen, tensors[i].name, i, NULL) != 0)
             s = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: tensor '%s' is given twice",
                              label, show(tensors[i].name, shown));
         else if (sizes[i] >= MAX_EXACT_INT - total)
@@ -850,8 +808,8 @@ tm_status tm_st_writer_open(int fd, const char *label, const tm_st_out_tensor *t
             total += sizes[i];
     }
     if (s) goto done;
-    index_free(&seen);
-    if (index_init(&seen, n_meta)) {
+    tm_name_map_free(&seen);
+    if (tm_name_map_reserve(&seen, n_meta)) {
         s = tm_error_set(err, TM_ERROR_NOMEM, "%s: out of memory", label);
         goto done;
     }
@@ -863,7 +821,7 @@ tm_status tm_st_writer_open(int fd, const char *label, const tm_st_out_tensor *t
         else if (!utf8_valid(k) || !utf8_valid(v))
             s = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
                              "%s: metadata '%s': not valid UTF-8", label, show(k, shown));
-        else if (index_insert(&seen, k, i) >= 0)
+        else if (tm_name_map_insert(&seen, k, i, NULL) != 0)
             s = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
                              "%s: metadata key '%s' is given twice", label, show(k, shown));
     }
@@ -938,7 +896,7 @@ tm_status tm_st_writer_open(int fd, const char *label, const tm_st_out_tensor *t
 done:
     free(hb.p);
     free(sizes);
-    index_free(&seen);
+    tm_name_map_free(&seen);
     return s;
 }
 

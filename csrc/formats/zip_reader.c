@@ -4,6 +4,8 @@
 #define _POSIX_C_SOURCE 200809L /* strdup */
 #include "formats/zip_reader.h"
 
+#include "core/name_map.h"
+
 #include "core/crc32.h"
 
 #include <limits.h>
@@ -35,7 +37,7 @@ struct tm_zip_reader {
     char *label;
     tm_zip_entry *entries;
     size_t count;
-    const tm_zip_entry **sorted; /* entries ordered by name, for binary search */
+    tm_name_map by_name;         /* member name -> entry index */
     char *names;                 /* one block holding every NUL-terminated name */
 };
 
@@ -173,11 +175,6 @@ static tm_status apply_zip64_extra(const uint8_t *x, size_t xlen, uint64_t *size
     return TM_OK;
 }
 
-static int cmp_entry_name(const void *a, const void *b) {
-    const tm_zip_entry *const *x = a, *const *y = b;
-    return strcmp((*x)->name, (*y)->name);
-}
-
 static tm_status read_directory(tm_zip_reader *zr, const zip_end *end, tm_error *err) {
     const uint8_t *d = zr->data;
     const char *label = zr->label;
@@ -266,14 +263,11 @@ static tm_status read_directory(tm_zip_reader *zr, const zip_end *end, tm_error 
         e->size = size;
         e->crc32 = crc;
         e->method = method;
-        zr->sorted[i] = e;
+        /* reserved for every entry at open: 1 means the name is there already */
+        if (tm_name_map_insert(&zr->by_name, name, i, NULL))
+            return tm_error_set(err, TM_ERROR_FORMAT, "%s: zip: duplicate member name '%s'", label, name);
         p += total;
     }
-    if (zr->count > 1) qsort(zr->sorted, zr->count, sizeof *zr->sorted, cmp_entry_name);
-    for (size_t i = 1; i < zr->count; i++)
-        if (strcmp(zr->sorted[i - 1]->name, zr->sorted[i]->name) == 0)
-            return tm_error_set(err, TM_ERROR_FORMAT, "%s: zip: duplicate member name '%s'",
-                                label, zr->sorted[i]->name);
     return TM_OK;
 }
 
@@ -294,9 +288,9 @@ tm_status tm_zip_reader_open(const uint8_t *data, size_t size, const char *label
     size_t n = zr->count ? zr->count : 1;
     zr->label = strdup(label);
     zr->entries = calloc(n, sizeof *zr->entries);
-    zr->sorted = calloc(n, sizeof *zr->sorted);
+    int no_map = tm_name_map_reserve(&zr->by_name, n);
     zr->names = malloc((size_t)end.cd_size + 1);
-    if (!zr->label || !zr->entries || !zr->sorted || !zr->names) {
+    if (!zr->label || !zr->entries || no_map || !zr->names) {
         tm_zip_reader_free(zr);
         return tm_error_set(err, TM_ERROR_NOMEM, "%s: zip: out of memory reading %llu entries",
                             label, (ull)end.count);
@@ -314,7 +308,7 @@ void tm_zip_reader_free(tm_zip_reader *zr) {
     if (!zr) return;
     free(zr->label);
     free(zr->entries);
-    free(zr->sorted);
+    tm_name_map_free(&zr->by_name);
     free(zr->names);
     free(zr);
 }
@@ -326,18 +320,8 @@ const tm_zip_entry *tm_zip_reader_entry(const tm_zip_reader *zr, size_t i) {
 }
 
 const tm_zip_entry *tm_zip_reader_find(const tm_zip_reader *zr, const char *name) {
-    if (!zr || !name) return NULL;
-    size_t lo = 0, hi = zr->count;
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        int c = strcmp(zr->sorted[mid]->name, name);
-        if (c == 0) return zr->sorted[mid];
-        if (c < 0)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return NULL;
+    size_t i;
+    return zr && tm_name_map_find(&zr->by_name, name, &i) ? &zr->entries[i] : NULL;
 }
 
 /* Inflates exactly e->size bytes into out. The output window never extends past out's

@@ -13,6 +13,7 @@
 #include <zlib.h>
 
 #include "core/crc32.h"
+#include "core/name_map.h"
 #include "core/output_stream.h"
 #include "formats/zip_writer_testing.h"
 
@@ -273,25 +274,17 @@ tm_status tm_zip_writer_add(tm_zip_writer *zw, const char *name, const void *dat
     return tm_zip_writer_end(zw, err);
 }
 
-static int cmp_name(const void *a, const void *b) {
-    const char *const *x = a, *const *y = b;
-    return strcmp(*x, *y);
-}
-
 /* Readers (ours included) reject an archive naming a member twice: catch it before the
  * directory is written rather than produce an unreadable file. */
 static tm_status check_unique_names(const tm_zip_writer *zw, tm_error *err) {
-    if (zw->count < 2) return TM_OK;
-    const char **names = malloc(zw->count * sizeof *names);
-    if (!names) return tm_error_set(err, TM_ERROR_NOMEM, "%s: zip: out of memory", zw->label);
-    for (size_t i = 0; i < zw->count; i++) names[i] = zw->entries[i].name;
-    qsort(names, zw->count, sizeof *names, cmp_name);
+    tm_name_map seen = TM_NAME_MAP_INIT;
     tm_status st = TM_OK;
-    for (size_t i = 1; i < zw->count && !st; i++)
-        if (strcmp(names[i - 1], names[i]) == 0)
+    if (tm_name_map_reserve(&seen, zw->count)) st = tm_error_set(err, TM_ERROR_NOMEM, "%s: zip: out of memory", zw->label);
+    for (size_t i = 0; i < zw->count && !st; i++)
+        if (tm_name_map_insert(&seen, zw->entries[i].name, i, NULL)) /* reserved: 1 is a repeat */
             st = tm_error_set(err, TM_ERROR_INTERNAL, "%s: zip: member '%s' written twice",
-                              zw->label, names[i]);
-    free(names);
+                              zw->label, zw->entries[i].name);
+    tm_name_map_free(&seen);
     return st;
 }
 

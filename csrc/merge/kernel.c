@@ -1,67 +1,9 @@
 #include "merge/kernel.h"
 
+#include "merge/float16.h"
+
 #include <stdint.h>
 #include <string.h>
-
-/* ---- Scalar conversions (round to nearest even, NaN stays NaN) ----------------------------- */
-
-uint16_t tm_float_to_half(float f) {
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    uint32_t sign = (x >> 16) & 0x8000u, exp = (x >> 23) & 0xffu, mant = x & 0x7fffffu;
-    if (exp == 0xff) return (uint16_t)(sign | 0x7c00u | (mant ? 0x200u | (mant >> 13) : 0));
-    int32_t e = (int32_t)exp - 127 + 15;
-    if (e >= 0x1f) return (uint16_t)(sign | 0x7c00u);
-    if (e <= 0) { /* half subnormal (or zero) */
-        uint32_t shift = (uint32_t)(14 - e);
-        if (shift > 24) return (uint16_t)sign;
-        mant |= 0x800000u;
-        uint32_t m = mant >> shift, rem = mant & ((1u << shift) - 1), halfway = 1u << (shift - 1);
-        if (rem > halfway || (rem == halfway && (m & 1))) m++;
-        return (uint16_t)(sign | m);
-    }
-    uint32_t h = sign | ((uint32_t)e << 10) | (mant >> 13), rem = mant & 0x1fffu;
-    if (rem > 0x1000u || (rem == 0x1000u && (h & 1))) h++; /* a carry into the exponent is right */
-    return (uint16_t)h;
-}
-
-float tm_half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, x;
-    if (exp == 0) {
-        if (!mant) {
-            x = sign;
-        } else {
-            int e = -1;
-            do {
-                e++;
-                mant <<= 1;
-            } while (!(mant & 0x400u));
-            x = sign | ((uint32_t)(112 - e) << 23) | ((mant & 0x3ffu) << 13);
-        }
-    } else if (exp == 0x1f) {
-        x = sign | 0x7f800000u | (mant << 13);
-    } else {
-        x = sign | ((exp + 112) << 23) | (mant << 13);
-    }
-    float f;
-    memcpy(&f, &x, 4);
-    return f;
-}
-
-uint16_t tm_float_to_bfloat16(float f) {
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40u); /* quiet NaN */
-    x += 0x7fffu + ((x >> 16) & 1u);
-    return (uint16_t)(x >> 16);
-}
-
-float tm_bfloat16_to_float(uint16_t b) {
-    uint32_t x = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &x, 4);
-    return f;
-}
 
 /* ---- Element access --------------------------------------------------------------------- */
 
@@ -87,8 +29,8 @@ static void store_real(uint8_t *p, tm_dtype d, double v) {
     switch (d) {
     case TM_FLOAT64: memcpy(p, &v, 8); break;
     case TM_FLOAT32: { float f = (float)v; memcpy(p, &f, 4); break; }
-    case TM_FLOAT16: { uint16_t h = tm_float_to_half((float)v); memcpy(p, &h, 2); break; }
-    case TM_BFLOAT16: { uint16_t h = tm_float_to_bfloat16((float)v); memcpy(p, &h, 2); break; }
+    case TM_FLOAT16: { uint16_t h = tm_double_to_half(v); memcpy(p, &h, 2); break; }
+    case TM_BFLOAT16: { uint16_t h = tm_double_to_bfloat16(v); memcpy(p, &h, 2); break; }
     case TM_INT64: { int64_t i = (int64_t)v; memcpy(p, &i, 8); break; }
     case TM_INT32: { int32_t i = (int32_t)v; memcpy(p, &i, 4); break; }
     case TM_INT16: { int16_t i = (int16_t)v; memcpy(p, &i, 2); break; }
@@ -148,31 +90,82 @@ static int is_contiguous(const tm_view *v) {
 #define TM_HOT
 #endif
 
-TM_HOT static void acc_f32(const float *restrict x, double w, size_t count, double *restrict acc, int first) {
-    if (first) for (size_t j = 0; j < count; j++) acc[j] = w * (double)x[j];
-    else for (size_t j = 0; j < count; j++) acc[j] += w * (double)x[j];
-}
+/* One element of a contiguous input, widened exactly to float64. */
+#define LOAD_F32(x, j) ((double)(x)[j])
+#define LOAD_F64(x, j) ((x)[j])
+#define LOAD_BF16(x, j) ((double)tm_bfloat16_to_float((x)[j]))
 
-TM_HOT static void acc_f64(const double *restrict x, double w, size_t count, double *restrict acc, int first) {
-    if (first) for (size_t j = 0; j < count; j++) acc[j] = w * x[j];
-    else for (size_t j = 0; j < count; j++) acc[j] += w * x[j];
-}
-
-TM_HOT static void acc_bf16(const uint16_t *restrict x, double w, size_t count, double *restrict acc, int first) {
-    for (size_t j = 0; j < count; j++) {
-        uint32_t bits = (uint32_t)x[j] << 16;
-        float f;
-        memcpy(&f, &bits, 4);
-        acc[j] = first ? w * (double)f : acc[j] + w * (double)f;
+/* acc[j] (+)= w₀·x₀[j] (+ w₁·x₁[j] + …) for 1, 2 or 4 inputs of one dtype in one pass. The
+ * additions happen in input order, exactly as one pass per input would do them, so fusing
+ * inputs changes no bit; it only reads and writes the accumulator once per group instead of once
+ * per input, which is what bounded 16-bit inputs (cheap to load, many of them). */
+#define DEFINE_ACC(name, T, LOAD)                                                                      \
+    TM_HOT static void name##_1(const T *restrict x0, double w0, size_t count, double *restrict acc,  \
+                                int first) {                                                          \
+        if (first) for (size_t j = 0; j < count; j++) acc[j] = w0 * LOAD(x0, j);                      \
+        else for (size_t j = 0; j < count; j++) acc[j] += w0 * LOAD(x0, j);                           \
+    }                                                                                                 \
+    TM_HOT static void name##_2(const T *restrict x0, const T *restrict x1, const double *w,          \
+                                size_t count, double *restrict acc, int first) {                      \
+        double w0 = w[0], w1 = w[1];                                                                  \
+        if (first) for (size_t j = 0; j < count; j++) acc[j] = w0 * LOAD(x0, j) + w1 * LOAD(x1, j);   \
+        else for (size_t j = 0; j < count; j++) acc[j] = (acc[j] + w0 * LOAD(x0, j)) + w1 * LOAD(x1, j); \
+    }                                                                                                 \
+    TM_HOT static void name##_4(const T *restrict x0, const T *restrict x1, const T *restrict x2,     \
+                                const T *restrict x3, const double *w, size_t count,                  \
+                                double *restrict acc, int first) {                                    \
+        double w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];                                            \
+        for (size_t j = 0; j < count; j++) {                                                          \
+            double s = first ? w0 * LOAD(x0, j) : acc[j] + w0 * LOAD(x0, j);                          \
+            s += w1 * LOAD(x1, j);                                                                    \
+            s += w2 * LOAD(x2, j);                                                                    \
+            acc[j] = s + w3 * LOAD(x3, j);                                                            \
+        }                                                                                             \
     }
-}
+
+DEFINE_ACC(acc_f32, float, LOAD_F32)
+DEFINE_ACC(acc_f64, double, LOAD_F64)
+DEFINE_ACC(acc_bf16, uint16_t, LOAD_BF16)
 
 TM_HOT static void store_f32(const double *restrict acc, size_t count, float *restrict o) {
     for (size_t j = 0; j < count; j++) o[j] = (float)acc[j];
 }
 
 TM_HOT static void store_bf16(const double *restrict acc, size_t count, uint16_t *restrict o) {
-    for (size_t j = 0; j < count; j++) o[j] = tm_float_to_bfloat16((float)acc[j]);
+    for (size_t j = 0; j < count; j++) o[j] = tm_double_to_bfloat16(acc[j]);
+}
+
+/* Where elements [begin, …) of v start when the typed loops can read them: contiguous, naturally
+ * aligned (legacy files store tensors at odd offsets) and of a dtype they handle; else NULL. */
+static const void *fast_start(const tm_view *v, uint64_t begin) {
+    if (v->dtype != TM_FLOAT32 && v->dtype != TM_FLOAT64 && v->dtype != TM_BFLOAT16) return NULL;
+    size_t item = tm_dtype_size(v->dtype);
+    const uint8_t *p = v->base + (uint64_t)(v->offset + (int64_t)begin) * item;
+    return is_contiguous(v) && (uintptr_t)p % item == 0 ? p : NULL;
+}
+
+/* Inputs in[0..avail) from begin whose first g (4 or 2) are fast inputs of one dtype: adds them
+ * in one fused pass and returns g; returns 0 when no such group starts here. */
+static size_t accumulate_group(const tm_view *in, const double *w, size_t avail, uint64_t begin, size_t count,
+                               double *acc, int first) {
+    for (size_t g = 4; g >= 2; g /= 2) {
+        if (avail < g) continue;
+        const void *x[4];
+        size_t ok = 0;
+        while (ok < g && in[ok].dtype == in[0].dtype && (x[ok] = fast_start(&in[ok], begin))) ok++;
+        if (ok < g) continue;
+#define FUSED(name, T)                                                                                 \
+    (g == 4 ? name##_4((const T *)x[0], (const T *)x[1], (const T *)x[2], (const T *)x[3], w, count, acc, first) \
+            : name##_2((const T *)x[0], (const T *)x[1], w, count, acc, first))
+        switch (in[0].dtype) {
+        case TM_FLOAT32: FUSED(acc_f32, float); break;
+        case TM_FLOAT64: FUSED(acc_f64, double); break;
+        default: FUSED(acc_bf16, uint16_t); break;
+        }
+#undef FUSED
+        return g;
+    }
+    return 0;
 }
 
 /* acc[j] (+)= w · x[j] */
@@ -183,9 +176,9 @@ static void accumulate_real(const tm_view *v, double w, uint64_t begin, size_t c
     /* Legacy files store tensors at odd offsets: typed loads need natural alignment. */
     if (is_contiguous(v) && (uintptr_t)p % item == 0) {
         switch (v->dtype) {
-        case TM_FLOAT32: acc_f32((const float *)(const void *)p, w, count, acc, first); return;
-        case TM_FLOAT64: acc_f64((const double *)(const void *)p, w, count, acc, first); return;
-        case TM_BFLOAT16: acc_bf16((const uint16_t *)(const void *)p, w, count, acc, first); return;
+        case TM_FLOAT32: acc_f32_1((const float *)(const void *)p, w, count, acc, first); return;
+        case TM_FLOAT64: acc_f64_1((const double *)(const void *)p, w, count, acc, first); return;
+        case TM_BFLOAT16: acc_bf16_1((const uint16_t *)(const void *)p, w, count, acc, first); return;
         case TM_FLOAT16: {
             const uint16_t *x = (const uint16_t *)(const void *)p;
             for (size_t j = 0; j < count; j++) {
@@ -238,7 +231,7 @@ static void store_real_block(const double *acc, size_t count, tm_dtype out_dtype
     case TM_BFLOAT16: store_bf16(acc, count, (uint16_t *)(void *)o); break;
     case TM_FLOAT16:
         for (size_t j = 0; j < count; j++) {
-            uint16_t h = tm_float_to_half((float)acc[j]);
+            uint16_t h = tm_double_to_half(acc[j]);
             memcpy(o + 2 * j, &h, 2);
         }
         break;
@@ -269,7 +262,14 @@ void tm_kernel_weighted_sum(const tm_view *in, const double *w, size_t n, uint64
      * through it once. */
     for (size_t s0 = 0; s0 < count; s0 += TILE_ELEMS) {
         size_t k = count - s0 < TILE_ELEMS ? count - s0 : TILE_ELEMS;
-        for (size_t i = 0; i < n; i++) accumulate_real(&in[i], w[i], begin + s0, k, scratch, i == 0);
+        for (size_t i = 0; i < n;) {
+            size_t g = accumulate_group(in + i, w + i, n - i, begin + s0, k, scratch, i == 0);
+            if (!g) {
+                accumulate_real(&in[i], w[i], begin + s0, k, scratch, i == 0);
+                g = 1;
+            }
+            i += g;
+        }
         store_real_block(scratch, k, out_dtype, (uint8_t *)out + s0 * tm_dtype_size(out_dtype));
     }
 }

@@ -37,12 +37,6 @@ void tm_kernel_copy(const tm_view *v, uint64_t begin, size_t count, tm_dtype out
 /* 1 if elements [begin, begin+count) of a and b are equal bit for bit (same dtype). */
 int tm_kernel_equal(const tm_view *a, const tm_view *b, uint64_t begin, size_t count);
 
-/* Scalar conversions, exposed for tests: round to nearest even. */
-uint16_t tm_float_to_half(float f);
-float tm_half_to_float(uint16_t h);
-uint16_t tm_float_to_bfloat16(float f);
-float tm_bfloat16_to_float(uint16_t b);
-
 #ifdef __cplusplus
 }
 #endif

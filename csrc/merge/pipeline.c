@@ -56,8 +56,13 @@ static void touch_unit(const merge_ctx *c, const tm_unit *u, int release) {
     for (size_t i = 0; i < c->n; i++) {
         int64_t idx = tm_plan_where(&c->plan, u->keys[0], i);
         if (idx < 0) continue;
-        if (release) tm_checkpoint_release_tensor(c->in[i], (size_t)idx);
-        else tm_checkpoint_prefetch_tensor(c->in[i], (size_t)idx);
+        if (u->whole_storage) {
+            if (release) tm_checkpoint_release_storage(c->in[i], (size_t)idx);
+            else tm_checkpoint_prefetch_storage(c->in[i], (size_t)idx);
+        } else {
+            if (release) tm_checkpoint_release_tensor(c->in[i], (size_t)idx);
+            else tm_checkpoint_prefetch_tensor(c->in[i], (size_t)idx);
+        }
     }
 }
 

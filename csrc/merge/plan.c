@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "merge/plan.h"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,16 +18,63 @@ static void append_names(char *buf, size_t cap, const char **names, size_t n) {
     if (n > 8 && used < cap) snprintf(buf + used, cap - used, ", … (%zu in all)", n);
 }
 
+/* The strict policy's error: what the first input whose names differ from input 0's lacks and
+ * has in excess. Only built once a difference is known. */
+static tm_status strict_mismatch(tm_checkpoint *const *in, size_t n, const char **order, size_t n_order,
+                                 tm_error *err) {
+    char msg[TM_ERROR_MSG_MAX] = "";
+    size_t cap = n_order;
+    for (size_t i = 1; i < n; i++)
+        if (tm_checkpoint_n_tensors(in[i]) > cap) cap = tm_checkpoint_n_tensors(in[i]);
+    const char **names = malloc((cap ? cap : 1) * sizeof *names);
+    if (!names) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    const char *culprit = NULL;
+    for (size_t i = 1; i < n && !culprit; i++) {
+        size_t nl = 0;
+        for (size_t k = 0; k < n_order; k++)
+            if (tm_checkpoint_find(in[i], order[k]) < 0) names[nl++] = order[k];
+        if (nl) {
+            size_t u = strlen(msg);
+            snprintf(msg + u, sizeof msg - u, "; it lacks ");
+            append_names(msg, sizeof msg, names, nl);
+        }
+        size_t ne = 0;
+        for (size_t t = 0; t < tm_checkpoint_n_tensors(in[i]); t++) {
+            const char *name = info_of(in[i], (int64_t)t).name;
+            if (tm_checkpoint_find(in[0], name) < 0) names[ne++] = name;
+        }
+        if (ne) {
+            size_t u = strlen(msg);
+            snprintf(msg + u, sizeof msg - u, "; it has what %s lacks: ", tm_checkpoint_path(in[0]));
+            append_names(msg, sizeof msg, names, ne);
+        }
+        if (nl || ne) culprit = tm_checkpoint_path(in[i]);
+    }
+    free(names);
+    return tm_error_set(err, TM_ERROR_MISMATCH, "%s: tensor names differ from %s%s (see --keys intersection|union)",
+                        culprit ? culprit : "", tm_checkpoint_path(in[0]), msg);
+}
+
+/* The names to merge, in order: input 0's, then (union) each later input's new ones, each
+ * located in every input by one hash probe: O(inputs² · tensors) for union, O(inputs · tensors)
+ * otherwise. */
 static tm_status plan_keys(tm_plan *p, tm_checkpoint *const *in, size_t n, const tm_merge_options *opts,
                            tm_error *err) {
     tm_key_policy policy = opts->keys;
-    size_t cap = tm_checkpoint_n_tensors(in[0]);
+    size_t n0 = tm_checkpoint_n_tensors(in[0]), cap = n0;
     if (policy == TM_KEYS_UNION)
         for (size_t i = 1; i < n; i++) cap += tm_checkpoint_n_tensors(in[i]);
     const char **order = malloc((cap ? cap : 1) * sizeof *order);
-    if (!order) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    p->keys = malloc((cap ? cap : 1) * sizeof *p->keys);
+    p->where = malloc((cap ? cap : 1) * n * sizeof *p->where);
+    size_t *found = calloc(n, sizeof *found); /* per input: how many of order it has */
+    tm_status st = TM_OK;
+    if (!order || !p->keys || !p->where || !found) {
+        st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+        goto out;
+    }
     size_t n_order = 0;
-    for (size_t t = 0; t < tm_checkpoint_n_tensors(in[0]); t++) order[n_order++] = info_of(in[0], (int64_t)t).name;
+    for (size_t t = 0; t < n0; t++) order[n_order++] = info_of(in[0], (int64_t)t).name;
     if (policy == TM_KEYS_UNION)
         for (size_t i = 1; i < n; i++)
             for (size_t t = 0; t < tm_checkpoint_n_tensors(in[i]); t++) {
@@ -35,59 +83,37 @@ static tm_status plan_keys(tm_plan *p, tm_checkpoint *const *in, size_t n, const
                 for (size_t j = 0; j < i && !seen; j++) seen = tm_checkpoint_find(in[j], name) >= 0;
                 if (!seen) order[n_order++] = name;
             }
-    if (policy == TM_KEYS_STRICT) {
-        char msg[TM_ERROR_MSG_MAX] = "";
-        const char **names = malloc((cap ? cap : 1) * sizeof *names);
-        if (!names) { free(order); return tm_error_set(err, TM_ERROR_NOMEM, "out of memory"); }
-        const char *culprit = NULL;
-        for (size_t i = 1; i < n; i++) {
-            size_t nl = 0;
-            for (size_t k = 0; k < n_order; k++)
-                if (tm_checkpoint_find(in[i], order[k]) < 0) names[nl++] = order[k];
-            if (nl) {
-                size_t u = strlen(msg);
-                snprintf(msg + u, sizeof msg - u, "; it lacks ");
-                append_names(msg, sizeof msg, names, nl);
-            }
-            size_t ne = 0;
-            for (size_t t = 0; t < tm_checkpoint_n_tensors(in[i]); t++) {
-                const char *name = info_of(in[i], (int64_t)t).name;
-                if (tm_checkpoint_find(in[0], name) < 0) names[ne++] = name;
-            }
-            if (ne) {
-                size_t u = strlen(msg);
-                snprintf(msg + u, sizeof msg - u, "; it has what %s lacks: ", tm_checkpoint_path(in[0]));
-                append_names(msg, sizeof msg, names, ne);
-            }
-            if (nl || ne) { culprit = tm_checkpoint_path(in[i]); break; }
+    /* where[] for every name first (input 0's own names are its tensors 0..n0-1), compacted below
+     * to the names kept. */
+    for (size_t k = 0; k < n_order; k++)
+        for (size_t i = 0; i < n; i++) {
+            int64_t w = i == 0 ? (k < n0 ? (int64_t)k : -1) : tm_checkpoint_find(in[i], order[k]);
+            p->where[k * n + i] = w;
+            found[i] += w >= 0;
         }
-        free(names);
-        if (culprit) {
-            free(order);
-            return tm_error_set(err, TM_ERROR_MISMATCH,
-                                "%s: tensor names differ from %s%s (see --keys intersection|union)",
-                                culprit, tm_checkpoint_path(in[0]), msg);
-        }
-    }
-    p->keys = malloc((n_order ? n_order : 1) * sizeof *p->keys);
-    p->where = malloc((n_order ? n_order : 1) * n * sizeof *p->where);
-    if (!p->keys || !p->where) { free(order); return tm_error_set(err, TM_ERROR_NOMEM, "out of memory"); }
+    /* Names are unique within a checkpoint: input i has input 0's names exactly when it has all
+     * of them and nothing else. */
+    if (policy == TM_KEYS_STRICT)
+        for (size_t i = 1; i < n; i++)
+            if (found[i] != n_order || tm_checkpoint_n_tensors(in[i]) != n_order) {
+                st = strict_mismatch(in, n, order, n_order, err);
+                goto out;
+            }
     for (size_t k = 0; k < n_order; k++) {
         size_t present = 0;
-        int64_t *w = p->where + p->n_keys * n;
-        for (size_t i = 0; i < n; i++) {
-            w[i] = tm_checkpoint_find(in[i], order[k]);
-            present += w[i] >= 0;
-        }
+        for (size_t i = 0; i < n; i++) present += p->where[k * n + i] >= 0;
         if (policy == TM_KEYS_INTERSECTION && present != n) continue;
         if (opts->include_tensor && !opts->include_tensor(opts->rules_user, order[k])) continue;
+        memmove(p->where + p->n_keys * n, p->where + k * n, n * sizeof *p->where);
         p->keys[p->n_keys++] = order[k];
     }
-    free(order);
     if (!p->n_keys)
-        return tm_error_set(err, TM_ERROR_MISMATCH, "%s: the inputs have no tensor name in common",
-                            tm_checkpoint_path(in[0]));
-    return TM_OK;
+        st = tm_error_set(err, TM_ERROR_MISMATCH, "%s: the inputs have no tensor name in common",
+                          tm_checkpoint_path(in[0]));
+out:
+    free(order);
+    free(found);
+    return st;
 }
 
 static void shape_text(const tm_tensor_info *t, char *buf, size_t cap) {
@@ -131,8 +157,26 @@ static tm_dtype output_dtype(tm_dtype first, const tm_merge_options *o) {
     return o->dtype;
 }
 
-/* Keys sharing input 0's storage sid share one storage the same way in every input. */
-static int shared_identically(const tm_plan *p, tm_checkpoint *const *in, const size_t *group, size_t ng) {
+/* Per input, how many planned keys use each of its storages: a storage may be merged whole only
+ * when no other merged tensor lives in it. */
+static int count_storage_users(const tm_plan *p, tm_checkpoint *const *in, size_t ***out) {
+    size_t **users = *out = calloc(p->n_inputs, sizeof *users);
+    if (!users) return -1;
+    for (size_t i = 0; i < p->n_inputs; i++) {
+        size_t ns = tm_checkpoint_n_storages(in[i]);
+        if (!(users[i] = calloc(ns ? ns : 1, sizeof **users))) return -1; /* the caller frees */
+        for (size_t k = 0; k < p->n_keys; k++) {
+            int64_t idx = tm_plan_where(p, k, i);
+            if (idx >= 0) users[i][info_of(in[i], idx).storage_id]++;
+        }
+    }
+    return 0;
+}
+
+/* The keys of group (all keys on one storage of input 0) share one storage the same way in every
+ * input, and nothing else uses it. O(ng · inputs). */
+static int shared_identically(const tm_plan *p, tm_checkpoint *const *in, size_t *const *users,
+                              const size_t *group, size_t ng) {
     for (size_t i = 0; i < p->n_inputs; i++) {
         int64_t sid = -1;
         tm_dtype dt = TM_FLOAT32;
@@ -148,12 +192,7 @@ static int shared_identically(const tm_plan *p, tm_checkpoint *const *in, const 
             for (int d = 0; d < t.ndim; d++)
                 if (t.stride[d] != r.stride[d]) return 0;
         }
-        size_t users = 0; /* no other merged tensor may live in that storage */
-        for (size_t k = 0; k < p->n_keys; k++) {
-            int64_t idx = tm_plan_where(p, k, i);
-            if (idx >= 0 && info_of(in[i], idx).storage_id == sid) users++;
-        }
-        if (users != ng) return 0;
+        if (users[i][sid] != ng) return 0;
     }
     return 1;
 }
@@ -165,33 +204,65 @@ static int same_view(const tm_tensor_info *a, const tm_tensor_info *b) {
     return 1;
 }
 
+/* Keys grouped by input 0's storage, in key order, as one array: the keys of storage s are
+ * by_storage[start[s] .. start[s + 1]). A counting sort, so O(keys + storages). */
+typedef struct storage_groups {
+    size_t *start, *by_storage;
+} storage_groups;
+
+static int group_by_storage(const tm_plan *p, tm_checkpoint *const *in, storage_groups *g) {
+    size_t ns = tm_checkpoint_n_storages(in[0]);
+    g->start = calloc(ns + 2, sizeof *g->start);
+    g->by_storage = malloc((p->n_keys ? p->n_keys : 1) * sizeof *g->by_storage);
+    if (!g->start || !g->by_storage) return -1;
+    for (size_t k = 0; k < p->n_keys; k++) {
+        int64_t idx = tm_plan_where(p, k, 0);
+        if (idx >= 0) g->start[info_of(in[0], idx).storage_id + 2]++;
+    }
+    for (size_t s = 2; s < ns + 2; s++) g->start[s] += g->start[s - 1];
+    for (size_t k = 0; k < p->n_keys; k++) {
+        int64_t idx = tm_plan_where(p, k, 0);
+        if (idx >= 0) g->by_storage[g->start[info_of(in[0], idx).storage_id + 1]++] = k;
+    }
+    return 0;
+}
+
+/* Fills units: only the first key of each input-0 storage can open a group (its storage's whole
+ * key list); every later key of that storage is a unit of its own, or an alias found then. */
 static tm_status plan_units(tm_plan *p, tm_checkpoint *const *in, const tm_merge_options *o, int split_shared,
                             tm_error *err) {
     size_t nk = p->n_keys;
-    p->alias_of = malloc((nk ? nk : 1) * sizeof *p->alias_of);
-    if (!p->alias_of) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
-    for (size_t k = 0; k < nk; k++) p->alias_of[k] = -1;
-    p->units = calloc(nk ? nk : 1, sizeof *p->units);
-    size_t *group = malloc((nk ? nk : 1) * sizeof *group);
+    storage_groups sg = {NULL, NULL};
+    size_t **users = NULL;
     char *done = calloc(nk ? nk : 1, 1);
-    if (!p->units || !group || !done) {
-        free(group);
-        free(done);
-        return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    p->alias_of = malloc((nk ? nk : 1) * sizeof *p->alias_of);
+    p->unit_of = malloc((nk ? nk : 1) * sizeof *p->unit_of);
+    p->units = calloc(nk ? nk : 1, sizeof *p->units);
+    tm_status st = TM_OK;
+    if (!done || !p->alias_of || !p->unit_of || !p->units || group_by_storage(p, in, &sg) ||
+        count_storage_users(p, in, &users)) {
+        st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+        goto out;
+    }
+    for (size_t k = 0; k < nk; k++) {
+        p->alias_of[k] = -1;
+        p->unit_of[k] = SIZE_MAX;
     }
     for (size_t k = 0; k < nk; k++) {
         if (done[k]) continue;
-        size_t ng = 0;
+        const size_t *group = &k;
+        size_t ng = 1;
         int64_t idx0 = tm_plan_where(p, k, 0);
         if (idx0 >= 0) {
             int64_t sid = info_of(in[0], idx0).storage_id;
-            for (size_t j = k; j < nk; j++) {
-                int64_t ij = tm_plan_where(p, j, 0);
-                if (!done[j] && ij >= 0 && info_of(in[0], ij).storage_id == sid) group[ng++] = j;
+            if (sg.by_storage[sg.start[sid]] == k) { /* first key of its storage */
+                group = sg.by_storage + sg.start[sid];
+                ng = sg.start[sid + 1] - sg.start[sid];
             }
         }
-        if (split_shared && ng >= 2 && shared_identically(p, in, group, ng)) {
-            /* Exact aliases of an earlier key in the group are written once. */
+        int shared = ng >= 2 && shared_identically(p, in, users, group, ng);
+        if (split_shared && shared) {
+            /* Exact aliases of the group's first key are written once. */
             tm_tensor_info first = info_of(in[0], idx0);
             for (size_t g = 1; g < ng; g++) {
                 tm_tensor_info t = info_of(in[0], tm_plan_where(p, group[g], 0));
@@ -200,16 +271,15 @@ static tm_status plan_units(tm_plan *p, tm_checkpoint *const *in, const tm_merge
                     done[group[g]] = 1;
                 }
             }
-            ng = 1;
         }
-        tm_unit *u = &p->units[p->n_units++];
-        if (!split_shared && ng >= 2 && shared_identically(p, in, group, ng)) {
+        tm_unit *u = &p->units[p->n_units];
+        if (!split_shared && shared) {
             tm_tensor_info r = info_of(in[0], idx0);
             u->whole_storage = 1;
             u->numel = (int64_t)(r.storage_nbytes / tm_dtype_size(r.dtype));
         } else {
+            group = &k;
             ng = 1;
-            group[0] = k;
             size_t i = 0;
             while (tm_plan_where(p, k, i) < 0) i++;
             u->numel = (int64_t)info_of(in[i], tm_plan_where(p, k, i)).numel;
@@ -219,15 +289,25 @@ static tm_status plan_units(tm_plan *p, tm_checkpoint *const *in, const tm_merge
         tm_tensor_info r = info_of(in[i], tm_plan_where(p, group[0], i));
         u->floating = tm_dtype_is_floating(r.dtype);
         u->out_dtype = output_dtype(r.dtype, o);
-        u->keys = malloc(ng * sizeof *u->keys);
-        if (!u->keys) { free(group); free(done); return tm_error_set(err, TM_ERROR_NOMEM, "out of memory"); }
+        if (!(u->keys = malloc(ng * sizeof *u->keys))) {
+            st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+            goto out;
+        }
         memcpy(u->keys, group, ng * sizeof *group);
         u->n_keys = ng;
-        for (size_t g = 0; g < ng; g++) done[group[g]] = 1;
+        for (size_t g = 0; g < ng; g++) {
+            done[group[g]] = 1;
+            p->unit_of[group[g]] = p->n_units;
+        }
+        p->n_units++;
     }
-    free(group);
+out:
+    for (size_t i = 0; users && i < p->n_inputs; i++) free(users[i]);
+    free(users);
+    free(sg.start);
+    free(sg.by_storage);
     free(done);
-    return TM_OK;
+    return st;
 }
 
 tm_status tm_plan_build(tm_plan *plan, tm_checkpoint *const *inputs, size_t n,
@@ -247,6 +327,7 @@ void tm_plan_free(tm_plan *plan) {
     free(plan->keys);
     free(plan->where);
     free(plan->alias_of);
+    free(plan->unit_of);
     memset(plan, 0, sizeof *plan);
 }
 
@@ -255,11 +336,7 @@ void tm_plan_output_layout(const tm_plan *plan, tm_checkpoint *const *inputs, si
     size_t i = 0;
     while (tm_plan_where(plan, k, i) < 0) i++;
     tm_tensor_info r = info_of(inputs[i], tm_plan_where(plan, k, i));
-    int whole = 0;
-    for (size_t u = 0; u < plan->n_units && !whole; u++)
-        for (size_t j = 0; j < plan->units[u].n_keys; j++)
-            if (plan->units[u].keys[j] == k) { whole = plan->units[u].whole_storage; break; }
-    if (whole) {
+    if (plan->unit_of[k] != SIZE_MAX && plan->units[plan->unit_of[k]].whole_storage) {
         memcpy(stride, r.stride, (size_t)r.ndim * sizeof *stride);
         *storage_offset = r.storage_offset;
         return;

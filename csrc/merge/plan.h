@@ -29,6 +29,7 @@ typedef struct tm_plan {
     size_t n_units;
     int64_t *alias_of; /* formats without shared storage: alias_of[k] = the key k is the same
                           tensor as (tied weights), written once; -1 otherwise */
+    size_t *unit_of;   /* unit_of[k]: the unit writing key k; SIZE_MAX for aliases */
 } tm_plan;
 
 /* split_shared: the output format cannot share storages (safetensors): tensors sharing a storage
