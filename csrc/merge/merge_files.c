@@ -1,6 +1,6 @@
 /* tm_merge_files: the streaming file merge. For each output storage, blocks of elements are
- * read from every input (views over the mapped files), accumulated in float64, rounded once and
- * written; the input pages are dropped once used. Memory stays near one block per input plus
+ * read from every input (views over the mapped files), merged by the method of the table in
+ * float64, rounded once and written; the input pages are dropped once used. Memory stays near one block per input plus
  * LibTorch-free code; TorchScript output alone loads LibTorch (through the bridge).
  *
  * This file is the entry point only: it checks the arguments, opens the inputs, chooses the

@@ -1,5 +1,5 @@
 /* What an output records about the merge that made it (safetensors "__metadata__"): method,
- * weights, normalisation, inputs, tied aliases, recipe. A growable list of key/value strings,
+ * its parameters, inputs, tied aliases, recipe. A growable list of key/value strings,
  * so new entries (method parameters) need no capacity change. C11. */
 #ifndef TM_MERGE_OUTPUT_METADATA_H
 #define TM_MERGE_OUTPUT_METADATA_H
