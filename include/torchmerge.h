@@ -355,13 +355,13 @@ TM_API void tm_merge_options_init(tm_merge_options *opts);
  * the output dtype;
  * non-floating tensors are taken from the first input that has them. output is written to a
  * temporary file beside it and renamed on success: a failure leaves no partial file and an
- * existing output untouched. opts may be NULL (uniform average, strict keys, pt). */
+ * existing output untouched. opts may be NULL (simple_average, strict keys, format from output). */
 TM_API tm_status tm_merge_files(const char *const *inputs, size_t n, const char *output,
                                 const tm_merge_options *opts);
 
 /* Runs a merge recipe: a YAML file (is_path = 1) or YAML text (is_path = 0) naming the models,
- * the method (simple_average, weighted_average, or mergekit's linear), the output and the options
- * of tm_merge_options, as FusionBench method configs and mergekit configs do (docs/recipes.md).
+ * the method (any of the table, by its name, an alias such as mergekit's linear, or FusionBench's
+ * class) and its parameters, the output and the options of tm_merge_options, as FusionBench method configs and mergekit configs do (docs/recipes.md).
  * overrides (n_overrides strings, may be NULL when 0) are Hydra-style "key.path=value" pairs
  * ("method.weights=[0.2,0.8]", "models.0=a.pt", "output=soup.pt"; the value is YAML), applied to
  * the parsed recipe in order before it is read. Relative model and template paths written in the
@@ -414,12 +414,13 @@ typedef struct tm_greedy_report {
  * Candidates are merged to temporary TorchScript modules beside output (".OUT.greedy.XXXXXX",
  * removed afterwards and by tm_remove_temporary_outputs) with opts, in the module
  * opts->template_path, or when that is NULL the first input that is a TorchScript module.
- * opts may be NULL; opts->weights must be NULL (the soups are uniform); its progress, warning
+ * opts may be NULL; opts->method must be NULL or simple_average, with no params (the soups are
+ * uniform); the output records "greedy_soup" as its method; its progress, warning
  * and profile, and has_dtype/dtype, apply to the final merge only (candidates keep the
  * template's dtypes, which the evaluation inputs match); keys, key and the per-tensor rules
- * apply to every candidate and the output; opts->method defaults to "greedy_soup".
- * eval_module: see above. report may be NULL; on success it is filled (free it with
- * tm_greedy_report_free), on failure it is zeroed. Needs libtorchmerge_torch (LibTorch). */
+ * apply to every candidate and the output.
+ * eval_module: see above. report may be NULL (else its struct_size set, tm_greedy_report_init);
+ * on success it is filled (free it with tm_greedy_report_free), on failure it is zeroed. Needs libtorchmerge_torch (LibTorch). */
 TM_API tm_status tm_greedy_soup(const char *const *inputs, size_t n, const char *output,
                                 const char *eval_module, const tm_merge_options *opts,
                                 tm_greedy_report *report);

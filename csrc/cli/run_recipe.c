@@ -17,9 +17,10 @@ static void run_usage(FILE *f) {
     fprintf(f,
             "usage: torchmerge run RECIPE.yaml [KEY=VALUE ...] [-o OUT] [--profile] [-q]\n"
             "\n"
-            "Merges as the YAML recipe says: FusionBench method configs (name: simple_average |\n"
-            "weighted_average, weights, normalize), model pools (models: {name: path}) and mergekit\n"
-            "configs (merge_method: linear, models: [{model: path, parameters: {weight: w}}]).\n"
+            "Merges as the YAML recipe says: FusionBench method configs (name: METHOD and its\n"
+            "parameters, e.g. weighted_average, weights, normalize), model pools (models: {name: path})\n"
+            "and mergekit configs (merge_method: linear, models: [{model: path, parameters: {weight: w}}]).\n"
+            "Methods and their parameters: torchmerge --help, torchmerge METHOD --help.\n"
             "RECIPE may be - to read the recipe from standard input.\n"
             "\n"
             "  KEY=VALUE       change the recipe before it is read; VALUE is YAML, KEY a dotted path:\n"
