@@ -644,33 +644,19 @@ static void view_bytes(const ckpt_tensor *t, uint64_t *begin, uint64_t *len) {
     *len = t->numel ? (uint64_t)(hi - lo + 1) * item : 0;
 }
 
-/* A tensor's own bytes, not its whole storage: views of one storage merged one by one (for an
- * output without shared storage) would otherwise each map and drop the whole storage, a cost
- * quadratic in the number of views. */
-void tm_checkpoint_prefetch_tensor(const tm_checkpoint *ck, size_t i) {
+/* Prefetches or drops tensor i's bytes in its mapped file: its own elements, or (whole) its whole
+ * storage. A merge of views one by one (an output without shared storage) touches each view's
+ * own bytes: touching the whole storage per view would cost quadratic time in the views. */
+static void touch(const tm_checkpoint *ck, size_t i, int whole, int release) {
     if (!ck || i >= ck->n_tensors) return;
     const ckpt_storage *s = &ck->storages[ck->tensors[i].storage];
-    uint64_t begin, len;
-    view_bytes(&ck->tensors[i], &begin, &len);
-    tm_mapped_file_prefetch(&ck->maps[s->map], s->file_offset + begin, len);
+    uint64_t begin = 0, len = s->nbytes;
+    if (!whole) view_bytes(&ck->tensors[i], &begin, &len);
+    if (release) tm_mapped_file_release(&ck->maps[s->map], s->file_offset + begin, len);
+    else tm_mapped_file_prefetch(&ck->maps[s->map], s->file_offset + begin, len);
 }
 
-void tm_checkpoint_release_tensor(const tm_checkpoint *ck, size_t i) {
-    if (!ck || i >= ck->n_tensors) return;
-    const ckpt_storage *s = &ck->storages[ck->tensors[i].storage];
-    uint64_t begin, len;
-    view_bytes(&ck->tensors[i], &begin, &len);
-    tm_mapped_file_release(&ck->maps[s->map], s->file_offset + begin, len);
-}
-
-void tm_checkpoint_prefetch_storage(const tm_checkpoint *ck, size_t i) {
-    if (!ck || i >= ck->n_tensors) return;
-    const ckpt_storage *s = &ck->storages[ck->tensors[i].storage];
-    tm_mapped_file_prefetch(&ck->maps[s->map], s->file_offset, s->nbytes);
-}
-
-void tm_checkpoint_release_storage(const tm_checkpoint *ck, size_t i) {
-    if (!ck || i >= ck->n_tensors) return;
-    const ckpt_storage *s = &ck->storages[ck->tensors[i].storage];
-    tm_mapped_file_release(&ck->maps[s->map], s->file_offset, s->nbytes);
-}
+void tm_checkpoint_prefetch_tensor(const tm_checkpoint *ck, size_t i) { touch(ck, i, 0, 0); }
+void tm_checkpoint_release_tensor(const tm_checkpoint *ck, size_t i) { touch(ck, i, 0, 1); }
+void tm_checkpoint_prefetch_storage(const tm_checkpoint *ck, size_t i) { touch(ck, i, 1, 0); }
+void tm_checkpoint_release_storage(const tm_checkpoint *ck, size_t i) { touch(ck, i, 1, 1); }
