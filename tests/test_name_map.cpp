@@ -40,7 +40,7 @@ TEST_CASE("name map: grows from empty, keeps the first value of a name, agrees w
 TEST_CASE("name map: reserve sizes once, and refuses sizes that overflow") {
     tm_name_map m = TM_NAME_MAP_INIT;
     REQUIRE(tm_name_map_reserve(&m, 1000) == 0);
-    tm_name_slot *slots = m.slots;
+    const uint64_t *slots = m.slots;
     std::vector<std::string> names;
     for (int i = 0; i < 1000; i++) names.push_back(std::to_string(i));
     for (size_t i = 0; i < names.size(); i++) REQUIRE(tm_name_map_insert(&m, names[i].c_str(), i, nullptr) == 0);
