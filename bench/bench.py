@@ -175,25 +175,23 @@ MANY_TENSORS = (100_000, 200_000)
 def many_tensors(a, tm, out):
     """Per-tensor costs (planning, pickles, headers, tables): 2 inputs of 100,000 and 200,000 small
     tensors, as a mixture-of-experts checkpoint has. Linear time means the 200k merge takes about
-    twice the 100k one."""
-    print("\n## Many small tensors (2 inputs of 8x8 float32 tensors; targets: 100k <= 10 s, "
-          "200k <= 2.3 x 100k)\n")
-    print("| tensors | format      | wall s | cpu s | peak RSS MiB |")
-    print("|--------:|:------------|-------:|------:|-------------:|")
-    walls = {}
+    twice the 100k one; the two alternate run by run, so machine noise hits both alike."""
+    dirs = {}
     for count in MANY_TENSORS:
-        d = os.path.join(a.work, f"many-{count}")
-        subprocess.run([PY, os.path.join(HERE, "make_many_tensors.py"), d, "2", str(count)], check=True)
-        for ext in ("pt", "safetensors"):
-            inputs = [os.path.join(d, f"model_{i}.{ext}") for i in range(2)]
-            cmds = {"tm": [tm, "simple_average", "-q", "-o", os.path.join(out, f"many.{ext}")] + inputs}
-            med, _ = case("many", cmds, a.runs, {})
-            walls[count, ext] = med["tm"][0]
-            print(f"| {count:7d} | {ext:<11} | {med['tm'][0]:6.2f} | {med['tm'][1]:5.2f} | {med['tm'][2]:12.0f} |")
+        dirs[count] = os.path.join(a.work, f"many-{count}")
+        subprocess.run([PY, os.path.join(HERE, "make_many_tensors.py"), dirs[count], "2", str(count)], check=True)
     lo, hi = MANY_TENSORS
+    print(f"\n## Many small tensors (2 inputs of 8x8 float32 tensors; targets: {lo // 1000}k <= 10 s, "
+          f"{hi // 1000}k <= 2.3 x {lo // 1000}k)\n")
+    print(f"| format      | tensors | wall s | cpu s | peak RSS MiB | × the {lo // 1000}k time |")
+    print("|:------------|--------:|-------:|------:|-------------:|------------:|")
     for ext in ("pt", "safetensors"):
-        print(f"\n{ext}: {hi // 1000}k / {lo // 1000}k = {walls[hi, ext] / walls[lo, ext]:.2f}", end="")
-    print()
+        cmds = {count: [tm, "simple_average", "-q", "-o", os.path.join(out, f"many.{ext}")] +
+                [os.path.join(dirs[count], f"model_{i}.{ext}") for i in range(2)] for count in MANY_TENSORS}
+        med, _ = case("many", cmds, a.runs, {})
+        for count, (wall, cpu, rss) in med.items():
+            print(f"| {ext:<11} | {count:7d} | {wall:6.2f} | {cpu:5.2f} | {rss:12.0f} | "
+                  f"{wall / med[lo][0]:11.2f} |")
 
 
 if __name__ == "__main__":

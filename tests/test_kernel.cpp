@@ -256,6 +256,39 @@ TEST_CASE("weighted sum of bfloat16 inputs to bfloat16 rounds the float64 sum on
     }
 }
 
+TEST_CASE("1 to 9 float32 and float64 inputs (fused in groups of 4 and 2) sum in input order") {
+    const size_t N = 4100;  // two full tiles and a part
+    std::mt19937 rng(9);
+    std::normal_distribution<double> nd;
+    std::vector<std::vector<float>> xf(9, std::vector<float>(N));
+    std::vector<std::vector<double>> xd(9, std::vector<double>(N));
+    std::vector<double> w(9);
+    for (size_t i = 0; i < 9; i++) {
+        w[i] = nd(rng);
+        for (size_t j = 0; j < N; j++) xf[i][j] = float(nd(rng)), xd[i][j] = nd(rng);
+    }
+    int64_t shape = int64_t(N), stride = 1;
+    for (size_t n = 1; n <= 9; n++)
+        for (tm_dtype dt : {TM_FLOAT32, TM_FLOAT64}) {
+            std::vector<tm_view> in;
+            for (size_t i = 0; i < n; i++) {
+                const void *base = dt == TM_FLOAT32 ? static_cast<const void *>(xf[i].data()) : xd[i].data();
+                in.push_back({static_cast<const uint8_t *>(base), dt, 1, &shape, &stride, 0});
+            }
+            std::vector<double> out(N), scratch(N);
+            tm_kernel_weighted_sum(in.data(), w.data(), n, 0, N, TM_FLOAT64, out.data(), scratch.data());
+            for (size_t j = 0; j < N; j++) {
+                double s = 0;
+                for (size_t i = 0; i < n; i++) {
+                    double x = dt == TM_FLOAT32 ? double(xf[i][j]) : xd[i][j];
+                    s = i ? s + w[i] * x : w[i] * x;
+                }
+                INFO("n = " << n << ", dtype " << tm_dtype_name(dt) << ", element " << j);
+                REQUIRE(out[j] == s);
+            }
+        }
+}
+
 TEST_CASE("weighted sum of complex views matches std::complex in float64") {
     const int64_t R = 6, C = 5;
     std::mt19937 rng(5);

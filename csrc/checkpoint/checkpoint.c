@@ -58,12 +58,13 @@ struct tm_checkpoint {
     size_t n_maps;
     size_t cur;              /* the file being read while opening */
     char **meta;             /* key, value, key, value, … (safetensors __metadata__, recipe) */
-    size_t n_meta;
+    size_t n_meta, meta_cap;
+    tm_name_map meta_index;  /* metadata key → its pair's index in meta */
     tm_name_map index;       /* tensor name → tensor index */
     ckpt_tensor *tensors;
     size_t n_tensors;
     ckpt_storage *storages;
-    size_t n_storages;
+    size_t n_storages, storages_cap;
 };
 
 void tm_open_options_init(tm_open_options *opts) { TM_STRUCT_INIT(opts); }
@@ -136,6 +137,18 @@ static tm_status locate_storage(const tm_checkpoint *ck, const storage_source *s
     return TM_OK;
 }
 
+/* Room for one more storage (capacity doubles: 10⁵ storages are common). */
+static ckpt_storage *next_storage(tm_checkpoint *ck) {
+    if (ck->n_storages == ck->storages_cap) {
+        size_t cap = ck->storages_cap ? 2 * ck->storages_cap : 64;
+        ckpt_storage *p = cap < SIZE_MAX / sizeof *p ? realloc(ck->storages, cap * sizeof *p) : NULL;
+        if (!p) return NULL;
+        ck->storages = p;
+        ck->storages_cap = cap;
+    }
+    return &ck->storages[ck->n_storages];
+}
+
 /* by_key: this file's storages by key (the pickle reader gives one pk per key and dtype, so a
  * key's chain through same_key is at most one storage per dtype long). */
 static tm_status add_storage(tm_checkpoint *ck, const storage_source *src, tm_name_map *by_key,
@@ -158,12 +171,8 @@ static tm_status add_storage(tm_checkpoint *ck, const storage_source *src, tm_na
                             "%s: tensor '%s': storage '%s' declares %lld elements of %s but the record holds %llu bytes",
                             CUR_PATH(ck), tname, pk->u.storage.key, (long long)pk->u.storage.numel,
                             tm_dtype_name(sd), (unsigned long long)size);
-    if (ck->n_storages % 64 == 0) {
-        ckpt_storage *p = realloc(ck->storages, (ck->n_storages + 64) * sizeof *p);
-        if (!p) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
-        ck->storages = p;
-    }
-    ckpt_storage *s = &ck->storages[ck->n_storages];
+    ckpt_storage *s = next_storage(ck);
+    if (!s) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
     s->pk = pk;
     s->same_key = SIZE_MAX;
     if (first != SIZE_MAX) { /* chain it after the key's first storage */
@@ -317,16 +326,28 @@ static tm_status open_legacy(tm_checkpoint *ck, const tm_open_options *opts, tm_
     return st;
 }
 
+/* Adds key = value unless key is there (the first file's value wins); -1 out of memory. A header
+ * may hold many entries: looked up through the name map, stored with doubling capacity. */
 static int add_meta(tm_checkpoint *ck, const char *key, const char *value) {
-    for (size_t i = 0; i < ck->n_meta; i++)
-        if (strcmp(ck->meta[2 * i], key) == 0) return 0; /* the first file's value wins */
-    char **m = realloc(ck->meta, (ck->n_meta + 1) * 2 * sizeof *m);
-    if (!m) return -1;
-    ck->meta = m;
-    m[2 * ck->n_meta] = strdup(key);
-    m[2 * ck->n_meta + 1] = strdup(value);
+    size_t i;
+    if (tm_name_map_find(&ck->meta_index, key, &i)) return 0;
+    if (ck->n_meta == ck->meta_cap) {
+        size_t cap = ck->meta_cap ? 2 * ck->meta_cap : 8;
+        char **m = cap < SIZE_MAX / 2 / sizeof *m ? realloc(ck->meta, 2 * cap * sizeof *m) : NULL;
+        if (!m) return -1;
+        ck->meta = m;
+        ck->meta_cap = cap;
+    }
+    char *k = strdup(key), *v = strdup(value);
+    if (!k || !v || tm_name_map_insert(&ck->meta_index, k, ck->n_meta, NULL) < 0) {
+        free(k);
+        free(v);
+        return -1;
+    }
+    ck->meta[2 * ck->n_meta] = k;
+    ck->meta[2 * ck->n_meta + 1] = v;
     ck->n_meta++;
-    return m[2 * ck->n_meta - 2] && m[2 * ck->n_meta - 1] ? 0 : -1;
+    return 0;
 }
 
 /* safetensors: every tensor is contiguous in its own byte range. */
@@ -342,12 +363,8 @@ static tm_status open_safetensors(tm_checkpoint *ck, tm_error *err) {
     uint64_t base = tm_safetensors_data_offset(st);
     for (size_t i = 0; i < n && !s; i++) {
         const tm_st_tensor *t = tm_safetensors_tensor(st, i);
-        if (ck->n_storages % 64 == 0) {
-            ckpt_storage *p = realloc(ck->storages, (ck->n_storages + 64) * sizeof *p);
-            if (!p) { s = tm_error_set(err, TM_ERROR_NOMEM, "out of memory"); break; }
-            ck->storages = p;
-        }
-        ckpt_storage *sto = &ck->storages[ck->n_storages];
+        ckpt_storage *sto = next_storage(ck);
+        if (!sto) { s = tm_error_set(err, TM_ERROR_NOMEM, "out of memory"); break; }
         sto->pk = NULL;
         sto->map = ck->cur;
         sto->file_offset = base + t->begin;
@@ -558,6 +575,7 @@ void tm_checkpoint_free(tm_checkpoint *ck) {
     free(ck->folder);
     for (size_t i = 0; i < 2 * ck->n_meta; i++) free(ck->meta[i]);
     free(ck->meta);
+    tm_name_map_free(&ck->meta_index);
     free(ck->key);
     free(ck->path);
     free(ck);
@@ -617,9 +635,8 @@ const char *tm_checkpoint_folder(const tm_checkpoint *ck) { return ck ? ck->fold
 
 const char *tm_checkpoint_metadata(const tm_checkpoint *ck, const char *key) {
     if (!ck || !key) return NULL;
-    for (size_t i = 0; i < ck->n_meta; i++)
-        if (strcmp(ck->meta[2 * i], key) == 0) return ck->meta[2 * i + 1];
-    return NULL;
+    size_t i;
+    return tm_name_map_find(&ck->meta_index, key, &i) ? ck->meta[2 * i + 1] : NULL;
 }
 
 tm_status tm_checkpoint_read(const tm_checkpoint *ck, size_t i, void *dst, size_t dst_size) {
@@ -662,33 +679,19 @@ static void view_bytes(const ckpt_tensor *t, uint64_t *begin, uint64_t *len) {
     *len = t->numel ? (uint64_t)(hi - lo + 1) * item : 0;
 }
 
-/* A tensor's own bytes, not its whole storage: views of one storage merged one by one (for an
- * output without shared storage) would otherwise each map and drop the whole storage, a cost
- * quadratic in the number of views. */
-void tm_checkpoint_prefetch_tensor(const tm_checkpoint *ck, size_t i) {
+/* Prefetches or drops tensor i's bytes in its mapped file: its own elements, or (whole) its whole
+ * storage. A merge of views one by one (an output without shared storage) touches each view's
+ * own bytes: touching the whole storage per view would cost quadratic time in the views. */
+static void touch(const tm_checkpoint *ck, size_t i, int whole, int release) {
     if (!ck || i >= ck->n_tensors) return;
     const ckpt_storage *s = &ck->storages[ck->tensors[i].storage];
-    uint64_t begin, len;
-    view_bytes(&ck->tensors[i], &begin, &len);
-    tm_mapped_file_prefetch(&ck->maps[s->map], s->file_offset + begin, len);
+    uint64_t begin = 0, len = s->nbytes;
+    if (!whole) view_bytes(&ck->tensors[i], &begin, &len);
+    if (release) tm_mapped_file_release(&ck->maps[s->map], s->file_offset + begin, len);
+    else tm_mapped_file_prefetch(&ck->maps[s->map], s->file_offset + begin, len);
 }
 
-void tm_checkpoint_release_tensor(const tm_checkpoint *ck, size_t i) {
-    if (!ck || i >= ck->n_tensors) return;
-    const ckpt_storage *s = &ck->storages[ck->tensors[i].storage];
-    uint64_t begin, len;
-    view_bytes(&ck->tensors[i], &begin, &len);
-    tm_mapped_file_release(&ck->maps[s->map], s->file_offset + begin, len);
-}
-
-void tm_checkpoint_prefetch_storage(const tm_checkpoint *ck, size_t i) {
-    if (!ck || i >= ck->n_tensors) return;
-    const ckpt_storage *s = &ck->storages[ck->tensors[i].storage];
-    tm_mapped_file_prefetch(&ck->maps[s->map], s->file_offset, s->nbytes);
-}
-
-void tm_checkpoint_release_storage(const tm_checkpoint *ck, size_t i) {
-    if (!ck || i >= ck->n_tensors) return;
-    const ckpt_storage *s = &ck->storages[ck->tensors[i].storage];
-    tm_mapped_file_release(&ck->maps[s->map], s->file_offset, s->nbytes);
-}
+void tm_checkpoint_prefetch_tensor(const tm_checkpoint *ck, size_t i) { touch(ck, i, 0, 0); }
+void tm_checkpoint_release_tensor(const tm_checkpoint *ck, size_t i) { touch(ck, i, 0, 1); }
+void tm_checkpoint_prefetch_storage(const tm_checkpoint *ck, size_t i) { touch(ck, i, 1, 0); }
+void tm_checkpoint_release_storage(const tm_checkpoint *ck, size_t i) { touch(ck, i, 1, 1); }

@@ -98,7 +98,7 @@ static int is_contiguous(const tm_view *v) {
 /* acc[j] (+)= w₀·x₀[j] (+ w₁·x₁[j] + …) for 1, 2 or 4 inputs of one dtype in one pass. The
  * additions happen in input order, exactly as one pass per input would do them, so fusing
  * inputs changes no bit; it only reads and writes the accumulator once per group instead of once
- * per input, which is what bounded 16-bit inputs (cheap to load, many of them). */
+ * per input, the traffic that bounded the speed of many 16-bit inputs (cheap to load). */
 #define DEFINE_ACC(name, T, LOAD)                                                                      \
     TM_HOT static void name##_1(const T *restrict x0, double w0, size_t count, double *restrict acc,  \
                                 int first) {                                                          \

@@ -86,8 +86,8 @@ static tm_status push_slot(ring *r, size_t len, int end_of_unit, tm_error *err) 
     s->end_of_unit = end_of_unit;
     s->crc = p->want_crc && len ? tm_crc32(0, s->buf, len) : 0;
     pthread_mutex_lock(&p->mu);
-    r->produced++;
-    pthread_cond_broadcast(&p->changed);
+    /* Only the writer, and only on an empty ring, waits for a slot to fill. */
+    if (r->produced++ == r->consumed) pthread_cond_broadcast(&p->changed);
     pthread_mutex_unlock(&p->mu);
     return TM_OK;
 }
@@ -175,8 +175,8 @@ static tm_status write_unit(pipeline *p, ring *r, size_t u, const tm_sink *snk, 
         int end = sl->end_of_unit;
         if (!end) st = snk->write(snk->self, sl->buf, sl->len, sl->crc, err);
         pthread_mutex_lock(&p->mu);
-        r->consumed++;
-        pthread_cond_broadcast(&p->changed);
+        /* Only a merging thread, and only on a full ring, waits for a slot to free. */
+        if (r->produced - r->consumed++ == N_SLOTS) pthread_cond_broadcast(&p->changed);
         pthread_mutex_unlock(&p->mu);
         if (end) break;
     }
