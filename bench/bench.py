@@ -6,7 +6,7 @@ RSS of each command come from wait4()'s rusage. Outputs are hashed on every run 
 speed never costs correctness (identical bytes across runs).
 
 usage: /usr/bin/python3 bench/bench.py [--n 2 4 8] [--runs 3] [--work /tmp/torchmerge-bench]
-                                      [--only n scaling torchscript many-tensors]
+                                      [--only n scaling torchscript many-tensors] [--before OLD_BIN]
 """
 import argparse
 import hashlib
@@ -97,6 +97,9 @@ def main():
     ap.add_argument("--work", default="/tmp/torchmerge-bench")
     ap.add_argument("--bin", default=os.path.join(ROOT, "build", "torchmerge"))
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--before", metavar="BIN",
+                    help="another torchmerge binary (e.g. the previous release's) run alternately with --bin in "
+                         "the n table, for before/after figures from one run")
     ap.add_argument("--only", nargs="+", choices=["n", "scaling", "torchscript", "many-tensors"],
                     default=["n", "scaling", "torchscript", "many-tensors"],
                     help="which tables to print (default: all)")
@@ -121,6 +124,11 @@ def main():
                 "torchmerge -> .safetensors": [tm, "simple_average", "-q", "-o",
                                                os.path.join(out, "tm.safetensors")] + inputs,
             }
+            if a.before:
+                cmds["before: torchmerge -> .pt"] = [a.before, "simple_average", "-q", "-o",
+                                                     os.path.join(out, "before.pt")] + inputs
+                cmds["before: torchmerge -> .safetensors"] = [a.before, "simple_average", "-q", "-o",
+                                                              os.path.join(out, "before.safetensors")] + inputs
             if not a.skip_baseline and os.path.exists(BASELINE):
                 cmds["baseline (FusionBench-style Python)"] = [PY, BASELINE, os.path.join(out, "base.pt")] + inputs
             outs = {"torchmerge -> .pt": os.path.join(out, "tm.pt"),
