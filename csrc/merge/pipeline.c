@@ -30,6 +30,7 @@ typedef struct ring {
     size_t first; /* the first order index this thread merges; then every n_rings-th */
     slot slots[N_SLOTS];
     size_t produced, consumed;
+    uint64_t unit_left; /* bytes of the unit being merged not yet put: its last block ends it */
     int finished;
     tm_status st;
     tm_error err;
@@ -77,7 +78,9 @@ static void *reserve_slot(void *user) {
     return cancel ? NULL : r->slots[r->produced % N_SLOTS].buf;
 }
 
-/* Publishes the next slot (computed in place by tm_merge_unit, or the end-of-unit marker). */
+/* Publishes the next slot: a block computed in place by tm_merge_unit, ending the unit when it
+ * is its last (one hand-off per small tensor, not two), or an empty end-of-unit marker for a
+ * unit without elements. */
 static tm_status push_slot(ring *r, size_t len, int end_of_unit, tm_error *err) {
     if (!reserve_slot(r)) return tm_error_set(err, TM_ERROR_INTERRUPTED, "cancelled");
     pipeline *p = r->p;
@@ -94,7 +97,9 @@ static tm_status push_slot(ring *r, size_t len, int end_of_unit, tm_error *err) 
 
 static tm_status put_block(void *user, const void *block, size_t len, tm_error *err) {
     (void)block; /* always the slot reserve_slot gave out */
-    return push_slot(user, len, 0, err);
+    ring *r = user;
+    r->unit_left -= len;
+    return push_slot(r, len, r->unit_left == 0, err);
 }
 
 #define UNIT_AT(order, k) ((order) ? (order)[k] : (k))
@@ -108,8 +113,10 @@ static void *merging_thread(void *arg) {
     for (size_t k = r->first; k < p->u1 && !st; k += p->n_rings) {
         size_t u = UNIT_AT(p->order, k);
         if (k + p->n_rings < p->u1) touch_unit(c, &c->plan.units[UNIT_AT(p->order, k + p->n_rings)], 0);
-        st = tm_merge_unit(c, &r->w, &c->plan.units[u], &out, &r->err);
-        if (!st) st = push_slot(r, 0, 1, &r->err);
+        const tm_unit *un = &c->plan.units[u];
+        r->unit_left = (uint64_t)un->numel * tm_dtype_size(un->out_dtype);
+        if (r->unit_left == 0) st = push_slot(r, 0, 1, &r->err);
+        else st = tm_merge_unit(c, &r->w, un, &out, &r->err);
         touch_unit(c, &c->plan.units[u], 1);
     }
     pthread_mutex_lock(&p->mu);
@@ -173,7 +180,7 @@ static tm_status write_unit(pipeline *p, ring *r, size_t u, const tm_sink *snk, 
         }
         slot *sl = &r->slots[r->consumed % N_SLOTS];
         int end = sl->end_of_unit;
-        if (!end) st = snk->write(snk->self, sl->buf, sl->len, sl->crc, err);
+        if (sl->len) st = snk->write(snk->self, sl->buf, sl->len, sl->crc, err);
         pthread_mutex_lock(&p->mu);
         /* Only a merging thread, and only on a full ring, waits for a slot to free. */
         if (r->produced - r->consumed++ == N_SLOTS) pthread_cond_broadcast(&p->changed);
