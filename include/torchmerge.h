@@ -346,6 +346,12 @@ typedef struct tm_merge_options {
     int (*include_tensor)(void *user, const char *name);
     void (*tensor_param)(void *user, const char *name, const char *param, size_t n, double *values);
     void *rules_user;
+    /* The base model (the pre-trained checkpoint the inputs were fine-tuned from; task vectors
+     * are input − base), for the methods that need one (tm_method_info.needs_base), or NULL.
+     * Any format an input may have; it must hold every merged tensor with the same shape.
+     * Non-floating tensors are then taken from it. Added in 0.2 after the other fields: a
+     * caller whose struct_size ends before it gets NULL. */
+    const char *base;
 } tm_merge_options;
 
 TM_API void tm_merge_options_init(tm_merge_options *opts);

@@ -12,10 +12,11 @@
 
 #include "cli/cli_common.h"
 
-enum { OPT_FORMAT = 256, OPT_TEMPLATE, OPT_DTYPE, OPT_KEYS, OPT_KEY, OPT_PROFILE, OPT_MAX_SHARD, OPT_PARAM = 512 };
+enum { OPT_FORMAT = 256, OPT_BASE, OPT_TEMPLATE, OPT_DTYPE, OPT_KEYS, OPT_KEY, OPT_PROFILE, OPT_MAX_SHARD, OPT_PARAM = 512 };
 
 static const struct option common_options[] = {
     {"output", required_argument, 0, 'o'},      {"format", required_argument, 0, OPT_FORMAT},
+    {"base", required_argument, 0, OPT_BASE},
     {"template", required_argument, 0, OPT_TEMPLATE}, {"dtype", required_argument, 0, OPT_DTYPE},
     {"keys", required_argument, 0, OPT_KEYS},   {"key", required_argument, 0, OPT_KEY},
     {"profile", no_argument, 0, OPT_PROFILE},   {"max-shard-size", required_argument, 0, OPT_MAX_SHARD},
@@ -60,6 +61,8 @@ void tm_cli_print_method_options(FILE *f, size_t method) {
 void tm_cli_print_common_options(FILE *f) {
     fprintf(f,
             "  -o, --output OUT        output file (written to a temporary file, renamed on success)\n"
+            "  --base BASE             the base (pre-trained) model, for methods on task vectors\n"
+            "                          (input - base); non-floating tensors then come from it\n"
             "  --format pt|torchscript|safetensors\n"
             "                          output format (default: safetensors when OUT ends in\n"
             "                          .safetensors or is a folder (existing, or ending in '/'),\n"
@@ -85,7 +88,8 @@ static void method_usage(FILE *f, size_t method) {
     tm_method_info m;
     tm_method_info_init(&m);
     tm_method_get(method, &m);
-    fprintf(f, "usage: torchmerge %s [parameters] [options] -o OUT INPUT...\n\n%s: %s\n", m.name, m.name, m.summary);
+    fprintf(f, "usage: torchmerge %s [parameters] [options]%s -o OUT INPUT...\n\n%s: %s\n", m.name,
+            m.needs_base ? " --base BASE" : "", m.name, m.summary);
     for (size_t k = 0; m.aliases[k]; k++) fprintf(f, "%s%s", k ? ", " : "Also called: ", m.aliases[k]);
     if (m.aliases[0]) fprintf(f, ".\n");
     fprintf(f, "\nparameters:\n");
@@ -154,6 +158,7 @@ int tm_cli_merge(int argc, char **argv, size_t method) {
                 rc = tm_cli_usage_error(help, "--max-shard-size: %s", tm_errmsg());
             break;
         case OPT_TEMPLATE: o.template_path = optarg; break;
+        case OPT_BASE: o.base = optarg; break;
         case OPT_DTYPE: if ((c = tm_cli_set_dtype(&o, optarg, help))) rc = c; break;
         case OPT_KEYS: if ((c = tm_cli_set_keys(&o, optarg, help))) rc = c; break;
         case OPT_KEY: o.key = optarg; break;

@@ -27,6 +27,7 @@ typedef struct merge_ctx {
     const tm_merge_options *o; /* the caller's options over the defaults (struct_size applied) */
     const char *label;         /* what the output records as its method ("greedy_soup"), or NULL */
     tm_checkpoint **in;
+    tm_checkpoint *base;    /* the base model, or NULL */
     size_t n;
     const tm_method *method;
     tm_param_values params; /* the method's parameters for the whole merge: merge_unit.c */

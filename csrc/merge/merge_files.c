@@ -60,6 +60,8 @@ static tm_status check_paths(const merge_ctx *c, const char *const *paths, const
     }
     if (tm_same_file(c->o->template_path, output))
         return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: the output would replace the template", output);
+    if (tm_same_file(c->o->base, output))
+        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: the output would replace the base model", output);
     return TM_OK;
 }
 
@@ -90,8 +92,13 @@ static tm_status open_and_plan(merge_ctx *c, const char *const *paths, const cha
         st = tm_checkpoint_open_err(paths[i], &oo, &c->in[i], err);
         c->prof.load_calls++;
     }
+    if (!st && c->o->base) {
+        st = tm_checkpoint_open_err(c->o->base, &oo, &c->base, err);
+        c->prof.load_calls++;
+    }
     *format = choose_format(c, output, folder, st);
     if (!st) st = tm_plan_build(&c->plan, c->in, c->n, c->o, *format == TM_FORMAT_SAFETENSORS, err);
+    if (!st && c->base) st = tm_plan_check_base(&c->plan, c->in, c->base, err);
     c->prof.load_seconds += tm_merge_now() - t0;
     return st;
 }
@@ -143,7 +150,8 @@ static tm_status run(merge_ctx *c, const char *const *paths, const char *output,
     else if (format == TM_FORMAT_SAFETENSORS) st = write_safetensors(c, paths, output, folder, err);
     else st = tm_sink_pt_write(c, output, err);
     if (!st && c->differing.count)
-        warn(c, "non-floating tensors differ between inputs; taken from %s: %s%s", paths[0], c->differing.text,
+        warn(c, "non-floating tensors differ between inputs; taken from %s: %s%s",
+             c->base ? tm_checkpoint_path(c->base) : paths[0], c->differing.text,
              c->differing.count > 10 ? ", …" : "");
     return st;
 }
@@ -176,6 +184,7 @@ tm_status tm_merge_files_as(const char *const *inputs, size_t n, const char *out
     if (o.profile) TM_STRUCT_COPY_OUT(o.profile, &c.prof);
     tm_plan_free(&c.plan);
     for (size_t i = 0; c.in && i < n; i++) tm_checkpoint_free(c.in[i]);
+    tm_checkpoint_free(c.base);
     free(c.in);
     tm_param_values_free(&c.params);
     return st;

@@ -45,15 +45,20 @@ tm_status tm_merge_method(merge_ctx *c, tm_error *err) {
     if (c->n < m->min_inputs)
         return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s needs at least %zu inputs, got %zu", m->name,
                             m->min_inputs, c->n);
+    if (m->needs_base && !c->o->base)
+        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s needs a base model (--base BASE, base_model: in a recipe)",
+                            m->name);
+    if (!m->needs_base && c->o->base)
+        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s takes no base model (%s given)", m->name, c->o->base);
     if (m->max_inputs && c->n > m->max_inputs)
         return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s merges at most %zu inputs, got %zu", m->name,
                             m->max_inputs, c->n);
     return tm_param_values_resolve(m, c->o->params, c->o->n_params, c->n, &c->params, err);
 }
 
-/* One input's view of unit u (the whole storage, or the tensor). */
-static tm_view unit_view(const merge_ctx *c, const tm_unit *u, size_t i, int64_t *shape1, int64_t *stride1) {
-    tm_tensor_info t = tm_merge_tensor(c->in[i], tm_plan_where(&c->plan, u->keys[0], i));
+/* A view of unit u in ck, whose tensor idx holds its first key (the whole storage, or the tensor). */
+static tm_view unit_view(tm_checkpoint *ck, int64_t idx, const tm_unit *u, int64_t *shape1, int64_t *stride1) {
+    tm_tensor_info t = tm_merge_tensor(ck, idx);
     tm_view v = {(const uint8_t *)t.storage_data, t.dtype, t.ndim, t.shape, t.stride, t.storage_offset};
     if (u->whole_storage) {
         shape1[0] = (int64_t)(t.storage_nbytes / tm_dtype_size(t.dtype));
@@ -89,9 +94,16 @@ tm_status tm_merge_unit(merge_ctx *c, tm_merge_worker *w, const tm_unit *u, cons
                           .param_at = c->params.at};
     for (size_t i = 0; i < c->n; i++) {
         if (tm_plan_where(&c->plan, u->keys[0], i) < 0) continue;
-        w->views[t.n] = unit_view(c, u, i, &w->shape1[t.n], &w->stride1[t.n]);
+        w->views[t.n] = unit_view(c->in[i], tm_plan_where(&c->plan, u->keys[0], i), u, &w->shape1[t.n], &w->stride1[t.n]);
         w->input[t.n++] = i;
     }
+    /* The base view right after the inputs' (in[n]), so a kernel can take both as one array. */
+    if (c->base) {
+        w->views[t.n] = unit_view(c->base, c->plan.base_where[u->keys[0]], u, &w->shape1[t.n], &w->stride1[t.n]);
+        t.base = &w->views[t.n];
+    }
+    /* Non-floating tensors come from the base when there is one, else from the first input. */
+    const tm_view *from = t.base ? t.base : &w->views[0];
     tm_status st = TM_OK;
     if (u->floating) {
         tensor_params(c, t.name, w->params);
@@ -116,8 +128,8 @@ tm_status tm_merge_unit(merge_ctx *c, tm_merge_worker *w, const tm_unit *u, cons
         if (u->floating) {
             m->apply(&t, w->state, begin, count, dst, w->acc);
         } else {
-            tm_kernel_copy(&w->views[0], begin, count, u->out_dtype, dst);
-            for (size_t j = 1; j < t.n && !differs; j++) differs = !tm_kernel_equal(&w->views[0], &w->views[j], begin, count);
+            tm_kernel_copy(from, begin, count, u->out_dtype, dst);
+            for (size_t j = 0; j < t.n && !differs; j++) differs = !tm_kernel_equal(from, &w->views[j], begin, count);
         }
         w->merge_seconds += tm_merge_now() - t0;
         w->merge_calls++;

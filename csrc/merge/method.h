@@ -62,6 +62,8 @@ typedef struct tm_method_tensor {
     size_t n;               /* of them, those that hold this tensor */
     const size_t *input;    /* input[j]: the merge input view j comes from (ascending) */
     const tm_view *in;      /* n views over the inputs' bytes */
+    const tm_view *base;    /* the base model's view (methods with needs_base), else NULL; it is
+                               in[n], so inputs and base can go to a kernel as one array */
     tm_dtype out_dtype;
     uint64_t numel;
     const double *params;   /* this tensor's parameter values (after per-tensor rules): */

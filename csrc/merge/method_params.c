@@ -111,7 +111,8 @@ int tm_method_param_index(const tm_method *m, const char *name, int with_aliases
 
 /* Fills parameter j from what the caller gave (text or numbers), broadcasting one value over
  * the inputs of a per-input parameter. */
-static tm_status fill(const tm_param_decl *d, const tm_param *given, double *dst, size_t count, tm_error *err) {
+static tm_status fill(const tm_param_decl *d, const tm_param *given, double *dst, size_t count, int spread,
+                      tm_error *err) {
     const double *src = given->numbers;
     size_t n = given->n_numbers;
     double *parsed = NULL;
@@ -125,7 +126,7 @@ static tm_status fill(const tm_param_decl *d, const tm_param *given, double *dst
         if (!src || !n) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: no value", d->name);
         for (size_t i = 0; i < n && !st; i++) st = tm_param_check_number(d, src[i], err);
     }
-    if (!st && n != count && (n != 1 || d->exactly_per_input))
+    if (!st && n != count && (n != 1 || !spread))
         st = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "expected %zu %s (one per input), got %zu", count, d->name, n);
     for (size_t i = 0; i < count && !st; i++) dst[i] = src[n == 1 ? 0 : i];
     free(parsed);
@@ -158,7 +159,8 @@ tm_status tm_param_values_resolve(const tm_method *m, const tm_param *params, si
         }
         if (out->given[j])
             return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: given twice", m->params[j].name);
-        tm_status st = fill(&m->params[j], &params[k], out->values + out->at[j], out->count[j], err);
+        tm_status st = fill(&m->params[j], &params[k], out->values + out->at[j], out->count[j],
+                            !m->params[j].exactly_per_input, err);
         if (st) return st;
         out->given[j] = 1;
     }
@@ -168,7 +170,7 @@ tm_status tm_param_values_resolve(const tm_method *m, const tm_param *params, si
         if (d->required || !d->default_value)
             return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s needs %s", m->name, d->name);
         tm_param dflt = {d->name, d->default_value, NULL, 0};
-        tm_status st = fill(d, &dflt, out->values + out->at[j], out->count[j], err);
+        tm_status st = fill(d, &dflt, out->values + out->at[j], out->count[j], 1, err); /* a default is for all */
         if (st) return st;
     }
     return m->check ? m->check(out, err) : TM_OK;

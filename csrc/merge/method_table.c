@@ -14,6 +14,7 @@
 static const tm_method *const table[] = {
     &tm_method_simple_average,
     &tm_method_weighted_average,
+    &tm_method_task_arithmetic,
 };
 
 size_t tm_methods_count(void) { return sizeof table / sizeof *table; }

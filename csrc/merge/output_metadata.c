@@ -98,6 +98,12 @@ tm_status tm_output_metadata_build(const merge_ctx *c, const char *const *paths,
         }
     }
     bad |= add(m, "torchmerge_inputs", json_text(inputs));
+    if (c->base) {
+        char *copy = strdup(tm_checkpoint_path(c->base));
+        cJSON *base = cJSON_CreateString(copy ? basename(copy) : tm_checkpoint_path(c->base));
+        free(copy);
+        bad |= add(m, "torchmerge_base", json_text(base));
+    }
     if (n_alias) bad |= add(m, "torchmerge_aliases", json_text(aliases));
     else cJSON_Delete(aliases);
     if (o->recipe_text) bad |= add(m, "torchmerge_recipe", strdup(o->recipe_text));

@@ -54,15 +54,16 @@ typedef struct pipeline {
 /* Asks the kernel to read unit u's input pages ahead, or to drop them once merged (release), so
  * memory stays near one unit per input whatever the model size. */
 static void touch_unit(const merge_ctx *c, const tm_unit *u, int release) {
-    for (size_t i = 0; i < c->n; i++) {
-        int64_t idx = tm_plan_where(&c->plan, u->keys[0], i);
+    for (size_t i = 0; i <= c->n; i++) { /* the inputs, then the base model */
+        tm_checkpoint *ck = i < c->n ? c->in[i] : c->base;
+        int64_t idx = i < c->n ? tm_plan_where(&c->plan, u->keys[0], i) : ck ? c->plan.base_where[u->keys[0]] : -1;
         if (idx < 0) continue;
         if (u->whole_storage) {
-            if (release) tm_checkpoint_release_storage(c->in[i], (size_t)idx);
-            else tm_checkpoint_prefetch_storage(c->in[i], (size_t)idx);
+            if (release) tm_checkpoint_release_storage(ck, (size_t)idx);
+            else tm_checkpoint_prefetch_storage(ck, (size_t)idx);
         } else {
-            if (release) tm_checkpoint_release_tensor(c->in[i], (size_t)idx);
-            else tm_checkpoint_prefetch_tensor(c->in[i], (size_t)idx);
+            if (release) tm_checkpoint_release_tensor(ck, (size_t)idx);
+            else tm_checkpoint_prefetch_tensor(ck, (size_t)idx);
         }
     }
 }

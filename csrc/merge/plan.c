@@ -124,6 +124,25 @@ static void shape_text(const tm_tensor_info *t, char *buf, size_t cap) {
 
 static int is_complex(tm_dtype d) { return d == TM_COMPLEX64 || d == TM_COMPLEX128; }
 
+/* b (key in file b_path) can be merged with a (in a_path): same shape, both floating (or both
+ * complex) or both not. */
+static tm_status compare(const tm_tensor_info *a, const char *a_path, const tm_tensor_info *b, const char *b_path,
+                         const char *key, tm_error *err) {
+    int same = a->ndim == b->ndim;
+    for (int d = 0; same && d < a->ndim; d++) same = a->shape[d] == b->shape[d];
+    if (!same) {
+        char sa[256], sb[256];
+        shape_text(a, sa, sizeof sa);
+        shape_text(b, sb, sizeof sb);
+        return tm_error_set(err, TM_ERROR_MISMATCH, "%s: tensor '%s': shape %s differs from %s's %s", b_path, key, sb,
+                            a_path, sa);
+    }
+    if (tm_dtype_is_floating(a->dtype) != tm_dtype_is_floating(b->dtype) || is_complex(a->dtype) != is_complex(b->dtype))
+        return tm_error_set(err, TM_ERROR_MISMATCH, "%s: tensor '%s': dtype %s cannot be averaged with %s's %s", b_path,
+                            key, tm_dtype_name(b->dtype), a_path, tm_dtype_name(a->dtype));
+    return TM_OK;
+}
+
 static tm_status check_compatible(const tm_plan *p, tm_checkpoint *const *in, tm_error *err) {
     for (size_t k = 0; k < p->n_keys; k++) {
         int64_t ref = -1;
@@ -133,20 +152,8 @@ static tm_status check_compatible(const tm_plan *p, tm_checkpoint *const *in, tm
             if (idx < 0) continue;
             tm_tensor_info b = info_of(in[i], idx);
             if (ref < 0) { ref = (int64_t)i; a = b; continue; }
-            int same = a.ndim == b.ndim;
-            for (int d = 0; same && d < a.ndim; d++) same = a.shape[d] == b.shape[d];
-            if (!same) {
-                char sa[256], sb[256];
-                shape_text(&a, sa, sizeof sa);
-                shape_text(&b, sb, sizeof sb);
-                return tm_error_set(err, TM_ERROR_MISMATCH, "%s: tensor '%s': shape %s differs from %s's %s",
-                                    tm_checkpoint_path(in[i]), p->keys[k], sb, tm_checkpoint_path(in[ref]), sa);
-            }
-            if (tm_dtype_is_floating(a.dtype) != tm_dtype_is_floating(b.dtype) || is_complex(a.dtype) != is_complex(b.dtype))
-                return tm_error_set(err, TM_ERROR_MISMATCH,
-                                    "%s: tensor '%s': dtype %s cannot be averaged with %s's %s",
-                                    tm_checkpoint_path(in[i]), p->keys[k], tm_dtype_name(b.dtype),
-                                    tm_checkpoint_path(in[ref]), tm_dtype_name(a.dtype));
+            tm_status st = compare(&a, tm_checkpoint_path(in[ref]), &b, tm_checkpoint_path(in[i]), p->keys[k], err);
+            if (st) return st;
         }
     }
     return TM_OK;
@@ -320,8 +327,52 @@ tm_status tm_plan_build(tm_plan *plan, tm_checkpoint *const *inputs, size_t n,
     return st;
 }
 
+/* The first input holding key k, and its tensor there. */
+static tm_tensor_info first_holder(const tm_plan *p, tm_checkpoint *const *in, size_t k, size_t *input) {
+    size_t i = 0;
+    while (tm_plan_where(p, k, i) < 0) i++;
+    *input = i;
+    return info_of(in[i], tm_plan_where(p, k, i));
+}
+
+tm_status tm_plan_check_base(tm_plan *p, tm_checkpoint *const *in, tm_checkpoint *base, tm_error *err) {
+    p->base_where = malloc((p->n_keys ? p->n_keys : 1) * sizeof *p->base_where);
+    if (!p->base_where) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    const char *bp = tm_checkpoint_path(base);
+    for (size_t k = 0; k < p->n_keys; k++) {
+        int64_t idx = p->base_where[k] = tm_checkpoint_find(base, p->keys[k]);
+        if (idx < 0)
+            return tm_error_set(err, TM_ERROR_MISMATCH,
+                                "%s: the base model lacks tensor '%s' (it must hold every merged tensor)", bp,
+                                p->keys[k]);
+        size_t i;
+        tm_tensor_info a = first_holder(p, in, k, &i), b = info_of(base, idx);
+        tm_status st = compare(&a, tm_checkpoint_path(in[i]), &b, bp, p->keys[k], err);
+        if (st) return st;
+    }
+    /* A storage merged whole (tied weights, views) must be laid out the same way in the base. */
+    for (size_t u = 0; u < p->n_units; u++) {
+        const tm_unit *un = &p->units[u];
+        if (!un->whole_storage) continue;
+        tm_tensor_info b0 = info_of(base, p->base_where[un->keys[0]]);
+        int same = b0.storage_nbytes / tm_dtype_size(b0.dtype) == (uint64_t)un->numel;
+        for (size_t j = 0; j < un->n_keys && same; j++) {
+            tm_tensor_info b = info_of(base, p->base_where[un->keys[j]]), r = info_of(in[0], tm_plan_where(p, un->keys[j], 0));
+            same = b.storage_id == b0.storage_id && b.dtype == b0.dtype && b.storage_offset == r.storage_offset;
+            for (int d = 0; same && d < b.ndim; d++) same = b.stride[d] == r.stride[d];
+        }
+        if (!same)
+            return tm_error_set(err, TM_ERROR_MISMATCH,
+                                "%s: tensor '%s' does not share its storage with '%s' as in the inputs (tied weights); "
+                                "a safetensors output merges them one by one",
+                                bp, p->keys[un->keys[0]], p->keys[un->keys[un->n_keys > 1]]);
+    }
+    return TM_OK;
+}
+
 void tm_plan_free(tm_plan *plan) {
     if (!plan) return;
+    free(plan->base_where);
     for (size_t u = 0; u < plan->n_units; u++) free(plan->units[u].keys);
     free(plan->units);
     free(plan->keys);
@@ -333,9 +384,8 @@ void tm_plan_free(tm_plan *plan) {
 
 void tm_plan_output_layout(const tm_plan *plan, tm_checkpoint *const *inputs, size_t k,
                            int64_t *stride, int64_t *storage_offset) {
-    size_t i = 0;
-    while (tm_plan_where(plan, k, i) < 0) i++;
-    tm_tensor_info r = info_of(inputs[i], tm_plan_where(plan, k, i));
+    size_t i;
+    tm_tensor_info r = first_holder(plan, inputs, k, &i);
     if (plan->unit_of[k] != SIZE_MAX && plan->units[plan->unit_of[k]].whole_storage) {
         memcpy(stride, r.stride, (size_t)r.ndim * sizeof *stride);
         *storage_offset = r.storage_offset;

@@ -30,6 +30,7 @@ typedef struct tm_plan {
     int64_t *alias_of; /* formats without shared storage: alias_of[k] = the key k is the same
                           tensor as (tied weights), written once; -1 otherwise */
     size_t *unit_of;   /* unit_of[k]: the unit writing key k; SIZE_MAX for aliases */
+    int64_t *base_where; /* with a base model: base_where[k], key k's tensor index in it */
 } tm_plan;
 
 /* split_shared: the output format cannot share storages (safetensors): tensors sharing a storage
@@ -37,6 +38,10 @@ typedef struct tm_plan {
 tm_status tm_plan_build(tm_plan *plan, tm_checkpoint *const *inputs, size_t n,
                         const tm_merge_options *opts, int split_shared, tm_error *err);
 void tm_plan_free(tm_plan *plan);
+
+/* Checks a base model against the plan: it holds every key with the inputs' shape (and, for
+ * storages merged whole, the inputs' layout); fills base_where. */
+tm_status tm_plan_check_base(tm_plan *plan, tm_checkpoint *const *inputs, tm_checkpoint *base, tm_error *err);
 
 static inline int64_t tm_plan_where(const tm_plan *p, size_t k, size_t i) {
     return p->where[k * p->n_inputs + i];

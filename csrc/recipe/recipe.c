@@ -786,6 +786,37 @@ static tm_status parse_dtypes(ictx *c, const tm_rnode *root) {
     return TM_OK;
 }
 
+/* ---- the base model ---------------------------------------------------------------------------- */
+
+/* The base model: mergekit's base_model (a path, or {model: PATH}) or the model pool's
+ * _pretrained_ entry (FusionBench), for the methods that need one. The others ignore it, with a
+ * warning for base_model (mergekit configs write it for linear too). */
+static tm_status parse_base(ictx *c, const tm_rnode *root, const tm_rnode *models, const tm_rnode *name) {
+    tm_recipe *r = c->r;
+    const tm_rnode *pretrained = models->kind == TM_RNODE_MAP ? tm_rnode_get(models, "_pretrained_") : NULL;
+    const tm_rnode *cand[2] = {tm_rnode_get(root, "base_model"), pretrained}, *n;
+    static const char *const places[2] = {"as base_model", "as models._pretrained_"};
+    tm_status st = choose(c, "the base model", cand, places, 2, &n);
+    if (st) return st;
+    if (!r->method->needs_base) {
+        for (size_t i = 0; n && n == cand[0] && i < root->n; i++) /* pointed at by its key, as other ignored keys */
+            if (root->items[i] == n) iwarn(c, root->keys[i], "ignored 'base_model' (%s uses no base model)", r->method->name);
+        return TM_OK;
+    }
+    if (!n)
+        return ierr(c, TM_ERROR_INVALID_ARGUMENT, name,
+                    "%s needs a base model: give base_model: PATH (or _pretrained_ in the model pool)", r->method->name);
+    tm_recipe_model m;
+    st = parse_model(c, n, n == cand[0] ? "base_model" : "models._pretrained_", NULL, &m);
+    if (!st) st = check_exists(c, m.at, "base model", m.written, m.path);
+    if (!st) {
+        r->base = m.path;
+        m.path = NULL;
+    }
+    model_free(&m);
+    return st;
+}
+
 /* ---- the whole recipe ------------------------------------------------------------------------- */
 
 /* The recipe's keys, the method and its parameters, the models and every other setting. */
@@ -839,6 +870,7 @@ static tm_status interpret_keys(ictx *c, const tm_rnode *root, const char *const
         return st;
 
     /* models */
+    const tm_rnode *models;
     {
         const tm_rnode *pool = tm_rnode_get(root, "modelpool"), *pool_models = NULL;
         if (!is_null(pool)) {
@@ -849,13 +881,14 @@ static tm_status interpret_keys(ictx *c, const tm_rnode *root, const char *const
                           pool->keys[i]->text);
             pool_models = tm_rnode_get(pool, "models");
         }
-        const tm_rnode *cand[2] = {tm_rnode_get(root, "models"), pool_models}, *models;
+        const tm_rnode *cand[2] = {tm_rnode_get(root, "models"), pool_models};
         static const char *const places[2] = {"as models", "as modelpool.models"};
         if ((st = choose(c, "models", cand, places, 2, &models))) return st;
         if (!models) return ierr(c, TM_ERROR_INVALID_ARGUMENT, NULL, "no models: give models: [PATH, PATH, ...]");
         if ((st = parse_models(c, models))) return st;
     }
     if ((st = parse_method_params(c, root, method_map, params, name))) return st;
+    if ((st = parse_base(c, root, models, name))) return st;
 
     /* everything else */
     const tm_rnode *n;
@@ -912,9 +945,8 @@ static tm_status interpret(ictx *c) {
     tm_status st;
     static const char *const fixed_keys[] = {"name", "method", "merge_method", "models", "modelpool", "parameters",
                                              "output", "format", "dtype", "out_dtype", "keys", "key", "template",
-                                             "max_shard_size", "include", "exclude", NULL};
-    static const char *const mergekit_ignored[] = {"base_model", "tokenizer_source", "tokenizer", "chat_template",
-                                                   NULL};
+                                             "max_shard_size", "include", "exclude", "base_model", NULL};
+    static const char *const mergekit_ignored[] = {"tokenizer_source", "tokenizer", "chat_template", NULL};
     /* Parameter names of every method are known keys here; one the chosen method lacks is
      * refused once the method is known ("simple_average takes no weights"). */
     static const char *const name_key[] = {"name", NULL};
@@ -1029,6 +1061,7 @@ void tm_recipe_free(tm_recipe *r) {
     free(r->output);
     free(r->key);
     free(r->template_path);
+    free(r->base);
     for (size_t i = 0; i < r->n_include; i++) free(r->include[i].pattern);
     for (size_t i = 0; i < r->n_exclude; i++) free(r->exclude[i].pattern);
     free(r->include);
@@ -1054,6 +1087,7 @@ void tm_recipe_merge_options(tm_recipe *r, const tm_merge_options *base, tm_merg
     o->n_params = r->n_params;
     o->format = r->format;
     o->template_path = r->template_path;
+    o->base = r->base;
     o->has_dtype = r->has_dtype;
     if (r->has_dtype) o->dtype = r->out_dtype;
     o->keys = r->keys;

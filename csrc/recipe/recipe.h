@@ -124,6 +124,7 @@ typedef struct tm_recipe {
     int has_dtype;
     tm_dtype out_dtype;
     char *template_path;        /* resolved */
+    char *base;                 /* the base model, resolved, for methods that need one; or NULL */
     uint64_t max_shard_size;
     tm_recipe_pattern *include, *exclude;
     size_t n_include, n_exclude;

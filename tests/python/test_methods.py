@@ -1,0 +1,207 @@
+"""Merge methods on a base model, end to end through the CLI and recipes, against an independent
+float64 reference computed here from the formulas (not from torchmerge's own arithmetic):
+
+  task_arithmetic: b + λ Σ wᵢ (θᵢ − b), Σ wᵢ divided out with normalize.
+
+Each floating output tensor must be within 1 ulp of its output dtype of the float64 value;
+integer tensors come from the base model.
+"""
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import reference as ref
+from cli_runner import assert_error, assert_ok, tm
+
+SEEDS = {"base": 10, "a": 11, "b": 12, "c": 13}
+
+
+def model(tag: str) -> dict:
+    """A small fine-tune of one base: tensors under 100 elements, a 0-d tensor, fp16/bf16/fp32
+    tensors, a counter that differs per model."""
+    g = torch.Generator().manual_seed(SEEDS[tag])
+    base = torch.Generator().manual_seed(SEEDS["base"])
+    delta = 0.0 if tag == "base" else 0.05
+    sd = {}
+    for name, shape, dtype in [("fc.weight", (7, 5), torch.float32), ("fc.bias", (7,), torch.float32),
+                               ("scale", (), torch.float32), ("emb.weight", (9, 4), torch.float16),
+                               ("head.weight", (3, 9), torch.bfloat16)]:
+        b = torch.randn(shape, generator=base, dtype=torch.float64) * 3
+        sd[name] = (b + delta * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    sd["steps"] = torch.tensor(SEEDS[tag], dtype=torch.int64)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("method_models")
+    paths = {}
+    for tag in SEEDS:
+        paths[tag] = d / ("%s.pt" % tag)
+        torch.save(model(tag), str(paths[tag]))
+    return paths
+
+
+def load(path: Path) -> dict:
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def task_arithmetic_ref(base, inputs, weights, lam, normalize):
+    w = [float(x) for x in weights]
+    if normalize:
+        w = [x / sum(w) for x in w]
+    out = {}
+    for k, b in base.items():
+        if not b.is_floating_point():
+            out[k] = b
+            continue
+        b64 = b.double()
+        out[k] = b64 + lam * sum(wi * (sd[k].double() - b64) for wi, sd in zip(w, inputs))
+    return out
+
+
+def assert_matches(out: dict, expected: dict, dtypes: dict) -> None:
+    assert list(out) == list(expected)
+    for k, e in expected.items():
+        if e.is_floating_point():
+            ref.assert_close_ulp(out[k], e, dtypes[k], ulps=1, name=k)
+        else:
+            assert torch.equal(out[k], e), k
+
+
+@pytest.mark.parametrize("weights,lam,normalize", [
+    (None, 1.0, False), ("1,2,3", 0.3, False), ("0.5,-0.25,1", 0.7, True), ("2,2,2", -0.5, False)])
+@pytest.mark.parametrize("dtype", [None, "float16", "bfloat16", "float32"])
+def test_task_arithmetic_matches_float64_reference(models, tmp_path, weights, lam, normalize, dtype):
+    args = ["task_arithmetic", "--base", models["base"], "--lambda", lam, "-o", tmp_path / "out.pt"]
+    if weights:
+        args += ["--weights", weights]
+    if normalize:
+        args += ["--normalize"]
+    if dtype:
+        args += ["--dtype", dtype]
+    res = tm(*args, models["a"], models["b"], models["c"], cwd=tmp_path)
+    assert_ok(res)
+    assert "steps" in res.stderr  # counters differ: taken from the base, with a warning
+    sds = [load(models[t]) for t in "abc"]
+    base = load(models["base"])
+    expected = task_arithmetic_ref(base, sds, (weights or "1,1,1").split(","), lam, normalize)
+    dtypes = {k: (ref.DTYPE_BY_NAME[dtype] if dtype and v.is_floating_point() else v.dtype) for k, v in base.items()}
+    assert_matches(load(tmp_path / "out.pt"), expected, dtypes)
+
+
+def test_task_arithmetic_lambda_zero_gives_the_base_and_one_input_lambda_one_gives_it(models, tmp_path):
+    assert_ok(tm("task_arithmetic", "--base", models["base"], "--lambda", 0, "-o", tmp_path / "zero.pt",
+                 models["a"], models["b"], cwd=tmp_path))
+    base, a = load(models["base"]), load(models["a"])
+    zero = load(tmp_path / "zero.pt")
+    assert all(torch.equal(zero[k], base[k]) for k in base)
+    assert_ok(tm("task_arithmetic", "--base", models["base"], "-o", tmp_path / "one.pt", models["a"], cwd=tmp_path))
+    one = load(tmp_path / "one.pt")
+    assert all(torch.equal(one[k], a[k]) for k in base if k != "steps")
+
+
+def test_task_arithmetic_bytes_do_not_depend_on_the_thread_count(models, tmp_path):
+    outs = []
+    for threads in ("1", "2"):
+        out = tmp_path / ("t%s.safetensors" % threads)
+        assert_ok(tm("task_arithmetic", "-q", "--base", models["base"], "--lambda", "0.4", "-o", out,
+                     models["a"], models["b"], models["c"], cwd=tmp_path, env={"TORCHMERGE_THREADS": threads}))
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "recipe.yaml"
+    p.write_text(textwrap.dedent(text).lstrip())
+    return p
+
+
+def test_fusionbench_task_arithmetic_recipe_equals_the_cli(models, tmp_path):
+    recipe = write(tmp_path, """
+        name: task_arithmetic
+        scaling_factor: 0.3
+        modelpool:
+          models:
+            _pretrained_: %s
+            a: %s
+            b: %s
+        output: recipe.pt
+        """ % (models["base"], models["a"], models["b"]))
+    assert_ok(tm("run", recipe, cwd=tmp_path))
+    assert_ok(tm("task_arithmetic", "--base", models["base"], "--lambda", "0.3", "-o", tmp_path / "cli.pt",
+                 models["a"], models["b"], cwd=tmp_path))
+    r, c = load(tmp_path / "recipe.pt"), load(tmp_path / "cli.pt")
+    assert all(torch.equal(r[k], c[k]) for k in c)
+
+
+def test_mergekit_task_arithmetic_recipe_equals_the_cli(models, tmp_path):
+    recipe = write(tmp_path, """
+        merge_method: task_arithmetic
+        base_model: %s
+        models:
+          - model: %s
+            parameters: {weight: 0.5}
+          - model: %s
+            parameters: {weight: 1.5}
+        parameters: {normalize: true, lambda: 0.8}
+        output: recipe.pt
+        """ % (models["base"], models["a"], models["b"]))
+    res = tm("run", recipe, cwd=tmp_path)
+    assert_ok(res)
+    assert_ok(tm("task_arithmetic", "--base", models["base"], "--weights", "0.5,1.5", "--normalize",
+                 "--lambda", "0.8", "-o", tmp_path / "cli.pt", models["a"], models["b"], cwd=tmp_path))
+    r, c = load(tmp_path / "recipe.pt"), load(tmp_path / "cli.pt")
+    assert all(torch.equal(r[k], c[k]) for k in c)
+    base = load(models["base"])
+    expected = task_arithmetic_ref(base, [load(models["a"]), load(models["b"])], [0.5, 1.5], 0.8, True)
+    assert_matches(r, expected, {k: v.dtype for k, v in base.items()})
+
+
+def test_mergekit_linear_ignores_base_model_with_a_warning(models, tmp_path):
+    recipe = write(tmp_path, """
+        merge_method: linear
+        base_model: %s
+        models:
+          - model: %s
+            parameters: {weight: 1}
+          - model: %s
+            parameters: {weight: 1}
+        output: out.pt
+        """ % (models["base"], models["a"], models["b"]))
+    res = tm("run", recipe, cwd=tmp_path)
+    assert res.rc == 0, res.describe()
+    assert any("ignored 'base_model'" in w for w in res.warnings), res.describe()
+
+
+@pytest.mark.parametrize("case", ["no_base_cli", "no_base_recipe", "base_lacks", "base_shape", "average_with_base"])
+def test_base_model_errors_name_the_problem_and_write_nothing(models, tmp_path, case):
+    base, a, b = models["base"], models["a"], models["b"]
+    if case == "no_base_cli":
+        res = tm("task_arithmetic", "-o", tmp_path / "o.pt", a, b, cwd=tmp_path)
+        assert_error(res, "task_arithmetic needs a base model", "--base")
+    elif case == "no_base_recipe":
+        res = tm("run", write(tmp_path, "name: task_arithmetic\nmodels: [%s, %s]\noutput: o.pt\n" % (a, b)),
+                 cwd=tmp_path)
+        assert_error(res, "recipe.yaml:1:7:", "task_arithmetic needs a base model", "base_model")
+    elif case in ("base_lacks", "base_shape"):
+        sd = load(base)
+        if case == "base_lacks":
+            del sd["fc.bias"]
+        else:
+            sd["fc.bias"] = torch.zeros(8)
+        bad = tmp_path / "bad_base.pt"
+        torch.save(sd, str(bad))
+        res = tm("task_arithmetic", "--base", bad, "-o", tmp_path / "o.pt", a, b, cwd=tmp_path)
+        if case == "base_lacks":
+            assert_error(res, "bad_base.pt", "the base model lacks tensor 'fc.bias'")
+        else:
+            assert_error(res, "bad_base.pt", "tensor 'fc.bias'", "shape [8] differs")
+        os.remove(bad)
+    else:
+        res = tm("simple_average", "--base", base, "-o", tmp_path / "o.pt", a, b, cwd=tmp_path)
+        assert_error(res, "simple_average takes no base model")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "recipe.yaml") == []
