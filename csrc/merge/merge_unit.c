@@ -13,7 +13,7 @@
 tm_status tm_merge_worker_init(tm_merge_worker *w, const merge_ctx *c) {
     memset(w, 0, sizeof *w);
     size_t n = c->n + 1, state = c->method->state_fixed + c->method->state_per_input * c->n + 1;
-    w->acc = malloc(2 * TM_BLOCK_ELEMS * sizeof *w->acc);
+    w->acc = malloc(TM_METHOD_SCRATCH * TM_BLOCK_ELEMS * sizeof *w->acc);
     w->params = malloc((c->params.n_values + 1) * sizeof *w->params);
     w->state = malloc(state * sizeof *w->state);
     w->views = malloc(n * sizeof *w->views);

@@ -14,7 +14,7 @@ extern "C" {
 
 /* What one merging thread owns: its scratch and its share of the profile. */
 typedef struct tm_merge_worker {
-    double *acc;          /* 2 * TM_BLOCK_ELEMS doubles: the methods' float64 (complex128) scratch */
+    double *acc;          /* TM_METHOD_SCRATCH * TM_BLOCK_ELEMS doubles: the methods' scratch */
     double *params;       /* this tensor's parameter values (c->params.n_values) */
     double *state;        /* the method's per-tensor state */
     tm_view *views;       /* one per input, and their 1-d shapes/strides for whole storages */

@@ -24,6 +24,10 @@
 extern "C" {
 #endif
 
+/* Doubles of scratch per element of a block that reduce and apply get: the inputs' values, the
+ * base's and a float64 (complex128) accumulator. */
+#define TM_METHOD_SCRATCH 3
+
 /* Methods have few parameters; the bound keeps per-tensor parameter copies on the stack. */
 #define TM_METHOD_MAX_PARAMS 16
 
@@ -88,7 +92,7 @@ typedef struct tm_method {
     /* Optional: called on every block of the tensor, in order, before the first apply. */
     void (*reduce)(const tm_method_tensor *t, double *state, uint64_t begin, size_t count, double *scratch);
     /* Elements [begin, begin + count) of the merged tensor into out (out_dtype). scratch holds
-     * 2 × count doubles. */
+     * TM_METHOD_SCRATCH × count doubles (reduce gets the same). */
     void (*apply)(const tm_method_tensor *t, const double *state, uint64_t begin, size_t count, void *out,
                   double *scratch);
 } tm_method;

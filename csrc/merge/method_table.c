@@ -15,6 +15,7 @@ static const tm_method *const table[] = {
     &tm_method_simple_average,
     &tm_method_weighted_average,
     &tm_method_task_arithmetic,
+    &tm_method_dare_linear,
 };
 
 size_t tm_methods_count(void) { return sizeof table / sizeof *table; }

@@ -205,3 +205,101 @@ def test_base_model_errors_name_the_problem_and_write_nothing(models, tmp_path, 
         res = tm("simple_average", "--base", base, "-o", tmp_path / "o.pt", a, b, cwd=tmp_path)
         assert_error(res, "simple_average takes no base model")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "recipe.yaml") == []
+
+
+# ---- dare_linear: the documented mask generator, reimplemented ------------------------------------
+
+M64 = (1 << 64) - 1
+
+
+def mix(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def mask_key(seed: int, input_index: int, name: str) -> int:
+    h = 0xCBF29CE484222325
+    for ch in name.encode("utf-8"):
+        h = ((h ^ ch) * 0x100000001B3) & M64
+    return mix(mix(mix(seed) ^ input_index) ^ h)
+
+
+def keep_mask(seed: int, input_index: int, name: str, numel: int, density: float) -> torch.Tensor:
+    key = mask_key(seed, input_index, name)
+    return torch.tensor([(mix(key ^ i) >> 11) * 2.0 ** -53 < density for i in range(numel)])
+
+
+def dare_ref(base, inputs, weights, lam, densities, rescale, seed, normalize):
+    w = [float(x) for x in weights]
+    if normalize:
+        w = [x / sum(w) for x in w]
+    out = {}
+    for k, b in base.items():
+        if not b.is_floating_point():
+            out[k] = b
+            continue
+        b64 = b.double().flatten()
+        acc = torch.zeros_like(b64)
+        for i, (wi, sd, dens) in enumerate(zip(w, inputs, densities)):
+            d = sd[k].double().flatten() - b64
+            keep = keep_mask(seed, i, k, d.numel(), dens)
+            kept = torch.where(keep, d, torch.zeros_like(d))
+            if rescale == "inverse":
+                kept = kept / dens
+            elif rescale == "l1":
+                n_all, n_kept = d.abs().sum().item(), kept.abs().sum().item()
+                kept = kept * (n_all / n_kept) if n_kept > 0 else torch.zeros_like(kept)
+            acc += lam * wi * kept
+        out[k] = (b64 + acc).reshape(b.shape)
+    return out
+
+
+@pytest.mark.parametrize("rescale", ["l1", "inverse", "none"])
+@pytest.mark.parametrize("density,seed,dtype", [("0.5", 0, None), ("0.2,0.6,0.9", 7, "bfloat16"),
+                                                ("0.3", 123456789, "float16")])
+def test_dare_linear_matches_float64_reference(models, tmp_path, rescale, density, seed, dtype):
+    args = ["dare_linear", "--base", models["base"], "--density", density, "--rescale", rescale, "--seed", seed,
+            "--lambda", "0.9", "--weights", "1,2,0.5", "-o", tmp_path / "out.pt"]
+    if dtype:
+        args += ["--dtype", dtype]
+    assert_ok(tm(*args, models["a"], models["b"], models["c"], cwd=tmp_path))
+    base = load(models["base"])
+    dens = [float(x) for x in density.split(",")] * (3 if "," not in density else 1)
+    expected = dare_ref(base, [load(models[t]) for t in "abc"], [1, 2, 0.5], 0.9, dens, rescale, seed, False)
+    dtypes = {k: (ref.DTYPE_BY_NAME[dtype] if dtype and v.is_floating_point() else v.dtype) for k, v in base.items()}
+    assert_matches(load(tmp_path / "out.pt"), expected, dtypes)
+
+
+def test_dare_linear_density_one_is_task_arithmetic(models, tmp_path):
+    common = ["--base", models["base"], "--lambda", "0.6", "--weights", "1,3"]
+    assert_ok(tm("dare_linear", *common, "--density", "1", "-o", tmp_path / "dare.pt", models["a"], models["b"],
+                 cwd=tmp_path))
+    assert_ok(tm("task_arithmetic", *common, "-o", tmp_path / "ta.pt", models["a"], models["b"], cwd=tmp_path))
+    dare, ta = load(tmp_path / "dare.pt"), load(tmp_path / "ta.pt")
+    for k, v in ta.items():
+        if v.is_floating_point():
+            ref.assert_close_ulp(dare[k], v.double(), v.dtype, ulps=1, name=k)
+        else:
+            assert torch.equal(dare[k], v)
+
+
+def test_dare_linear_masks_depend_on_the_seed_only(models, tmp_path):
+    outs = {}
+    for name, seed, threads in [("s0t1", 0, "1"), ("s0t2", 0, "2"), ("s1t2", 1, "2")]:
+        out = tmp_path / (name + ".safetensors")
+        assert_ok(tm("dare_linear", "-q", "--base", models["base"], "--density", "0.4", "--seed", seed, "-o", out,
+                     models["a"], models["b"], models["c"], cwd=tmp_path, env={"TORCHMERGE_THREADS": threads}))
+        outs[name] = out.read_bytes()
+    assert outs["s0t1"] == outs["s0t2"]
+    assert outs["s0t1"] != outs["s1t2"]
+
+
+@pytest.mark.parametrize("density,needle", [("0", "density: 0 is outside (0, 1]"), ("1.5", "density: 1.5 is outside"),
+                                            ("0.5,0.5", "expected 3 density (one per input), got 2")])
+def test_dare_linear_bad_density_is_one_line_naming_it(models, tmp_path, density, needle):
+    res = tm("dare_linear", "--base", models["base"], "--density", density, "-o", tmp_path / "o.pt",
+             models["a"], models["b"], models["c"], cwd=tmp_path)
+    assert_error(res, needle)
+    assert list(tmp_path.iterdir()) == []
