@@ -51,8 +51,8 @@ tm_status tm_merge_method(merge_ctx *c, tm_error *err) {
     if (!m->needs_base && c->o->base)
         return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s takes no base model (%s given)", m->name, c->o->base);
     if (m->max_inputs && c->n > m->max_inputs)
-        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s merges at most %zu inputs, got %zu", m->name,
-                            m->max_inputs, c->n);
+        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s merges at most %zu input%s, got %zu", m->name,
+                            m->max_inputs, m->max_inputs == 1 ? "" : "s", c->n);
     return tm_param_values_resolve(m, c->o->params, c->o->n_params, c->n, &c->params, err);
 }
 

@@ -16,6 +16,7 @@ static const tm_method *const table[] = {
     &tm_method_weighted_average,
     &tm_method_task_arithmetic,
     &tm_method_dare_linear,
+    &tm_method_slerp,
 };
 
 size_t tm_methods_count(void) { return sizeof table / sizeof *table; }

@@ -303,3 +303,49 @@ def test_dare_linear_bad_density_is_one_line_naming_it(models, tmp_path, density
              models["a"], models["b"], models["c"], cwd=tmp_path)
     assert_error(res, needle)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- slerp -----------------------------------------------------------------------------------------
+
+def slerp_ref(base, other, t):
+    out = {}
+    for k, b in base.items():
+        if not b.is_floating_point():
+            out[k] = b
+            continue
+        v0, v1 = b.double(), other[k].double()
+        n0, n1 = v0.norm().item(), v1.norm().item()
+        d = (v0 * v1).sum().item() / ((n0 if n0 > 1e-8 else 1) * (n1 if n1 > 1e-8 else 1))
+        if abs(d) > 0.9995:
+            out[k] = (1 - t) * v0 + t * v1
+        else:
+            th = torch.acos(torch.tensor(d, dtype=torch.float64))
+            s = torch.sin(th)
+            out[k] = torch.sin((1 - t) * th) / s * v0 + torch.sin(t * th) / s * v1
+    return out
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("parallel", [False, True], ids=["spherical", "parallel"])
+def test_slerp_matches_float64_reference(models, tmp_path, t, parallel):
+    base = load(models["base"])
+    other = load(models["a"])
+    src = models["a"]
+    if parallel:  # a multiple of the base: |cos| = 1, so slerp is the lerp
+        other = {k: (v * 2 if v.is_floating_point() else v) for k, v in base.items()}
+        src = tmp_path / "twice.pt"
+        torch.save(other, str(src))
+    assert_ok(tm("slerp", "-q", "--base", models["base"], "--t", t, "-o", tmp_path / "out.pt", src, cwd=tmp_path))
+    out = load(tmp_path / "out.pt")
+    assert_matches(out, slerp_ref(base, other, t), {k: v.dtype for k, v in base.items()})
+    if t in (0.0, 1.0):  # the endpoints themselves
+        end = base if t == 0.0 else other
+        for k, v in end.items():
+            if v.is_floating_point():
+                ref.assert_close_ulp(out[k], v.double(), v.dtype, ulps=1, name=k)
+
+
+def test_slerp_takes_one_input(models, tmp_path):
+    res = tm("slerp", "--base", models["base"], "--t", 0.5, "-o", tmp_path / "o.pt", models["a"], models["b"],
+             cwd=tmp_path)
+    assert_error(res, "slerp merges at most 1 input, got 2")
