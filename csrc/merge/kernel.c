@@ -1,6 +1,7 @@
 #include "merge/kernel.h"
 
 #include "merge/float16.h"
+#include "merge/hot.h"
 
 #include <stdint.h>
 #include <string.h>
@@ -81,14 +82,7 @@ static int is_contiguous(const tm_view *v) {
 
 /* ---- Accumulation ----------------------------------------------------------------------- */
 
-/* The contiguous loops below are the whole cost of a merge. Built once per x86-64 level (AVX-512,
- * AVX2, baseline) and picked at load time; kernel.c is compiled with -ffp-contract=off, so no
- * clone fuses a·b+c into an FMA and every machine computes the same bits. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-#define TM_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define TM_HOT
-#endif
+/* The contiguous loops below are the whole cost of a merge: TM_HOT (merge/hot.h). */
 
 /* One element of a contiguous input, widened exactly to float64. */
 #define LOAD_F32(x, j) ((double)(x)[j])

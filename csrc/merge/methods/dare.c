@@ -12,6 +12,7 @@
 
 #include <math.h>
 
+#include "merge/hot.h"
 #include "merge/random.h"
 
 enum { P_WEIGHTS, P_LAMBDA, P_DENSITY, P_RESCALE, P_SEED, P_NORMALIZE };
@@ -68,6 +69,24 @@ static void deltas(const tm_method_tensor *t, size_t j, uint64_t begin, size_t c
     tm_kernel_weighted_sum(pair, plus_minus, 2, begin, count, TM_FLOAT64, d, k);
 }
 
+/* Σ|d| over the block, and over its kept elements. */
+TM_HOT static void l1_norms(const double *restrict d, size_t count, uint64_t key, uint64_t begin, uint64_t threshold,
+                            double *all_out, double *kept_out) {
+    double all = 0, kept = 0;
+    for (size_t e = 0; e < count; e++) {
+        all += fabs(d[e]);
+        kept += tm_random_keep(key, begin + e, threshold) ? fabs(d[e]) : 0.0;
+    }
+    *all_out = all;
+    *kept_out = kept;
+}
+
+/* acc += c·d on the kept elements (branch-free: a random mask mispredicts half the time). */
+TM_HOT static void add_kept(double *restrict acc, const double *restrict d, double c, size_t count, uint64_t key,
+                            uint64_t begin, uint64_t threshold) {
+    for (size_t e = 0; e < count; e++) acc[e] += tm_random_keep(key, begin + e, threshold) ? c * d[e] : 0.0;
+}
+
 static void reduce(const tm_method_tensor *t, double *state, uint64_t begin, size_t count, double *scratch) {
     const size_t n = t->n;
     if (tm_tensor_param1(t, P_RESCALE) != RESCALE_L1) return;
@@ -76,11 +95,8 @@ static void reduce(const tm_method_tensor *t, double *state, uint64_t begin, siz
         deltas(t, j, begin, count, d, k);
         const uint64_t threshold = tm_random_threshold(tm_tensor_param(t, P_DENSITY, t->input[j]));
         const uint64_t key = key_of(t, j);
-        double all = 0, kept = 0;
-        for (size_t e = 0; e < count; e++) {
-            all += fabs(d[e]);
-            kept += tm_random_keep(key, begin + e, threshold) ? fabs(d[e]) : 0.0;
-        }
+        double all, kept;
+        l1_norms(d, count, key, begin, threshold, &all, &kept);
         state[n + j] += all;
         state[2 * n + j] += kept;
     }
@@ -100,8 +116,7 @@ static void apply(const tm_method_tensor *t, const double *state, uint64_t begin
         const double c = state[j] * scale;
         const uint64_t key = key_of(t, j), threshold = tm_random_threshold(density);
         deltas(t, j, begin, count, d, k);
-        for (size_t e = 0; e < count; e++) /* branch-free: a random mask mispredicts half the time */
-            acc[e] += tm_random_keep(key, begin + e, threshold) ? c * d[e] : 0.0;
+        add_kept(acc, d, c, count, key, begin, threshold);
     }
     static const double one = 1;
     tm_kernel_weighted_sum(t->base, &one, 1, begin, count, TM_FLOAT64, d, k); /* the base, in float64 */
