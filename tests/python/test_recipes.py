@@ -457,10 +457,10 @@ BAD_RECIPES = {
         output: out.pt
         """, ["recipe.yaml:1:7:", "unknown method 'ties_merging'"]),
     "unknown_mergekit_method": ("""
-        merge_method: slerp
+        merge_method: passthrough
         models: [{A}, {B}]
         output: out.pt
-        """, ["recipe.yaml:1:15:", "unknown method 'slerp'"]),
+        """, ["recipe.yaml:1:15:", "unknown method 'passthrough'"]),
     "unknown_key_in_method": ("""
         method:
           name: weighted_average
@@ -473,7 +473,7 @@ BAD_RECIPES = {
         models: [{A}, {B}]
         ouptut: out.pt
         """, ["recipe.yaml:3:1:", "unknown key 'ouptut'", "output"]),
-    "unknown_model_parameter": ("""
+    "model_parameter_of_another_method": ("""
         merge_method: linear
         models:
           - model: {A}
@@ -481,7 +481,16 @@ BAD_RECIPES = {
           - model: {B}
             parameters: {{weight: 1}}
         output: out.pt
-        """, ["recipe.yaml:4:29:", "unknown key 'density' in models[0].parameters"]),
+        """, ["recipe.yaml:4:38:", "weighted_average takes no density (methods that do: dare_linear"]),
+    "unknown_model_parameter": ("""
+        merge_method: linear
+        models:
+          - model: {A}
+            parameters: {{weight: 1, denisty: 0.5}}
+          - model: {B}
+            parameters: {{weight: 1}}
+        output: out.pt
+        """, ["recipe.yaml:4:29:", "unknown key 'denisty' in models[0].parameters", "did you mean 'density'"]),
     "wrong_number_of_weights": ("""
         name: weighted_average
         models: [{A}, {B}, {C}]
