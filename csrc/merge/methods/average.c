@@ -4,6 +4,7 @@
  * accumulated in float64 by the fused kernel and rounded once. Two table entries, one algorithm
  * (as mergekit groups a family in one file). C11. */
 #include "merge/methods/methods.h"
+#include "merge/methods/weights.h"
 
 #include <math.h>
 
@@ -25,37 +26,17 @@ static const tm_param_decl simple_params[] = {
 };
 
 /* state: the n coefficients of the inputs holding the tensor. */
-static tm_status prepare(const tm_method_tensor *t, const double *weights, int normalize, double *state,
-                         tm_error *err) {
-    double sum = 0;
-    for (size_t j = 0; j < t->n; j++) sum += state[j] = weights ? weights[t->input[j]] : 1.0;
-    if (!normalize) return TM_OK;
-    if (sum == 0 || !isfinite(sum))
-        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "tensor '%s': its weights sum to 0 and cannot be normalised",
-                            t->name);
-    for (size_t j = 0; j < t->n; j++) state[j] /= sum;
-    return TM_OK;
-}
-
 static tm_status prepare_simple(const tm_method_tensor *t, double *state, tm_error *err) {
-    return prepare(t, NULL, 1, state, err);
+    return tm_method_weights(t, NULL, 1, state, err);
 }
 
 static tm_status prepare_weighted(const tm_method_tensor *t, double *state, tm_error *err) {
-    return prepare(t, t->params + t->param_at[P_WEIGHTS], tm_tensor_param1(t, P_NORMALIZE) != 0, state, err);
+    return tm_method_weights(t, t->params + t->param_at[P_WEIGHTS], tm_tensor_param1(t, P_NORMALIZE) != 0, state,
+                             err);
 }
 
-/* Merge-wide: with normalize, weights that sum to 0 have no average (per tensor, rules may
- * change them; the same check runs again for each tensor). */
 static tm_status check_weighted(const tm_param_values *p, tm_error *err) {
-    if (!p->values[p->at[P_NORMALIZE]]) return TM_OK;
-    double sum = 0;
-    for (size_t i = 0; i < p->count[P_WEIGHTS]; i++) sum += p->values[p->at[P_WEIGHTS] + i];
-    if (sum == 0 || !isfinite(sum))
-        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
-                            "the weights sum to 0 and cannot be normalised (set normalize to false: --no-normalize, "
-                            "normalize: false)");
-    return TM_OK;
+    return tm_method_check_weights(p, P_WEIGHTS, P_NORMALIZE, err);
 }
 
 static tm_status check_simple(const tm_param_values *p, tm_error *err) {

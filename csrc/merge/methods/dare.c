@@ -9,6 +9,7 @@
  * depend on threads or machines. l1 needs both norms before any element is written: the reduce
  * pass sums them. Everything in float64, rounded once. C11. */
 #include "merge/methods/methods.h"
+#include "merge/methods/weights.h"
 
 #include <math.h>
 
@@ -38,14 +39,9 @@ static const tm_param_decl params[] = {
  * [2n, 3n) ‖kept δᵢ‖₁. */
 static tm_status prepare(const tm_method_tensor *t, double *state, tm_error *err) {
     const size_t n = t->n;
-    double sum = 0;
-    for (size_t j = 0; j < n; j++) sum += state[j] = tm_tensor_param(t, P_WEIGHTS, t->input[j]);
-    if (tm_tensor_param1(t, P_NORMALIZE) != 0) {
-        if (sum == 0 || !isfinite(sum))
-            return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
-                                "tensor '%s': its weights sum to 0 and cannot be normalised", t->name);
-        for (size_t j = 0; j < n; j++) state[j] /= sum;
-    }
+    tm_status st = tm_method_weights(t, t->params + t->param_at[P_WEIGHTS], tm_tensor_param1(t, P_NORMALIZE) != 0,
+                                     state, err);
+    if (st) return st;
     if (t->in[0].dtype == TM_COMPLEX64 || t->in[0].dtype == TM_COMPLEX128)
         return tm_error_set(err, TM_ERROR_UNSUPPORTED, "tensor '%s': dare_linear does not merge complex tensors",
                             t->name);
@@ -54,6 +50,10 @@ static tm_status prepare(const tm_method_tensor *t, double *state, tm_error *err
         state[n + j] = state[2 * n + j] = 0;
     }
     return TM_OK;
+}
+
+static tm_status check(const tm_param_values *p, tm_error *err) {
+    return tm_method_check_weights(p, P_WEIGHTS, P_NORMALIZE, err);
 }
 
 /* The mask key of the tensor's j-th holder (hashed per block: a name is short). */
@@ -134,6 +134,7 @@ const tm_method tm_method_dare_linear = {
     .needs_base = 1,
     .min_inputs = 1,
     .state_per_input = 3,
+    .check = check,
     .prepare = prepare,
     .reduce = reduce,
     .apply = apply,

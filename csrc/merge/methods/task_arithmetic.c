@@ -5,6 +5,7 @@
  * weighted sum over the inputs and the base, (1 − λ Σ wᵢ) b + Σ λ wᵢ θᵢ, in float64 and rounded
  * once: the same value to within float64 rounding, and as fast as an average. C11. */
 #include "merge/methods/methods.h"
+#include "merge/methods/weights.h"
 
 #include <math.h>
 
@@ -23,27 +24,17 @@ static const tm_param_decl params[] = {
 /* state: λ·wᵢ (normalised) for the n inputs holding the tensor, then the base's 1 − Σ of them. */
 static tm_status prepare(const tm_method_tensor *t, double *state, tm_error *err) {
     const double lambda = tm_tensor_param1(t, P_LAMBDA);
-    double sum = 0, coeff_sum = 0;
-    for (size_t j = 0; j < t->n; j++) sum += state[j] = tm_tensor_param(t, P_WEIGHTS, t->input[j]);
-    if (tm_tensor_param1(t, P_NORMALIZE) != 0) {
-        if (sum == 0 || !isfinite(sum))
-            return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
-                                "tensor '%s': its weights sum to 0 and cannot be normalised", t->name);
-        for (size_t j = 0; j < t->n; j++) state[j] /= sum;
-    }
+    tm_status st = tm_method_weights(t, t->params + t->param_at[P_WEIGHTS], tm_tensor_param1(t, P_NORMALIZE) != 0,
+                                     state, err);
+    if (st) return st;
+    double coeff_sum = 0;
     for (size_t j = 0; j < t->n; j++) coeff_sum += state[j] *= lambda;
     state[t->n] = 1.0 - coeff_sum;
     return TM_OK;
 }
 
 static tm_status check(const tm_param_values *p, tm_error *err) {
-    if (!p->values[p->at[P_NORMALIZE]]) return TM_OK;
-    double sum = 0;
-    for (size_t i = 0; i < p->count[P_WEIGHTS]; i++) sum += p->values[p->at[P_WEIGHTS] + i];
-    if (sum == 0 || !isfinite(sum))
-        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
-                            "the weights sum to 0 and cannot be normalised (set normalize to false)");
-    return TM_OK;
+    return tm_method_check_weights(p, P_WEIGHTS, P_NORMALIZE, err);
 }
 
 static void apply(const tm_method_tensor *t, const double *state, uint64_t begin, size_t count, void *out,
