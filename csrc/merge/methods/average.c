@@ -15,8 +15,7 @@ static const tm_param_decl weighted_params[] = {
                    .required = 1,
                    .min = -INFINITY, .max = INFINITY,
                    .help = "one weight per input"},
-    [P_NORMALIZE] = {.name = "normalize", .kind = TM_PARAM_BOOL, .default_value = "true",
-                     .help = "divide the weights by their sum (over the inputs that hold each tensor)"},
+    [P_NORMALIZE] = TM_DECL_NORMALIZE("true"),
 };
 
 /* simple_average takes normalize too, fixed at true: FusionBench configs may write it. */

@@ -20,19 +20,15 @@ enum { P_WEIGHTS, P_LAMBDA, P_DENSITY, P_RESCALE, P_SEED, P_NORMALIZE };
 enum { RESCALE_L1, RESCALE_INVERSE, RESCALE_NONE };
 
 static const tm_param_decl params[] = {
-    [P_WEIGHTS] = {.name = "weights", .aliases = {"weight"}, .kind = TM_PARAM_NUMBER, .per_input = 1,
-                   .exactly_per_input = 1, .default_value = "1", .min = -INFINITY, .max = INFINITY,
-                   .help = "one weight per input, on its task vector (input - base)"},
-    [P_LAMBDA] = {.name = "lambda", .aliases = {"scaling_factor"}, .kind = TM_PARAM_NUMBER, .default_value = "1",
-                  .min = -INFINITY, .max = INFINITY, .help = "the scale of the summed task vectors"},
+    [P_WEIGHTS] = TM_DECL_TASK_WEIGHTS,
+    [P_LAMBDA] = TM_DECL_LAMBDA,
     [P_DENSITY] = {.name = "density", .kind = TM_PARAM_NUMBER, .per_input = 1, .required = 1, .min = 0, .max = 1,
                    .min_exclusive = 1, .help = "the probability of keeping each element of a task vector"},
     [P_RESCALE] = {.name = "rescale", .kind = TM_PARAM_CHOICE, .choices = "l1|inverse|none", .default_value = "l1",
                    .help = "how kept elements are scaled up: keep the L1 norm, divide by density, or not"},
     [P_SEED] = {.name = "seed", .kind = TM_PARAM_INTEGER, .default_value = "0", .min = 0, .max = 9007199254740992.0,
                 .help = "the random masks' seed (they are a function of seed, input, tensor name, element)"},
-    [P_NORMALIZE] = {.name = "normalize", .kind = TM_PARAM_BOOL, .default_value = "false",
-                     .help = "divide the weights by their sum (over the inputs that hold each tensor)"},
+    [P_NORMALIZE] = TM_DECL_NORMALIZE("false"),
 };
 
 /* state, for the n inputs holding the tensor: [0, n) λ·wᵢ (normalised), [n, 2n) ‖δᵢ‖₁,

@@ -12,13 +12,9 @@
 enum { P_WEIGHTS, P_LAMBDA, P_NORMALIZE };
 
 static const tm_param_decl params[] = {
-    [P_WEIGHTS] = {.name = "weights", .aliases = {"weight"}, .kind = TM_PARAM_NUMBER, .per_input = 1,
-                   .exactly_per_input = 1, .default_value = "1", .min = -INFINITY, .max = INFINITY,
-                   .help = "one weight per input, on its task vector (input - base)"},
-    [P_LAMBDA] = {.name = "lambda", .aliases = {"scaling_factor"}, .kind = TM_PARAM_NUMBER, .default_value = "1",
-                  .min = -INFINITY, .max = INFINITY, .help = "the scale of the summed task vectors"},
-    [P_NORMALIZE] = {.name = "normalize", .kind = TM_PARAM_BOOL, .default_value = "false",
-                     .help = "divide the weights by their sum (over the inputs that hold each tensor)"},
+    [P_WEIGHTS] = TM_DECL_TASK_WEIGHTS,
+    [P_LAMBDA] = TM_DECL_LAMBDA,
+    [P_NORMALIZE] = TM_DECL_NORMALIZE("false"),
 };
 
 /* state: λ·wᵢ (normalised) for the n inputs holding the tensor, then the base's 1 − Σ of them. */
