@@ -6,7 +6,7 @@ RSS of each command come from wait4()'s rusage. Outputs are hashed on every run 
 speed never costs correctness (identical bytes across runs).
 
 usage: /usr/bin/python3 bench/bench.py [--n 2 4 8] [--runs 3] [--work /tmp/torchmerge-bench]
-                                      [--only n scaling torchscript many-tensors] [--before OLD_BIN]
+                                      [--only n scaling torchscript many-tensors methods] [--before OLD_BIN]
 """
 import argparse
 import hashlib
@@ -100,8 +100,8 @@ def main():
     ap.add_argument("--before", metavar="BIN",
                     help="another torchmerge binary (e.g. the previous release's) run alternately with --bin in "
                          "the n table, for before/after figures from one run")
-    ap.add_argument("--only", nargs="+", choices=["n", "scaling", "torchscript", "many-tensors"],
-                    default=["n", "scaling", "torchscript", "many-tensors"],
+    ap.add_argument("--only", nargs="+", choices=["n", "scaling", "torchscript", "many-tensors", "methods"],
+                    default=["n", "scaling", "torchscript", "many-tensors", "methods"],
                     help="which tables to print (default: all)")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
@@ -144,6 +144,8 @@ def main():
         torchscript(a, tm, out)
     if "many-tensors" in a.only:
         many_tensors(a, tm, out)
+    if "methods" in a.only:
+        methods(a, tm, out)
 
 
 def scaling(a, tm, out):
@@ -175,6 +177,37 @@ def torchscript(a, tm, out):
     model_mib = os.path.getsize(inputs[0]) / 2**20
     table(f"simple_average of 4 TorchScript modules (float32, {model_mib:.0f} MiB each); peak RSS target <= "
           f"{model_mib + rss_budget(4, 'float32'):.0f} MiB (one model + the streaming budget)", med, hashes)
+
+
+METHODS = {  # the methods on a base model, with the arguments they are timed with
+    "task_arithmetic": ["--lambda", "0.3"],
+    "dare_linear (rescale none)": ["--density", "0.5", "--rescale", "none"],
+    "dare_linear (rescale l1)": ["--density", "0.5", "--rescale", "l1"],
+}
+
+
+def methods(a, tm, out):
+    """Each method of the table on 4 x 240 MiB fp32 inputs + a base, beside weighted_average of
+    the 4 inputs (no base) and simple_average of the base and one input, slerp's read volume."""
+    inputs = make_inputs(a.work, 5, "float32", 24)
+    base, ins = inputs[0], inputs[1:]
+    cmds = {"weighted_average (4 inputs, no base)": [tm, "weighted_average", "-q", "--weights", "1,1,1,1", "-o",
+                                                    os.path.join(out, "m_wavg.pt")] + ins}
+    for label, extra in METHODS.items():
+        name = label.split()[0]
+        cmds[label] = [tm, name, "-q", "--base", base] + extra + ["-o", os.path.join(out, "m_%s.pt" % name)] + ins
+    cmds["simple_average (base + 1 input)"] = [tm, "simple_average", "-q", "-o", os.path.join(out, "m_avg2.pt"),
+                                               base, ins[0]]
+    cmds["slerp (base + 1 input)"] = [tm, "slerp", "-q", "--base", base, "--t", "0.5", "-o",
+                                      os.path.join(out, "m_slerp.pt"), ins[0]]
+    med, _ = case("methods", cmds, a.runs, {})
+    ref = med["weighted_average (4 inputs, no base)"][0]
+    print(f"\n## Merge methods, 4 x {os.path.getsize(ins[0]) / 2**20:.0f} MiB float32 + base "
+          f"(RSS target 64 MiB + (n + 2) x the largest tensor in float64 = {64 + 6 * 12:.0f} MiB)\n")
+    print(f"| {'method':<40} | wall s | cpu s | peak RSS MiB | ÷ weighted_average |")
+    print(f"|{'-' * 42}|-------:|------:|-------------:|-------------------:|")
+    for label, (wall, cpu, rss) in med.items():
+        print(f"| {label:<40} | {wall:6.2f} | {cpu:5.2f} | {rss:12.0f} | {wall / ref:18.2f} |")
 
 
 MANY_TENSORS = (100_000, 200_000)
