@@ -3,11 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static uint64_t hash_name(const char *s) {
-    uint64_t h = 1469598103934665603ull; /* FNV-1a */
-    for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
-    return h;
-}
+#include "core/hash.h"
 
 /* A slot: the entry number + 1 in the low half, the hash's high half above it, so that probing
  * past other keys reads the slots only, not their entries. */
@@ -65,7 +61,7 @@ int tm_name_map_insert(tm_name_map *m, const char *key, size_t value, size_t *ex
         grow_entries(m, m->entries_cap > 8 ? 2 * m->entries_cap : 16))
         return -1;
     if (grow_slots(m, m->count + 1)) return -1;
-    uint64_t h = hash_name(key);
+    uint64_t h = tm_hash_str(key);
     size_t j = probe(m, key, h);
     if (m->slots[j]) {
         if (existing) *existing = m->entries[entry_of(m->slots[j])].value;
@@ -78,7 +74,7 @@ int tm_name_map_insert(tm_name_map *m, const char *key, size_t value, size_t *ex
 
 int tm_name_map_find(const tm_name_map *m, const char *key, size_t *value) {
     if (!m->cap || !key) return 0;
-    size_t j = probe(m, key, hash_name(key));
+    size_t j = probe(m, key, tm_hash_str(key));
     if (!m->slots[j]) return 0;
     *value = m->entries[entry_of(m->slots[j])].value;
     return 1;

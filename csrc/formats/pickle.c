@@ -176,7 +176,7 @@ static tm_status pop_mark(parser *p, size_t *base, size_t *n) {
 static tm_pk_value **memo_hash_find(parser *p, uint64_t key) {
     if (!p->memo_hash_n) return NULL;
     size_t mask = p->memo_cap - 1;
-    for (size_t j = (size_t)tm_pk_mix64(key) & mask; p->memo[j].val; j = (j + 1) & mask)
+    for (size_t j = (size_t)tm_hash_mix64(key) & mask; p->memo[j].val; j = (j + 1) & mask)
         if (p->memo[j].key == key) return &p->memo[j].val;
     return NULL;
 }
@@ -220,7 +220,7 @@ static tm_status memo_put(parser *p, uint64_t key, tm_pk_value *v) {
         if (!m) return pk_nomem(p);
         for (size_t i = 0; i < p->memo_cap; i++) {
             if (!p->memo[i].val) continue;
-            size_t j = (size_t)tm_pk_mix64(p->memo[i].key) & (cap - 1);
+            size_t j = (size_t)tm_hash_mix64(p->memo[i].key) & (cap - 1);
             while (m[j].val) j = (j + 1) & (cap - 1);
             m[j] = p->memo[i];
         }
@@ -229,7 +229,7 @@ static tm_status memo_put(parser *p, uint64_t key, tm_pk_value *v) {
         p->memo_cap = cap;
     }
     size_t mask = p->memo_cap - 1;
-    size_t j = (size_t)tm_pk_mix64(key) & mask;
+    size_t j = (size_t)tm_hash_mix64(key) & mask;
     while (p->memo[j].val) j = (j + 1) & mask;
     p->memo[j].key = key;
     p->memo[j].val = v;

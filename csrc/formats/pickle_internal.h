@@ -20,7 +20,7 @@
 #include <string.h>
 
 #include "formats/pickle.h"
-#include "formats/pickle_hash.h"
+#include "core/hash.h"
 
 /* ---- Arena ---------------------------------------------------------------------------------- */
 

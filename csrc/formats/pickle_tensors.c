@@ -13,7 +13,7 @@
 /* ---- Storages and tensors --------------------------------------------------------------- */
 
 static uint64_t storage_hash(const char *key, int has_dtype, int dtype) {
-    return tm_pk_mix64(tm_pk_hash_bytes(key, strlen(key), 7) ^
+    return tm_hash_mix64(tm_hash_bytes(key, strlen(key), 7) ^
                        (uint64_t)(has_dtype ? dtype + 1 : 0));
 }
 

@@ -196,10 +196,10 @@ tm_status pk_seq_extend(parser *p, tm_pk_value *s, tm_pk_value *const *items, si
  * repeats a key, and comparing them structurally would cost more than it is worth. */
 static int key_hash(const tm_pk_value *k, uint64_t *h) {
     switch (k->kind) {
-    case TM_PK_STRING: *h = tm_pk_hash_bytes(k->u.str.data, k->u.str.len, 1); return 1;
-    case TM_PK_BYTES: *h = tm_pk_hash_bytes(k->u.str.data, k->u.str.len, 2); return 1;
-    case TM_PK_INT: *h = tm_pk_mix64((uint64_t)k->u.integer); return 1;
-    case TM_PK_BOOL: *h = tm_pk_mix64((uint64_t)(k->u.boolean != 0)); return 1; /* True == 1 */
+    case TM_PK_STRING: *h = tm_hash_bytes(k->u.str.data, k->u.str.len, 1); return 1;
+    case TM_PK_BYTES: *h = tm_hash_bytes(k->u.str.data, k->u.str.len, 2); return 1;
+    case TM_PK_INT: *h = tm_hash_mix64((uint64_t)k->u.integer); return 1;
+    case TM_PK_BOOL: *h = tm_hash_mix64((uint64_t)(k->u.boolean != 0)); return 1; /* True == 1 */
     case TM_PK_NONE: *h = 0x9e3779b97f4a7c15ULL; return 1;
     default: return 0;
     }

@@ -268,6 +268,11 @@ void tm_kernel_weighted_sum(const tm_view *in, const double *w, size_t n, uint64
     }
 }
 
+void tm_kernel_load_f64(const tm_view *v, uint64_t begin, size_t count, double *out, double *scratch) {
+    static const double one = 1;
+    tm_kernel_weighted_sum(v, &one, 1, begin, count, TM_FLOAT64, out, scratch);
+}
+
 void tm_kernel_copy(const tm_view *v, uint64_t begin, size_t count, tm_dtype out_dtype, void *out) {
     size_t item = tm_dtype_size(v->dtype), oitem = tm_dtype_size(out_dtype);
     uint8_t *o = out;

@@ -30,6 +30,10 @@ typedef struct tm_view {
 void tm_kernel_weighted_sum(const tm_view *in, const double *w, size_t n, uint64_t begin,
                             size_t count, tm_dtype out_dtype, void *out, double *scratch);
 
+/* Elements [begin, begin+count) of v widened to float64 into out, through the weighted sum's
+ * typed loops (scratch: count doubles). For methods that work on the values themselves. */
+void tm_kernel_load_f64(const tm_view *v, uint64_t begin, size_t count, double *out, double *scratch);
+
 /* Copies elements [begin, begin+count) of v into out as out_dtype (a plain cast for integer and
  * bool tensors; same dtype is a byte copy). */
 void tm_kernel_copy(const tm_view *v, uint64_t begin, size_t count, tm_dtype out_dtype, void *out);

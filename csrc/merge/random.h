@@ -16,17 +16,12 @@
 
 #include <stdint.h>
 
-static inline uint64_t tm_random_mix(uint64_t z) {
-    z += 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
+#include "core/hash.h"
+
+static inline uint64_t tm_random_mix(uint64_t z) { return tm_hash_mix64(z + 0x9e3779b97f4a7c15ull); }
 
 static inline uint64_t tm_random_key(uint64_t seed, uint64_t input, const char *name) {
-    uint64_t h = 0xcbf29ce484222325ull;
-    for (const unsigned char *p = (const unsigned char *)name; *p; p++) h = (h ^ *p) * 0x100000001b3ull;
-    return tm_random_mix(tm_random_mix(tm_random_mix(seed) ^ input) ^ h);
+    return tm_random_mix(tm_random_mix(tm_random_mix(seed) ^ input) ^ tm_hash_str(name));
 }
 
 /* u(index) < p, tested on integers so loops over many elements vectorise: with u = m·2⁻⁵³,

@@ -49,18 +49,18 @@ def load(path: Path) -> dict:
     return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
-def task_arithmetic_ref(base, inputs, weights, lam, normalize):
+def reference(base, weights, normalize, merge_float):
+    """Non-floating tensors from the base; merge_float(name, base in float64, weights) gives the
+    others in float64, with the weights divided by their sum when normalize."""
     w = [float(x) for x in weights]
     if normalize:
         w = [x / sum(w) for x in w]
-    out = {}
-    for k, b in base.items():
-        if not b.is_floating_point():
-            out[k] = b
-            continue
-        b64 = b.double()
-        out[k] = b64 + lam * sum(wi * (sd[k].double() - b64) for wi, sd in zip(w, inputs))
-    return out
+    return {k: merge_float(k, b.double(), w) if b.is_floating_point() else b for k, b in base.items()}
+
+
+def task_arithmetic_ref(base, inputs, weights, lam, normalize):
+    return reference(base, weights, normalize,
+                     lambda k, b64, w: b64 + lam * sum(wi * (sd[k].double() - b64) for wi, sd in zip(w, inputs)))
 
 
 def assert_matches(out: dict, expected: dict, dtypes: dict) -> None:
@@ -161,22 +161,6 @@ def test_mergekit_task_arithmetic_recipe_equals_the_cli(models, tmp_path):
     assert_matches(r, expected, {k: v.dtype for k, v in base.items()})
 
 
-def test_mergekit_linear_ignores_base_model_with_a_warning(models, tmp_path):
-    recipe = write(tmp_path, """
-        merge_method: linear
-        base_model: %s
-        models:
-          - model: %s
-            parameters: {weight: 1}
-          - model: %s
-            parameters: {weight: 1}
-        output: out.pt
-        """ % (models["base"], models["a"], models["b"]))
-    res = tm("run", recipe, cwd=tmp_path)
-    assert res.rc == 0, res.describe()
-    assert any("ignored 'base_model'" in w for w in res.warnings), res.describe()
-
-
 @pytest.mark.parametrize("case", ["no_base_cli", "no_base_recipe", "base_lacks", "base_shape", "average_with_base"])
 def test_base_model_errors_name_the_problem_and_write_nothing(models, tmp_path, case):
     base, a, b = models["base"], models["a"], models["b"]
@@ -232,18 +216,10 @@ def keep_mask(seed: int, input_index: int, name: str, numel: int, density: float
 
 
 def dare_ref(base, inputs, weights, lam, densities, rescale, seed, normalize):
-    w = [float(x) for x in weights]
-    if normalize:
-        w = [x / sum(w) for x in w]
-    out = {}
-    for k, b in base.items():
-        if not b.is_floating_point():
-            out[k] = b
-            continue
-        b64 = b.double().flatten()
-        acc = torch.zeros_like(b64)
+    def merge(k, b64, w):
+        acc = torch.zeros_like(b64.flatten())
         for i, (wi, sd, dens) in enumerate(zip(w, inputs, densities)):
-            d = sd[k].double().flatten() - b64
+            d = sd[k].double().flatten() - b64.flatten()
             keep = keep_mask(seed, i, k, d.numel(), dens)
             kept = torch.where(keep, d, torch.zeros_like(d))
             if rescale == "inverse":
@@ -252,8 +228,8 @@ def dare_ref(base, inputs, weights, lam, densities, rescale, seed, normalize):
                 n_all, n_kept = d.abs().sum().item(), kept.abs().sum().item()
                 kept = kept * (n_all / n_kept) if n_kept > 0 else torch.zeros_like(kept)
             acc += lam * wi * kept
-        out[k] = (b64 + acc).reshape(b.shape)
-    return out
+        return b64 + acc.reshape(b64.shape)
+    return reference(base, weights, normalize, merge)
 
 
 @pytest.mark.parametrize("rescale", ["l1", "inverse", "none"])
@@ -308,21 +284,16 @@ def test_dare_linear_bad_density_is_one_line_naming_it(models, tmp_path, density
 # ---- slerp -----------------------------------------------------------------------------------------
 
 def slerp_ref(base, other, t):
-    out = {}
-    for k, b in base.items():
-        if not b.is_floating_point():
-            out[k] = b
-            continue
-        v0, v1 = b.double(), other[k].double()
+    def merge(k, v0, _):
+        v1 = other[k].double()
         n0, n1 = v0.norm().item(), v1.norm().item()
         d = (v0 * v1).sum().item() / ((n0 if n0 > 1e-8 else 1) * (n1 if n1 > 1e-8 else 1))
         if abs(d) > 0.9995:
-            out[k] = (1 - t) * v0 + t * v1
-        else:
-            th = torch.acos(torch.tensor(d, dtype=torch.float64))
-            s = torch.sin(th)
-            out[k] = torch.sin((1 - t) * th) / s * v0 + torch.sin(t * th) / s * v1
-    return out
+            return (1 - t) * v0 + t * v1
+        th = torch.acos(torch.tensor(d, dtype=torch.float64))
+        s = torch.sin(th)
+        return torch.sin((1 - t) * th) / s * v0 + torch.sin(t * th) / s * v1
+    return reference(base, [], False, merge)
 
 
 @pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])

@@ -114,8 +114,7 @@ static void apply(const tm_method_tensor *t, const double *state, uint64_t begin
         deltas(t, j, begin, count, d, k);
         add_kept(acc, d, c, count, key, begin, threshold);
     }
-    static const double one = 1;
-    tm_kernel_weighted_sum(t->base, &one, 1, begin, count, TM_FLOAT64, d, k); /* the base, in float64 */
+    tm_kernel_load_f64(t->base, begin, count, d, k); /* the base, in float64 */
     for (size_t e = 0; e < count; e++) acc[e] += d[e];
     tm_view sum = {(const uint8_t *)acc, TM_FLOAT64, 1, (const int64_t[]){(int64_t)count}, (const int64_t[]){1}, 0};
     tm_kernel_copy(&sum, 0, count, t->out_dtype, out); /* rounded once */

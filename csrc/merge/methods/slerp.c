@@ -26,16 +26,10 @@ static tm_status prepare(const tm_method_tensor *t, double *state, tm_error *err
     return TM_OK;
 }
 
-/* The block's values of v in float64 (by the fused kernel's typed loops). */
-static void load(const tm_view *v, uint64_t begin, size_t count, double *out, double *k) {
-    static const double one = 1;
-    tm_kernel_weighted_sum(v, &one, 1, begin, count, TM_FLOAT64, out, k);
-}
-
 static void reduce(const tm_method_tensor *t, double *state, uint64_t begin, size_t count, double *scratch) {
     double *v0 = scratch, *v1 = scratch + count, *k = scratch + 2 * count;
-    load(t->base, begin, count, v0, k);
-    load(&t->in[0], begin, count, v1, k);
+    tm_kernel_load_f64(t->base, begin, count, v0, k);
+    tm_kernel_load_f64(&t->in[0], begin, count, v1, k);
     double nn0 = 0, nn1 = 0, dot = 0;
     for (size_t e = 0; e < count; e++) {
         nn0 += v0[e] * v0[e];
