@@ -352,6 +352,11 @@ typedef struct tm_merge_options {
      * Non-floating tensors are then taken from it. Added in 0.2 after the other fields: a
      * caller whose struct_size ends before it gets NULL. */
     const char *base;
+    /* Methods that drop elements of the task vectors (DARE, TIES, Breadcrumbs, DELLA): a
+     * safetensors file to write their boolean keep-masks to, one "{input}.{tensor}" per input
+     * (0-based) and merged floating tensor, or NULL. Written beside it and renamed, as the
+     * output. Added in 0.2 after base. */
+    const char *masks_out;
 } tm_merge_options;
 
 TM_API void tm_merge_options_init(tm_merge_options *opts);
@@ -364,6 +369,32 @@ TM_API void tm_merge_options_init(tm_merge_options *opts);
  * existing output untouched. opts may be NULL (simple_average, strict keys, format from output). */
 TM_API tm_status tm_merge_files(const char *const *inputs, size_t n, const char *output,
                                 const tm_merge_options *opts);
+
+/* ---- Merging tensors in memory ---------------------------------------------------------- */
+
+/* A tensor in the caller's memory, for tm_merge_tensors. */
+typedef struct tm_tensor_data {
+    size_t struct_size;     /* sizeof(tm_tensor_data), set by tm_tensor_data_init */
+    tm_dtype dtype;
+    int32_t ndim;           /* 0..TM_MAX_NDIM */
+    const int64_t *shape;   /* ndim entries */
+    const int64_t *stride;  /* ndim entries, in elements; NULL: contiguous (row-major) */
+    const void *data;       /* the tensor's first element */
+} tm_tensor_data;
+
+TM_API void tm_tensor_data_init(tm_tensor_data *t);
+
+/* Merges one tensor held in memory by n inputs (same shape, floating dtypes) with opts->method
+ * and opts->params, exactly as tm_merge_files merges that tensor of files: float64, rounded once
+ * to out_dtype (a floating dtype) into out (contiguous, numel × tm_dtype_size(out_dtype) bytes,
+ * owned by the caller). base: the base model's tensor for methods that need one, else NULL.
+ * name: the tensor's name, which keys the random masks (DARE, DELLA) and opts->tensor_param;
+ * NULL is "". A method's model-wide passes (TIES with trim_scope global) run over this tensor
+ * alone. opts: as tm_merge_options (method, params, tensor_param used; files, formats and
+ * masks_out ignored); NULL is simple_average. Thread-safe. */
+TM_API tm_status tm_merge_tensors(const tm_tensor_data *inputs, size_t n, const tm_tensor_data *base,
+                                  const char *name, const tm_merge_options *opts, tm_dtype out_dtype,
+                                  void *out);
 
 /* Runs a merge recipe: a YAML file (is_path = 1) or YAML text (is_path = 0) naming the models,
  * the method (any of the table, by its name, an alias such as mergekit's linear, or FusionBench's

@@ -767,19 +767,14 @@ static tm_status check_out_tensor(const tm_st_out_tensor *t, size_t i, const cha
     return TM_OK;
 }
 
-tm_status tm_st_writer_open(int fd, const char *label, const tm_st_out_tensor *tensors,
-                            size_t n, const char *const *meta_keys,
-                            const char *const *meta_values, size_t n_meta, tm_st_writer **out,
-                            tm_error *err) {
+tm_status tm_safetensors_header(const char *label, const tm_st_out_tensor *tensors, size_t n,
+                                const char *const *meta_keys, const char *const *meta_values, size_t n_meta,
+                                uint8_t **header, size_t *header_len, uint64_t *data_size, tm_error *err) {
     char shown[SHOW_MAX];
     if (!label) label = "safetensors";
-    if (!out)
-        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: safetensors: NULL output",
-                            label);
-    *out = NULL;
-    if (fd < 0)
-        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
-                            "%s: safetensors: invalid file descriptor", label);
+    *header = NULL;
+    *header_len = 0;
+    *data_size = 0;
     if ((n && !tensors) || (n_meta && (!meta_keys || !meta_values)))
         return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: safetensors: NULL array",
                             label);
@@ -877,26 +872,52 @@ tm_status tm_st_writer_open(int fd, const char *label, const tm_st_out_tensor *t
     }
     wr64((uint8_t *)hb.p, hlen);
 
-    tm_st_writer *w = calloc(1, sizeof *w);
-    if (!w || !(w->label = strdup(label))) {
-        tm_st_writer_free(w);
-        s = tm_error_set(err, TM_ERROR_NOMEM, "%s: out of memory", label);
-        goto done;
-    }
-    if ((s = tm_output_stream_init(&w->out, fd, w->label, err))) {
-        tm_st_writer_free(w);
-        goto done;
-    }
-    w->total = total;
-    if ((s = put(w, hb.p, hb.len, err))) {
-        tm_st_writer_free(w);
-        goto done;
-    }
-    *out = w;
+    *header = (uint8_t *)hb.p;
+    *header_len = hb.len;
+    *data_size = total;
+    hb.p = NULL;
 done:
     free(hb.p);
     free(sizes);
     tm_name_map_free(&seen);
+    return s;
+}
+
+tm_status tm_st_writer_open(int fd, const char *label, const tm_st_out_tensor *tensors,
+                            size_t n, const char *const *meta_keys,
+                            const char *const *meta_values, size_t n_meta, tm_st_writer **out,
+                            tm_error *err) {
+    if (!label) label = "safetensors";
+    if (!out)
+        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: safetensors: NULL output",
+                            label);
+    *out = NULL;
+    if (fd < 0)
+        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
+                            "%s: safetensors: invalid file descriptor", label);
+    uint8_t *hp = NULL;
+    size_t hlen = 0;
+    uint64_t total = 0;
+    tm_status s = tm_safetensors_header(label, tensors, n, meta_keys, meta_values, n_meta, &hp, &hlen, &total, err);
+    if (s) return s;
+    tm_st_writer *w = calloc(1, sizeof *w);
+    if (!w || !(w->label = strdup(label))) {
+        tm_st_writer_free(w);
+        s = tm_error_set(err, TM_ERROR_NOMEM, "%s: out of memory", label);
+        goto out;
+    }
+    if ((s = tm_output_stream_init(&w->out, fd, w->label, err))) {
+        tm_st_writer_free(w);
+        goto out;
+    }
+    w->total = total;
+    if ((s = put(w, hp, hlen, err))) {
+        tm_st_writer_free(w);
+        goto out;
+    }
+    *out = w;
+out:
+    free(hp);
     return s;
 }
 

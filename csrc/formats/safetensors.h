@@ -95,6 +95,14 @@ typedef struct tm_st_out_tensor {
 
 typedef struct tm_st_writer tm_st_writer;
 
+/* The header of a safetensors file holding the n tensors (data in their order, contiguous) and
+ * metadata pairs, validated as tm_st_writer_open does: *header (malloc'd, *header_len bytes, a
+ * multiple of 8) is followed by *data_size bytes of data. For writers that place the data
+ * themselves (at *header_len + the tensor's offset). */
+tm_status tm_safetensors_header(const char *label, const tm_st_out_tensor *tensors, size_t n,
+                                const char *const *meta_keys, const char *const *meta_values, size_t n_meta,
+                                uint8_t **header, size_t *header_len, uint64_t *data_size, tm_error *err);
+
 /* Validates the n tensors and n_meta metadata pairs (all borrowed for this call only), builds
  * the header and starts writing to fd (borrowed; not closed) at its current position. label
  * (the output path) prefixes error messages. meta_keys/meta_values may be NULL when n_meta is

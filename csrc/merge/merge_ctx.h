@@ -32,6 +32,8 @@ typedef struct merge_ctx {
     const tm_method *method;
     tm_param_values params; /* the method's parameters for the whole merge: merge_unit.c */
     tm_plan plan;
+    double *model;          /* the method's model-wide state (model_passes.c), or NULL */
+    tm_mask_writer *masks;  /* the --masks-out file being written (mask_writer.c), or NULL */
     tm_profile prof;
     tm_name_list differing; /* non-floating tensors whose values differ between inputs */
     tm_name_list ignored;   /* TorchScript output: tensors the module has no place for */

@@ -17,7 +17,9 @@
 #include "core/struct_size.h"
 #include "merge/merge_files_internal.h"
 #include "merge/merge_ctx.h"
+#include "merge/mask_writer.h"
 #include "merge/merge_unit.h"
+#include "merge/model_passes.h"
 #include "merge/output_metadata.h"
 #include "merge/sink.h"
 
@@ -133,6 +135,13 @@ static tm_status write_safetensors(merge_ctx *c, const char *const *paths, const
     return st;
 }
 
+static tm_status write_output(merge_ctx *c, const char *const *paths, const char *output, int folder,
+                              tm_format format, tm_error *err) {
+    if (format == TM_FORMAT_TORCHSCRIPT) return write_torchscript(c, paths, output, err);
+    if (format == TM_FORMAT_SAFETENSORS) return write_safetensors(c, paths, output, folder, err);
+    return tm_sink_pt_write(c, output, err);
+}
+
 static tm_status run(merge_ctx *c, const char *const *paths, const char *output, tm_error *err) {
     if (c->n == 0) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "no input files");
     if (!paths) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "inputs is NULL");
@@ -146,9 +155,11 @@ static tm_status run(merge_ctx *c, const char *const *paths, const char *output,
     if (st) return st;
     if (format != TM_FORMAT_SAFETENSORS && folder)
         return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: is a folder; folder output is sharded safetensors", output);
-    if (format == TM_FORMAT_TORCHSCRIPT) st = write_torchscript(c, paths, output, err);
-    else if (format == TM_FORMAT_SAFETENSORS) st = write_safetensors(c, paths, output, folder, err);
-    else st = tm_sink_pt_write(c, output, err);
+    if (c->o->masks_out) st = tm_mask_writer_open(c, c->o->masks_out, output, err);
+    if (!st) st = tm_model_passes(c, err);
+    if (!st) st = write_output(c, paths, output, folder, format, err);
+    if (!st) st = tm_mask_writer_commit(c, err);
+    tm_mask_writer_abort(c);
     if (!st && c->differing.count)
         warn(c, "non-floating tensors differ between inputs; taken from %s: %s%s",
              c->base ? tm_checkpoint_path(c->base) : paths[0], c->differing.text,
@@ -186,6 +197,7 @@ tm_status tm_merge_files_as(const char *const *inputs, size_t n, const char *out
     for (size_t i = 0; c.in && i < n; i++) tm_checkpoint_free(c.in[i]);
     tm_checkpoint_free(c.base);
     free(c.in);
+    free(c.model);
     tm_param_values_free(&c.params);
     return st;
 }

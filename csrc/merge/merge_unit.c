@@ -6,6 +6,7 @@
 
 #include <pthread.h>
 #include <stdlib.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "merge/kernel.h"
@@ -25,6 +26,7 @@ tm_status tm_merge_worker_init(tm_merge_worker *w, const merge_ctx *c) {
 }
 
 void tm_merge_worker_free(tm_merge_worker *w) {
+    free(w->memory.data);
     free(w->acc);
     free(w->params);
     free(w->state);
@@ -87,50 +89,72 @@ static void tensor_params(const merge_ctx *c, const char *name, double *values) 
     pthread_mutex_unlock(&shared_mu);
 }
 
-tm_status tm_merge_unit(merge_ctx *c, tm_merge_worker *w, const tm_unit *u, const tm_block_out *out, tm_error *err) {
-    const tm_method *m = c->method;
-    tm_method_tensor t = {.name = c->plan.keys[u->keys[0]], .n_inputs = c->n, .input = w->input, .in = w->views,
-                          .out_dtype = u->out_dtype, .numel = (uint64_t)u->numel, .params = w->params,
-                          .param_at = c->params.at};
+void tm_merge_unit_tensor(const merge_ctx *c, tm_merge_worker *w, const tm_unit *u, tm_method_tensor *t) {
+    *t = (tm_method_tensor){.name = c->plan.keys[u->keys[0]], .n_inputs = c->n, .input = w->input, .in = w->views,
+                            .out_dtype = u->out_dtype, .numel = (uint64_t)u->numel, .params = w->params,
+                            .param_at = c->params.at, .memory = &w->memory, .model = c->model,
+                            .masks = c->masks, .unit_index = (uint64_t)(u - c->plan.units)};
     for (size_t i = 0; i < c->n; i++) {
         if (tm_plan_where(&c->plan, u->keys[0], i) < 0) continue;
-        w->views[t.n] = unit_view(c->in[i], tm_plan_where(&c->plan, u->keys[0], i), u, &w->shape1[t.n], &w->stride1[t.n]);
-        w->input[t.n++] = i;
+        w->views[t->n] = unit_view(c->in[i], tm_plan_where(&c->plan, u->keys[0], i), u, &w->shape1[t->n],
+                                   &w->stride1[t->n]);
+        w->input[t->n++] = i;
     }
     /* The base view right after the inputs' (in[n]), so a kernel can take both as one array. */
     if (c->base) {
-        w->views[t.n] = unit_view(c->base, c->plan.base_where[u->keys[0]], u, &w->shape1[t.n], &w->stride1[t.n]);
-        t.base = &w->views[t.n];
+        w->views[t->n] = unit_view(c->base, c->plan.base_where[u->keys[0]], u, &w->shape1[t->n], &w->stride1[t->n]);
+        t->base = &w->views[t->n];
     }
-    /* Non-floating tensors come from the base when there is one, else from the first input. */
-    const tm_view *from = t.base ? t.base : &w->views[0];
-    tm_status st = TM_OK;
-    if (u->floating) {
-        tensor_params(c, t.name, w->params);
-        st = m->prepare(&t, w->state, err);
+    if (u->floating) tensor_params(c, t->name, w->params);
+}
+
+/* Elements per block of a tensor from begin. */
+static size_t block_count(uint64_t numel, uint64_t begin) {
+    return numel - begin < TM_BLOCK_ELEMS ? (size_t)(numel - begin) : TM_BLOCK_ELEMS;
+}
+
+tm_status tm_merge_floating(const tm_method *m, tm_merge_worker *w, const tm_method_tensor *t,
+                            const tm_block_out *out, tm_error *err) {
+    tm_status st = m->prepare(t, w->state, err);
+    int again = m->reduce != NULL;
+    for (unsigned pass = 0; again && !st; pass++) {
+        for (uint64_t begin = 0; begin < t->numel; begin += TM_BLOCK_ELEMS) {
+            double t0 = tm_merge_now();
+            m->reduce(t, w->state, pass, begin, block_count(t->numel, begin), w->acc);
+            w->merge_seconds += tm_merge_now() - t0;
+        }
+        again = 0;
+        if (m->reduce_end) st = m->reduce_end(t, w->state, pass, &again, err);
     }
+    size_t item = tm_dtype_size(t->out_dtype);
+    for (uint64_t begin = 0; begin < t->numel && !st; begin += TM_BLOCK_ELEMS) {
+        size_t count = block_count(t->numel, begin);
+        uint8_t *dst = out->next(out->user);
+        if (!dst) return tm_error_set(err, TM_ERROR_INTERRUPTED, "cancelled");
+        double t0 = tm_merge_now();
+        m->apply(t, w->state, begin, count, dst, w->acc);
+        w->merge_seconds += tm_merge_now() - t0;
+        w->merge_calls++;
+        st = out->put(out->user, dst, count * item, err);
+    }
+    return st;
+}
+
+/* A non-floating unit: copied from the base when there is one, else from the first input,
+ * noting when the inputs' values differ. */
+static tm_status copy_unit(merge_ctx *c, tm_merge_worker *w, const tm_unit *u, const tm_method_tensor *t,
+                           const tm_block_out *out, tm_error *err) {
+    const tm_view *from = t->base ? t->base : &t->in[0];
     size_t item = tm_dtype_size(u->out_dtype);
     int differs = 0;
-    for (uint64_t begin = 0; m->reduce && u->floating && !st && begin < t.numel; begin += TM_BLOCK_ELEMS) {
-        size_t count = t.numel - begin < TM_BLOCK_ELEMS ? (size_t)(t.numel - begin) : TM_BLOCK_ELEMS;
-        double t0 = tm_merge_now();
-        m->reduce(&t, w->state, begin, count, w->acc);
-        w->merge_seconds += tm_merge_now() - t0;
-    }
-    for (uint64_t begin = 0; begin < t.numel && !st; begin += TM_BLOCK_ELEMS) {
-        size_t count = t.numel - begin < TM_BLOCK_ELEMS ? (size_t)(t.numel - begin) : TM_BLOCK_ELEMS;
+    tm_status st = TM_OK;
+    for (uint64_t begin = 0; begin < t->numel && !st; begin += TM_BLOCK_ELEMS) {
+        size_t count = block_count(t->numel, begin);
         uint8_t *dst = out->next(out->user);
-        if (!dst) {
-            st = tm_error_set(err, TM_ERROR_INTERRUPTED, "cancelled");
-            break;
-        }
+        if (!dst) return tm_error_set(err, TM_ERROR_INTERRUPTED, "cancelled");
         double t0 = tm_merge_now();
-        if (u->floating) {
-            m->apply(&t, w->state, begin, count, dst, w->acc);
-        } else {
-            tm_kernel_copy(from, begin, count, u->out_dtype, dst);
-            for (size_t j = 0; j < t.n && !differs; j++) differs = !tm_kernel_equal(from, &w->views[j], begin, count);
-        }
+        tm_kernel_copy(from, begin, count, u->out_dtype, dst);
+        for (size_t j = 0; j < t->n && !differs; j++) differs = !tm_kernel_equal(from, &t->in[j], begin, count);
         w->merge_seconds += tm_merge_now() - t0;
         w->merge_calls++;
         st = out->put(out->user, dst, count * item, err);
@@ -141,4 +165,21 @@ tm_status tm_merge_unit(merge_ctx *c, tm_merge_worker *w, const tm_unit *u, cons
         pthread_mutex_unlock(&shared_mu);
     }
     return st;
+}
+
+tm_status tm_merge_unit(merge_ctx *c, tm_merge_worker *w, const tm_unit *u, const tm_block_out *out, tm_error *err) {
+    tm_method_tensor t;
+    tm_merge_unit_tensor(c, w, u, &t);
+    return u->floating ? tm_merge_floating(c->method, w, &t, out, err) : copy_unit(c, w, u, &t, out, err);
+}
+
+void *tm_method_memory_reserve(tm_method_memory *m, size_t bytes) {
+    if (bytes <= m->size) return m->data;
+    size_t size = m->size ? m->size : 4096;
+    while (size < bytes) size = size > SIZE_MAX / 2 ? bytes : size * 2;
+    void *p = realloc(m->data, size);
+    if (!p) return NULL;
+    m->data = p;
+    m->size = size;
+    return p;
 }

@@ -17,6 +17,7 @@ typedef struct tm_merge_worker {
     double *acc;          /* TM_METHOD_SCRATCH * TM_BLOCK_ELEMS doubles: the methods' scratch */
     double *params;       /* this tensor's parameter values (c->params.n_values) */
     double *state;        /* the method's per-tensor state */
+    tm_method_memory memory; /* the method's memory of any size (tm_method_memory_reserve) */
     tm_view *views;       /* one per input, and their 1-d shapes/strides for whole storages */
     int64_t *shape1, *stride1;
     size_t *input;
@@ -39,6 +40,15 @@ typedef struct tm_block_out {
 /* Finds the method of the options and resolves its parameters into c (before any file is
  * opened, so a bad parameter costs nothing). */
 tm_status tm_merge_method(merge_ctx *c, tm_error *err);
+
+/* What the method sees of unit u (views into w's arrays; the tensor's parameters in
+ * w->params for a floating unit). */
+void tm_merge_unit_tensor(const merge_ctx *c, tm_merge_worker *w, const tm_unit *u, tm_method_tensor *t);
+
+/* A floating tensor t with method m: prepare, the reduce passes, then apply block by block into
+ * out. Also used on tensors in memory (tm_merge_tensors). */
+tm_status tm_merge_floating(const tm_method *m, tm_merge_worker *w, const tm_method_tensor *t,
+                            const tm_block_out *out, tm_error *err);
 
 /* Computes unit u into out, block by block. Thread-safe for distinct workers. */
 tm_status tm_merge_unit(merge_ctx *c, tm_merge_worker *w, const tm_unit *u, const tm_block_out *out, tm_error *err);

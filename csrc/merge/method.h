@@ -5,9 +5,13 @@
  * needs (a base model, how many inputs), and three steps over one tensor at a time:
  *   prepare  per tensor, before any element: coefficients from the parameters (e.g. the
  *            normalised weights of the inputs that hold the tensor);
- *   reduce   optional, over every block of the tensor first: whole-tensor statistics (norms, dot
- *            products, magnitude thresholds) accumulated into the tensor's state;
+ *   reduce   optional, over every block of the tensor first, in one or more passes (reduce_end
+ *            asks for another): whole-tensor statistics (norms, dot products, histograms and
+ *            candidates of an exact top-k) accumulated into the tensor's state and memory;
  *   apply    per block of elements: the merged values, rounded once to the output dtype.
+ * A method may also ask for model-wide passes before any tensor is written (model_reduce /
+ * model_end: e.g. FusionBench's TIES threshold over the whole flattened model); their result
+ * reaches every tensor as t->model.
  * The streaming engine (merge_unit.c, pipeline.c) calls these and knows nothing else about the
  * method. How to add one: docs/adding_a_method.md. C11. */
 #ifndef TM_MERGE_METHOD_H
@@ -59,6 +63,24 @@ typedef struct tm_param_values {
     size_t n_values;
 } tm_param_values;
 
+/* Memory of any size a method may use for one tensor beyond its fixed scratch (e.g. the
+ * candidates of a top-k selection): the merging thread's, kept across the tensor's passes and
+ * reused by its next tensor. */
+typedef struct tm_method_memory {
+    void *data;
+    size_t size;
+} tm_method_memory;
+
+/* At least bytes of m, its contents kept when it grows; NULL when out of memory. */
+void *tm_method_memory_reserve(tm_method_memory *m, size_t bytes);
+
+/* Values the model-wide passes collect (e.g. the candidates of a global top-k), one list per
+ * input: merge-wide, appended to from any thread (tm_method_collect), handed to model_end. */
+typedef struct tm_model_lists tm_model_lists;
+
+/* The boolean keep-masks of a merge (--masks-out), or NULL when not asked for. */
+typedef struct tm_mask_writer tm_mask_writer;
+
 /* What a method sees of one output tensor (a "unit": a tensor, or a storage shared by views). */
 typedef struct tm_method_tensor {
     const char *name;       /* the tensor's name (the first, for a shared storage) */
@@ -72,6 +94,11 @@ typedef struct tm_method_tensor {
     uint64_t numel;
     const double *params;   /* this tensor's parameter values (after per-tensor rules): */
     const size_t *param_at; /* parameter j at params + param_at[j], indexed by input when per-input */
+    tm_method_memory *memory; /* the thread's memory for this tensor (reduce and apply) */
+    const double *model;    /* the model-wide state after the model passes (model_state doubles) */
+    tm_model_lists *lists;  /* during model passes: where tm_method_collect appends */
+    tm_mask_writer *masks;  /* the masks output, or NULL: see tm_method_mask */
+    uint64_t unit_index;    /* the tensor's place in the plan (deterministic tie-breaks across tensors) */
 } tm_method_tensor;
 
 typedef struct tm_method {
@@ -83,19 +110,46 @@ typedef struct tm_method {
     size_t n_params;
     int needs_base;
     size_t min_inputs, max_inputs; /* max 0: no limit */
+    int has_masks;          /* 1: apply reports which task-vector elements it kept (tm_method_mask) */
     /* Doubles of per-tensor state: state_fixed + state_per_input × n (inputs holding it). */
     size_t state_fixed, state_per_input;
     /* Optional: merge-wide checks of the resolved values, before any file is opened. */
     tm_status (*check)(const tm_param_values *p, tm_error *err);
     /* Per tensor, before its elements. Errors name the tensor. */
     tm_status (*prepare)(const tm_method_tensor *t, double *state, tm_error *err);
-    /* Optional: called on every block of the tensor, in order, before the first apply. */
-    void (*reduce)(const tm_method_tensor *t, double *state, uint64_t begin, size_t count, double *scratch);
+    /* Optional: called on every block of the tensor, in order, before the first apply; pass
+     * counts the passes over the tensor from 0. */
+    void (*reduce)(const tm_method_tensor *t, double *state, unsigned pass, uint64_t begin, size_t count,
+                   double *scratch);
+    /* Optional: after each reduce pass; *again = 1 runs another pass over the tensor. Errors
+     * (out of memory, ...) name the tensor. */
+    tm_status (*reduce_end)(const tm_method_tensor *t, double *state, unsigned pass, int *again, tm_error *err);
+    /* Optional model-wide passes before any tensor is written. Pass p calls model_reduce on
+     * every block of every floating tensor (after its prepare; tensors in any order and thread),
+     * adding into sum, a zeroed model_state doubles of the thread's (so only counts and sums:
+     * the engine adds the threads' up), and appending values with tm_method_collect; then
+     * model_end(model, sum, lists) updates the model state (zeroed before pass 0) and sets
+     * *again for another pass. Tensors are then merged with t->model = model. */
+    size_t model_state;
+    void (*model_reduce)(const tm_method_tensor *t, const double *state, unsigned pass, uint64_t begin, size_t count,
+                         double *sum, double *scratch);
+    tm_status (*model_end)(const tm_param_values *p, double *model, const double *sum, const tm_model_lists *lists,
+                           unsigned pass, int *again, tm_error *err);
     /* Elements [begin, begin + count) of the merged tensor into out (out_dtype). scratch holds
      * TM_METHOD_SCRATCH × count doubles (reduce gets the same). */
     void (*apply)(const tm_method_tensor *t, const double *state, uint64_t begin, size_t count, void *out,
                   double *scratch);
 } tm_method;
+
+/* Appends count values to list `list` (an input index) of the model passes; thread-safe.
+ * Returns TM_ERROR_NOMEM when out of memory (model_end then fails the merge). */
+tm_status tm_method_collect(const tm_method_tensor *t, size_t list, const double *values, size_t count);
+/* List `list` of the model pass just run: *count values (NULL when none). */
+const double *tm_model_list(const tm_model_lists *lists, size_t list, size_t *count);
+
+/* Records which elements [begin, begin + count) of the j-th holder's task vector the method
+ * kept (keep[e] 0 or 1) when the merge writes masks (t->masks non-NULL; else a no-op). */
+void tm_method_mask(const tm_method_tensor *t, size_t j, uint64_t begin, size_t count, const uint8_t *keep);
 
 /* The table (method_table.c). */
 size_t tm_methods_count(void);

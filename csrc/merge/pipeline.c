@@ -51,9 +51,7 @@ typedef struct pipeline {
     pthread_cond_t changed;
 } pipeline;
 
-/* Asks the kernel to read unit u's input pages ahead, or to drop them once merged (release), so
- * memory stays near one unit per input whatever the model size. */
-static void touch_unit(const merge_ctx *c, const tm_unit *u, int release) {
+void tm_pipeline_touch_unit(const merge_ctx *c, const tm_unit *u, int release) {
     for (size_t i = 0; i <= c->n; i++) { /* the inputs, then the base model */
         tm_checkpoint *ck = i < c->n ? c->in[i] : c->base;
         int64_t idx = i < c->n ? tm_plan_where(&c->plan, u->keys[0], i) : ck ? c->plan.base_where[u->keys[0]] : -1;
@@ -113,12 +111,12 @@ static void *merging_thread(void *arg) {
     tm_status st = TM_OK;
     for (size_t k = r->first; k < p->u1 && !st; k += p->n_rings) {
         size_t u = UNIT_AT(p->order, k);
-        if (k + p->n_rings < p->u1) touch_unit(c, &c->plan.units[UNIT_AT(p->order, k + p->n_rings)], 0);
+        if (k + p->n_rings < p->u1) tm_pipeline_touch_unit(c, &c->plan.units[UNIT_AT(p->order, k + p->n_rings)], 0);
         const tm_unit *un = &c->plan.units[u];
         r->unit_left = (uint64_t)un->numel * tm_dtype_size(un->out_dtype);
         if (r->unit_left == 0) st = push_slot(r, 0, 1, &r->err);
         else st = tm_merge_unit(c, &r->w, un, &out, &r->err);
-        touch_unit(c, &c->plan.units[u], 1);
+        tm_pipeline_touch_unit(c, &c->plan.units[u], 1);
     }
     pthread_mutex_lock(&p->mu);
     r->st = st;
@@ -128,7 +126,7 @@ static void *merging_thread(void *arg) {
     return NULL;
 }
 
-static size_t merging_threads(size_t n_units) {
+size_t tm_pipeline_threads(size_t n_units) {
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     size_t n = cpus > 0 ? (size_t)cpus : 1;
     const char *env = getenv("TORCHMERGE_THREADS");
@@ -195,7 +193,7 @@ static tm_status write_unit(pipeline *p, ring *r, size_t u, const tm_sink *snk, 
 tm_status tm_pipeline_run(merge_ctx *c, const size_t *order, size_t u0, size_t u1, const tm_sink *snk, size_t *done,
                           tm_error *err) {
     pipeline p = {.c = c, .u1 = u1, .order = order, .want_crc = snk->want_crc,
-                  .n_rings = merging_threads(u1 - u0)};
+                  .n_rings = tm_pipeline_threads(u1 - u0)};
     int ok = 1;
     for (size_t r = 0; r < p.n_rings; r++) {
         ring *rg = &p.rings[r];

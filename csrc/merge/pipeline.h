@@ -17,6 +17,13 @@ extern "C" {
 tm_status tm_pipeline_run(merge_ctx *c, const size_t *order, size_t u0, size_t u1, const tm_sink *snk, size_t *done,
                           tm_error *err);
 
+/* Merging threads for n_units units: the CPUs (TORCHMERGE_THREADS caps it), at most 8. */
+size_t tm_pipeline_threads(size_t n_units);
+
+/* Asks the kernel to read unit u's input pages ahead, or to drop them once merged (release), so
+ * memory stays near one unit per input whatever the model size. */
+void tm_pipeline_touch_unit(const merge_ctx *c, const tm_unit *u, int release);
+
 #ifdef __cplusplus
 }
 #endif

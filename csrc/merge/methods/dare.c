@@ -83,7 +83,9 @@ TM_HOT static void add_kept(double *restrict acc, const double *restrict d, doub
     for (size_t e = 0; e < count; e++) acc[e] += tm_random_keep(key, begin + e, threshold) ? c * d[e] : 0.0;
 }
 
-static void reduce(const tm_method_tensor *t, double *state, uint64_t begin, size_t count, double *scratch) {
+static void reduce(const tm_method_tensor *t, double *state, unsigned pass, uint64_t begin, size_t count,
+                   double *scratch) {
+    (void)pass;
     const size_t n = t->n;
     if (tm_tensor_param1(t, P_RESCALE) != RESCALE_L1) return;
     double *d = scratch, *k = scratch + count;

@@ -26,7 +26,9 @@ static tm_status prepare(const tm_method_tensor *t, double *state, tm_error *err
     return TM_OK;
 }
 
-static void reduce(const tm_method_tensor *t, double *state, uint64_t begin, size_t count, double *scratch) {
+static void reduce(const tm_method_tensor *t, double *state, unsigned pass, uint64_t begin, size_t count,
+                   double *scratch) {
+    (void)pass;
     double *v0 = scratch, *v1 = scratch + count, *k = scratch + 2 * count;
     tm_kernel_load_f64(t->base, begin, count, v0, k);
     tm_kernel_load_f64(&t->in[0], begin, count, v1, k);
