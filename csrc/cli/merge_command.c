@@ -12,11 +12,12 @@
 
 #include "cli/cli_common.h"
 
-enum { OPT_FORMAT = 256, OPT_BASE, OPT_TEMPLATE, OPT_DTYPE, OPT_KEYS, OPT_KEY, OPT_PROFILE, OPT_MAX_SHARD, OPT_PARAM = 512 };
+enum { OPT_FORMAT = 256, OPT_BASE, OPT_TEMPLATE, OPT_DTYPE, OPT_KEYS, OPT_KEY, OPT_PROFILE, OPT_MAX_SHARD, OPT_MASKS_OUT,
+       OPT_PARAM = 512 };
 
 static const struct option common_options[] = {
     {"output", required_argument, 0, 'o'},      {"format", required_argument, 0, OPT_FORMAT},
-    {"base", required_argument, 0, OPT_BASE},
+    {"base", required_argument, 0, OPT_BASE},         {"masks-out", required_argument, 0, OPT_MASKS_OUT},
     {"template", required_argument, 0, OPT_TEMPLATE}, {"dtype", required_argument, 0, OPT_DTYPE},
     {"keys", required_argument, 0, OPT_KEYS},   {"key", required_argument, 0, OPT_KEY},
     {"profile", no_argument, 0, OPT_PROFILE},   {"max-shard-size", required_argument, 0, OPT_MAX_SHARD},
@@ -63,6 +64,9 @@ void tm_cli_print_common_options(FILE *f) {
             "  -o, --output OUT        output file (written to a temporary file, renamed on success)\n"
             "  --base BASE             the base (pre-trained) model, for methods on task vectors\n"
             "                          (input - base); non-floating tensors then come from it\n"
+            "  --masks-out FILE        methods that drop task-vector elements (DARE, TIES,\n"
+            "                          Breadcrumbs, DELLA): also write their boolean keep-masks to\n"
+            "                          FILE (safetensors; \"{input}.{tensor}\", input from 0)\n"
             "  --format pt|torchscript|safetensors\n"
             "                          output format (default: safetensors when OUT ends in\n"
             "                          .safetensors or is a folder (existing, or ending in '/'),\n"
@@ -159,6 +163,7 @@ int tm_cli_merge(int argc, char **argv, size_t method) {
             break;
         case OPT_TEMPLATE: o.template_path = optarg; break;
         case OPT_BASE: o.base = optarg; break;
+        case OPT_MASKS_OUT: o.masks_out = optarg; break;
         case OPT_DTYPE: if ((c = tm_cli_set_dtype(&o, optarg, help))) rc = c; break;
         case OPT_KEYS: if ((c = tm_cli_set_keys(&o, optarg, help))) rc = c; break;
         case OPT_KEY: o.key = optarg; break;

@@ -899,6 +899,11 @@ static tm_status interpret_keys(ictx *c, const tm_rnode *root, const char *const
         if (!(r->output = dup_s(s))) return oom(c);
         r->output_at = n;
     }
+    if (!is_null(n = tm_rnode_get(root, "masks_out"))) {
+        const char *s = NULL;
+        if ((st = get_string(c, n, "masks_out", &s))) return st;
+        if (!(r->masks_out = dup_s(s))) return oom(c); /* where the command runs, as output */
+    }
     if (!is_null(n = tm_rnode_get(root, "format"))) {
         const char *s = NULL;
         if ((st = get_string(c, n, "format", &s))) return st;
@@ -945,7 +950,7 @@ static tm_status interpret(ictx *c) {
     tm_status st;
     static const char *const fixed_keys[] = {"name", "method", "merge_method", "models", "modelpool", "parameters",
                                              "output", "format", "dtype", "out_dtype", "keys", "key", "template",
-                                             "max_shard_size", "include", "exclude", "base_model", NULL};
+                                             "max_shard_size", "include", "exclude", "base_model", "masks_out", NULL};
     static const char *const mergekit_ignored[] = {"tokenizer_source", "tokenizer", "chat_template", NULL};
     /* Parameter names of every method are known keys here; one the chosen method lacks is
      * refused once the method is known ("simple_average takes no weights"). */
@@ -1062,6 +1067,7 @@ void tm_recipe_free(tm_recipe *r) {
     free(r->key);
     free(r->template_path);
     free(r->base);
+    free(r->masks_out);
     for (size_t i = 0; i < r->n_include; i++) free(r->include[i].pattern);
     for (size_t i = 0; i < r->n_exclude; i++) free(r->exclude[i].pattern);
     free(r->include);
@@ -1088,6 +1094,7 @@ void tm_recipe_merge_options(tm_recipe *r, const tm_merge_options *base, tm_merg
     o->format = r->format;
     o->template_path = r->template_path;
     o->base = r->base;
+    o->masks_out = r->masks_out;
     o->has_dtype = r->has_dtype;
     if (r->has_dtype) o->dtype = r->out_dtype;
     o->keys = r->keys;

@@ -125,6 +125,7 @@ typedef struct tm_recipe {
     tm_dtype out_dtype;
     char *template_path;        /* resolved */
     char *base;                 /* the base model, resolved, for methods that need one; or NULL */
+    char *masks_out;            /* masks_out: the keep-masks file (as given: relative to where the command runs), or NULL */
     uint64_t max_shard_size;
     tm_recipe_pattern *include, *exclude;
     size_t n_include, n_exclude;
