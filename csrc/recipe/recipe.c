@@ -22,6 +22,7 @@
 #include <strings.h>
 #include <sys/stat.h>
 
+#include "core/atomic_output.h"
 #include "core/c_number.h"
 #include "core/struct_size.h"
 #include "recipe/recipe.h"
@@ -31,6 +32,7 @@ typedef struct ictx {
     tm_error *err;
     void (*warn)(void *, const char *);
     void *warn_user;
+    int in_slices; /* parsing mergekit slices' sources: layer_range is theirs */
 } ictx;
 
 static char *dup_s(const char *s) {
@@ -261,9 +263,58 @@ static tm_status check_exists(ictx *c, const tm_rnode *at, const char *what, con
 /* ---- weights and rules ------------------------------------------------------------------------ */
 
 static void setting_free(tm_recipe_setting *s) {
-    for (size_t i = 0; i < s->n_rules; i++) free(s->rules[i].filter);
+    for (size_t i = 0; i < s->n_rules; i++) {
+        free(s->rules[i].filter);
+        free(s->rules[i].gradient);
+    }
     free(s->rules);
     memset(s, 0, sizeof *s);
+}
+
+/* mergekit's layer gradient: a list of numbers, anchors spread evenly over the layers. */
+static tm_status parse_gradient(ictx *c, const tm_rnode *v, const char *what, tm_recipe_rule *rule) {
+    if (!v->n) return ierr(c, TM_ERROR_INVALID_ARGUMENT, v, "%s: the gradient (list of numbers) is empty", what);
+    if (!(rule->gradient = calloc(v->n, sizeof *rule->gradient))) return oom(c);
+    rule->n_gradient = v->n;
+    for (size_t i = 0; i < v->n; i++) {
+        if (v->items[i]->kind != TM_RNODE_SCALAR)
+            return ierr(c, TM_ERROR_INVALID_ARGUMENT, v->items[i],
+                        "%s: expected a number, a layer gradient (a list of numbers) or {filter, value} rules", what);
+        tm_status st = get_number(c, v->items[i], what, &rule->gradient[i]);
+        if (st) return st;
+    }
+    rule->value = rule->gradient[0];
+    c->r->has_gradient = 1;
+    return TM_OK;
+}
+
+double tm_recipe_gradient_at(const double *anchors, size_t n, double t) {
+    /* mergekit's evaluate_setting: t·(n − 1) splits into an anchor index and a fraction */
+    double scaled = t * (double)(n - 1);
+    size_t i0 = (size_t)scaled, i1 = i0 + 1 < n ? i0 + 1 : n - 1;
+    if (i0 >= n) i0 = i1 = n - 1;
+    double frac = scaled - (double)i0;
+    return (1 - frac) * anchors[i0] + frac * anchors[i1];
+}
+
+long tm_recipe_layer_of(const char *name) {
+    for (const char *p = name; *p;) {
+        const char *end = strchr(p, '.');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        size_t digits = strspn(p, "0123456789");
+        if (len && digits == len && len < 10) return strtol(p, NULL, 10);
+        if (!end) break;
+        p = end + 1;
+    }
+    return -1;
+}
+
+/* Where name sits for a gradient, as mergekit sets t: layer i of n → i / (n − 1) (1 when there is
+ * one layer); tensors outside the layers (embeddings, head, final norm) → 0. */
+static double layer_t(const tm_recipe *r, const char *name) {
+    long i = tm_recipe_layer_of(name);
+    if (i < 0 || r->n_layers <= 0) return 0;
+    return r->n_layers > 1 ? (double)i / (double)(r->n_layers - 1) : 1;
 }
 
 static tm_status parse_rule(ictx *c, const tm_rnode *m, const char *what, tm_recipe_rule *rule) {
@@ -281,9 +332,7 @@ static tm_status parse_rule(ictx *c, const tm_rnode *m, const char *what, tm_rec
         rule->at = f;
     }
     if (!v || is_null(v)) return ierr(c, TM_ERROR_INVALID_ARGUMENT, m, "%s: a rule needs a value", what);
-    if (v->kind == TM_RNODE_SEQ)
-        return ierr(c, TM_ERROR_UNSUPPORTED, v,
-                    "%s: layer gradients (a list of numbers) are not supported; give one number per rule", what);
+    if (v->kind == TM_RNODE_SEQ) return parse_gradient(c, v, what, rule);
     return get_number(c, v, "value", &rule->value);
 }
 
@@ -297,11 +346,18 @@ static tm_status parse_setting(ictx *c, const tm_rnode *n, const char *what, tm_
     size_t count = n->kind == TM_RNODE_SEQ ? n->n : 1;
     if (n->kind == TM_RNODE_SEQ) {
         if (!n->n) return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s: the list of rules is empty", what);
+        if (n->items[0]->kind == TM_RNODE_SCALAR) { /* a layer gradient: one catch-all rule */
+            s->is_rules = 1;
+            if (!(s->rules = calloc(1, sizeof *s->rules))) return oom(c);
+            s->n_rules = 1;
+            s->rules[0].at = n;
+            return parse_gradient(c, n, what, &s->rules[0]);
+        }
         for (size_t i = 0; i < n->n; i++)
             if (n->items[i]->kind != TM_RNODE_MAP)
-                return ierr(c, TM_ERROR_UNSUPPORTED, n,
-                            "%s: layer gradients (a list of numbers) are not supported; give a number or a list "
-                            "of {filter: NAME, value: W} rules",
+                return ierr(c, TM_ERROR_INVALID_ARGUMENT, n->items[i],
+                            "%s: expected a number, a layer gradient (a list of numbers) or a list of "
+                            "{filter: NAME, value: W} rules",
                             what);
     }
     s->is_rules = 1;
@@ -335,15 +391,16 @@ int tm_recipe_pattern_matches(const char *pattern, const char *name) {
     return strstr(name, pattern) != NULL;
 }
 
-/* The weight the setting gives for name (counting the rule's use when count). */
-static int setting_lookup(tm_recipe_setting *s, const char *name, int count, double *out) {
+/* The value the setting gives for name (counting the rule's use when count); a gradient is read
+ * at t, the tensor's place among the layers. */
+static int setting_lookup(tm_recipe_setting *s, const char *name, double t, int count, double *out) {
     if (!s->present) return 0;
     if (!s->is_rules) return *out = s->value, 1;
     for (size_t i = 0; i < s->n_rules; i++) {
         tm_recipe_rule *rule = &s->rules[i];
         if (is_catch_all(rule) || tm_recipe_pattern_matches(rule->filter, name)) {
             if (count) rule->matched++;
-            *out = rule->value;
+            *out = rule->n_gradient ? tm_recipe_gradient_at(rule->gradient, rule->n_gradient, t) : rule->value;
             return 1;
         }
     }
@@ -419,7 +476,8 @@ static tm_status parse_model(ictx *c, const tm_rnode *n, const char *where, cons
     tm_status st;
     if (n->kind == TM_RNODE_MAP) {
         static const char *const keys[] = {"model", "path", "parameters", "name", NULL};
-        if ((st = check_keys(c, n, where, keys, NULL, NULL))) return st;
+        static const char *const source_keys[] = {"model", "parameters", "layer_range", NULL};
+        if ((st = check_keys(c, n, where, c->in_slices ? source_keys : keys, NULL, NULL))) return st;
         const tm_rnode *cand[2] = {tm_rnode_get(n, "model"), tm_rnode_get(n, "path")};
         static const char *const places[2] = {"as model", "as path"};
         if ((st = choose(c, "the model's path", cand, places, 2, &path))) return st;
@@ -557,8 +615,12 @@ static tm_status check_setting(ictx *c, const tm_param_decl *d, const tm_recipe_
     tm_error e = {0};
     if (s->present && !s->is_rules && tm_param_check_number(d, s->value, &e))
         return ierr(c, e.status, s->at, "%s", e.msg);
-    for (size_t i = 0; s->is_rules && i < s->n_rules; i++)
-        if (tm_param_check_number(d, s->rules[i].value, &e)) return ierr(c, e.status, s->rules[i].at, "%s", e.msg);
+    for (size_t i = 0; s->is_rules && i < s->n_rules; i++) {
+        const tm_recipe_rule *rule = &s->rules[i];
+        for (size_t k = 0; k < (rule->n_gradient ? rule->n_gradient : 1); k++)
+            if (tm_param_check_number(d, rule->n_gradient ? rule->gradient[k] : rule->value, &e))
+                return ierr(c, e.status, rule->at, "%s", e.msg);
+    }
     return TM_OK;
 }
 
@@ -817,9 +879,91 @@ static tm_status parse_base(ictx *c, const tm_rnode *root, const tm_rnode *model
     return st;
 }
 
+/* mergekit lists the base model among the models too (slerp's two models; often ties'): for a
+ * method on a base it is the base, not an input (its task vector would be 0), so it leaves the
+ * models, as mergekit leaves it out of the task vectors. */
+static tm_status drop_base_from_models(ictx *c, const tm_rnode *root) {
+    tm_recipe *r = c->r;
+    const tm_rnode *n = tm_rnode_get(root, "base_model");
+    if (!r->method || !r->method->needs_base || is_null(n)) return TM_OK;
+    tm_recipe_model base;
+    tm_status st = parse_model(c, n, "base_model", NULL, &base);
+    size_t kept = 0;
+    for (size_t i = 0; !st && i < r->n_models; i++) {
+        int same = !strcmp(r->models[i].path, base.path) || tm_same_file(r->models[i].path, base.path);
+        if (same && r->n_models > 1) model_free(&r->models[i]);
+        else r->models[kept++] = r->models[i];
+    }
+    if (!st) r->n_models = kept;
+    model_free(&base);
+    return st;
+}
+
 /* ---- the whole recipe ------------------------------------------------------------------------- */
 
 /* The recipe's keys, the method and its parameters, the models and every other setting. */
+/* A layer_range: [lo, hi] of integers. */
+static tm_status parse_layer_range(ictx *c, const tm_rnode *n, const char *where, long *lo, long *hi) {
+    double v[2];
+    if (!n || n->kind != TM_RNODE_SEQ || n->n != 2)
+        return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s.layer_range: expected [FIRST, END]", where);
+    for (int k = 0; k < 2; k++) {
+        tm_status st = get_number(c, n->items[k], "layer_range", &v[k]);
+        if (st) return st;
+        if (v[k] != floor(v[k]) || v[k] < 0 || v[k] > 1e9)
+            return ierr(c, TM_ERROR_INVALID_ARGUMENT, n->items[k], "%s.layer_range: expected whole layer numbers", where);
+    }
+    *lo = (long)v[0];
+    *hi = (long)v[1];
+    return TM_OK;
+}
+
+/* mergekit's slices: accepted when they say what models: says (one slice, every source over the
+ * same layer_range, checked against the models' layers by check_slices). Its sources are the
+ * models; its parameters: are the top-level parameters (*params), of which there may be one. */
+static tm_status parse_slices(ictx *c, const tm_rnode *slices, const tm_rnode **params) {
+    tm_recipe *r = c->r;
+    if (slices->kind != TM_RNODE_SEQ || slices->n != 1)
+        return ierr(c, TM_ERROR_UNSUPPORTED, slices,
+                    "slices: torchmerge merges whole models: give one slice whose sources take every layer "
+                    "(or models: instead)");
+    const tm_rnode *slice = slices->items[0];
+    static const char *const keys[] = {"sources", "parameters", NULL};
+    tm_status st = want_map(c, slice, "slices[0]");
+    if (!st) st = check_keys(c, slice, "slices[0]", keys, NULL, NULL);
+    if (st) return st;
+    const tm_rnode *sources = tm_rnode_get(slice, "sources"), *sp = tm_rnode_get(slice, "parameters");
+    if (!sources || sources->kind != TM_RNODE_SEQ || !sources->n)
+        return ierr(c, TM_ERROR_INVALID_ARGUMENT, slice, "slices[0]: expected sources: [{model: PATH, layer_range: [0, N]}, ...]");
+    for (size_t i = 0; i < sources->n; i++) {
+        char where[64];
+        snprintf(where, sizeof where, "slices[0].sources[%zu]", i);
+        if ((st = want_map(c, sources->items[i], where))) return st;
+        const tm_rnode *lr = tm_rnode_get(sources->items[i], "layer_range");
+        long lo = 0, hi = 0;
+        if ((st = parse_layer_range(c, lr, where, &lo, &hi))) return st;
+        if (!i) {
+            r->slice_range = lr;
+            r->slice_lo = lo;
+            r->slice_hi = hi;
+        } else if (lo != r->slice_lo || hi != r->slice_hi) {
+            return ierr(c, TM_ERROR_UNSUPPORTED, lr,
+                        "%s.layer_range [%ld, %ld] differs from the first source's [%ld, %ld]; torchmerge merges "
+                        "the same layers of every model",
+                        where, lo, hi, r->slice_lo, r->slice_hi);
+        }
+    }
+    if (!is_null(sp)) {
+        if (*params)
+            return ierr(c, TM_ERROR_INVALID_ARGUMENT, sp, "parameters are given both at the top and in slices[0]; keep one");
+        *params = sp;
+    }
+    c->in_slices = 1;
+    st = parse_models(c, sources);
+    c->in_slices = 0;
+    return st;
+}
+
 static tm_status interpret_keys(ictx *c, const tm_rnode *root, const char *const *top_keys,
                                 const char *const *method_keys, const char *const *param_keys,
                                 const char *const *mergekit_ignored) {
@@ -881,11 +1025,18 @@ static tm_status interpret_keys(ictx *c, const tm_rnode *root, const char *const
                           pool->keys[i]->text);
             pool_models = tm_rnode_get(pool, "models");
         }
-        const tm_rnode *cand[2] = {tm_rnode_get(root, "models"), pool_models};
-        static const char *const places[2] = {"as models", "as modelpool.models"};
-        if ((st = choose(c, "models", cand, places, 2, &models))) return st;
+        const tm_rnode *cand[3] = {tm_rnode_get(root, "models"), pool_models, tm_rnode_get(root, "slices")};
+        static const char *const places[3] = {"as models", "as modelpool.models", "as slices"};
+        if ((st = choose(c, "models", cand, places, 3, &models))) return st;
         if (!models) return ierr(c, TM_ERROR_INVALID_ARGUMENT, NULL, "no models: give models: [PATH, PATH, ...]");
-        if ((st = parse_models(c, models))) return st;
+        if (models == cand[2]) {
+            if ((st = parse_slices(c, models, &params))) return st;
+            if (params && (st = check_keys(c, params, "slices[0].parameters", param_keys, NULL, NULL))) return st;
+            models = tm_rnode_get(models->items[0], "sources");
+        } else if ((st = parse_models(c, models))) {
+            return st;
+        }
+        if ((st = drop_base_from_models(c, root))) return st;
     }
     if ((st = parse_method_params(c, root, method_map, params, name))) return st;
     if ((st = parse_base(c, root, models, name))) return st;
@@ -950,7 +1101,7 @@ static tm_status interpret(ictx *c) {
     tm_status st;
     static const char *const fixed_keys[] = {"name", "method", "merge_method", "models", "modelpool", "parameters",
                                              "output", "format", "dtype", "out_dtype", "keys", "key", "template",
-                                             "max_shard_size", "include", "exclude", "base_model", "masks_out", NULL};
+                                             "max_shard_size", "include", "exclude", "base_model", "masks_out", "slices", NULL};
     static const char *const mergekit_ignored[] = {"tokenizer_source", "tokenizer", "chat_template", NULL};
     /* Parameter names of every method are known keys here; one the chosen method lacks is
      * refused once the method is known ("simple_average takes no weights"). */
@@ -963,6 +1114,46 @@ static tm_status interpret(ictx *c) {
     free(method_keys);
     free(param_keys);
     return st;
+}
+
+/* The models' layer count for gradients (and slices): 1 + the largest layer index of a tensor
+ * name in the first model, as mergekit counts the architecture's layers. */
+static tm_status count_layers(ictx *c) {
+    tm_recipe *r = c->r;
+    if (r->n_layers || !r->n_models) return TM_OK;
+    tm_open_options oo;
+    tm_open_options_init(&oo);
+    oo.key = r->key;
+    tm_checkpoint *ck;
+    if (tm_checkpoint_open(r->models[0].path, &oo, &ck) != TM_OK)
+        return tm_error_set(c->err, TM_ERROR_FORMAT, "%s", tm_errmsg());
+    long top = -1;
+    for (size_t t = 0; t < tm_checkpoint_n_tensors(ck); t++) {
+        tm_tensor_info info;
+        tm_tensor_info_init(&info);
+        if (tm_checkpoint_tensor(ck, t, &info) != TM_OK) continue;
+        long i = tm_recipe_layer_of(info.name);
+        if (i > top) top = i;
+    }
+    tm_checkpoint_free(ck);
+    r->n_layers = top + 1;
+    return TM_OK;
+}
+
+/* mergekit's slices, where they say what models: says: one output slice whose sources all take
+ * every layer, [0, n_layers). Slices that cut, stack or reorder layers build a different model
+ * from the inputs' layers, which torchmerge does not do: a clear error. */
+static tm_status check_slices(ictx *c) {
+    tm_recipe *r = c->r;
+    if (!r->slice_range) return TM_OK;
+    tm_status st = count_layers(c);
+    if (st) return st;
+    if (r->slice_lo != 0 || r->slice_hi != r->n_layers)
+        return ierr(c, TM_ERROR_UNSUPPORTED, r->slice_range,
+                    "slices: layer_range [%ld, %ld] is not every layer of the models ([0, %ld]); torchmerge merges "
+                    "whole models, so a slice must take all layers (cutting or stacking layers is not supported)",
+                    r->slice_lo, r->slice_hi, r->n_layers);
+    return TM_OK;
 }
 
 /* Per-tensor rules without a catch-all must cover every averaged tensor of their model: checked
@@ -995,7 +1186,8 @@ static tm_status check_rules_cover(ictx *c) {
                 size_t j = uncovered[u];
                 tm_recipe_setting *own = r->method->params[j].per_input ? &m->params[j] : NULL, *s = own;
                 double w;
-                if ((own && setting_lookup(own, info.name, 0, &w)) || setting_lookup(&r->defaults[j], info.name, 0, &w))
+                if ((own && setting_lookup(own, info.name, 0, 0, &w)) ||
+                    setting_lookup(&r->defaults[j], info.name, 0, 0, &w))
                     continue;
                 if (!s || !s->present) s = &r->defaults[j];
                 st = ierr(c, TM_ERROR_INVALID_ARGUMENT, s->at,
@@ -1045,11 +1237,13 @@ static tm_status make_text(ictx *c, const char *const *overrides, size_t n_overr
 tm_status tm_recipe_load(tm_recipe *r, const char *recipe, int is_path, const char *const *overrides,
                          size_t n_overrides, void (*warn)(void *, const char *), void *warn_user, tm_error *err) {
     memset(r, 0, sizeof *r);
-    ictx c = {r, err, warn, warn_user};
+    ictx c = {r, err, warn, warn_user, 0};
     tm_status st = tm_rdoc_parse(&r->doc, recipe, is_path, err);
     if (!st && n_overrides && !overrides) st = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "overrides is NULL");
     for (size_t i = 0; i < n_overrides && !st; i++) st = tm_rdoc_override(&r->doc, overrides[i], err);
     if (!st) st = interpret(&c);
+    if (!st && r->has_gradient) st = count_layers(&c);
+    if (!st) st = check_slices(&c);
     if (!st) st = check_rules_cover(&c);
     if (!st) st = make_text(&c, overrides, n_overrides);
     return st;
@@ -1128,10 +1322,11 @@ void tm_recipe_tensor_param(void *user, const char *name, const char *param, siz
     int j = tm_method_param_index(r->method, param, 0);
     if (j < 0) return;
     int per_input = r->method->params[j].per_input;
+    double t = layer_t(r, name);
     for (size_t i = 0; i < n && (!per_input || i < r->n_models); i++) {
         double w;
-        if ((per_input && setting_lookup(&r->models[i].params[j], name, 1, &w)) ||
-            setting_lookup(&r->defaults[j], name, 1, &w))
+        if ((per_input && setting_lookup(&r->models[i].params[j], name, t, 1, &w)) ||
+            setting_lookup(&r->defaults[j], name, t, 1, &w))
             values[i] = w;
     }
 }
@@ -1182,7 +1377,7 @@ tm_status tm_merge_recipe(const char *recipe, int is_path, const char *const *ov
     tm_recipe_merge_options(&r, base, &o);
     st = tm_merge_files(paths, r.n_models, r.output, &o); /* publishes its own error */
     if (!st) {
-        ictx c = {&r, &err, o.warning, o.warning_user};
+        ictx c = {&r, &err, o.warning, o.warning_user, 0};
         warn_unmatched(&c);
     }
     free(paths);

@@ -73,7 +73,9 @@ const tm_rnode *tm_rnode_get(const tm_rnode *map, const char *key);
  * anything else matches as a substring (mergekit's rule). */
 typedef struct tm_recipe_rule {
     char *filter;
-    double value;
+    double value;       /* or, with n_gradient > 0, mergekit's layer gradient: */
+    double *gradient;   /* anchors interpolated over the layers (tm_recipe_gradient_at) */
+    size_t n_gradient;
     const tm_rnode *at;
     uint64_t matched; /* tensors it was used for (for the "matched nothing" warning) */
 } tm_recipe_rule;
@@ -116,6 +118,10 @@ typedef struct tm_recipe {
     double *numbers[TM_METHOD_MAX_PARAMS];
     tm_recipe_setting defaults[TM_METHOD_MAX_PARAMS];
     int per_tensor;             /* some parameter depends on the tensor name */
+    int has_gradient;           /* some rule is a layer gradient: n_layers is needed */
+    long n_layers;              /* layers of the models (1 + the largest layer index in a name) */
+    const tm_rnode *slice_range; /* mergekit slices: the first source's layer_range, or NULL */
+    long slice_lo, slice_hi;
     char *output;               /* resolved, or NULL */
     const tm_rnode *output_at;
     tm_format format;
@@ -147,6 +153,12 @@ void tm_recipe_merge_options(tm_recipe *r, const tm_merge_options *base, tm_merg
  * merge. */
 int tm_recipe_include_tensor(void *user, const char *name);
 void tm_recipe_tensor_param(void *user, const char *name, const char *param, size_t n, double *values);
+/* mergekit's layer gradient: anchors[0..n) spread evenly over t ∈ [0, 1], linearly
+ * interpolated between neighbours. */
+double tm_recipe_gradient_at(const double *anchors, size_t n, double t);
+/* The layer index of a tensor name: its first dot-separated part made of digits only
+ * ("model.layers.12.mlp.weight" → 12), or -1. */
+long tm_recipe_layer_of(const char *name);
 /* 1 when pattern matches name (substring, or glob when it has * ? [). */
 int tm_recipe_pattern_matches(const char *pattern, const char *name);
 

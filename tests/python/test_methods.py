@@ -283,17 +283,19 @@ def test_dare_linear_bad_density_is_one_line_naming_it(models, tmp_path, density
 
 # ---- slerp -----------------------------------------------------------------------------------------
 
+def slerp_tensor(v0, v1, t):
+    """mergekit's slerp of one float64 tensor pair, from the formula."""
+    n0, n1 = v0.norm().item(), v1.norm().item()
+    d = (v0 * v1).sum().item() / ((n0 if n0 > 1e-8 else 1) * (n1 if n1 > 1e-8 else 1))
+    if abs(d) > 0.9995:
+        return (1 - t) * v0 + t * v1
+    th = torch.acos(torch.tensor(d, dtype=torch.float64))
+    s = torch.sin(th)
+    return torch.sin((1 - t) * th) / s * v0 + torch.sin(t * th) / s * v1
+
+
 def slerp_ref(base, other, t):
-    def merge(k, v0, _):
-        v1 = other[k].double()
-        n0, n1 = v0.norm().item(), v1.norm().item()
-        d = (v0 * v1).sum().item() / ((n0 if n0 > 1e-8 else 1) * (n1 if n1 > 1e-8 else 1))
-        if abs(d) > 0.9995:
-            return (1 - t) * v0 + t * v1
-        th = torch.acos(torch.tensor(d, dtype=torch.float64))
-        s = torch.sin(th)
-        return torch.sin((1 - t) * th) / s * v0 + torch.sin(t * th) / s * v1
-    return reference(base, [], False, merge)
+    return reference(base, [], False, lambda k, v0, _: slerp_tensor(v0, other[k].double(), t))
 
 
 @pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])

@@ -570,15 +570,6 @@ BAD_RECIPES = {
         models: [{A}, {B}]
         output: out.pt
         """, ["recipe.yaml:3:1:", "duplicate key 'models'", "line 2"]),
-    "gradient_weight": ("""
-        merge_method: linear
-        models:
-          - model: {A}
-            parameters: {{weight: [0, 0.5, 1]}}
-          - model: {B}
-            parameters: {{weight: 1}}
-        output: out.pt
-        """, ["recipe.yaml:4:26:", "gradients", "not supported"]),
     "narrow_compute_dtype": ("""
         name: simple_average
         models: [{A}, {B}]
