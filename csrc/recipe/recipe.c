@@ -964,13 +964,31 @@ static tm_status parse_slices(ictx *c, const tm_rnode *slices, const tm_rnode **
     return st;
 }
 
+/* mergekit's tokenizer settings: a union vocabulary resizes the embeddings and the head, which
+ * changes the weights, so it cannot be honoured: an error. Any other source (base, a model) keeps
+ * the weights as they are; torchmerge writes weights only, so the warning says so. */
+static tm_status check_tokenizer(ictx *c, const tm_rnode *root) {
+    const tm_rnode *ts = tm_rnode_get(root, "tokenizer_source"), *tk = tm_rnode_get(root, "tokenizer");
+    const tm_rnode *src = !is_null(ts) ? ts : !is_null(tk) && tk->kind == TM_RNODE_MAP ? tm_rnode_get(tk, "source") : NULL;
+    if (src && src->kind == TM_RNODE_SCALAR && !strcmp(src->text, "union"))
+        return ierr(c, TM_ERROR_UNSUPPORTED, src,
+                    "tokenizer source 'union' builds a merged vocabulary and resizes the embeddings; torchmerge merges "
+                    "the weights as they are (drop the setting, or merge with tokenizer_source: base)");
+    if (src && src->kind != TM_RNODE_SCALAR)
+        return ierr(c, TM_ERROR_UNSUPPORTED, src,
+                    "tokenizer source with per-token settings changes the embeddings; torchmerge merges the weights "
+                    "as they are");
+    return TM_OK;
+}
+
 static tm_status interpret_keys(ictx *c, const tm_rnode *root, const char *const *top_keys,
                                 const char *const *method_keys, const char *const *param_keys,
                                 const char *const *mergekit_ignored) {
     tm_recipe *r = c->r;
     tm_status st;
+    if ((st = check_tokenizer(c, root))) return st;
     if ((st = check_keys(c, root, "the recipe", top_keys, mergekit_ignored,
-                         "a mergekit setting that plain averaging does not use")))
+                         "torchmerge writes the merged weights only; copy tokenizer files yourself")))
         return st;
 
     /* method: its name and parameters at the top (a FusionBench method file), under method:,

@@ -672,7 +672,7 @@ def test_ignored_mergekit_settings_are_warnings(fx, work):
     recipe = write_recipe(work, """
         merge_method: linear
         base_model: %s
-        tokenizer_source: union
+        tokenizer_source: base
         models:
           - model: %s
             parameters: {weight: 1}
@@ -684,6 +684,20 @@ def test_ignored_mergekit_settings_are_warnings(fx, work):
     assert any("recipes/recipe.yaml:2:1: ignored 'base_model'" in w for w in res.warnings), res.describe()
     assert any("ignored 'tokenizer_source'" in w for w in res.warnings), res.describe()
     assert sha256(work / "out.pt") == sha256(cli_ok(work, "simple_average", *fx("sd_a.pt", "sd_b.pt")))
+
+
+@pytest.mark.parametrize("setting", ["tokenizer_source: union", "tokenizer: {source: union}",
+                                     "tokenizer: {source: {kind: model_token, model: x}}"])
+def test_a_tokenizer_that_changes_the_embeddings_is_an_error(fx, work, setting):
+    recipe = write_recipe(work, """
+        merge_method: linear
+        %s
+        models: [%s, %s]
+        output: out.pt
+        """ % (setting, rel(fx("sd_a.pt"), work), rel(fx("sd_b.pt"), work)))
+    res = tm("run", recipe, cwd=work)
+    assert res.rc != 0 and len(res.errors) == 1 and "tokenizer source" in res.errors[0], res.describe()
+    assert not (work / "out.pt").exists()
 
 
 # ---- the recorded recipe -------------------------------------------------------------------------
