@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 .ci/install-deps
 cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build build -j"$(nproc)" --target torchmerge_cli torchmerge_torch >/dev/null
-exec /usr/bin/python3 bench/bench.py --work "${BENCH_WORK:-/tmp/torchmerge-bench}" "$@"
+/usr/bin/python3 bench/bench.py --work "${BENCH_WORK:-/tmp/torchmerge-bench}" "$@"
+/usr/bin/python3 bench/bench_distributed.py --work "${BENCH_WORK:-/tmp/torchmerge-bench}/distributed"

@@ -357,9 +357,37 @@ typedef struct tm_merge_options {
      * (0-based) and merged floating tensor, or NULL. Written beside it and renamed, as the
      * output. Added in 0.2 after base. */
     const char *masks_out;
+    /* A merge across hosts (torch.distributed's c10d with Gloo; docs/distributed.md), or NULL
+     * for a merge on this host. Every rank calls tm_merge_files with its own local inputs (n may
+     * be 0 then) and the same method, parameters and output options. Added in 0.2 after
+     * masks_out. */
+    const struct tm_distributed_options *distributed;
 } tm_merge_options;
 
 TM_API void tm_merge_options_init(tm_merge_options *opts);
+
+/* Where this process sits in a distributed merge (tm_merge_options.distributed). Each rank
+ * merges its local inputs into float64 block sums; the sums are all-reduced over Gloo in
+ * float64 and rounded once to the output dtype, so the output is the single-host merge of all
+ * the ranks' inputs in rank order. Methods that are sums only: simple_average,
+ * weighted_average (weights normalised by their global sum) and task_arithmetic (the base on
+ * rank 0). Before any tensor data moves, the ranks agree through the store on the world size,
+ * the method and its parameters, and the plan (names, shapes, dtypes); any difference fails
+ * every rank with one line naming the rank and the first differing tensor. Needs
+ * libtorchmerge_torch built with Gloo. */
+typedef struct tm_distributed_options {
+    size_t struct_size;      /* sizeof(tm_distributed_options), set by tm_distributed_options_init */
+    int rank;                /* this process, 0 .. world_size - 1; -1 (default): $RANK */
+    int world_size;          /* the number of processes; 0 (default): $WORLD_SIZE */
+    const char *master_addr; /* rank 0's host (its TCPStore); NULL (default): $MASTER_ADDR */
+    int master_port;         /* rank 0's TCPStore port; 0 (default): $MASTER_PORT */
+    double timeout_seconds;  /* bounds the rendezvous and every collective; 0 (default): 300 */
+    int output_on_all;       /* 0 (default): rank 0 writes the output; 1: every rank does */
+    const char *ifname;      /* network interface for Gloo; NULL (default): $GLOO_SOCKET_IFNAME,
+                                else the address this host's name resolves to */
+} tm_distributed_options;
+
+TM_API void tm_distributed_options_init(tm_distributed_options *opts);
 
 /* Merges the n input files into output with opts->method, tensor by tensor, streaming (for the
  * averages θ = Σ wᵢθᵢ). Floating tensors are computed in float64 (complex128) and rounded once to

@@ -1,7 +1,9 @@
 #define _GNU_SOURCE
 #include "cli/cli_common.h"
 
+#include <errno.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -92,4 +94,14 @@ void tm_cli_print_profile(const tm_profile *p) {
     for (int i = 0; i < 3; i++)
         fprintf(stderr, "%-8s %8llu %12.6f %12.6f\n", names[i], (unsigned long long)calls[i],
                 calls[i] ? totals[i] / (double)calls[i] : 0.0, totals[i]);
+}
+
+int tm_cli_int(const char *arg, const char *flag, long lo, long hi, int *out, const char *help) {
+    char *end;
+    errno = 0;
+    long v = strtol(arg, &end, 10);
+    if (errno || end == arg || *end || v < lo || v > hi)
+        return tm_cli_usage_error(help, "%s: '%s' is not a whole number in [%ld, %ld]", flag, arg, lo, hi);
+    *out = (int)v;
+    return 0;
 }

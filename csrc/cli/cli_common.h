@@ -24,5 +24,7 @@ void tm_cli_set_callbacks(tm_merge_options *o);
  * an over-limit write fails with EFBIG through the normal error path. */
 void tm_cli_install_signal_handlers(void);
 void tm_cli_print_profile(const tm_profile *p);
+/* A whole number in [lo, hi] into *out: 0, or the usage error's exit status after printing it. */
+int tm_cli_int(const char *arg, const char *flag, long lo, long hi, int *out, const char *help);
 
 #endif

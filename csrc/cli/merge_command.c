@@ -13,6 +13,7 @@
 #include "cli/cli_common.h"
 
 enum { OPT_FORMAT = 256, OPT_BASE, OPT_TEMPLATE, OPT_DTYPE, OPT_KEYS, OPT_KEY, OPT_PROFILE, OPT_MAX_SHARD, OPT_MASKS_OUT,
+       OPT_DISTRIBUTED, OPT_RANK, OPT_WORLD_SIZE, OPT_MASTER_ADDR, OPT_MASTER_PORT, OPT_TIMEOUT, OPT_OUTPUT_ON,
        OPT_PARAM = 512 };
 
 static const struct option common_options[] = {
@@ -21,7 +22,11 @@ static const struct option common_options[] = {
     {"template", required_argument, 0, OPT_TEMPLATE}, {"dtype", required_argument, 0, OPT_DTYPE},
     {"keys", required_argument, 0, OPT_KEYS},   {"key", required_argument, 0, OPT_KEY},
     {"profile", no_argument, 0, OPT_PROFILE},   {"max-shard-size", required_argument, 0, OPT_MAX_SHARD},
-    {"quiet", no_argument, 0, 'q'},             {"help", no_argument, 0, 'h'}};
+    {"quiet", no_argument, 0, 'q'},             {"help", no_argument, 0, 'h'},
+    {"distributed", no_argument, 0, OPT_DISTRIBUTED}, {"rank", required_argument, 0, OPT_RANK},
+    {"world-size", required_argument, 0, OPT_WORLD_SIZE}, {"master-addr", required_argument, 0, OPT_MASTER_ADDR},
+    {"master-port", required_argument, 0, OPT_MASTER_PORT}, {"timeout", required_argument, 0, OPT_TIMEOUT},
+    {"output-on", required_argument, 0, OPT_OUTPUT_ON}};
 #define N_COMMON (sizeof common_options / sizeof *common_options)
 
 /* "normalize" → "normalize", "majority_sign" → "majority-sign" (into buf). */
@@ -85,7 +90,15 @@ void tm_cli_print_common_options(FILE *f) {
             "  --key NAME              state dict inside nested checkpoints (e.g. state_dict,\n"
             "                          model.ema); found automatically when unambiguous\n"
             "  --profile               print time spent loading, merging and saving\n"
-            "  -q, --quiet             no warnings, no progress bar\n");
+            "  -q, --quiet             no warnings, no progress bar\n"
+            "\ndistributed (merge the inputs of several hosts over torch.distributed's Gloo;\n"
+            "docs/distributed.md; every rank runs the same command with its own INPUTs, maybe none):\n"
+            "  --distributed           this process is one rank of a distributed merge\n"
+            "  --rank R, --world-size W, --master-addr HOST, --master-port PORT\n"
+            "                          default: $RANK, $WORLD_SIZE, $MASTER_ADDR, $MASTER_PORT (as\n"
+            "                          torchrun sets them); Gloo's interface: $GLOO_SOCKET_IFNAME\n"
+            "  --timeout SECONDS       bounds the rendezvous and every exchange (default 300)\n"
+            "  --output-on 0|all       rank 0 writes OUT (default), or every rank does\n");
 }
 
 static void method_usage(FILE *f, size_t method) {
@@ -149,6 +162,9 @@ int tm_cli_merge(int argc, char **argv, size_t method) {
     size_t n_params = 0;
     tm_profile prof;
     tm_profile_init(&prof);
+    tm_distributed_options dist;
+    tm_distributed_options_init(&dist);
+    int distributed = 0;
     optind = 1;
     opterr = 0;
     while (rc < 0 && (c = getopt_long(argc, argv, ":o:qh", longopts, NULL)) != -1) {
@@ -168,6 +184,24 @@ int tm_cli_merge(int argc, char **argv, size_t method) {
         case OPT_KEYS: if ((c = tm_cli_set_keys(&o, optarg, help))) rc = c; break;
         case OPT_KEY: o.key = optarg; break;
         case OPT_PROFILE: profile = 1; break;
+        case OPT_DISTRIBUTED: distributed = 1; break;
+        case OPT_RANK: if ((c = tm_cli_int(optarg, "--rank", 0, 1 << 20, &dist.rank, help))) rc = c; break;
+        case OPT_WORLD_SIZE:
+            if ((c = tm_cli_int(optarg, "--world-size", 1, 1 << 20, &dist.world_size, help))) rc = c;
+            break;
+        case OPT_MASTER_ADDR: dist.master_addr = optarg; break;
+        case OPT_MASTER_PORT: if ((c = tm_cli_int(optarg, "--master-port", 1, 65535, &dist.master_port, help))) rc = c; break;
+        case OPT_TIMEOUT: {
+            char *end;
+            dist.timeout_seconds = strtod(optarg, &end);
+            if (*end || !(dist.timeout_seconds > 0) || dist.timeout_seconds > 1e6)
+                rc = tm_cli_usage_error(help, "--timeout: '%s' is not a number of seconds in (0, 1e6]", optarg);
+            break;
+        }
+        case OPT_OUTPUT_ON:
+            if (strcmp(optarg, "all") == 0) dist.output_on_all = 1;
+            else if (strcmp(optarg, "0") != 0) rc = tm_cli_usage_error(help, "--output-on: '%s' is neither 0 nor all", optarg);
+            break;
         case ':': rc = tm_cli_usage_error(help, "option '%s' needs a value", argv[optind - 1]); break;
         case '?': rc = tm_cli_usage_error(help, "unknown option '%s'", argv[optind - 1]); break;
         default: {
@@ -185,8 +219,13 @@ int tm_cli_merge(int argc, char **argv, size_t method) {
     }
     int n = argc - optind;
     if (rc < 0 && !output) rc = tm_cli_usage_error(help, "missing -o OUT");
-    if (rc < 0 && n < 1) rc = tm_cli_usage_error(help, "no input files");
+    if (rc < 0 && n < 1 && !distributed) rc = tm_cli_usage_error(help, "no input files");
+    if (rc < 0 && !distributed && (dist.rank >= 0 || dist.world_size || dist.master_addr || dist.master_port ||
+                                   dist.timeout_seconds > 0 || dist.output_on_all))
+        rc = tm_cli_usage_error(help, "--rank, --world-size, --master-addr, --master-port, --timeout and --output-on "
+                                      "need --distributed");
     if (rc < 0) {
+        if (distributed) o.distributed = &dist;
         o.params = params;
         o.n_params = n_params;
         tm_cli_set_callbacks(&o);

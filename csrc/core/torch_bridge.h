@@ -16,11 +16,22 @@
 extern "C" {
 #endif
 
-#define TM_TORCH_BRIDGE_ABI 2u
+#define TM_TORCH_BRIDGE_ABI 3u
 #define TM_TORCH_BRIDGE_SYMBOL "tm_torch_bridge_v1"
 #define TM_TORCH_BRIDGE_LIBRARY "libtorchmerge_torch.so"
 
 typedef struct tm_module_writer tm_module_writer;
+typedef struct tm_dist_session tm_dist_session;
+
+/* A rank of a merge across hosts, resolved (flags over the environment): see
+ * tm_distributed_options. */
+typedef struct tm_dist_config {
+    int rank, world_size;
+    const char *master_addr;
+    int master_port;
+    double timeout_seconds;
+    const char *ifname; /* NULL or "": the address this host reaches master_addr from */
+} tm_dist_config;
 
 typedef struct tm_torch_bridge {
     unsigned abi;
@@ -55,6 +66,27 @@ typedef struct tm_torch_bridge {
      * with no grad, and eval.forward(outputs) must return a one-element tensor, the score
      * (higher is better), stored in *score as a double. Both modules are loaded on the CPU. */
     tm_status (*score_module)(const char *model_path, const char *eval_path, double *score, tm_error *err);
+
+    /* ABI 3. Merges across hosts over torch.distributed's c10d (csrc/torch/distributed.cpp);
+     * all NULL when libtorchmerge_torch was built without Gloo. Every wait is bounded by the
+     * config's timeout.
+     * dist_open: the rendezvous through rank 0's TCPStore; every rank must give the same world
+     * size. dist_exchange: publishes mine under topic and returns every rank's text, in rank
+     * order (*all: world_size malloc'ed strings in a malloc'ed array, freed by the caller).
+     * dist_start: connects the Gloo process group. dist_send / dist_recv: count doubles to / from
+     * one rank (in order per pair); dist_broadcast: root's data to every rank.
+     * dist_check_world: fails when more processes joined than the world size (a WORLD_SIZE that
+     * differs between ranks, a RANK given twice) or a rank gave up. dist_abort: tells the other
+     * ranks this one failed (they stop waiting). dist_close: frees the session. */
+    tm_status (*dist_open)(const tm_dist_config *cfg, tm_dist_session **out, tm_error *err);
+    tm_status (*dist_exchange)(tm_dist_session *s, const char *topic, const char *mine, char ***all, tm_error *err);
+    tm_status (*dist_start)(tm_dist_session *s, tm_error *err);
+    tm_status (*dist_send)(tm_dist_session *s, int to, double *data, size_t count, tm_error *err);
+    tm_status (*dist_recv)(tm_dist_session *s, int from, double *data, size_t count, tm_error *err);
+    tm_status (*dist_broadcast)(tm_dist_session *s, int root, double *data, size_t count, tm_error *err);
+    tm_status (*dist_check_world)(tm_dist_session *s, tm_error *err);
+    void (*dist_abort)(tm_dist_session *s, const char *message);
+    void (*dist_close)(tm_dist_session *s);
 } tm_torch_bridge;
 
 /* Loads libtorchmerge_torch (once, thread-safe) from the folder libtorchmerge lives in. */

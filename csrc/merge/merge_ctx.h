@@ -4,6 +4,7 @@
 #ifndef TM_MERGE_MERGE_CTX_H
 #define TM_MERGE_MERGE_CTX_H
 
+#include "merge/cross_rank.h"
 #include "merge/method.h"
 #include "merge/plan.h"
 
@@ -37,6 +38,7 @@ typedef struct merge_ctx {
     tm_profile prof;
     tm_name_list differing; /* non-floating tensors whose values differ between inputs */
     tm_name_list ignored;   /* TorchScript output: tensors the module has no place for */
+    const tm_cross_rank *xr; /* a merge across hosts: the block sums' reduction, or NULL */
 } merge_ctx;
 
 /* Monotonic seconds, for the profile. */

@@ -155,9 +155,11 @@ static tm_status run(merge_ctx *c, const char *const *paths, const char *output,
     if (st) return st;
     if (format != TM_FORMAT_SAFETENSORS && folder)
         return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: is a folder; folder output is sharded safetensors", output);
-    if (c->o->masks_out) st = tm_mask_writer_open(c, c->o->masks_out, output, err);
+    if (c->xr) st = c->xr->agree(c->xr->user, c, format, err); /* a merge across hosts: distributed.c */
+    if (!st && c->o->masks_out) st = tm_mask_writer_open(c, c->o->masks_out, output, err);
     if (!st) st = tm_model_passes(c, err);
-    if (!st) st = write_output(c, paths, output, folder, format, err);
+    if (!st) st = c->xr && c->xr->discard_output ? tm_cross_rank_discard(c, err)
+                                                 : write_output(c, paths, output, folder, format, err);
     if (!st) st = tm_mask_writer_commit(c, err);
     tm_mask_writer_abort(c);
     if (!st && c->differing.count)
@@ -184,10 +186,18 @@ tm_status tm_merge_files_as(const char *const *inputs, size_t n, const char *out
     tm_merge_options_init(&o);
     if (opts && TM_STRUCT_CHECK(opts, err)) return err->status;
     if (opts) TM_STRUCT_COPY_IN(&o, opts);
+    if (o.distributed) return tm_merge_distributed(inputs, n, output, &o, label, err);
+    return tm_merge_files_xr(inputs, n, output, &o, label, NULL, err);
+}
+
+tm_status tm_merge_files_xr(const char *const *inputs, size_t n, const char *output, const tm_merge_options *opts,
+                            const char *label, const tm_cross_rank *xr, tm_error *err) {
+    tm_merge_options o = *opts;
     if (o.profile && TM_STRUCT_CHECK(o.profile, err)) return err->status;
     merge_ctx c;
     memset(&c, 0, sizeof c);
     c.o = &o;
+    c.xr = xr;
     c.label = label;
     c.n = n;
     tm_profile_init(&c.prof);

@@ -5,6 +5,7 @@
 #include "merge/merge_unit.h"
 
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
@@ -21,6 +22,12 @@ tm_status tm_merge_worker_init(tm_merge_worker *w, const merge_ctx *c) {
     w->shape1 = malloc(n * sizeof *w->shape1);
     w->stride1 = malloc(n * sizeof *w->stride1);
     w->input = malloc(n * sizeof *w->input);
+    w->xr = c->xr;
+    if (c->xr && !((w->xr_sums = malloc(2 * TM_BLOCK_ELEMS * sizeof *w->xr_sums)) &&
+                   (w->xr_prev = malloc(2 * TM_BLOCK_ELEMS * sizeof *w->xr_prev)) &&
+                   (w->xr_coef = malloc((n + 1) * sizeof *w->xr_coef)) &&
+                   (w->xr_views = malloc((n + 1) * sizeof *w->xr_views))))
+        return TM_ERROR_NOMEM;
     return w->acc && w->params && w->state && w->views && w->shape1 && w->stride1 && w->input ? TM_OK
                                                                                              : TM_ERROR_NOMEM;
 }
@@ -34,6 +41,10 @@ void tm_merge_worker_free(tm_merge_worker *w) {
     free(w->shape1);
     free(w->stride1);
     free(w->input);
+    free(w->xr_sums);
+    free(w->xr_prev);
+    free(w->xr_coef);
+    free(w->xr_views);
     memset(w, 0, sizeof *w);
 }
 
@@ -113,6 +124,37 @@ static size_t block_count(uint64_t numel, uint64_t begin) {
     return numel - begin < TM_BLOCK_ELEMS ? (size_t)(numel - begin) : TM_BLOCK_ELEMS;
 }
 
+/* A merge across hosts (cross_rank.h): the block's float64 (complex128) sum Σ state[j]·in[j],
+ * started from the previous ranks' running sum, handed on, and the total rounded once. */
+static tm_status cross_rank_apply(tm_merge_worker *w, const tm_method_tensor *t, uint64_t begin, size_t count,
+                                  void *dst, tm_error *err) {
+    int complex = t->out_dtype == TM_COMPLEX64 || t->out_dtype == TM_COMPLEX128;
+    tm_dtype wide = complex ? TM_COMPLEX128 : TM_FLOAT64;
+    size_t doubles = complex ? 2 * count : count;
+    int has_prev = 0;
+    tm_status st = w->xr->before(w->xr->user, w->xr_prev, doubles, &has_prev, err);
+    /* The running sum as input 0 with weight 1 (exact), so the kernel adds this rank's terms to it
+     * in the single-host order. Its view starts at element begin. */
+    int64_t prev_shape = (int64_t)(begin + count), one = 1;
+    w->xr_views[0] = (tm_view){(const uint8_t *)w->xr_prev, wide, 1, &prev_shape, &one, -(int64_t)begin};
+    w->xr_coef[0] = 1.0;
+    memcpy(w->xr_views + 1, t->in, t->n * sizeof *t->in);
+    memcpy(w->xr_coef + 1, w->state, t->n * sizeof *w->state);
+    if (!st)
+        tm_kernel_weighted_sum(w->xr_views + !has_prev, w->xr_coef + !has_prev, t->n + (size_t)has_prev, begin, count,
+                               wide, w->xr_sums, w->acc);
+    if (!st) st = w->xr->after(w->xr->user, w->xr_sums, doubles, err);
+    int64_t shape = (int64_t)count;
+    tm_view sums = {(const uint8_t *)w->xr_sums, wide, 1, &shape, &one, 0};
+    if (!st) tm_kernel_copy(&sums, 0, count, t->out_dtype, dst);
+    else {
+        char what[300];
+        snprintf(what, sizeof what, "tensor '%s'", t->name);
+        tm_error_prefix(err, what);
+    }
+    return st;
+}
+
 tm_status tm_merge_floating(const tm_method *m, tm_merge_worker *w, const tm_method_tensor *t,
                             const tm_block_out *out, tm_error *err) {
     tm_status st = m->prepare(t, w->state, err);
@@ -132,8 +174,10 @@ tm_status tm_merge_floating(const tm_method *m, tm_merge_worker *w, const tm_met
         uint8_t *dst = out->next(out->user);
         if (!dst) return tm_error_set(err, TM_ERROR_INTERRUPTED, "cancelled");
         double t0 = tm_merge_now();
-        m->apply(t, w->state, begin, count, dst, w->acc);
+        if (w->xr) st = cross_rank_apply(w, t, begin, count, dst, err);
+        else m->apply(t, w->state, begin, count, dst, w->acc);
         w->merge_seconds += tm_merge_now() - t0;
+        if (st) break;
         w->merge_calls++;
         st = out->put(out->user, dst, count * item, err);
     }

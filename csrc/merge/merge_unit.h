@@ -22,6 +22,10 @@ typedef struct tm_merge_worker {
     int64_t *shape1, *stride1;
     size_t *input;
     double merge_seconds; /* in the arithmetic only, not waiting for a free block */
+    const tm_cross_rank *xr; /* a merge across hosts (cross_rank.h), or NULL */
+    double *xr_sums, *xr_prev, *xr_coef; /* then a block's float64 (complex128) sums, the other ranks'
+                                             running sum, and the coefficients with its 1 */
+    tm_view *xr_views;    /* the running sum's view, then the inputs' */
     size_t merge_calls;
 } tm_merge_worker;
 

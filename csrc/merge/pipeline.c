@@ -193,7 +193,7 @@ static tm_status write_unit(pipeline *p, ring *r, size_t u, const tm_sink *snk, 
 tm_status tm_pipeline_run(merge_ctx *c, const size_t *order, size_t u0, size_t u1, const tm_sink *snk, size_t *done,
                           tm_error *err) {
     pipeline p = {.c = c, .u1 = u1, .order = order, .want_crc = snk->want_crc,
-                  .n_rings = tm_pipeline_threads(u1 - u0)};
+                  .n_rings = c->xr ? 1 : tm_pipeline_threads(u1 - u0)}; /* xr: collectives in plan order */
     int ok = 1;
     for (size_t r = 0; r < p.n_rings; r++) {
         ring *rg = &p.rings[r];

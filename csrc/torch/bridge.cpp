@@ -9,6 +9,13 @@ const tm_torch_bridge kBridge = {
     torchmerge::sd_free,   torchmerge::sd_size,  torchmerge::sd_tensor, torchmerge::sd_find,
     torchmerge::sd_set,    torchmerge::sd_add,   torchmerge::sd_mul,    torchmerge::sd_save,
     torchmerge::score_module,
+#ifdef TM_WITH_GLOO
+    torchmerge::dist_open,      torchmerge::dist_exchange,    torchmerge::dist_start, torchmerge::dist_send,
+    torchmerge::dist_recv,      torchmerge::dist_broadcast,   torchmerge::dist_check_world,
+    torchmerge::dist_abort,     torchmerge::dist_close,
+#else
+    nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+#endif
 };
 }  // namespace
 

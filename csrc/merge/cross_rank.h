@@ -1,0 +1,43 @@
+/* The engine's one hook for merges across hosts (distributed.c sets it). A floating tensor's
+ * block is the float64 sum Σ state[j]·in[j] over the global input list (rank 0's inputs, then
+ * rank 1's, ...; the averages' apply, which distributed.c translates the sum methods into),
+ * accumulated in that order across the ranks, as one host accumulates it: before() gives the
+ * running sum of the ranks before this one, which the kernel starts from, after() hands the
+ * running sum on and returns the total, which the engine rounds once to the output dtype. So the
+ * output is the single-host merge's, bit for bit. The pipeline runs one merging thread then, so
+ * every rank exchanges its blocks in the plan's order. C11. */
+#ifndef TM_MERGE_CROSS_RANK_H
+#define TM_MERGE_CROSS_RANK_H
+
+#include <stddef.h>
+
+#include "core/error.h"
+#include "torchmerge.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct merge_ctx;
+
+typedef struct tm_cross_rank {
+    /* prev[0 .. count) = the running sum of the ranks before this one for the block; *has_prev = 0
+     * on the first rank (nothing received). count: doubles (two per complex element). */
+    tm_status (*before)(void *user, double *prev, size_t count, int *has_prev, tm_error *err);
+    /* sums[0 .. count) = prev + this rank's terms: handed on; replaced by the total over every
+     * rank on a rank that writes the output. */
+    tm_status (*after)(void *user, double *sums, size_t count, tm_error *err);
+    /* After the plan is built, before any tensor is read: the ranks agree on it. */
+    tm_status (*agree)(void *user, const struct merge_ctx *c, tm_format format, tm_error *err);
+    int discard_output; /* 1: this rank reduces with the others but writes nothing */
+    void *user;
+} tm_cross_rank;
+
+/* Runs every unit of c's plan through the pipeline in plan order, writing nothing (a rank that
+ * only contributes its sums). */
+tm_status tm_cross_rank_discard(struct merge_ctx *c, tm_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

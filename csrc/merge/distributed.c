@@ -1,0 +1,520 @@
+/* tm_merge_files across hosts (tm_merge_options.distributed; docs/distributed.md). Each rank
+ * merges its local inputs with the method's coefficients computed over the global list of
+ * inputs (rank 0's first, then rank 1's, ...). Each float64 block sum travels down the ranks in
+ * order (rank r receives the running sum from r − 1, adds its terms, sends it to r + 1: the
+ * single-host accumulation order, hence the single-host bits), and the last rank sends the total
+ * to rank 0 (or broadcasts it with --output-on all), which rounds it once. The methods that
+ * are sums of the inputs are translated here into weighted_average with those global
+ * coefficients (task_arithmetic: rank 0 adds the base with coefficient 1 − Σ cᵢ), so the
+ * methods' own code is untouched. Before any tensor is read, the ranks agree through the store:
+ * world size, method and parameters ("hello"), then the plan ("plan"). The network half is
+ * LibTorch's c10d over Gloo, through the bridge (csrc/torch/distributed.cpp). C11. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/struct_size.h"
+#include "core/torch_bridge.h"
+#include "merge/cross_rank.h"
+#include "merge/merge_ctx.h"
+#include "merge/merge_files_internal.h"
+#include "merge/pipeline.h"
+#include "merge/sink.h"
+
+/* A growable string. */
+typedef struct text {
+    char *s;
+    size_t len, cap;
+    int oom;
+} text;
+
+static void add(text *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void add(text *t, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int k = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (k < 0 || t->oom) return;
+    if (t->len + (size_t)k + 1 > t->cap) {
+        size_t cap = (t->len + (size_t)k + 1) * 2;
+        char *s = realloc(t->s, cap);
+        if (!s) {
+            t->oom = 1;
+            return;
+        }
+        t->s = s;
+        t->cap = cap;
+    }
+    va_start(ap, fmt);
+    vsnprintf(t->s + t->len, (size_t)k + 1, fmt, ap);
+    va_end(ap);
+    t->len += (size_t)k;
+}
+
+typedef struct session {
+    const tm_torch_bridge *b;
+    tm_dist_session *s;
+    tm_dist_config cfg;
+    int output_on_all;
+    size_t *counts;        /* local inputs per rank (after the translation: rank 0's base included) */
+    uint64_t n_blocks, done_blocks; /* the blocks of the plan, and those passed on so far */
+} session;
+
+static void free_all(char **all, int n) {
+    for (int i = 0; all && i < n; i++) free(all[i]);
+    free(all);
+}
+
+/* ---- Configuration: flags over the torchrun environment variables ----------------------- */
+
+static tm_status env_int(const char *name, const char *flag, long lo, long hi, int *out, tm_error *err) {
+    const char *v = getenv(name);
+    if (!v || !*v)
+        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: not set (%s, or the %s environment variable)", name,
+                            flag, name);
+    char *end;
+    errno = 0;
+    long x = strtol(v, &end, 10);
+    if (errno || *end || x < lo || x > hi)
+        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s: '%s' is not a whole number in [%ld, %ld]", name, v, lo,
+                            hi);
+    *out = (int)x;
+    return TM_OK;
+}
+
+static tm_status resolve_config(const tm_distributed_options *given, tm_dist_config *cfg, int *output_on_all,
+                                tm_error *err) {
+    tm_distributed_options d;
+    tm_distributed_options_init(&d);
+    if (TM_STRUCT_CHECK(given, err)) return err->status;
+    TM_STRUCT_COPY_IN(&d, given);
+    tm_status st = TM_OK;
+    cfg->world_size = d.world_size;
+    if (d.world_size <= 0) st = env_int("WORLD_SIZE", "--world-size", 1, 1 << 20, &cfg->world_size, err);
+    cfg->rank = d.rank;
+    if (!st && d.rank < 0) st = env_int("RANK", "--rank", 0, 1 << 20, &cfg->rank, err);
+    if (!st && cfg->rank >= cfg->world_size)
+        st = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "RANK %d is not below WORLD_SIZE %d", cfg->rank,
+                          cfg->world_size);
+    cfg->master_addr = d.master_addr ? d.master_addr : getenv("MASTER_ADDR");
+    if (!st && (!cfg->master_addr || !*cfg->master_addr))
+        st = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
+                          "MASTER_ADDR: not set (--master-addr, or the MASTER_ADDR environment variable)");
+    cfg->master_port = d.master_port;
+    if (!st && d.master_port <= 0) st = env_int("MASTER_PORT", "--master-port", 1, 65535, &cfg->master_port, err);
+    if (!st && cfg->master_port > 65535)
+        st = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "MASTER_PORT: %d is not a port", cfg->master_port);
+    cfg->timeout_seconds = d.timeout_seconds > 0 ? d.timeout_seconds : 300;
+    cfg->ifname = d.ifname;
+    *output_on_all = d.output_on_all != 0;
+    return st;
+}
+
+void tm_distributed_options_init(tm_distributed_options *opts) {
+    TM_STRUCT_INIT(opts);
+    if (opts) opts->rank = -1;
+}
+
+/* ---- What the ranks agree on ----------------------------------------------------------- */
+
+/* The methods that are sums of the inputs, hence computable from sums across ranks. */
+static int is_sum_method(const tm_method *m) {
+    return strcmp(m->name, "simple_average") == 0 || strcmp(m->name, "weighted_average") == 0 ||
+           strcmp(m->name, "task_arithmetic") == 0;
+}
+
+static int param_index(const tm_method *m, const char *name) {
+    for (size_t j = 0; j < m->n_params; j++)
+        if (strcmp(m->params[j].name, name) == 0) return (int)j;
+    return -1;
+}
+
+/* Resolves the method's parameters for this rank's n inputs (a rank without inputs resolves its
+ * per-input parameters as one input of weight 1: only the others are compared). */
+static tm_status resolve_params(const tm_method *m, const tm_merge_options *o, size_t n, tm_param_values *pv,
+                                tm_error *err) {
+    if (n) return tm_param_values_resolve(m, o->params, o->n_params, n, pv, err);
+    tm_param *p = calloc(o->n_params + m->n_params + 1, sizeof *p);
+    if (!p) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    size_t k = 0;
+    for (size_t i = 0; i < o->n_params; i++) {
+        int j = param_index(m, o->params[i].name);
+        if (j < 0 || !m->params[j].per_input) p[k++] = o->params[i];
+    }
+    for (size_t j = 0; j < m->n_params; j++)
+        if (m->params[j].per_input) p[k++] = (tm_param){m->params[j].name, "1", NULL, 0};
+    tm_status st = tm_param_values_resolve(m, p, k, 1, pv, err);
+    free(p);
+    return st;
+}
+
+/* "hello": what must be equal on every rank (first line), then this rank's inputs' weights. */
+static void hello_text(text *t, const session *se, const tm_merge_options *o, const tm_method *m,
+                       const tm_param_values *pv, size_t n) {
+    add(t, "world_size=%d method=%s keys=%d dtype=%s output_on=%s", se->cfg.world_size, m->name, (int)o->keys,
+        o->has_dtype ? tm_dtype_name(o->dtype) : "as-input", se->output_on_all ? "all" : "0");
+    for (size_t j = 0; j < m->n_params; j++) {
+        if (m->params[j].per_input) continue;
+        add(t, " %s=", m->params[j].name);
+        for (size_t i = 0; i < pv->count[j]; i++) add(t, "%s%.17g", i ? "," : "", pv->values[pv->at[j] + i]);
+    }
+    add(t, "\n%zu", n);
+    int w = param_index(m, "weights");
+    for (size_t i = 0; i < n; i++) add(t, " %a", w >= 0 ? pv->values[pv->at[w] + i] : 1.0);
+}
+
+/* The first word where a and b (one line each) differ, as "X vs Y", into out. */
+static void first_difference(const char *a, const char *b, char *out, size_t cap) {
+    size_t i = 0;
+    while (a[i] && a[i] == b[i]) i++;
+    while (i > 0 && a[i - 1] != ' ') i--; /* the start of the word (the prefix is the same in both) */
+    a += i, b += i;
+    size_t la = strcspn(a, " \n"), lb = strcspn(b, " \n");
+    snprintf(out, cap, "%.*s vs %.*s", (int)(la > 200 ? 200 : la), a, (int)(lb > 200 ? 200 : lb), b);
+}
+
+/* The plan as text, one line per unit: its tensor names, the first one's dtype and shape, the
+ * output dtype, whether it is averaged, its element count; after a line for the output format. */
+static void plan_text(text *t, const merge_ctx *c, tm_format format) {
+    add(t, "format=%d\n", (int)format);
+    for (size_t u = 0; u < c->plan.n_units; u++) {
+        const tm_unit *un = &c->plan.units[u];
+        tm_tensor_info ti = tm_merge_key_tensor(c, un->keys[0]);
+        for (size_t k = 0; k < un->n_keys; k++) add(t, "%s%s", k ? "," : "", c->plan.keys[un->keys[k]]);
+        add(t, "\t%s\t[", tm_dtype_name(ti.dtype));
+        for (int32_t d = 0; d < ti.ndim; d++) add(t, "%s%lld", d ? ", " : "", (long long)ti.shape[d]);
+        add(t, "]\t%s\t%d\t%lld\n", tm_dtype_name(un->out_dtype), un->floating, (long long)un->numel);
+    }
+}
+
+/* One plan line's fields. */
+typedef struct plan_line {
+    const char *names, *dtype, *shape, *out_dtype;
+    size_t lens[4];
+    int floating;
+    long long numel;
+} plan_line;
+
+static int parse_line(const char *line, plan_line *p) {
+    const char **f[4] = {&p->names, &p->dtype, &p->shape, &p->out_dtype};
+    for (int i = 0; i < 4; i++) {
+        *f[i] = line;
+        p->lens[i] = strcspn(line, "\t\n");
+        line += p->lens[i];
+        if (*line != '\t') return 0;
+        line++;
+    }
+    return sscanf(line, "%d\t%lld", &p->floating, &p->numel) == 2;
+}
+
+/* Compares rank r's plan with the reference's; the first difference into msg (same words on
+ * every rank). 1 when they are the same. */
+static int same_plan(const char *ref, int ref_rank, const char *mine, int r, char *msg, size_t cap) {
+    const char *a = ref, *b = mine;
+    size_t la = strcspn(a, "\n"), lb = strcspn(b, "\n");
+    if (la != lb || strncmp(a, b, la) != 0) {
+        snprintf(msg, cap, "rank %d writes another output format than rank %d: give every rank the same -o kind", r,
+                 ref_rank);
+        return 0;
+    }
+    a += la + (a[la] == '\n'), b += lb + (b[lb] == '\n');
+    while (*a || *b) {
+        la = strcspn(a, "\n"), lb = strcspn(b, "\n");
+        if (la == lb && strncmp(a, b, la) == 0) {
+            a += la + (a[la] == '\n'), b += lb + (b[lb] == '\n');
+            continue;
+        }
+        plan_line pa = {0}, pb = {0};
+        int oka = *a && parse_line(a, &pa), okb = *b && parse_line(b, &pb);
+        if (!okb)
+            snprintf(msg, cap, "rank %d's inputs lack tensor '%.*s' that rank %d's have (or have fewer tensors)", r,
+                     (int)pa.lens[0], pa.names, ref_rank);
+        else if (!oka)
+            snprintf(msg, cap, "rank %d's inputs hold tensor '%.*s' that rank %d's do not", r, (int)pb.lens[0],
+                     pb.names, ref_rank);
+        else if (pa.lens[0] != pb.lens[0] || strncmp(pa.names, pb.names, pa.lens[0]) != 0)
+            snprintf(msg, cap, "rank %d's tensor '%.*s' is '%.*s' on rank %d (names or order differ)", r,
+                     (int)pb.lens[0], pb.names, (int)pa.lens[0], pa.names, ref_rank);
+        else if (pa.lens[2] != pb.lens[2] || strncmp(pa.shape, pb.shape, pa.lens[2]) != 0)
+            snprintf(msg, cap, "rank %d: tensor '%.*s': shape %.*s differs from rank %d's %.*s", r, (int)pb.lens[0],
+                     pb.names, (int)pb.lens[2], pb.shape, ref_rank, (int)pa.lens[2], pa.shape);
+        else
+            snprintf(msg, cap, "rank %d: tensor '%.*s': dtype %.*s (output %.*s) differs from rank %d's %.*s (output %.*s)",
+                     r, (int)pb.lens[0], pb.names, (int)pb.lens[1], pb.dtype, (int)pb.lens[3], pb.out_dtype, ref_rank,
+                     (int)pa.lens[1], pa.dtype, (int)pa.lens[3], pa.out_dtype);
+        return 0;
+    }
+    return 1;
+}
+
+/* The blocks that travel: one per TM_BLOCK_ELEMS elements of every averaged unit. */
+static uint64_t count_blocks(const char *plan) {
+    uint64_t n = 0;
+    const char *line = strchr(plan, '\n');
+    for (line = line ? line + 1 : ""; *line; line += strcspn(line, "\n") + (line[strcspn(line, "\n")] == '\n')) {
+        plan_line p;
+        if (parse_line(line, &p) && p.floating && p.numel > 0)
+            n += ((uint64_t)p.numel + TM_BLOCK_ELEMS - 1) / TM_BLOCK_ELEMS;
+    }
+    return n;
+}
+
+/* The reference plan: the first rank (in rank order) with inputs. */
+static int reference_rank(const session *se) {
+    for (int r = 0; r < se->cfg.world_size; r++)
+        if (se->counts[r]) return r;
+    return -1;
+}
+
+/* Exchanges the plans and checks them; then connects the process group. c is NULL on a rank
+ * without inputs; *ref_plan then receives the reference plan (malloc'ed). */
+static tm_status agree_on_plan(session *se, const merge_ctx *c, tm_format format, char **ref_plan, tm_error *err) {
+    if (format == TM_FORMAT_TORCHSCRIPT)
+        return tm_error_set(err, TM_ERROR_UNSUPPORTED,
+                            "rank %d: TorchScript output is not supported by a distributed merge: write .pt or "
+                            ".safetensors (then rebuild the module on one host)", se->cfg.rank);
+    text mine = {0};
+    if (c) plan_text(&mine, c, format);
+    else add(&mine, "%s", "");
+    if (mine.oom) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    char **all = NULL;
+    tm_status st = se->b->dist_exchange(se->s, "plan", mine.s, &all, err);
+    free(mine.s);
+    if (st) return st;
+    int ref = reference_rank(se);
+    char msg[TM_ERROR_MSG_MAX - 64];
+    for (int r = 0; r < se->cfg.world_size && !st; r++)
+        if (se->counts[r] && !same_plan(all[ref], ref, all[r], r, msg, sizeof msg))
+            st = tm_error_set(err, TM_ERROR_MISMATCH, "distributed merge: %s; nothing written", msg);
+    if (!st) se->n_blocks = count_blocks(all[ref]);
+    if (!st && ref_plan) *ref_plan = strdup(all[ref]);
+    free_all(all, se->cfg.world_size);
+    if (!st) st = se->b->dist_start(se->s, err);
+    if (!st && se->n_blocks == 0) st = se->b->dist_check_world(se->s, err);
+    return st;
+}
+
+static tm_status xr_agree(void *user, const merge_ctx *c, tm_format format, tm_error *err) {
+    return agree_on_plan(user, c, format, NULL, err);
+}
+
+static tm_status xr_before(void *user, double *prev, size_t count, int *has_prev, tm_error *err) {
+    session *se = user;
+    *has_prev = se->cfg.rank > 0;
+    return *has_prev ? se->b->dist_recv(se->s, se->cfg.rank - 1, prev, count, err) : TM_OK;
+}
+
+static tm_status xr_after(void *user, double *sums, size_t count, tm_error *err) {
+    session *se = user;
+    int rank = se->cfg.rank, last = se->cfg.world_size - 1;
+    tm_status st = rank < last ? se->b->dist_send(se->s, rank + 1, sums, count, err) : TM_OK;
+    if (!st && se->output_on_all) st = se->b->dist_broadcast(se->s, last, sums, count, err);
+    else if (!st && last > 0 && rank == last) st = se->b->dist_send(se->s, 0, sums, count, err);
+    else if (!st && last > 0 && rank == 0) st = se->b->dist_recv(se->s, last, sums, count, err);
+    /* The last block: no rank beyond the world size may have joined (before rank 0 commits). */
+    if (!st && ++se->done_blocks == se->n_blocks) st = se->b->dist_check_world(se->s, err);
+    return st;
+}
+
+/* A rank without inputs: passes every block of the reference plan on, in its order. */
+static tm_status pass_on(session *se, tm_error *err) {
+    char *plan = NULL;
+    tm_status st = agree_on_plan(se, NULL, TM_FORMAT_AUTO, &plan, err);
+    double *sums = st ? NULL : malloc(2 * TM_BLOCK_ELEMS * sizeof *sums);
+    if (!st && !sums) st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    const char *line = plan ? strchr(plan, '\n') : NULL;
+    for (line = line ? line + 1 : ""; !st && *line; line += strcspn(line, "\n") + (line[strcspn(line, "\n")] == '\n')) {
+        plan_line p;
+        if (!parse_line(line, &p) || !p.floating) continue;
+        int complex = strncmp(p.out_dtype, "complex", 7) == 0;
+        for (long long begin = 0; begin < p.numel && !st; begin += (long long)TM_BLOCK_ELEMS) {
+            size_t count = p.numel - begin < (long long)TM_BLOCK_ELEMS ? (size_t)(p.numel - begin) : TM_BLOCK_ELEMS;
+            size_t doubles = complex ? 2 * count : count;
+            int has_prev;
+            st = xr_before(se, sums, doubles, &has_prev, err);
+            if (!st) st = xr_after(se, sums, doubles, err);
+        }
+    }
+    free(sums);
+    free(plan);
+    return st;
+}
+
+/* ---- The merge ----------------------------------------------------------------------------- */
+
+/* This rank's coefficients for its inputs: the single-host method's, over the global input
+ * list (ranks in order), with the same float64 operations in the same order as
+ * tm_method_weights and task_arithmetic's prepare, so the sum is the single-host sum. */
+typedef struct translated {
+    const char **inputs;
+    double *coef;
+    size_t n;
+} translated;
+
+static tm_status translate(const session *se, const tm_method *m, const tm_param_values *pv, char **hellos,
+                           const char *const *inputs, size_t n, const char *base, translated *tr, tm_error *err) {
+    size_t total = 0, offset = 0;
+    for (int r = 0; r < se->cfg.world_size; r++) {
+        if (r == se->cfg.rank) offset = total;
+        total += se->counts[r];
+    }
+    double *w = malloc((total + 1) * sizeof *w); /* every rank's weights, in global order */
+    tr->coef = malloc((n + 2) * sizeof *tr->coef);
+    tr->inputs = malloc((n + 2) * sizeof *tr->inputs);
+    if (!w || !tr->coef || !tr->inputs) {
+        free(w);
+        return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    }
+    size_t k = 0;
+    for (int r = 0; r < se->cfg.world_size; r++) {
+        const char *p = strchr(hellos[r], '\n');
+        p = p ? p + 1 : "";
+        char *end;
+        strtoull(p, &end, 10);
+        for (size_t i = 0; i < se->counts[r]; i++) w[k++] = strtod(end, &end);
+    }
+    int pn = param_index(m, "normalize"), pl = param_index(m, "lambda");
+    int normalize = pn >= 0 ? pv->values[pv->at[pn]] != 0 : 1;
+    double lambda = pl >= 0 ? pv->values[pv->at[pl]] : 1.0;
+    int task = strcmp(m->name, "task_arithmetic") == 0;
+    double sum = 0;
+    for (size_t i = 0; i < total; i++) sum += w[i];
+    if (normalize && (sum == 0 || sum != sum || sum - sum != 0)) {
+        free(w);
+        return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
+                            "the weights of all ranks sum to %g and cannot be normalised (normalize: false)", sum);
+    }
+    double coeff_sum = 0;
+    for (size_t i = 0; i < total; i++) {
+        double c = normalize ? w[i] / sum : w[i];
+        if (task) coeff_sum += c *= lambda;
+        w[i] = c;
+    }
+    tr->n = 0;
+    if (task && se->cfg.rank == 0) { /* the base, once, first (non-floating tensors come from it) */
+        if (!base)
+            return free(w), tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
+                                         "task_arithmetic needs a base model on rank 0 (--base BASE)");
+        tr->inputs[tr->n] = base;
+        tr->coef[tr->n++] = 1.0 - coeff_sum;
+    }
+    for (size_t i = 0; i < n; i++) {
+        tr->inputs[tr->n] = inputs[i];
+        tr->coef[tr->n++] = w[offset + i];
+    }
+    free(w);
+    return TM_OK;
+}
+
+/* Everything after the rendezvous; any failure is told to the other ranks by the caller. */
+static tm_status run(session *se, const char *const *inputs, size_t n, const char *output, const tm_merge_options *o,
+                     const char *label, tm_error *err) {
+    const char *name = o->method ? o->method : "simple_average";
+    const tm_method *m = tm_methods_find(name);
+    if (!m) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "unknown method '%s'", name);
+    if (!is_sum_method(m))
+        return tm_error_set(err, TM_ERROR_UNSUPPORTED,
+                            "%s cannot be merged across hosts: only the methods that are sums of the inputs can "
+                            "(simple_average, weighted_average, task_arithmetic)", m->name);
+    if (o->keys == TM_KEYS_UNION)
+        return tm_error_set(err, TM_ERROR_UNSUPPORTED,
+                            "a distributed merge needs the same tensors on every input (--keys strict or intersection)");
+    if (o->tensor_param)
+        return tm_error_set(err, TM_ERROR_UNSUPPORTED, "a distributed merge takes no per-tensor parameter rules");
+    if (o->masks_out || o->template_path)
+        return tm_error_set(err, TM_ERROR_UNSUPPORTED, "a distributed merge writes no %s",
+                            o->masks_out ? "masks (--masks-out)" : "TorchScript module (--template)");
+    tm_param_values pv = {0};
+    tm_status st = resolve_params(m, o, n, &pv, err);
+    text hello = {0};
+    if (!st) hello_text(&hello, se, o, m, &pv, n);
+    if (!st && hello.oom) st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    char **all = NULL;
+    if (!st) st = se->b->dist_exchange(se->s, "hello", hello.s, &all, err);
+    free(hello.s);
+    /* Every rank checks every rank against rank 0 in the same order: the same message everywhere. */
+    for (int r = 1; r < se->cfg.world_size && !st; r++) {
+        size_t l0 = strcspn(all[0], "\n"), lr = strcspn(all[r], "\n");
+        if (l0 != lr || strncmp(all[0], all[r], l0) != 0) {
+            char what[600];
+            first_difference(all[0], all[r], what, sizeof what);
+            st = tm_error_set(err, TM_ERROR_MISMATCH,
+                              "distributed merge: rank %d was started with other settings than rank 0 (%s): every "
+                              "rank must run the same method, parameters and output options; nothing written",
+                              r, what);
+        }
+    }
+    int base_on_0 = strcmp(m->name, "task_arithmetic") == 0;
+    for (int r = 0; r < se->cfg.world_size && !st; r++) se->counts[r] = strtoull(strchr(all[r], '\n') + 1, NULL, 10);
+    if (!st && !se->counts[0] && !base_on_0)
+        st = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
+                          "rank 0 has no local inputs but writes the output: give rank 0 at least one input");
+    for (int r = 0; r < se->cfg.world_size && !st && se->output_on_all; r++)
+        if (!se->counts[r] && !(r == 0 && base_on_0))
+            st = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
+                              "rank %d has no local inputs: --output-on all needs an input on every rank", r);
+    translated tr = {0};
+    if (!st) st = translate(se, m, &pv, all, inputs, n, o->base, &tr, err);
+    free_all(all, se->cfg.world_size);
+    if (!st && base_on_0) se->counts[0]++; /* rank 0's plan now comes from the base and its inputs */
+    if (!st && tr.n == 0) st = pass_on(se, err);
+    else if (!st) {
+        tm_merge_options lo = *o;
+        tm_param p[2] = {{"weights", NULL, tr.coef, tr.n}, {"normalize", "false", NULL, 0}};
+        lo.method = "weighted_average";
+        lo.params = p;
+        lo.n_params = 2;
+        lo.base = NULL;
+        lo.distributed = NULL;
+        tm_cross_rank xr = {xr_before, xr_after, xr_agree, !(se->cfg.rank == 0 || se->output_on_all), se};
+        st = tm_merge_files_xr(tr.inputs, tr.n, output, &lo, label ? label : m->name, &xr, err);
+    }
+    free(tr.inputs);
+    free(tr.coef);
+    tm_param_values_free(&pv);
+    return st;
+}
+
+tm_status tm_merge_distributed(const char *const *inputs, size_t n, const char *output, const tm_merge_options *o,
+                               const char *label, tm_error *err) {
+    session se = {0};
+    tm_status st = resolve_config(o->distributed, &se.cfg, &se.output_on_all, err);
+    if (!st) st = tm_torch_bridge_get(&se.b, err);
+    if (!st && !se.b->dist_open)
+        st = tm_error_set(err, TM_ERROR_UNSUPPORTED,
+                          "this torchmerge was built without Gloo (libgloo-dev): no distributed merge");
+    if (!st && n && !inputs) st = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "inputs is NULL");
+    if (!st && (!output || !*output)) st = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "no output path");
+    if (!st) st = se.b->dist_open(&se.cfg, &se.s, err);
+    if (st) return st;
+    se.counts = calloc((size_t)se.cfg.world_size, sizeof *se.counts);
+    if (!se.counts) st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    if (!st) st = run(&se, inputs, n, output, o, label, err);
+    /* Every rank learns that every other one finished (the writer's commit included). */
+    char **all = NULL;
+    if (!st) st = se.b->dist_exchange(se.s, "done", "ok", &all, err);
+    free_all(all, se.cfg.world_size);
+    if (st) {
+        char msg[TM_ERROR_MSG_MAX + 32];
+        snprintf(msg, sizeof msg, "rank %d failed: %s", se.cfg.rank, err->msg);
+        se.b->dist_abort(se.s, msg);
+    }
+    se.b->dist_close(se.s);
+    free(se.counts);
+    return st;
+}
+
+static tm_status discard_write(void *self, const void *data, size_t len, uint32_t crc, tm_error *err) {
+    (void)self, (void)data, (void)len, (void)crc, (void)err;
+    return TM_OK;
+}
+
+tm_status tm_cross_rank_discard(merge_ctx *c, tm_error *err) {
+    tm_sink sink = {.self = NULL, .want_crc = 0, .write = discard_write};
+    size_t done = 0;
+    return tm_pipeline_run(c, NULL, 0, c->plan.n_units, &sink, &done, err);
+}

@@ -1,0 +1,272 @@
+// Merges across hosts: the rendezvous, the agreement exchanges and the float64 all-reduces of
+// the block sums, over torch.distributed's c10d (TCPStore, ProcessGroupGloo) — the engine
+// PyTorch users already run, no protocol of our own. Reached from the C core through the bridge
+// (csrc/core/torch_bridge.h); the merge logic is in csrc/merge/distributed.c. Narrow c10d
+// headers only (torch/torch.h costs ~20 s per file). C++17.
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <ATen/ops/from_blob.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "torch/bridge_impl.h"
+
+struct tm_dist_session {
+    tm_dist_config cfg;
+    std::string addr, ifname;
+    std::chrono::milliseconds timeout;
+    c10::intrusive_ptr<c10d::Store> store;
+    c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+};
+
+namespace torchmerge {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// The first line of an exception's message, without LibTorch's backtrace.
+std::string first_line(const std::exception &e) {
+    const auto *ce = dynamic_cast<const c10::Error *>(&e);
+    std::string m = ce ? ce->what_without_backtrace() : e.what();
+    auto nl = m.find('\n');
+    return nl == std::string::npos ? m : m.substr(0, nl);
+}
+
+std::vector<uint8_t> bytes(const std::string &s) { return std::vector<uint8_t>(s.begin(), s.end()); }
+std::string text(const std::vector<uint8_t> &b) { return std::string(b.begin(), b.end()); }
+
+// What another rank said when it gave up (dist_abort), or "".
+std::string abort_message(tm_dist_session *s) {
+    try {
+        if (s->store && s->store->check({"abort"})) return text(s->store->get("abort"));
+    } catch (const std::exception &) {
+    }
+    return "";
+}
+
+// The local address this host reaches addr from (no packet is sent: a UDP connect only picks
+// the route), so Gloo listens where the other hosts can reach it. Many Debian hosts resolve
+// their own name to 127.0.1.1, which is why Gloo's default device does not suffice.
+std::string route_address(const std::string &addr, int port) {
+    addrinfo hints{}, *res = nullptr;
+    hints.ai_family = AF_INET;
+    hints.ai_socktype = SOCK_DGRAM;
+    if (getaddrinfo(addr.c_str(), std::to_string(port).c_str(), &hints, &res) != 0 || !res) return "";
+    std::string out;
+    int fd = socket(AF_INET, SOCK_DGRAM, 0);
+    if (fd >= 0 && connect(fd, res->ai_addr, res->ai_addrlen) == 0) {
+        sockaddr_in local{};
+        socklen_t len = sizeof local;
+        char buf[INET_ADDRSTRLEN];
+        if (getsockname(fd, reinterpret_cast<sockaddr *>(&local), &len) == 0 &&
+            inet_ntop(AF_INET, &local.sin_addr, buf, sizeof buf))
+            out = buf;
+    }
+    if (fd >= 0) close(fd);
+    freeaddrinfo(res);
+    return out;
+}
+
+// Checks that exactly world_size ranks joined and that none gave up: a rank started with a larger
+// WORLD_SIZE, or a second rank with the same RANK, would otherwise be left out of the average.
+tm_status check_world(tm_dist_session *s, tm_error *err) {
+    int64_t joined = s->store->add("joined", 0);
+    std::string other = abort_message(s);
+    if (!other.empty()) return tm_error_set(err, TM_ERROR_MISMATCH, "%s", other.c_str());
+    if (joined != s->cfg.world_size)
+        return tm_error_set(err, TM_ERROR_MISMATCH,
+                            "%lld processes joined the rendezvous at %s:%d but WORLD_SIZE is %d: a rank was started "
+                            "with another WORLD_SIZE or the same RANK twice; nothing written",
+                            (long long)joined, s->addr.c_str(), s->cfg.master_port, s->cfg.world_size);
+    return TM_OK;
+}
+
+}  // namespace
+
+tm_status dist_open(const tm_dist_config *cfg, tm_dist_session **out, tm_error *err) {
+    *out = nullptr;
+    auto s = std::make_unique<tm_dist_session>();
+    s->cfg = *cfg;
+    s->addr = cfg->master_addr;
+    s->ifname = cfg->ifname ? cfg->ifname : "";
+    s->cfg.master_addr = s->addr.c_str();
+    s->cfg.ifname = s->ifname.c_str();
+    s->timeout = std::chrono::milliseconds((int64_t)(cfg->timeout_seconds * 1000.0));
+    try {
+        c10d::TCPStoreOptions o;
+        o.port = (uint16_t)cfg->master_port;
+        o.isServer = cfg->rank == 0;
+        o.waitWorkers = false;  // the exchanges below wait, bounded, and say who is missing
+        o.timeout = s->timeout;
+        s->store = c10::make_intrusive<c10d::TCPStore>(s->addr, o);
+        s->store->setTimeout(s->timeout);
+    } catch (const std::exception &e) {
+        return tm_error_set(err, TM_ERROR_IO, "rank %d: cannot %s the rendezvous store at %s:%d within %g s: %s",
+                            cfg->rank, cfg->rank == 0 ? "open" : "reach", s->addr.c_str(), cfg->master_port,
+                            cfg->timeout_seconds, first_line(e).c_str());
+    }
+    try {
+        s->store->add("joined", 1);
+    } catch (const std::exception &e) {
+        return tm_error_set(err, TM_ERROR_IO, "rendezvous at %s:%d: %s", s->addr.c_str(), cfg->master_port,
+                            first_line(e).c_str());
+    }
+    *out = s.release();
+    return TM_OK;
+}
+
+tm_status dist_exchange(tm_dist_session *s, const char *topic, const char *mine, char ***all, tm_error *err) {
+    *all = nullptr;
+    const int w = s->cfg.world_size;
+    std::vector<std::string> keys;
+    for (int r = 0; r < w; r++) keys.push_back(std::string(topic) + "/" + std::to_string(r));
+    try {
+        s->store->set(keys[(size_t)s->cfg.rank], bytes(mine));
+        // Polled rather than one blocking wait, so a rank that gave up ends the wait at once and the
+        // message can name the ranks that never arrived.
+        auto deadline = Clock::now() + s->timeout;
+        while (!s->store->check(keys)) {
+            std::string other = abort_message(s);
+            if (!other.empty()) return tm_error_set(err, TM_ERROR_MISMATCH, "%s", other.c_str());
+            if (Clock::now() > deadline) {
+                std::string missing;
+                for (int r = 0; r < w; r++)
+                    if (!s->store->check({keys[(size_t)r]})) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
+                return tm_error_set(err, TM_ERROR_IO,
+                                    "rank %s did not reach the '%s' step of the rendezvous at %s:%d within %g s "
+                                    "(not started, dead, or stalled)",
+                                    missing.c_str(), topic, s->addr.c_str(), s->cfg.master_port, s->cfg.timeout_seconds);
+            }
+            std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        }
+        char **out = static_cast<char **>(calloc((size_t)w, sizeof *out));
+        if (!out) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+        for (int r = 0; r < w; r++) out[r] = strdup(text(s->store->get(keys[(size_t)r])).c_str());
+        *all = out;
+        return TM_OK;
+    } catch (const std::exception &e) {
+        return tm_error_set(err, TM_ERROR_IO, "rendezvous at %s:%d ('%s' step): %s (rank 0, which holds the store, "
+                            "died or stalled?)", s->addr.c_str(), s->cfg.master_port, topic, first_line(e).c_str());
+    }
+}
+
+tm_status dist_start(tm_dist_session *s, tm_error *err) {
+    try {
+        auto opts = c10d::ProcessGroupGloo::Options::create(s->timeout);
+        const char *env = getenv("GLOO_SOCKET_IFNAME");
+        std::string ifname = !s->ifname.empty() ? s->ifname : env ? env : "";
+        if (!ifname.empty()) {
+            opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
+        } else {
+            std::string local = route_address(s->addr, s->cfg.master_port);
+            opts->devices.push_back(local.empty() ? c10d::ProcessGroupGloo::createDefaultDevice()
+                                                  : c10d::ProcessGroupGloo::createDeviceForHostname(local));
+        }
+        opts->threads = 1;  // one exchange at a time: the engine issues them in plan order
+        auto prefixed = c10::make_intrusive<c10d::PrefixStore>("gloo", s->store);
+        s->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, s->cfg.rank, s->cfg.world_size, opts);
+        return TM_OK;
+    } catch (const std::exception &e) {
+        std::string other = abort_message(s);
+        if (!other.empty()) return tm_error_set(err, TM_ERROR_IO, "%s", other.c_str());
+        return tm_error_set(err, TM_ERROR_IO, "rank %d: cannot connect the Gloo process group within %g s: %s",
+                            s->cfg.rank, s->cfg.timeout_seconds, first_line(e).c_str());
+    }
+}
+
+namespace {
+
+// Runs one Gloo exchange, bounded by the timeout; a failure names the peer and what likely happened.
+template <class F>
+tm_status exchange(tm_dist_session *s, const char *what, int peer, double *data, size_t count, F start,
+                   tm_error *err) {
+    if (!s->pg) return tm_error_set(err, TM_ERROR_INTERNAL, "distributed merge: no process group");
+    try {
+        std::vector<at::Tensor> t{at::from_blob(data, {(int64_t)count}, at::TensorOptions().dtype(at::kDouble))};
+        auto work = start(t);
+        work->wait(s->timeout);
+        return TM_OK;
+    } catch (const std::exception &e) {
+        // Give a rank that failed on purpose a moment to say why before blaming the network.
+        std::this_thread::sleep_for(std::chrono::milliseconds(300));
+        std::string other = abort_message(s);
+        if (!other.empty()) return tm_error_set(err, TM_ERROR_IO, "%s", other.c_str());
+        return tm_error_set(err, TM_ERROR_IO,
+                            "%s rank %d failed: it died, stalled for more than the %g s timeout, or the network "
+                            "failed (%s)",
+                            what, peer, s->cfg.timeout_seconds, first_line(e).c_str());
+    }
+}
+
+}  // namespace
+
+tm_status dist_send(tm_dist_session *s, int to, double *data, size_t count, tm_error *err) {
+    return exchange(s, "sending block sums to", to, data, count,
+                    [&](std::vector<at::Tensor> &t) { return s->pg->send(t, to, 0); }, err);
+}
+
+tm_status dist_recv(tm_dist_session *s, int from, double *data, size_t count, tm_error *err) {
+    return exchange(s, "receiving block sums from", from, data, count,
+                    [&](std::vector<at::Tensor> &t) { return s->pg->recv(t, from, 0); }, err);
+}
+
+tm_status dist_broadcast(tm_dist_session *s, int root, double *data, size_t count, tm_error *err) {
+    return exchange(s, "the broadcast of the merged block from", root, data, count,
+                    [&](std::vector<at::Tensor> &t) {
+                        c10d::BroadcastOptions o;
+                        o.rootRank = root;
+                        o.timeout = s->timeout;
+                        return s->pg->broadcast(t, o);
+                    },
+                    err);
+}
+
+tm_status dist_check_world(tm_dist_session *s, tm_error *err) {
+    try {
+        return check_world(s, err);
+    } catch (const std::exception &e) {
+        return tm_error_set(err, TM_ERROR_IO, "rendezvous store at %s:%d: %s", s->addr.c_str(), s->cfg.master_port,
+                            first_line(e).c_str());
+    }
+}
+
+void dist_abort(tm_dist_session *s, const char *message) {
+    if (!s || !s->store) return;
+    try {
+        if (!s->store->check({"abort"})) s->store->set("abort", bytes(message));
+    } catch (const std::exception &) {
+    }
+}
+
+void dist_close(tm_dist_session *s) {
+    if (!s) return;
+    try {
+        // Rank 0 holds the store: it stays (a few seconds at most) until the others have left it.
+        if (s->store && s->cfg.rank != 0) s->store->add("left", 1);
+        auto deadline = Clock::now() + std::min(s->timeout, std::chrono::milliseconds(5000));
+        while (s->store && s->cfg.rank == 0 && s->store->add("left", 0) < s->store->add("joined", 0) - 1 &&
+               Clock::now() < deadline)
+            std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    } catch (const std::exception &) {
+    }
+    try {
+        s->pg.reset();
+        s->store.reset();
+    } catch (const std::exception &) {
+    }
+    delete s;
+}
+
+}  // namespace torchmerge

@@ -1,0 +1,331 @@
+"""Merges across hosts (`torchmerge METHOD --distributed`), on loopback: every rank is a CLI
+process started and stopped by the test, each with a wall-clock bound (BOUND seconds), on
+127.0.0.1 and a free port. Checked against the single-host merge of the same inputs (byte
+identity of every tensor) and against an independent float64 reference (within 1 ulp), and the
+faults: a rank killed (-9) or stopped (SIGSTOP) mid-merge, a mismatched WORLD_SIZE, a rank whose
+tensor shapes differ, a rank that asks for another method, a rank that never joins.
+
+Skipped when the build has no Gloo (TORCHMERGE_WITH_GLOO=0 from tests/CMakeLists.txt)."""
+import json
+import os
+import signal
+import struct
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "python"))
+from reference import assert_close_ulp  # noqa: E402
+
+BIN = os.environ.get("TORCHMERGE_BIN", str(HERE.parents[1] / "build" / "torchmerge"))
+BOUND = 120  # seconds: no process of these tests lives longer
+
+pytestmark = pytest.mark.skipif(os.environ.get("TORCHMERGE_WITH_GLOO", "1") == "0",
+                                reason="built without Gloo (libgloo-dev missing): no distributed merge")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(rank, world, port, args, inputs, extra_env=None):
+    env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port))
+    env.pop("GLOO_SOCKET_IFNAME", None)
+    env.update(extra_env or {})
+    return subprocess.Popen([BIN] + args + ["-q", "--distributed"] + [str(p) for p in inputs], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(procs, bound=BOUND):
+    """(returncode, stderr, seconds since this call) of each process; kills those over bound."""
+    t0 = time.monotonic()
+    out = []
+    for p in procs:
+        left = max(0.1, bound - (time.monotonic() - t0))
+        try:
+            _, err = p.communicate(timeout=left)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+            err += "\n[killed by the test after %d s]" % bound
+        out.append((p.returncode, err, time.monotonic() - t0))
+    return out
+
+
+def run_ranks(per_rank, method="simple_average", outputs=None, extra=None, world=None, timeout=60):
+    """per_rank[r]: rank r's input list; outputs[r]: its -o; extra[r]: more arguments."""
+    world = world or len(per_rank)
+    port = free_port()
+    procs = []
+    for r, inputs in enumerate(per_rank):
+        args = [method, "-o", str(outputs[r]), "--timeout", str(timeout)] + list((extra or {}).get(r, []))
+        procs.append(start(r, world, port, args, inputs))
+    return finish(procs)
+
+
+def single(method, inputs, out, extra=()):
+    r = subprocess.run([BIN, method, "-q", "-o", str(out)] + list(extra) + [str(p) for p in inputs],
+                       capture_output=True, text=True, timeout=BOUND)
+    assert r.returncode == 0, r.stderr
+    return torch.load(out)
+
+
+def model(seed, dtype=torch.float32, shapes=None):
+    g = torch.Generator().manual_seed(seed)
+    shapes = shapes or {"big": (300, 257), "w": (7,), "s": ()}
+    sd = {}
+    for k, shape in shapes.items():
+        sd[k] = (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype)
+    sd["b16"] = torch.randn((70000,), generator=g, dtype=torch.float64).to(torch.bfloat16)
+    sd["steps"] = torch.tensor(seed, dtype=torch.int64)
+    return sd
+
+
+def save_models(tmp, n, **kw):
+    paths = []
+    for i in range(n):
+        p = tmp / ("m%d.pt" % i)
+        torch.save(model(i + 1, **kw), p)
+        paths.append(p)
+    return paths
+
+
+def load_safetensors(path):
+    """{name: tensor} of a safetensors file (read here, independently of torchmerge)."""
+    data = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header.pop("__metadata__", None)
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+              "I64": torch.int64}
+    out = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        raw = bytearray(data[8 + n + begin:8 + n + end])
+        out[name] = torch.frombuffer(raw, dtype=dtypes[info["dtype"]]).reshape(info["shape"]).clone()
+    return out
+
+
+def bits(t):
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32) if t.element_size() == 4 \
+        else t.view(torch.int64) if t.is_floating_point() else t
+
+
+def assert_same_bits(a, b):
+    assert list(a.keys()) == list(b.keys())
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(bits(a[k].contiguous()), bits(b[k].contiguous())), "tensor %r differs" % k
+
+
+def assert_ok(results):
+    for r, (rc, err, _) in enumerate(results):
+        assert rc == 0, "rank %d: %s" % (r, err)
+
+
+def assert_all_failed(results, *words):
+    for r, (rc, err, _) in enumerate(results):
+        assert rc != 0, "rank %d succeeded" % r
+        lines = [l for l in err.splitlines() if l.startswith("torchmerge: error: ")]
+        assert len(lines) == 1, "rank %d: %r" % (r, err)
+        for w in words:
+            assert w in lines[0], "rank %d: %r lacks %r" % (r, lines[0], w)
+
+
+def no_outputs(folder):
+    left = [p.name for p in Path(folder).iterdir() if p.name.startswith(("out", ".out"))]
+    assert not left, left
+
+
+# ---- results ---------------------------------------------------------------------------------
+
+def test_simple_average_1_2_0_inputs_equals_single_host(tmp_path):
+    a, b, c = save_models(tmp_path, 3)
+    outs = [tmp_path / ("out%d.pt" % r) for r in range(3)]
+    res = run_ranks([[a], [b, c], []], outputs=outs)
+    assert_ok(res)
+    assert outs[0].exists() and not outs[1].exists() and not outs[2].exists()
+    got = torch.load(outs[0])
+    ref = single("simple_average", [a, b, c], tmp_path / "single.pt")
+    assert_same_bits(got, ref)
+    sds = [torch.load(p) for p in (a, b, c)]
+    for k, t in got.items():
+        if t.is_floating_point():
+            exact = sum(sd[k].to(torch.float64) for sd in sds) / 3
+            magnitude = sum(sd[k].to(torch.float64).abs() for sd in sds) / 3  # float64 cancellation slack
+            assert_close_ulp(t, exact, t.dtype, magnitude=magnitude, name=k)
+        else:
+            assert torch.equal(t, sds[0][k])  # non-floating: from the first input (rank 0's)
+
+
+def test_output_on_all_and_safetensors(tmp_path):
+    a, b, c = save_models(tmp_path, 3)
+    outs = [tmp_path / ("out%d.safetensors" % r) for r in range(3)]
+    res = run_ranks([[a], [b], [c]], outputs=outs, extra={r: ["--output-on", "all"] for r in range(3)})
+    assert_ok(res)
+    ref = single("simple_average", [a, b, c], tmp_path / "single.pt")
+    for r, o in enumerate(outs):
+        got = load_safetensors(o)
+        # non-floating tensors come from each writer's first local input (rank r's model)
+        keys = [k for k in ref if r == 0 or ref[k].is_floating_point()]
+        assert_same_bits({k: got[k] for k in keys}, {k: ref[k] for k in keys})
+
+
+def test_weighted_average_normalises_by_the_global_sum(tmp_path):
+    a, b, c = save_models(tmp_path, 3)
+    outs = [tmp_path / ("out%d.pt" % r) for r in range(3)]
+    res = run_ranks([[a], [b, c], []], method="weighted_average", outputs=outs,
+                    extra={0: ["--weights", "1"], 1: ["--weights", "2,-0.5"], 2: []})
+    assert_ok(res)
+    got = torch.load(outs[0])
+    ref = single("weighted_average", [a, b, c], tmp_path / "single.pt", ["--weights", "1,2,-0.5"])
+    assert_same_bits(got, ref)
+    sds = [torch.load(p) for p in (a, b, c)]
+    w = [1.0, 2.0, -0.5]
+    for k, t in got.items():
+        if t.is_floating_point():
+            exact = sum(wi * sd[k].to(torch.float64) for wi, sd in zip(w, sds)) / sum(w)
+            magnitude = sum(abs(wi) * sd[k].to(torch.float64).abs() for wi, sd in zip(w, sds)) / sum(w)
+            assert_close_ulp(t, exact, t.dtype, magnitude=magnitude, name=k)
+
+
+def test_task_arithmetic_base_on_rank_0(tmp_path):
+    base, a, b, c = save_models(tmp_path, 4)
+    outs = [tmp_path / ("out%d.pt" % r) for r in range(2)]
+    res = run_ranks([[a], [b, c]], method="task_arithmetic", outputs=outs,
+                    extra={0: ["--base", str(base), "--lambda", "0.3"], 1: ["--lambda", "0.3"]})
+    assert_ok(res)
+    got = torch.load(outs[0])
+    sds = [torch.load(p) for p in (a, b, c)]
+    bsd = torch.load(base)
+    ref = single("task_arithmetic", [a, b, c], tmp_path / "single.pt", ["--base", str(base), "--lambda", "0.3"])
+    for k, t in got.items():
+        if t.is_floating_point():
+            exact = bsd[k].to(torch.float64) + 0.3 * sum(sd[k].to(torch.float64) - bsd[k].to(torch.float64)
+                                                         for sd in sds)
+            magnitude = 2 * bsd[k].to(torch.float64).abs() + 0.3 * sum(sd[k].to(torch.float64).abs() for sd in sds)
+            assert_close_ulp(t, exact, t.dtype, magnitude=magnitude, name=k)
+            # the base is summed first here, last on one host: within 1 ulp (float64 order)
+            assert_close_ulp(t, ref[k].to(torch.float64), t.dtype, magnitude=magnitude, name=k)
+        else:
+            assert torch.equal(t, bsd[k])  # non-floating tensors from the base, as on one host
+
+
+# ---- refusals and agreement ---------------------------------------------------------------
+
+def test_method_that_is_not_a_sum_is_refused(tmp_path):
+    a, b = save_models(tmp_path, 2)
+    res = run_ranks([[a, b]], method="slerp", outputs=[tmp_path / "out.pt"], extra={0: ["--t", "0.5"]})
+    assert_all_failed(res, "slerp cannot be merged across hosts")
+    no_outputs(tmp_path)
+
+
+def test_different_methods_fail_every_rank(tmp_path):
+    a, b, c = save_models(tmp_path, 3)
+    outs = [tmp_path / ("out%d.pt" % r) for r in range(3)]
+    port = free_port()
+    procs = [start(0, 3, port, ["simple_average", "-o", str(outs[0]), "--timeout", "30"], [a]),
+             start(1, 3, port, ["weighted_average", "--weights", "1", "-o", str(outs[1]), "--timeout", "30"], [b]),
+             start(2, 3, port, ["simple_average", "-o", str(outs[2]), "--timeout", "30"], [c])]
+    res = finish(procs)
+    assert_all_failed(res, "rank 1", "method=")
+    no_outputs(tmp_path)
+
+
+def test_different_shapes_on_one_rank_fail_every_rank(tmp_path):
+    a, b = save_models(tmp_path, 2)
+    odd = tmp_path / "odd.pt"
+    torch.save(model(9, shapes={"big": (300, 257), "w": (8,), "s": ()}), odd)
+    outs = [tmp_path / ("out%d.pt" % r) for r in range(3)]
+    res = run_ranks([[a], [b], [odd]], outputs=outs, timeout=30)
+    assert_all_failed(res, "rank 2", "tensor 'w'", "[8]", "[7]")
+    no_outputs(tmp_path)
+
+
+def test_mismatched_world_size_never_averages_fewer(tmp_path):
+    a, b, c = save_models(tmp_path, 3)
+    outs = [tmp_path / ("out%d.pt" % r) for r in range(3)]
+    port = free_port()
+    # rank 0 (WORLD_SIZE 2) first; then a rank that believes in 3 ranks, then rank 1: the extra
+    # rank has joined before ranks 0 and 1 can finish, and they must not write a 2-model average.
+    p0 = start(0, 2, port, ["simple_average", "-o", str(outs[0]), "--timeout", "20"], [a])
+    time.sleep(0.5)
+    p2 = start(2, 3, port, ["simple_average", "-o", str(outs[2]), "--timeout", "20"], [c])
+    time.sleep(1.0)
+    p1 = start(1, 2, port, ["simple_average", "-o", str(outs[1]), "--timeout", "20"], [b])
+    res = finish([p0, p1, p2])
+    for r, (rc, err, _) in enumerate(res):
+        assert rc != 0, "rank %d succeeded: %s" % (r, err)
+        assert "WORLD_SIZE" in err or "world_size" in err, err
+    no_outputs(tmp_path)
+
+
+def test_rank_that_never_joins_fails_rendezvous_within_twice_the_timeout(tmp_path):
+    (a,) = save_models(tmp_path, 1)
+    port = free_port()
+    t0 = time.monotonic()
+    res = finish([start(0, 2, port, ["simple_average", "-o", str(tmp_path / "out.pt"), "--timeout", "3"], [a])])
+    assert time.monotonic() - t0 < 6
+    assert_all_failed(res, "rank 1 did not reach")
+    no_outputs(tmp_path)
+
+
+# ---- faults mid-merge ----------------------------------------------------------------------
+
+def big_models(tmp, n):
+    """Inputs big enough that the merge takes seconds on loopback (~64 MB each)."""
+    paths = []
+    for i in range(n):
+        p = tmp / ("big%d.pt" % i)
+        g = torch.Generator().manual_seed(i)
+        torch.save({"l%d" % j: torch.randn((1024, 2048), generator=g) for j in range(8)}, p)
+        paths.append(p)
+    return paths
+
+
+def wait_mid_merge(folder, procs, limit=30):
+    """Until rank 0 has started writing its output (its temporary file exists)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        if any(p.name.startswith(".out") for p in Path(folder).iterdir()):
+            return
+        assert all(p.poll() is None for p in procs), "a rank ended before the merge started"
+        time.sleep(0.01)
+    raise AssertionError("the merge did not start")
+
+
+@pytest.mark.parametrize("fault", ["kill", "stop"])
+def test_rank_dies_or_stalls_mid_merge(tmp_path, fault):
+    ins = big_models(tmp_path, 3)
+    out_dir = tmp_path / "o"
+    out_dir.mkdir()
+    port = free_port()
+    timeout = 5
+    procs = [start(r, 3, port, ["simple_average", "-o", str(out_dir / ("out%d.pt" % r)), "--timeout", str(timeout)],
+                   [ins[r]], {"TORCHMERGE_THREADS": "1"}) for r in range(3)]
+    try:
+        wait_mid_merge(out_dir, procs)
+        t0 = time.monotonic()
+        os.kill(procs[1].pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+        res = finish([procs[0], procs[2]], bound=4 * timeout + 10)
+        took = time.monotonic() - t0
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    for rc, err, _ in res:
+        assert rc != 0, err
+        line = [l for l in err.splitlines() if l.startswith("torchmerge: error: ")]
+        assert len(line) == 1, err
+    # both survivors are done within ~2x the timeout (kill: at once; stop: the collective's timeout)
+    assert took < 2 * timeout + 5, took
+    print("\n%s of rank 1: the others exited after %.2f s (timeout %d s)" % (fault, took, timeout))
+    no_outputs(out_dir)
