@@ -41,11 +41,16 @@ def lo_bytes():
     return 0
 
 
-def wait_rss(p):
-    """(returncode, peak RSS in MiB) of a child, from wait4's rusage."""
-    _, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, ru.ru_maxrss / 1024
+def timed(cmd, rss_file, **kw):
+    """cmd under GNU time, which records its peak RSS in rss_file (a child forked from this big
+    Python process would report the Python's RSS before exec, so wait4 cannot)."""
+    return subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", str(rss_file)] + cmd, **kw)
+
+
+def wait_rss(p, rss_file):
+    """(returncode, peak RSS in MiB) of a child started by timed()."""
+    rc = p.wait()
+    return rc, int(Path(rss_file).read_text().split()[-1]) / 1024
 
 
 def run_distributed(bin_, ins, out):
@@ -55,10 +60,10 @@ def run_distributed(bin_, ins, out):
     t0 = time.monotonic()
     for r in range(3):
         env = dict(os.environ, RANK=str(r), WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([bin_, "simple_average", "-q", "--distributed", "--timeout", "120",
-                                       "-o", str(out) if r == 0 else str(out) + ".rank%d" % r,
-                                       str(ins[2 * r]), str(ins[2 * r + 1])], env=env))
-    results = [wait_rss(p) for p in procs]
+        procs.append(timed([bin_, "simple_average", "-q", "--distributed", "--timeout", "120",
+                            "-o", str(out) if r == 0 else str(out) + ".rank%d" % r,
+                            str(ins[2 * r]), str(ins[2 * r + 1])], "%s.rss%d" % (out, r), env=env))
+    results = [wait_rss(p, "%s.rss%d" % (out, r)) for r, p in enumerate(procs)]
     wall = time.monotonic() - t0
     moved = lo_bytes() - before
     assert all(rc == 0 for rc, _ in results), results
@@ -67,8 +72,8 @@ def run_distributed(bin_, ins, out):
 
 def run_single(bin_, ins, out):
     t0 = time.monotonic()
-    p = subprocess.Popen([bin_, "simple_average", "-q", "-o", str(out)] + [str(x) for x in ins])
-    rc, rss = wait_rss(p)
+    p = timed([bin_, "simple_average", "-q", "-o", str(out)] + [str(x) for x in ins], str(out) + ".rss")
+    rc, rss = wait_rss(p, str(out) + ".rss")
     assert rc == 0
     return time.monotonic() - t0, rss
 

@@ -981,6 +981,42 @@ static tm_status check_tokenizer(ictx *c, const tm_rnode *root) {
     return TM_OK;
 }
 
+/* distributed: {rank, world_size, master_addr, master_port, timeout, output_on} makes the recipe
+ * one rank of a merge across hosts (docs/distributed.md), as --distributed does; each key may be
+ * left to the torchrun environment variables (an empty mapping reads them all). */
+static tm_status parse_distributed(ictx *c, const tm_rnode *n) {
+    static const char *const keys[] = {"rank", "world_size", "master_addr", "master_port", "timeout", "output_on", NULL};
+    tm_recipe *r = c->r;
+    tm_distributed_options_init(&r->distributed);
+    r->has_distributed = 1;
+    if (is_null(n)) return TM_OK;
+    tm_status st = want_map(c, n, "distributed");
+    if (!st) st = check_keys(c, n, "distributed", keys, NULL, NULL);
+    const char *const ints[3] = {"rank", "world_size", "master_port"};
+    int *dst[3] = {&r->distributed.rank, &r->distributed.world_size, &r->distributed.master_port};
+    for (int i = 0; i < 3 && !st; i++) {
+        const tm_rnode *v = tm_rnode_get(n, ints[i]);
+        double x = 0;
+        if (!v || is_null(v)) continue;
+        if (!(st = get_number(c, v, ints[i], &x)) && (x != (int)x || x < (i == 1 ? 1 : 0) || x > (i == 2 ? 65535 : 1 << 20)))
+            st = ierr(c, TM_ERROR_INVALID_ARGUMENT, v, "distributed.%s: expected a whole number in range", ints[i]);
+        *dst[i] = (int)x;
+    }
+    const tm_rnode *v;
+    const char *s = NULL;
+    if (!st && (v = tm_rnode_get(n, "timeout")) && !is_null(v) &&
+        !(st = get_number(c, v, "timeout", &r->distributed.timeout_seconds)) && !(r->distributed.timeout_seconds > 0))
+        st = ierr(c, TM_ERROR_INVALID_ARGUMENT, v, "distributed.timeout: expected seconds > 0");
+    if (!st && (v = tm_rnode_get(n, "master_addr")) && !is_null(v) && !(st = get_string(c, v, "master_addr", &s)))
+        r->distributed.master_addr = r->master_addr = dup_s(s);
+    if (!st && (v = tm_rnode_get(n, "output_on")) && !is_null(v) && !(st = get_string(c, v, "output_on", &s))) {
+        if (strcmp(s, "all") && strcmp(s, "0"))
+            st = ierr(c, TM_ERROR_INVALID_ARGUMENT, v, "distributed.output_on: expected 0 or all, got '%s'", s);
+        r->distributed.output_on_all = !strcmp(s, "all");
+    }
+    return st;
+}
+
 static tm_status interpret_keys(ictx *c, const tm_rnode *root, const char *const *top_keys,
                                 const char *const *method_keys, const char *const *param_keys,
                                 const char *const *mergekit_ignored) {
@@ -1103,6 +1139,7 @@ static tm_status interpret_keys(ictx *c, const tm_rnode *root, const char *const
     }
     if (!is_null(n = tm_rnode_get(root, "max_shard_size")) && (st = parse_size(c, n, &r->max_shard_size))) return st;
     if ((st = parse_dtypes(c, root))) return st;
+    if ((n = tm_rnode_get(root, "distributed")) && (st = parse_distributed(c, n))) return st;
     if ((st = parse_patterns(c, tm_rnode_get(root, "include"), "include", &r->include, &r->n_include))) return st;
     if ((st = parse_patterns(c, tm_rnode_get(root, "exclude"), "exclude", &r->exclude, &r->n_exclude))) return st;
 
@@ -1119,7 +1156,8 @@ static tm_status interpret(ictx *c) {
     tm_status st;
     static const char *const fixed_keys[] = {"name", "method", "merge_method", "models", "modelpool", "parameters",
                                              "output", "format", "dtype", "out_dtype", "keys", "key", "template",
-                                             "max_shard_size", "include", "exclude", "base_model", "masks_out", "slices", NULL};
+                                             "max_shard_size", "include", "exclude", "base_model", "masks_out", "slices",
+                                             "distributed", NULL};
     static const char *const mergekit_ignored[] = {"tokenizer_source", "tokenizer", "chat_template", NULL};
     /* Parameter names of every method are known keys here; one the chosen method lacks is
      * refused once the method is known ("simple_average takes no weights"). */
@@ -1280,6 +1318,7 @@ void tm_recipe_free(tm_recipe *r) {
     free(r->template_path);
     free(r->base);
     free(r->masks_out);
+    free(r->master_addr);
     for (size_t i = 0; i < r->n_include; i++) free(r->include[i].pattern);
     for (size_t i = 0; i < r->n_exclude; i++) free(r->exclude[i].pattern);
     free(r->include);
@@ -1316,6 +1355,7 @@ void tm_recipe_merge_options(tm_recipe *r, const tm_merge_options *base, tm_merg
     o->include_tensor = r->n_include || r->n_exclude ? tm_recipe_include_tensor : NULL;
     o->tensor_param = r->per_tensor ? tm_recipe_tensor_param : NULL;
     o->rules_user = r;
+    o->distributed = r->has_distributed ? &r->distributed : NULL;
 }
 
 int tm_recipe_include_tensor(void *user, const char *name) {

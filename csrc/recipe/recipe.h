@@ -136,6 +136,10 @@ typedef struct tm_recipe {
     tm_recipe_pattern *include, *exclude;
     size_t n_include, n_exclude;
     char *text;                 /* the effective recipe, re-emitted as YAML */
+    /* distributed: a merge across hosts (parse_distributed); has_distributed 0 when absent. */
+    int has_distributed;
+    tm_distributed_options distributed;
+    char *master_addr;
 } tm_recipe;
 
 /* Parses, applies the overrides, interprets and validates (model files exist, weights match the

@@ -29,6 +29,7 @@ struct tm_dist_session {
     std::chrono::milliseconds timeout;
     c10::intrusive_ptr<c10d::Store> store;
     c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+    bool failed = false;  // dist_abort was called: close without waiting for the others
 };
 
 namespace torchmerge {
@@ -244,6 +245,7 @@ tm_status dist_check_world(tm_dist_session *s, tm_error *err) {
 
 void dist_abort(tm_dist_session *s, const char *message) {
     if (!s || !s->store) return;
+    s->failed = true;
     try {
         if (!s->store->check({"abort"})) s->store->set("abort", bytes(message));
     } catch (const std::exception &) {
@@ -253,9 +255,11 @@ void dist_abort(tm_dist_session *s, const char *message) {
 void dist_close(tm_dist_session *s) {
     if (!s) return;
     try {
-        // Rank 0 holds the store: it stays (a few seconds at most) until the others have left it.
+        // Rank 0 holds the store: after a success it stays (a few seconds at most) until the others
+        // have left it; after a failure the others have been told (abort) and it leaves at once.
         if (s->store && s->cfg.rank != 0) s->store->add("left", 1);
-        auto deadline = Clock::now() + std::min(s->timeout, std::chrono::milliseconds(5000));
+        auto deadline = Clock::now() + (s->failed ? std::chrono::milliseconds(0)
+                                                  : std::min(s->timeout, std::chrono::milliseconds(5000)));
         while (s->store && s->cfg.rank == 0 && s->store->add("left", 0) < s->store->add("joined", 0) - 1 &&
                Clock::now() < deadline)
             std::this_thread::sleep_for(std::chrono::milliseconds(20));

@@ -325,7 +325,28 @@ def test_rank_dies_or_stalls_mid_merge(tmp_path, fault):
         assert rc != 0, err
         line = [l for l in err.splitlines() if l.startswith("torchmerge: error: ")]
         assert len(line) == 1, err
-    # both survivors are done within ~2x the timeout (kill: at once; stop: the collective's timeout)
-    assert took < 2 * timeout + 5, took
+    # a dead rank is noticed at once (its connections close); a stalled one when the exchange
+    # waiting on it times out: both survivors are gone within the timeout (plus exit time)
+    assert took < (timeout if fault == "kill" else timeout + 3), took
     print("\n%s of rank 1: the others exited after %.2f s (timeout %d s)" % (fault, took, timeout))
     no_outputs(out_dir)
+
+
+def test_recipe_distributed_section(tmp_path):
+    a, b, c = save_models(tmp_path, 3)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: simple_average\nmodels: [%s]\noutput: %s\n"
+                      "distributed: {world_size: 2, master_addr: 127.0.0.1, timeout: 30}\n"
+                      % (a, tmp_path / "out.pt"))
+    port = free_port()
+    procs = []
+    for r, models in enumerate(([str(a)], [str(b), str(c)])):
+        env = dict(os.environ, MASTER_PORT=str(port))
+        env.pop("RANK", None)
+        args = [BIN, "run", str(recipe), "-q", "distributed.rank=%d" % r, "models=[%s]" % ", ".join(models)]
+        if r:
+            args.append("output=%s" % (tmp_path / "out1.pt"))
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    assert_ok(finish(procs))
+    assert not (tmp_path / "out1.pt").exists()
+    assert_same_bits(torch.load(tmp_path / "out.pt"), single("simple_average", [a, b, c], tmp_path / "single.pt"))
