@@ -226,6 +226,8 @@ int tm_cli_merge(int argc, char **argv, size_t method) {
                                       "need --distributed");
     if (rc < 0) {
         if (distributed) o.distributed = &dist;
+        /* c10d logs its own errors through glog before ours: keep stderr to our one line. */
+        if (distributed) setenv("GLOG_minloglevel", "3", 0);
         o.params = params;
         o.n_params = n_params;
         tm_cli_set_callbacks(&o);

@@ -410,9 +410,8 @@ static tm_status translate(const session *se, const tm_method *m, const tm_param
     return TM_OK;
 }
 
-/* Everything after the rendezvous; any failure is told to the other ranks by the caller. */
-static tm_status run(session *se, const char *const *inputs, size_t n, const char *output, const tm_merge_options *o,
-                     const char *label, tm_error *err) {
+/* What no rank can merge across hosts: refused by each rank on its own, before the rendezvous. */
+static tm_status check_supported(const tm_merge_options *o, tm_error *err) {
     const char *name = o->method ? o->method : "simple_average";
     const tm_method *m = tm_methods_find(name);
     if (!m) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "unknown method '%s'", name);
@@ -428,6 +427,13 @@ static tm_status run(session *se, const char *const *inputs, size_t n, const cha
     if (o->masks_out || o->template_path)
         return tm_error_set(err, TM_ERROR_UNSUPPORTED, "a distributed merge writes no %s",
                             o->masks_out ? "masks (--masks-out)" : "TorchScript module (--template)");
+    return TM_OK;
+}
+
+/* Everything after the rendezvous; any failure is told to the other ranks by the caller. */
+static tm_status run(session *se, const char *const *inputs, size_t n, const char *output, const tm_merge_options *o,
+                     const char *label, tm_error *err) {
+    const tm_method *m = tm_methods_find(o->method ? o->method : "simple_average");
     tm_param_values pv = {0};
     tm_status st = resolve_params(m, o, n, &pv, err);
     text hello = {0};
@@ -483,6 +489,7 @@ tm_status tm_merge_distributed(const char *const *inputs, size_t n, const char *
                                const char *label, tm_error *err) {
     session se = {0};
     tm_status st = resolve_config(o->distributed, &se.cfg, &se.output_on_all, err);
+    if (!st) st = check_supported(o, err);
     if (!st) st = tm_torch_bridge_get(&se.b, err);
     if (!st && !se.b->dist_open)
         st = tm_error_set(err, TM_ERROR_UNSUPPORTED,

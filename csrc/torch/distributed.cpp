@@ -255,11 +255,11 @@ void dist_abort(tm_dist_session *s, const char *message) {
 void dist_close(tm_dist_session *s) {
     if (!s) return;
     try {
-        // Rank 0 holds the store: after a success it stays (a few seconds at most) until the others
-        // have left it; after a failure the others have been told (abort) and it leaves at once.
+        // Rank 0 holds the store: it stays (a few seconds at most) until the others have left it.
         if (s->store && s->cfg.rank != 0) s->store->add("left", 1);
-        auto deadline = Clock::now() + (s->failed ? std::chrono::milliseconds(0)
-                                                  : std::min(s->timeout, std::chrono::milliseconds(5000)));
+        // (After a failure, a short grace: the others are polling the store and learn of it at once;
+        // a stalled rank must not hold rank 0 much beyond the timeout.)
+        auto deadline = Clock::now() + std::min(s->timeout, std::chrono::milliseconds(s->failed ? 1500 : 5000));
         while (s->store && s->cfg.rank == 0 && s->store->add("left", 0) < s->store->add("joined", 0) - 1 &&
                Clock::now() < deadline)
             std::this_thread::sleep_for(std::chrono::milliseconds(20));
