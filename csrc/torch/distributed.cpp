@@ -13,6 +13,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -30,6 +31,11 @@ struct tm_dist_session {
     c10::intrusive_ptr<c10d::Store> store;
     c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
     bool failed = false;  // dist_abort was called: close without waiting for the others
+    // The heartbeat: a thread with its own store connection bumps "beat/RANK" 4 times a second, so a
+    // rank whose exchange fails can tell which rank stopped (dead or stalled) rather than blame
+    // its neighbour, whose exchange may be failing for the same reason.
+    std::thread beat;
+    std::atomic<bool> stop_beat{false};
 };
 
 namespace torchmerge {
@@ -78,6 +84,44 @@ std::string route_address(const std::string &addr, int port) {
     if (fd >= 0) close(fd);
     freeaddrinfo(res);
     return out;
+}
+
+void heartbeat(tm_dist_session *s) {
+    try {
+        c10d::TCPStoreOptions o;
+        o.port = (uint16_t)s->cfg.master_port;
+        o.isServer = false;
+        o.waitWorkers = false;
+        o.timeout = s->timeout;
+        auto store = c10::make_intrusive<c10d::TCPStore>(s->addr, o);
+        std::string key = "beat/" + std::to_string(s->cfg.rank);
+        for (int64_t n = 1; !s->stop_beat; n++) {
+            store->set(key, bytes(std::to_string(n)));
+            for (int i = 0; i < 5 && !s->stop_beat; i++) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        }
+    } catch (const std::exception &) {
+        // the store is gone (rank 0 ended): nothing left to tell
+    }
+}
+
+// The ranks whose heartbeat did not move over 1 s ("" if none, or the store is unreachable); a rank
+// that ended (dist_close) says "gone" and is not counted.
+std::string stopped_ranks(tm_dist_session *s) {
+    std::vector<std::string> before((size_t)s->cfg.world_size);
+    auto read = [&](int r) {
+        std::string k = "beat/" + std::to_string(r);
+        return s->store->check({k}) ? text(s->store->get(k)) : std::string();
+    };
+    try {
+        for (int r = 0; r < s->cfg.world_size; r++) before[(size_t)r] = read(r);
+        std::this_thread::sleep_for(std::chrono::milliseconds(1000));
+        std::string out;
+        for (int r = 0; r < s->cfg.world_size; r++)
+            if (r != s->cfg.rank && before[(size_t)r] != "gone" && read(r) == before[(size_t)r]) out += (out.empty() ? "" : ", ") + std::to_string(r);
+        return out;
+    } catch (const std::exception &) {
+        return "";
+    }
 }
 
 // Checks that exactly world_size ranks joined and that none gave up: a rank started with a larger
@@ -178,6 +222,7 @@ tm_status dist_start(tm_dist_session *s, tm_error *err) {
         opts->threads = 1;  // one exchange at a time: the engine issues them in plan order
         auto prefixed = c10::make_intrusive<c10d::PrefixStore>("gloo", s->store);
         s->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, s->cfg.rank, s->cfg.world_size, opts);
+        s->beat = std::thread(heartbeat, s);
         return TM_OK;
     } catch (const std::exception &e) {
         std::string other = abort_message(s);
@@ -200,8 +245,13 @@ tm_status exchange(tm_dist_session *s, const char *what, int peer, double *data,
         work->wait(s->timeout);
         return TM_OK;
     } catch (const std::exception &e) {
-        // Give a rank that failed on purpose a moment to say why before blaming the network.
-        std::this_thread::sleep_for(std::chrono::milliseconds(300));
+        // Which rank stopped (its heartbeat is still), else what a rank that failed on purpose said,
+        // else the network.
+        std::string stopped = stopped_ranks(s);
+        if (!stopped.empty())
+            return tm_error_set(err, TM_ERROR_IO,
+                                "rank %s stopped responding (died or stalled); %s rank %d failed after up to %g s: %s",
+                                stopped.c_str(), what, peer, s->cfg.timeout_seconds, first_line(e).c_str());
         std::string other = abort_message(s);
         if (!other.empty()) return tm_error_set(err, TM_ERROR_IO, "%s", other.c_str());
         return tm_error_set(err, TM_ERROR_IO,
@@ -254,12 +304,18 @@ void dist_abort(tm_dist_session *s, const char *message) {
 
 void dist_close(tm_dist_session *s) {
     if (!s) return;
+    s->stop_beat = true;
+    if (s->beat.joinable()) s->beat.join();
+    try {
+        if (s->store && s->pg) s->store->set("beat/" + std::to_string(s->cfg.rank), bytes("gone"));
+    } catch (const std::exception &) {
+    }
     try {
         // Rank 0 holds the store: it stays (a few seconds at most) until the others have left it.
         if (s->store && s->cfg.rank != 0) s->store->add("left", 1);
-        // (After a failure, a short grace: the others are polling the store and learn of it at once;
+        // (After a failure, a short grace (1 s): the others poll the store and learn of it at once;
         // a stalled rank must not hold rank 0 much beyond the timeout.)
-        auto deadline = Clock::now() + std::min(s->timeout, std::chrono::milliseconds(s->failed ? 1500 : 5000));
+        auto deadline = Clock::now() + std::min(s->timeout, std::chrono::milliseconds(s->failed ? 1000 : 5000));
         while (s->store && s->cfg.rank == 0 && s->store->add("left", 0) < s->store->add("joined", 0) - 1 &&
                Clock::now() < deadline)
             std::this_thread::sleep_for(std::chrono::milliseconds(20));
