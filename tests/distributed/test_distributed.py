@@ -273,8 +273,8 @@ def test_rank_that_never_joins_fails_rendezvous_within_twice_the_timeout(tmp_pat
     (a,) = save_models(tmp_path, 1)
     port = free_port()
     t0 = time.monotonic()
-    res = finish([start(0, 2, port, ["simple_average", "-o", str(tmp_path / "out.pt"), "--timeout", "3"], [a])])
-    assert time.monotonic() - t0 < 6
+    res = finish([start(0, 2, port, ["simple_average", "-o", str(tmp_path / "out.pt"), "--timeout", "5"], [a])])
+    assert time.monotonic() - t0 < 10  # 2x the timeout, process start (LibTorch's load) included
     assert_all_failed(res, "rank 1 did not reach")
     no_outputs(tmp_path)
 
