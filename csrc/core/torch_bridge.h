@@ -74,14 +74,15 @@ typedef struct tm_torch_bridge {
      * size. dist_exchange: publishes mine under topic and returns every rank's text, in rank
      * order (*all: world_size malloc'ed strings in a malloc'ed array, freed by the caller).
      * dist_start: connects the Gloo process group. dist_send / dist_recv: count doubles to / from
-     * one rank (in order per pair); dist_broadcast: root's data to every rank.
+     * one rank (in order per pair); dist_send copies them and returns at once (a few sends in
+     * flight; their failures come out of a later call). dist_broadcast: root's data to every rank.
      * dist_check_world: fails when more processes joined than the world size (a WORLD_SIZE that
      * differs between ranks, a RANK given twice) or a rank gave up. dist_abort: tells the other
      * ranks this one failed (they stop waiting). dist_close: frees the session. */
     tm_status (*dist_open)(const tm_dist_config *cfg, tm_dist_session **out, tm_error *err);
     tm_status (*dist_exchange)(tm_dist_session *s, const char *topic, const char *mine, char ***all, tm_error *err);
     tm_status (*dist_start)(tm_dist_session *s, tm_error *err);
-    tm_status (*dist_send)(tm_dist_session *s, int to, double *data, size_t count, tm_error *err);
+    tm_status (*dist_send)(tm_dist_session *s, int to, const double *data, size_t count, tm_error *err);
     tm_status (*dist_recv)(tm_dist_session *s, int from, double *data, size_t count, tm_error *err);
     tm_status (*dist_broadcast)(tm_dist_session *s, int root, double *data, size_t count, tm_error *err);
     tm_status (*dist_check_world)(tm_dist_session *s, tm_error *err);

@@ -2,9 +2,11 @@
  * block is the float64 sum Σ state[j]·in[j] over the global input list (rank 0's inputs, then
  * rank 1's, ...; the averages' apply, which distributed.c translates the sum methods into),
  * accumulated in that order across the ranks, as one host accumulates it: before() gives the
- * running sum of the ranks before this one, which the kernel starts from, after() hands the
- * running sum on and returns the total, which the engine rounds once to the output dtype. So the
- * output is the single-host merge's, bit for bit. The pipeline runs one merging thread then, so
+ * running sum of the ranks before this one, which the kernel starts from, pass() hands the
+ * running sum on, total() gives the total, which the engine rounds once to the output dtype. So
+ * the output is the single-host merge's, bit for bit. The first rank has nothing before it and
+ * computes up to `ahead` blocks of a tensor ahead of the total it waits for, so the ranks work
+ * on different blocks at once. The pipeline runs one merging thread then, so
  * every rank exchanges its blocks in the plan's order. C11. */
 #ifndef TM_MERGE_CROSS_RANK_H
 #define TM_MERGE_CROSS_RANK_H
@@ -24,9 +26,13 @@ typedef struct tm_cross_rank {
     /* prev[0 .. count) = the running sum of the ranks before this one for the block; *has_prev = 0
      * on the first rank (nothing received). count: doubles (two per complex element). */
     tm_status (*before)(void *user, double *prev, size_t count, int *has_prev, tm_error *err);
-    /* sums[0 .. count) = prev + this rank's terms: handed on; replaced by the total over every
-     * rank on a rank that writes the output. */
-    tm_status (*after)(void *user, double *sums, size_t count, tm_error *err);
+    /* sums[0 .. count) = prev + this rank's terms: handed on to the next rank. */
+    tm_status (*pass)(void *user, const double *sums, size_t count, tm_error *err);
+    /* Then, once per block in order: sums = the block's total over every rank on a rank that
+     * writes the output (unchanged on the others). */
+    tm_status (*total)(void *user, double *sums, size_t count, tm_error *err);
+    int first;    /* 1: this rank starts the chain (no before()) */
+    size_t ahead; /* the first rank: blocks passed on before it waits for a total (>= 1) */
     /* After the plan is built, before any tensor is read: the ranks agree on it. */
     tm_status (*agree)(void *user, const struct merge_ctx *c, tm_format format, tm_error *err);
     int discard_output; /* 1: this rank reduces with the others but writes nothing */

@@ -55,6 +55,8 @@ static void add(text *t, const char *fmt, ...) {
     t->len += (size_t)k;
 }
 
+#define AHEAD 4 /* blocks rank 0 passes on ahead of the total it waits for */
+
 typedef struct session {
     const tm_torch_bridge *b;
     tm_dist_session *s;
@@ -308,13 +310,21 @@ static tm_status xr_before(void *user, double *prev, size_t count, int *has_prev
     return *has_prev ? se->b->dist_recv(se->s, se->cfg.rank - 1, prev, count, err) : TM_OK;
 }
 
-static tm_status xr_after(void *user, double *sums, size_t count, tm_error *err) {
+/* The running sum to the next rank; the last rank's (the total) to rank 0 when only it writes. */
+static tm_status xr_pass(void *user, const double *sums, size_t count, tm_error *err) {
     session *se = user;
     int rank = se->cfg.rank, last = se->cfg.world_size - 1;
-    tm_status st = rank < last ? se->b->dist_send(se->s, rank + 1, sums, count, err) : TM_OK;
-    if (!st && se->output_on_all) st = se->b->dist_broadcast(se->s, last, sums, count, err);
-    else if (!st && last > 0 && rank == last) st = se->b->dist_send(se->s, 0, sums, count, err);
-    else if (!st && last > 0 && rank == 0) st = se->b->dist_recv(se->s, last, sums, count, err);
+    if (rank < last) return se->b->dist_send(se->s, rank + 1, sums, count, err);
+    if (!se->output_on_all && last > 0) return se->b->dist_send(se->s, 0, sums, count, err);
+    return TM_OK;
+}
+
+static tm_status xr_total(void *user, double *sums, size_t count, tm_error *err) {
+    session *se = user;
+    int rank = se->cfg.rank, last = se->cfg.world_size - 1;
+    tm_status st = TM_OK;
+    if (se->output_on_all) st = se->b->dist_broadcast(se->s, last, sums, count, err);
+    else if (last > 0 && rank == 0) st = se->b->dist_recv(se->s, last, sums, count, err);
     /* The last block: no rank beyond the world size may have joined (before rank 0 commits). */
     if (!st && ++se->done_blocks == se->n_blocks) st = se->b->dist_check_world(se->s, err);
     return st;
@@ -336,7 +346,8 @@ static tm_status pass_on(session *se, tm_error *err) {
             size_t doubles = complex ? 2 * count : count;
             int has_prev;
             st = xr_before(se, sums, doubles, &has_prev, err);
-            if (!st) st = xr_after(se, sums, doubles, err);
+            if (!st) st = xr_pass(se, sums, doubles, err);
+            if (!st) st = xr_total(se, sums, doubles, err);
         }
     }
     free(sums);
@@ -476,7 +487,10 @@ static tm_status run(session *se, const char *const *inputs, size_t n, const cha
         lo.n_params = 2;
         lo.base = NULL;
         lo.distributed = NULL;
-        tm_cross_rank xr = {xr_before, xr_after, xr_agree, !(se->cfg.rank == 0 || se->output_on_all), se};
+        /* Rank 0 runs AHEAD blocks ahead of the totals it waits for, so the ranks work at once. */
+        tm_cross_rank xr = {.before = xr_before, .pass = xr_pass, .total = xr_total, .agree = xr_agree,
+                            .first = se->cfg.rank == 0, .ahead = se->cfg.world_size > 1 ? AHEAD : 1,
+                            .discard_output = !(se->cfg.rank == 0 || se->output_on_all), .user = se};
         st = tm_merge_files_xr(tr.inputs, tr.n, output, &lo, label ? label : m->name, &xr, err);
     }
     free(tr.inputs);

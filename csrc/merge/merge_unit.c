@@ -124,15 +124,10 @@ static size_t block_count(uint64_t numel, uint64_t begin) {
     return numel - begin < TM_BLOCK_ELEMS ? (size_t)(numel - begin) : TM_BLOCK_ELEMS;
 }
 
-/* A merge across hosts (cross_rank.h): the block's float64 (complex128) sum Σ state[j]·in[j],
- * started from the previous ranks' running sum, handed on, and the total rounded once. */
-static tm_status cross_rank_apply(tm_merge_worker *w, const tm_method_tensor *t, uint64_t begin, size_t count,
-                                  void *dst, tm_error *err) {
-    int complex = t->out_dtype == TM_COMPLEX64 || t->out_dtype == TM_COMPLEX128;
-    tm_dtype wide = complex ? TM_COMPLEX128 : TM_FLOAT64;
-    size_t doubles = complex ? 2 * count : count;
-    int has_prev = 0;
-    tm_status st = w->xr->before(w->xr->user, w->xr_prev, doubles, &has_prev, err);
+/* A merge across hosts (cross_rank.h): the block's float64 (complex128) sum Σ state[j]·in[j] into
+ * w->xr_sums, started from the previous ranks' running sum in w->xr_prev when has_prev. */
+static void cross_rank_sum(tm_merge_worker *w, const tm_method_tensor *t, uint64_t begin, size_t count, int has_prev,
+                           tm_dtype wide) {
     /* The running sum as input 0 with weight 1 (exact), so the kernel adds this rank's terms to it
      * in the single-host order. Its view starts at element begin. */
     int64_t prev_shape = (int64_t)(begin + count), one = 1;
@@ -140,11 +135,35 @@ static tm_status cross_rank_apply(tm_merge_worker *w, const tm_method_tensor *t,
     w->xr_coef[0] = 1.0;
     memcpy(w->xr_views + 1, t->in, t->n * sizeof *t->in);
     memcpy(w->xr_coef + 1, w->state, t->n * sizeof *w->state);
-    if (!st)
-        tm_kernel_weighted_sum(w->xr_views + !has_prev, w->xr_coef + !has_prev, t->n + (size_t)has_prev, begin, count,
-                               wide, w->xr_sums, w->acc);
-    if (!st) st = w->xr->after(w->xr->user, w->xr_sums, doubles, err);
-    int64_t shape = (int64_t)count;
+    tm_kernel_weighted_sum(w->xr_views + !has_prev, w->xr_coef + !has_prev, t->n + (size_t)has_prev, begin, count,
+                           wide, w->xr_sums, w->acc);
+}
+
+/* The block's sum handed down the ranks and its total rounded once into dst. The first rank
+ * passes on blocks up to xr->ahead ahead of the one it waits the total of. */
+static tm_status cross_rank_apply(tm_merge_worker *w, const tm_method_tensor *t, uint64_t begin, size_t count,
+                                  void *dst, tm_error *err) {
+    const tm_cross_rank *xr = w->xr;
+    int complex = t->out_dtype == TM_COMPLEX64 || t->out_dtype == TM_COMPLEX128;
+    tm_dtype wide = complex ? TM_COMPLEX128 : TM_FLOAT64;
+    size_t per = complex ? 2 : 1;
+    tm_status st = TM_OK;
+    if (xr->first) {
+        if (begin == 0) w->xr_next = 0;
+        while (!st && w->xr_next < t->numel && w->xr_next <= begin + (uint64_t)(xr->ahead - 1) * TM_BLOCK_ELEMS) {
+            size_t n = block_count(t->numel, w->xr_next);
+            cross_rank_sum(w, t, w->xr_next, n, 0, wide);
+            st = xr->pass(xr->user, w->xr_sums, per * n, err);
+            w->xr_next += n;
+        }
+    } else {
+        int has_prev = 0;
+        st = xr->before(xr->user, w->xr_prev, per * count, &has_prev, err);
+        if (!st) cross_rank_sum(w, t, begin, count, has_prev, wide);
+        if (!st) st = xr->pass(xr->user, w->xr_sums, per * count, err);
+    }
+    if (!st) st = xr->total(xr->user, w->xr_sums, per * count, err);
+    int64_t shape = (int64_t)count, one = 1;
     tm_view sums = {(const uint8_t *)w->xr_sums, wide, 1, &shape, &one, 0};
     if (!st) tm_kernel_copy(&sums, 0, count, t->out_dtype, dst);
     else {

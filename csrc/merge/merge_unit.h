@@ -26,6 +26,7 @@ typedef struct tm_merge_worker {
     double *xr_sums, *xr_prev, *xr_coef; /* then a block's float64 (complex128) sums, the other ranks'
                                              running sum, and the coefficients with its 1 */
     tm_view *xr_views;    /* the running sum's view, then the inputs' */
+    uint64_t xr_next;     /* the first rank: the next element of the tensor to compute and pass on */
     size_t merge_calls;
 } tm_merge_worker;
 

@@ -34,7 +34,7 @@ tm_status score_module(const char *model_path, const char *eval_path, double *sc
 tm_status dist_open(const tm_dist_config *cfg, tm_dist_session **out, tm_error *err);
 tm_status dist_exchange(tm_dist_session *s, const char *topic, const char *mine, char ***all, tm_error *err);
 tm_status dist_start(tm_dist_session *s, tm_error *err);
-tm_status dist_send(tm_dist_session *s, int to, double *data, size_t count, tm_error *err);
+tm_status dist_send(tm_dist_session *s, int to, const double *data, size_t count, tm_error *err);
 tm_status dist_recv(tm_dist_session *s, int from, double *data, size_t count, tm_error *err);
 tm_status dist_broadcast(tm_dist_session *s, int root, double *data, size_t count, tm_error *err);
 tm_status dist_check_world(tm_dist_session *s, tm_error *err);

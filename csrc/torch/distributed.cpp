@@ -17,6 +17,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <string>
 #include <thread>
@@ -36,12 +37,21 @@ struct tm_dist_session {
     // its neighbour, whose exchange may be failing for the same reason.
     std::thread beat;
     std::atomic<bool> stop_beat{false};
+    // Sends in flight (each on its own copy of the data), oldest first, with their destination.
+    struct pending {
+        c10::intrusive_ptr<c10d::Work> work;
+        at::Tensor data;
+        int to;
+    };
+    std::deque<pending> sends;
 };
 
 namespace torchmerge {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+tm_status drain_sends(tm_dist_session *s, size_t keep, tm_error *err);
 
 // The first line of an exception's message, without LibTorch's backtrace.
 std::string first_line(const std::exception &e) {
@@ -174,6 +184,7 @@ tm_status dist_open(const tm_dist_config *cfg, tm_dist_session **out, tm_error *
 
 tm_status dist_exchange(tm_dist_session *s, const char *topic, const char *mine, char ***all, tm_error *err) {
     *all = nullptr;
+    if (tm_status st = drain_sends(s, 0, err)) return st;  // every block delivered before "done"
     const int w = s->cfg.world_size;
     std::vector<std::string> keys;
     for (int r = 0; r < w; r++) keys.push_back(std::string(topic) + "/" + std::to_string(r));
@@ -240,7 +251,8 @@ tm_status exchange(tm_dist_session *s, const char *what, int peer, double *data,
                    tm_error *err) {
     if (!s->pg) return tm_error_set(err, TM_ERROR_INTERNAL, "distributed merge: no process group");
     try {
-        std::vector<at::Tensor> t{at::from_blob(data, {(int64_t)count}, at::TensorOptions().dtype(at::kDouble))};
+        std::vector<at::Tensor> t;
+        if (data) t.push_back(at::from_blob(data, {(int64_t)count}, at::TensorOptions().dtype(at::kDouble)));
         auto work = start(t);
         work->wait(s->timeout);
         return TM_OK;
@@ -263,9 +275,34 @@ tm_status exchange(tm_dist_session *s, const char *what, int peer, double *data,
 
 }  // namespace
 
-tm_status dist_send(tm_dist_session *s, int to, double *data, size_t count, tm_error *err) {
-    return exchange(s, "sending block sums to", to, data, count,
-                    [&](std::vector<at::Tensor> &t) { return s->pg->send(t, to, 0); }, err);
+namespace {
+constexpr size_t kSendsInFlight = 8;
+
+// Waits for the oldest sends until at most keep are in flight.
+tm_status drain_sends(tm_dist_session *s, size_t keep, tm_error *err) {
+    while (s->sends.size() > keep) {
+        auto p = s->sends.front();
+        s->sends.pop_front();
+        tm_status st = exchange(s, "sending block sums to", p.to, nullptr, 0,
+                                [&](std::vector<at::Tensor> &) { return p.work; }, err);
+        if (st) return st;
+    }
+    return TM_OK;
+}
+}  // namespace
+
+tm_status dist_send(tm_dist_session *s, int to, const double *data, size_t count, tm_error *err) {
+    tm_status st = drain_sends(s, kSendsInFlight - 1, err);
+    if (st) return st;
+    try {
+        auto copy = at::empty({(int64_t)count}, at::TensorOptions().dtype(at::kDouble));
+        memcpy(copy.data_ptr<double>(), data, count * sizeof *data);
+        std::vector<at::Tensor> t{copy};
+        s->sends.push_back({s->pg->send(t, to, 0), copy, to});
+        return TM_OK;
+    } catch (const std::exception &e) {
+        return tm_error_set(err, TM_ERROR_IO, "sending block sums to rank %d failed: %s", to, first_line(e).c_str());
+    }
 }
 
 tm_status dist_recv(tm_dist_session *s, int from, double *data, size_t count, tm_error *err) {
