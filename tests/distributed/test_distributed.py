@@ -255,12 +255,17 @@ def test_mismatched_world_size_never_averages_fewer(tmp_path):
     a, b, c = save_models(tmp_path, 3)
     outs = [tmp_path / ("out%d.pt" % r) for r in range(3)]
     port = free_port()
-    # rank 0 (WORLD_SIZE 2) first; then a rank that believes in 3 ranks, then rank 1: the extra
-    # rank has joined before ranks 0 and 1 can finish, and they must not write a 2-model average.
+    # rank 0 (WORLD_SIZE 2) first; then a rank that believes in 3 ranks; once it has joined the
+    # store (read through torch's own TCPStore client), rank 1: ranks 0 and 1 must not write a
+    # 2-model average. (A rank that joins after the others finished cannot be noticed.)
     p0 = start(0, 2, port, ["simple_average", "-o", str(outs[0]), "--timeout", "20"], [a])
-    time.sleep(0.5)
     p2 = start(2, 3, port, ["simple_average", "-o", str(outs[2]), "--timeout", "20"], [c])
-    time.sleep(1.0)
+    from datetime import timedelta
+    import torch.distributed as dist
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=30))
+    deadline = time.monotonic() + 30
+    while store.add("joined", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     p1 = start(1, 2, port, ["simple_average", "-o", str(outs[1]), "--timeout", "20"], [b])
     res = finish([p0, p1, p2])
     for r, (rc, err, _) in enumerate(res):
