@@ -15,7 +15,11 @@ static const tm_method *const table[] = {
     &tm_method_simple_average,
     &tm_method_weighted_average,
     &tm_method_task_arithmetic,
+    &tm_method_ties,
     &tm_method_dare_linear,
+    &tm_method_dare_ties,
+    &tm_method_breadcrumbs,
+    &tm_method_breadcrumbs_ties,
     &tm_method_slerp,
 };
 
