@@ -17,6 +17,7 @@ static const tm_method *const table[] = {
     &tm_method_task_arithmetic,
     &tm_method_dare_linear,
     &tm_method_slerp,
+    &tm_method_model_stock,
 };
 
 size_t tm_methods_count(void) { return sizeof table / sizeof *table; }

@@ -10,5 +10,6 @@ extern const tm_method tm_method_weighted_average; /* average.c */
 extern const tm_method tm_method_task_arithmetic;  /* task_arithmetic.c */
 extern const tm_method tm_method_dare_linear;      /* dare.c */
 extern const tm_method tm_method_slerp;            /* slerp.c */
+extern const tm_method tm_method_model_stock;      /* model_stock.c */
 
 #endif
