@@ -247,3 +247,40 @@ def test_mergekit_model_stock_recipe_equals_the_cli_and_the_reference(models, tm
     base = load(models["base"])
     expected = model_stock_ref(base, [load(models[t]) for t in "abc"], True, "cosine")
     assert_matches(r, expected, {k: v.dtype for k, v in base.items()})
+
+
+def fusionbench_recipe(tmp_path, models, ignore_keys="[]") -> Path:
+    """FusionBench's config/method/model_stock/model_stock.yaml shape, with a model pool."""
+    return write(tmp_path, """
+        _target_: fusion_bench.method.model_stock.ModelStock
+        ignore_keys: %s
+        model_save_path: ${path.log_dir}/checkpoint
+        model_save_kwargs: null
+        modelpool:
+          _target_: fusion_bench.modelpool.BaseModelPool
+          models:
+            _pretrained_: %s
+            a: %s
+            b: %s
+            c: %s
+        output: recipe.pt
+        """ % (ignore_keys, models["base"], models["a"], models["b"], models["c"]))
+
+
+def test_fusionbench_model_stock_config_uses_the_mean_pairwise_angle(models, tmp_path):
+    res = tm("run", fusionbench_recipe(tmp_path, models), cwd=tmp_path)
+    assert_ok(res)
+    assert "ignored 'model_save_path'" in res.stderr
+    assert_ok(tm("model_stock", "--base", models["base"], "--pairwise", "angle", "-o", tmp_path / "cli.pt",
+                 models["a"], models["b"], models["c"], cwd=tmp_path))
+    r, c = load(tmp_path / "recipe.pt"), load(tmp_path / "cli.pt")
+    assert all(torch.equal(r[k], c[k]) for k in c)
+    base = load(models["base"])
+    expected = model_stock_ref(base, [load(models[t]) for t in "abc"], False, "angle")
+    assert_matches(r, expected, {k: v.dtype for k, v in base.items()})
+
+
+def test_fusionbench_model_stock_ignore_keys_are_refused(models, tmp_path):
+    res = tm("run", fusionbench_recipe(tmp_path, models, '["fc.bias"]'), cwd=tmp_path)
+    assert_error(res, "recipe.yaml:2:", "ignore_keys: not supported")
+    assert not (tmp_path / "recipe.pt").exists()

@@ -30,7 +30,8 @@ static const tm_param_decl params[] = {
                        .help = "one ratio t per row (along the last dimension) instead of one per tensor"},
     [P_PAIRWISE] = {.name = "pairwise", .kind = TM_PARAM_CHOICE, .choices = "cosine|angle", .default_value = "cosine",
                     .help = "cos θ as the mean pairwise cosine (mergekit) or the cosine of the mean pairwise angle "
-                            "(FusionBench)"},
+                            "(FusionBench)",
+                    .fusionbench_default = "angle"},
 };
 
 /* Elements summed per chunk of a row: chunks end at multiples of CHUNK (which divides the
