@@ -79,18 +79,21 @@ static tm_status prepare(const tm_method_tensor *t, double *state, tm_error *err
     return TM_OK;
 }
 
-/* Σ a[e]·b[e] in four interleaved partial sums (a fixed order: the same bits everywhere). */
+/* Σ a[e]·b[e] in eight interleaved partial sums (lane k takes e ≡ k mod 8: one vector of them,
+ * and a fixed order, so the same bits on every machine), added pairwise at the end. */
+#define LANES 8
 TM_HOT static double dot(const double *restrict a, const double *restrict b, size_t len) {
-    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    double s[LANES] = {0};
     size_t e = 0;
-    for (; e + 4 <= len; e += 4) {
-        s0 += a[e] * b[e];
-        s1 += a[e + 1] * b[e + 1];
-        s2 += a[e + 2] * b[e + 2];
-        s3 += a[e + 3] * b[e + 3];
-    }
-    for (; e < len; e++) s0 += a[e] * b[e];
-    return (s0 + s1) + (s2 + s3);
+    for (; e + LANES <= len; e += LANES)
+        for (size_t k = 0; k < LANES; k++) s[k] += a[e + k] * b[e + k];
+    for (size_t k = 0; e < len; e++, k++) s[k] += a[e] * b[e];
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+/* d −= b */
+TM_HOT static void subtract(double *restrict d, const double *restrict b, size_t len) {
+    for (size_t e = 0; e < len; e++) d[e] -= b[e];
 }
 
 /* Adds elements [begin, begin + len) (one chunk of one row) to the open row's sums. */
@@ -100,7 +103,7 @@ static void add_chunk(const tm_method_tensor *t, const layout *l, uint64_t begin
     for (size_t i = 0; i < n; i++) {
         double *d = l->d + i * CHUNK;
         tm_kernel_load_f64(&t->in[i], begin, len, d, k);
-        for (size_t e = 0; e < len; e++) d[e] -= b[e];
+        subtract(d, b, len);
     }
     for (size_t i = 0; i < n; i++)
         for (size_t j = i; j < n; j++) l->sums[i * n + j] += dot(l->d + i * CHUNK, l->d + j * CHUNK, len);
