@@ -284,3 +284,25 @@ def test_fusionbench_model_stock_ignore_keys_are_refused(models, tmp_path):
     res = tm("run", fusionbench_recipe(tmp_path, models, '["fc.bias"]'), cwd=tmp_path)
     assert_error(res, "recipe.yaml:2:", "ignore_keys: not supported")
     assert not (tmp_path / "recipe.pt").exists()
+
+
+def test_fusionbench_recipe_keeps_an_explicit_pairwise_cosine(models, tmp_path):
+    recipe = fusionbench_recipe(tmp_path, models)
+    recipe.write_text(recipe.read_text().replace("ignore_keys: []", "ignore_keys: []\npairwise: cosine"))
+    assert_ok(tm("run", recipe, cwd=tmp_path))
+    base = load(models["base"])
+    expected = model_stock_ref(base, [load(models[t]) for t in "abc"], False, "cosine")
+    assert_matches(load(tmp_path / "recipe.pt"), expected, {k: v.dtype for k, v in base.items()})
+
+
+def test_a_tensor_held_by_one_input_is_an_error_naming_it(models, tmp_path):
+    extra = load(models["a"])
+    extra["only_here"] = torch.ones(3)
+    base = load(models["base"])
+    base["only_here"] = torch.zeros(3)
+    torch.save(extra, str(tmp_path.parent / ("extra_%s.pt" % tmp_path.name)))
+    torch.save(base, str(tmp_path.parent / ("base_%s.pt" % tmp_path.name)))
+    res = tm("model_stock", "--keys", "union", "--base", tmp_path.parent / ("base_%s.pt" % tmp_path.name),
+             "-o", tmp_path / "o.pt", tmp_path.parent / ("extra_%s.pt" % tmp_path.name), models["b"], cwd=tmp_path)
+    assert_error(res, "tensor 'only_here'", "at least 2 inputs", "it is in 1")
+    assert list(tmp_path.iterdir()) == []
