@@ -48,6 +48,7 @@ typedef struct tm_param_decl {
     int min_exclusive, max_exclusive;
     const char *choices;       /* "sum|count" for TM_PARAM_CHOICE */
     const char *help;
+    const char *fusionbench_default; /* FusionBench's default where it differs (FusionBench-shaped recipes), or NULL */
 } tm_param_decl;
 
 /* A method's parameters resolved for a merge of n_inputs inputs: every parameter has values,

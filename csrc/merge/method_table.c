@@ -21,6 +21,7 @@ static const tm_method *const table[] = {
     &tm_method_breadcrumbs,
     &tm_method_breadcrumbs_ties,
     &tm_method_slerp,
+    &tm_method_model_stock,
 };
 
 size_t tm_methods_count(void) { return sizeof table / sizeof *table; }
