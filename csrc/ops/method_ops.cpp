@@ -4,9 +4,10 @@
 // run_method (tm_merge_tensors): the arithmetic is the library's. A method this build's table
 // lacks is an error naming it, so these ops start working as soon as the method is added.
 //
-// Not differentiable (registered CompositeExplicitAutograd: autograd passes through and the
-// result does not require grad); the differentiable one is task_arithmetic
-// (task_arithmetic_op.cpp).
+// Not differentiable: the result never requires grad (the differentiable one is task_arithmetic,
+// task_arithmetic_op.cpp). Registered CompositeImplicitAutograd, as merge_files is, so the kernel
+// runs for every dispatch key and a tensor on another device gets run_method's one-line error
+// rather than the dispatcher's list of backends.
 #include <torch/library.h>
 
 #include "ops/method_call.h"
@@ -88,7 +89,7 @@ at::Tensor model_stock(const at::Tensor &base, at::TensorList tensors, bool filt
 }  // namespace ops
 }  // namespace torchmerge
 
-TORCH_LIBRARY_IMPL(torchmerge, CompositeExplicitAutograd, m) {
+TORCH_LIBRARY_IMPL(torchmerge, CompositeImplicitAutograd, m) {
     m.impl("merge", TORCH_FN(torchmerge::ops::merge));
     m.impl("ties", TORCH_FN(torchmerge::ops::ties));
     m.impl("dare", TORCH_FN(torchmerge::ops::dare));
