@@ -557,6 +557,7 @@ A = torch.zeros(3, 4)
 B = torch.zeros(4, 4)
 I = torch.zeros(3, 4, dtype=torch.int64)
 M = torch.zeros(3, 4, device="meta")
+C = torch.zeros(3, 4, dtype=torch.complex64)
 
 ERRORS = {
     "empty list": (lambda: tm_ops.task_arithmetic(A, []), ["task_arithmetic: expected at least one tensor"]),
@@ -592,11 +593,15 @@ ERRORS = {
                           ["merge: task_arithmetic has no parameter 'lamda'"]),
     "given twice": (lambda: tm_ops.merge("task_arithmetic", [A], A, {"lambda": [1.0]}, {"lambda": "2"}),
                     ["merge: lambda: given twice"]),
-    "missing base": (lambda: tm_ops.merge("task_arithmetic", [A]), ["merge: ", "base"]),
+    "missing base": (lambda: tm_ops.merge("task_arithmetic", [A]), ["merge: task_arithmetic needs a base model"]),
+    "too many inputs": (lambda: tm_ops.merge("slerp", [A, A], A, {"t": [0.5]}), ["merge: slerp merges at most 1 input"]),
     "missing required": (lambda: tm_ops.merge("slerp", [A], A), ["merge: slerp needs t"]),
     "bad bool": (lambda: tm_ops.merge("task_arithmetic", [A], A, None, {"normalize": "maybe"}),
                  ["normalize: expected true or false, got 'maybe'"]),
-    "name in message": (lambda: tm_ops.merge("slerp", [A, A], A, {"t": [0.5]}, name="fc.weight"), ["merge: "]),
+    # The library names the tensor when the caller named it (and only then).
+    "named tensor": (lambda: tm_ops.merge("dare_linear", [C], C, {"density": [0.5]}, name="fc.weight"),
+                     ["merge: tensor 'fc.weight': dare_linear does not merge complex tensors"]),
+    "unnamed tensor": (lambda: tm_ops.dare(C, [C], 0.5), ["dare: dare_linear does not merge complex tensors"]),
 }
 
 
@@ -607,6 +612,7 @@ def test_bad_arguments_raise_one_line_runtime_errors(case):
         fn()
     message = str(info.value)
     assert "\n" not in message.strip(), message
+    assert "tensor ''" not in message, message
     for s in substrings:
         assert s in message, f"{s!r} not in {message!r}"
 
