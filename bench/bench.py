@@ -1,5 +1,7 @@
 """torchmerge benchmark: prints, side by side, the I/O floor, torchmerge (to .pt and to
-.safetensors) and the FusionBench-style Python baseline on the same synthetic checkpoints.
+.safetensors) and the FusionBench-style Python baseline on the same synthetic checkpoints; and
+(--only methods) every merge method of issue 13 beside weighted_average and beside a Python torch
+implementation of the same method (bench/methods_python.py).
 
 Medians over --runs alternating runs, page cache warm. Wall time, CPU time (user+sys) and peak
 RSS of each command come from wait4()'s rusage. Outputs are hashed on every run to show that
