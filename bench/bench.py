@@ -293,8 +293,9 @@ def methods(a, tm, out):
     ref_wall = med[ref][0] if isinstance(med.get(ref), tuple) else float("nan")
     mib = os.path.getsize(ins[0]) / 2**20
     print(f"\n## Merge methods, 4 x {mib:.0f} MiB float32 + base (slerp: base + 1 input)\n")
+    py_runs = f"median of {a.python_runs} run(s)" if a.python_runs > 0 else "not run (--python-runs 0)"
     print(f"torchmerge: median of {a.runs} runs; Python torch implementation (bench/methods_python.py, "
-          f"float32 in memory as mergekit / FusionBench): median of {a.python_runs} run(s). Targets: seconds "
+          f"float32 in memory as mergekit / FusionBench): {py_runs}. Targets: seconds "
           f"÷ weighted_average's as issue 13; peak RSS <= 64 MiB + (n + 2) x the largest tensor in float64 "
           f"({method_rss_budget(4):.0f} MiB for n = 4, {method_rss_budget(1):.0f} for slerp); "
           f">= {PYTHON_SPEEDUP_TARGET}x faster than Python.\n")
