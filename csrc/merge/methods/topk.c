@@ -145,10 +145,15 @@ void tm_topk_end(tm_topk *s, uint8_t *mem) {
     } /* else another histogram, of the next 16 bits */
 }
 
-TM_HOT void tm_topk_keep(const tm_topk *s, const double *v, uint64_t begin, size_t count, uint8_t *keep) {
+/* A static clone behind a plain function: a cloned function's dispatcher would be exported. */
+TM_HOT static void keep_loop(const tm_topk *s, const double *v, uint64_t begin, size_t count, uint8_t *keep) {
     const uint64_t key = s->cut_key, end = s->cut_end;
     for (size_t e = 0; e < count; e++) {
         uint64_t k = tm_topk_key(v[e]);
         keep[e] = (uint8_t)(k > key || (k == key && begin + e < end));
     }
+}
+
+void tm_topk_keep(const tm_topk *s, const double *v, uint64_t begin, size_t count, uint8_t *keep) {
+    keep_loop(s, v, begin, count, keep);
 }
