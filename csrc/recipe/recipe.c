@@ -639,13 +639,21 @@ static const tm_rnode *get_param(const tm_rnode *map, const tm_param_decl *d, co
 /* ---- FusionBench's ways of writing parameters ------------------------------------------------- */
 
 /* FusionBench writes some parameters its own way. By parameter name, so that every method with
- * such a parameter (dare_linear, dare_ties) takes them:
- *   a key giving the complement of a parameter: DARE's sparsity_ratio = 1 − density;
+ * such a parameter (dare_linear, dare_ties; ties) takes them:
+ *   a key giving a parameter through a function: DARE's sparsity_ratio = 1 − density; TIES'
+ *   threshold, the kept share in percent (density = threshold / 100 when above 1, else as is:
+ *   FusionBench's topk_values_mask);
  *   a boolean for a choice: DARE's rescale, true = ÷ density in FusionBench (÷ (1 − sparsity_ratio))
  *   but mergekit's L1-norm rescale in a mergekit config, false = none. */
+static double complement(double v) { return 1 - v; }
+static double percent(double v) { return v > 1 ? v / 100 : v; }
 static const struct {
     const char *key, *param;
-} complements[] = {{"sparsity_ratio", "density"}};
+    double (*to)(double);
+    double lo, hi;          /* the key's range: [lo, hi) for the complement, (lo, hi] for percent */
+    const char *meaning;    /* "1 - density" */
+} complements[] = {{"sparsity_ratio", "density", complement, 0, 1, "= 1 - density"},
+                   {"threshold", "density", percent, 0, 100, "= density, in percent when above 1"}};
 static const struct {
     const char *param, *fusionbench_true, *mergekit_true, *if_false;
 } bool_choices[] = {{"rescale", "inverse", "l1", "none"}};
@@ -675,16 +683,19 @@ static tm_status parse_complement(ictx *c, size_t j, const tm_rnode *root, const
         const tm_rnode *cand[2] = {tm_rnode_get(root, key), method_map ? tm_rnode_get(method_map, key) : NULL}, *n;
         const char *const places[2] = {p0, p1};
         tm_status st = choose(c, key, cand, places, 2, &n);
-        if (st || !n) return st;
+        if (st) return st;
+        if (!n) continue;
         if (found)
-            return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "give %s or %s (= 1 - %s), not both", d->name, key, d->name);
+            return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "give %s or %s (%s), not both", d->name, key,
+                        complements[k].meaning);
         double v;
         if ((st = get_number(c, n, key, &v))) return st;
-        if (!(v >= 0 && v < 1))
-            return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s: %g is outside [0, 1) (%s = 1 - %s must be in (0, 1])",
-                        key, v, d->name, key);
+        const double x = complements[k].to(v);
+        if (!(x > 0 && x <= 1) || !(v >= complements[k].lo && v <= complements[k].hi))
+            return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s: %g gives %s %g, outside (0, 1] (%s %s)", key, v, d->name,
+                        x, key, complements[k].meaning);
         if (!(r->numbers[j] = calloc(1, sizeof *r->numbers[j]))) return oom(c);
-        r->numbers[j][0] = 1 - v;
+        r->numbers[j][0] = x;
         r->params[r->n_params++] = (tm_param){d->name, NULL, r->numbers[j], 1};
         return TM_OK;
     }
@@ -703,8 +714,8 @@ static tm_status check_fusionbench_settings(ictx *c, const tm_rnode *root, const
             const tm_rnode *v = map->items[i];
             for (size_t k = 0; k < sizeof complements / sizeof *complements; k++)
                 if (!strcmp(key, complements[k].key) && !is_null(v) && tm_method_param_index(m, complements[k].param, 0) < 0)
-                    return ierr(c, TM_ERROR_INVALID_ARGUMENT, v, "%s takes no %s (%s = 1 - %s, for the DARE methods)",
-                                m->name, key, key, complements[k].param);
+                    return ierr(c, TM_ERROR_INVALID_ARGUMENT, v, "%s takes no %s (%s %s)", m->name, key, key,
+                                complements[k].meaning);
             if (!strcmp(key, "only_on_linear_weights") && !is_null(v)) {
                 if (tm_method_param_index(m, "density", 0) < 0)
                     return ierr(c, TM_ERROR_INVALID_ARGUMENT, v, "%s takes no only_on_linear_weights", m->name);
@@ -722,6 +733,10 @@ static tm_status check_fusionbench_settings(ictx *c, const tm_rnode *root, const
                 return ierr(c, TM_ERROR_UNSUPPORTED, v,
                             "ignore_keys: not supported (FusionBench gives those tensors the plain average of the "
                             "models); give an empty list");
+            if (!strcmp(key, "remove_keys") && !is_null(v) && !(v->kind == TM_RNODE_SEQ && v->n == 0))
+                return ierr(c, TM_ERROR_UNSUPPORTED, v,
+                            "remove_keys: not supported (FusionBench leaves those tensors out of the flattened task "
+                            "vectors, for tied weights); give an empty list");
             if ((!strcmp(key, "model_save_path") || !strcmp(key, "model_save_kwargs")) && !is_null(v))
                 iwarn(c, map->keys[i], "ignored '%s' (FusionBench's saving setting: torchmerge writes output:)", key);
         }
@@ -1222,7 +1237,7 @@ static tm_status interpret_keys(ictx *c, const tm_rnode *root, const char *const
 
 /* The recipe as a whole, with the keys allowed at each place. */
 /* FusionBench method settings at the top or under method: (check_fusionbench_settings). */
-#define FUSIONBENCH_KEYS "sparsity_ratio", "only_on_linear_weights", "ignore_keys", "model_save_path", "model_save_kwargs"
+#define FUSIONBENCH_KEYS "sparsity_ratio", "threshold", "remove_keys", "only_on_linear_weights", "ignore_keys", "model_save_path", "model_save_kwargs"
 static tm_status interpret(ictx *c) {
     const tm_rnode *root = c->r->doc.root;
     tm_status st;

@@ -90,8 +90,8 @@ def test_mergekit_boolean_rescale_is_its_l1_norm(models, tmp_path):
 @pytest.mark.parametrize("settings,needles", [
     ("sparsity_ratio: 0.5\nonly_on_linear_weights: true", ["only_on_linear_weights: true is not supported"]),
     ("sparsity_ratio: 0.5\ndensity: 0.5", ["give density or sparsity_ratio", "not both"]),
-    ("sparsity_ratio: 1", ["sparsity_ratio: 1 is outside [0, 1)"]),
-    ("sparsity_ratio: -0.1", ["sparsity_ratio: -0.1 is outside [0, 1)"]),
+    ("sparsity_ratio: 1", ["sparsity_ratio: 1 gives density 0, outside (0, 1]"]),
+    ("sparsity_ratio: -0.1", ["sparsity_ratio: -0.1 gives density 1.1, outside (0, 1]"]),
     ("sparsity_ratio: 0.5\nrescale: maybe", ["rescale", "maybe"]),
 ])
 def test_bad_dare_settings_are_one_line_errors(models, tmp_path, settings, needles):

@@ -20,7 +20,7 @@ enum { P_WEIGHTS, P_LAMBDA, P_DENSITY, P_RESCALE, P_SEED, P_NORMALIZE, P_SIGN };
 #define DARE_PARAMS                                                                                 \
     [P_WEIGHTS] = TM_DECL_TASK_WEIGHTS, [P_LAMBDA] = TM_DECL_LAMBDA,                                \
     [P_DENSITY] = TM_DECL_DENSITY(1, NULL, "the probability of keeping each element of a task vector"), \
-    [P_RESCALE] = TM_DECL_RESCALE("l1"), [P_SEED] = TM_DECL_SEED
+    [P_RESCALE] = TM_DECL_DARE_RESCALE, [P_SEED] = TM_DECL_SEED
 
 static const tm_param_decl linear_params[] = {DARE_PARAMS, [P_NORMALIZE] = TM_DECL_NORMALIZE("false")};
 static const tm_param_decl ties_params[] = {

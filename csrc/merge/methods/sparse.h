@@ -31,6 +31,12 @@ enum { TM_RESCALE_L1, TM_RESCALE_INVERSE, TM_RESCALE_NONE }; /* the rescale choi
 #define TM_DECL_RESCALE(dflt)                                                                       \
     {.name = "rescale", .kind = TM_PARAM_CHOICE, .choices = "l1|inverse|none", .default_value = dflt, \
      .help = "how kept elements are scaled up: keep the L1 norm, divide by density, or not"}
+/* DARE's: mergekit's default l1, FusionBench's ÷ density (its rescale: true) in FusionBench-shaped
+ * recipes. */
+#define TM_DECL_DARE_RESCALE                                                                        \
+    {.name = "rescale", .kind = TM_PARAM_CHOICE, .choices = "l1|inverse|none", .default_value = "l1", \
+     .fusionbench_default = "inverse",                                                              \
+     .help = "how kept elements are scaled up: keep the L1 norm, divide by density, or not"}
 #define TM_DECL_SEED                                                                                \
     {.name = "seed", .kind = TM_PARAM_INTEGER, .default_value = "0", .min = 0, .max = 9007199254740992.0, \
      .help = "the random masks' seed (they are a function of seed, input, tensor name, element)"}

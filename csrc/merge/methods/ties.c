@@ -26,9 +26,10 @@ static const tm_param_decl params[] = {
                      .help = "divide each element by the sum of the weights of the inputs whose sign agrees "
                              "(false: merge_func sum)"},
     [P_MERGE_FUNC] = {.name = "merge_func", .kind = TM_PARAM_CHOICE, .choices = "mean|sum|max", .default_value = "mean",
+                      .fusionbench_default = "sum",
                       .help = "how the agreeing values merge: their weighted mean, sum, or largest magnitude"},
     [P_TRIM_SCOPE] = {.name = "trim_scope", .kind = TM_PARAM_CHOICE, .choices = "tensor|global",
-                      .default_value = "tensor",
+                      .default_value = "tensor", .fusionbench_default = "global",
                       .help = "trim each tensor (mergekit) or each input's whole model (FusionBench's ties_merging)"},
     [P_RESCALE] = TM_DECL_RESCALE("none"),
 };
