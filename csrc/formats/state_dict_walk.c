@@ -246,8 +246,12 @@ static tm_status walk(walk_ctx *c, const tm_pk_value *root, const char *key) {
         if (!out->key) return tm_error_set(err, TM_ERROR_NOMEM, "%s: out of memory", label);
         return push(c, "", "", root);
     }
-    if (root->kind == TM_PK_DICT && root->u.dict.n == 0)
-        return tm_error_set(err, TM_ERROR_FORMAT, "%s: the checkpoint is an empty dict", label);
+    if (root->kind == TM_PK_DICT && root->u.dict.n == 0) {
+        /* torch.save({}): a state dict without tensors (inspect shows 0; a merge finds no name
+         * in common). */
+        out->key = strdup("");
+        return out->key ? TM_OK : tm_error_set(err, TM_ERROR_NOMEM, "%s: out of memory", label);
+    }
     if (is_flat_state_dict(c, root) || is_nn_module(c, root) || is_script_module(root)) {
         sd = root; /* already a state dict: --key does not apply */
     } else if (c->over) {
@@ -309,6 +313,42 @@ static tm_status walk(walk_ctx *c, const tm_pk_value *root, const char *key) {
     out->key = strdup(chosen);
     if (!out->key) return tm_error_set(err, TM_ERROR_NOMEM, "%s: out of memory", label);
     return flatten(c, sd);
+}
+
+tm_status tm_state_dict_candidates(const tm_pk_value *root, const char *label, char ***keys,
+                                   size_t *n, tm_error *err) {
+    *keys = NULL;
+    *n = 0;
+    if (!label) label = "";
+    tm_named_tensors unused = {0};
+    walk_ctx *c = calloc(1, sizeof *c);
+    if (!c) return tm_error_set(err, TM_ERROR_NOMEM, "%s: out of memory", label);
+    c->out = &unused;
+    c->label = label;
+    c->err = err;
+    tm_status st = TM_OK;
+    /* Only a dict that is not itself a state dict holds candidates, as walk() picks them. */
+    if (root->kind == TM_PK_DICT && !is_flat_state_dict(c, root) && !is_nn_module(c, root) &&
+        !is_script_module(root)) {
+        for (size_t i = 0; i < root->u.dict.n && !st; i++) {
+            const tm_pk_value *k = root->u.dict.keys[i];
+            if (!is_str(k) || !is_candidate(c, root->u.dict.values[i])) continue;
+            char **grown = realloc(*keys, (*n + 1) * sizeof *grown);
+            char *copy = grown ? strdup(k->u.str.data) : NULL;
+            if (grown) *keys = grown;
+            if (!copy) st = tm_error_set(err, TM_ERROR_NOMEM, "%s: out of memory", label);
+            else (*keys)[(*n)++] = copy;
+        }
+    }
+    if (!st && c->over) st = over_error(c);
+    free(c);
+    if (st) {
+        for (size_t i = 0; i < *n; i++) free((*keys)[i]);
+        free(*keys);
+        *keys = NULL;
+        *n = 0;
+    }
+    return st;
 }
 
 tm_status tm_state_dict_walk(const tm_pk_value *root, const char *key, const char *label,
