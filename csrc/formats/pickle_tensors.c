@@ -315,6 +315,11 @@ static tm_status build_qtensor(parser *p, const char *fn, tm_pk_value *const *a,
     TRY(channel_params(p, "scales", q[1], n, &t->u.tensor.q_scales_t, &t->u.tensor.q_scales));
     TRY(channel_params(p, "zero points", q[2], n, &t->u.tensor.q_zero_points_t,
                        &t->u.tensor.q_zero_points));
+    /* torch writes per_channel_affine for float_qparams tensors too; on load, floating zero
+     * points make the quantizer a float_qparams one (torch._empty_per_channel_affine_quantized). */
+    if (qs == TM_QSCHEME_PER_CHANNEL_AFFINE && t->u.tensor.q_zero_points_t &&
+        tm_dtype_is_floating(t->u.tensor.q_zero_points_t->u.tensor.dtype))
+        t->u.tensor.qscheme = TM_QSCHEME_PER_CHANNEL_AFFINE_FLOAT_QPARAMS;
     return TM_OK;
 }
 

@@ -72,7 +72,9 @@ tm_status sd_load(const char *path, const tm_open_options *opts, tm_state_dict *
         try {
             for (size_t i = 0; i < tm_checkpoint_n_tensors(ck); i++) {
                 tm_tensor_info info = tm_checkpoint_info(ck, i);
-                insert(*sd, info.name, view_of(info).clone(at::MemoryFormat::Contiguous));
+                at::Tensor t = view_of(info);
+                // a quantized tensor is already a contiguous copy (and float_qparams cannot be cloned)
+                insert(*sd, info.name, info.qscheme != TM_QSCHEME_NONE ? t : t.clone(at::MemoryFormat::Contiguous));
             }
         } catch (...) {
             tm_checkpoint_free(ck);
