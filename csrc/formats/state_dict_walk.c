@@ -123,6 +123,36 @@ static int in_set(walk_ctx *c, const tm_pk_value *set, const char *name) {
 
 static tm_status walk_module(walk_ctx *c, const tm_pk_value *m, const char *prefix, int depth);
 
+/* TorchScript custom-class objects (__torch__.torch.classes.*) pickle the tuple their
+ * __getstate__ returns: quantized modules' packed weights (LinearPackedParamsBase: (weight,
+ * bias); the conv ones: (version, [tensors], [optional tensors])). Their tensors are named by
+ * position under the attribute ("fc._packed_params._packed_params.0"), the path of the tuple
+ * that eager PyTorch's state_dict() holds there. */
+static int is_seq(const tm_pk_value *v) { return v->kind == TM_PK_TUPLE || v->kind == TM_PK_LIST; }
+
+static int is_custom_class_state(const tm_pk_value *v) {
+    return v && v->kind == TM_PK_OBJECT && strncmp(v->u.object.module, "__torch__.torch.classes.", 24) == 0 &&
+           v->u.object.state && is_seq(v->u.object.state);
+}
+
+static tm_status walk_custom_state(walk_ctx *c, const tm_pk_value *seq, const char *name, int level) {
+    for (size_t i = 0; i < seq->u.seq.n; i++) {
+        const tm_pk_value *v = seq->u.seq.items[i];
+        if (!spend(c, 1)) return over_error(c);
+        if (v->kind != TM_PK_TENSOR && !(is_seq(v) && level < 2)) continue;
+        char *sub = NULL;
+        if (strlen(name) > MAX_NAME_BYTES)
+            return tm_error_set(c->err, TM_ERROR_LIMIT, "%s: a tensor name of more than %zu bytes (limit): '%.64s...'",
+                                c->label, MAX_NAME_BYTES, name);
+        if (asprintf(&sub, "%s.%zu", name, i) < 0)
+            return tm_error_set(c->err, TM_ERROR_NOMEM, "%s: out of memory", c->label);
+        tm_status st = v->kind == TM_PK_TENSOR ? push(c, "", sub, v) : walk_custom_state(c, v, sub, level + 1);
+        free(sub);
+        if (st) return st;
+    }
+    return TM_OK;
+}
+
 /* Walks submodule v, named prefix + key + ".". */
 static tm_status walk_sub(walk_ctx *c, const tm_pk_value *v, const char *prefix, const char *key,
                           int depth) {
@@ -186,6 +216,13 @@ static tm_status walk_module(walk_ctx *c, const tm_pk_value *m, const char *pref
         if (!is_str(k)) continue;
         if (v->kind == TM_PK_TENSOR) {
             if ((st = push(c, prefix, k->u.str.data, v))) return st;
+        } else if (is_custom_class_state(v)) {
+            char *name = NULL;
+            if (asprintf(&name, "%s%s", prefix, k->u.str.data) < 0)
+                return tm_error_set(c->err, TM_ERROR_NOMEM, "%s: out of memory", c->label);
+            st = walk_custom_state(c, v->u.object.state, name, 0);
+            free(name);
+            if (st) return st;
         } else if (object_state(v)) {
             if ((st = walk_sub(c, v, prefix, k->u.str.data, depth))) return st;
         }

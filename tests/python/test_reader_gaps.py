@@ -500,3 +500,46 @@ def test_state_dict_load_returns_quantized_tensors(tmp_path):
         assert g["dtype"] == {torch.qint8: 12, torch.quint8: 13, torch.qint32: 14}[t.dtype], name
         assert (g["qscheme"], g["scale"], g["zero_point"]) == (1, t.q_scale(), t.q_zero_point()), name
         assert bytes.fromhex(g["raw"]) == t.int_repr().contiguous().numpy().tobytes(), name
+
+
+class QLinear(torch.nn.Module):
+    """nn.quantized.Linear: its weight and bias live in a LinearPackedParamsBase custom class."""
+
+    def __init__(self, seed, per_channel):
+        super().__init__()
+        import torch.ao.nn.quantized as nnq
+        g = torch.Generator().manual_seed(seed)
+        self.fc = nnq.Linear(3, 2)
+        if per_channel:
+            w = torch.quantize_per_channel(torch.randn(2, 3, generator=g), torch.tensor([0.1, 0.2], dtype=torch.float64),
+                                           torch.tensor([0, 0]), 0, torch.qint8)
+        else:
+            w = torch.quantize_per_tensor(torch.randn(2, 3, generator=g), 0.05, 0, torch.qint8)
+        self.fc.set_weight_bias(w, torch.randn(2, generator=g))
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_scripted_quantized_linear_packed_weights(tmp_path):
+    paths, eager = [], []
+    for i, per_channel in enumerate([True, False]):  # schemes may differ between inputs
+        m = QLinear(i, per_channel)
+        paths.append(tmp_path / ("qlinear%d.pt" % i))
+        torch.jit.save(torch.jit.script(m), str(paths[-1]))
+        eager.append(m.state_dict()["fc._packed_params._packed_params"])
+    got = read_with_c_api(paths[0])
+    assert sorted(got) == ["fc._packed_params._packed_params.0", "fc._packed_params._packed_params.1"]
+    w, b = eager[0]
+    g = got["fc._packed_params._packed_params.0"]
+    assert g["raw"] == w.int_repr().numpy().tobytes() and g["qscheme"] == 2
+    assert g["scales"] == w.q_per_channel_scales().tolist() and g["axis"] == 0
+    assert got["fc._packed_params._packed_params.1"]["raw"] == b.detach().numpy().tobytes()
+    out = tmp_path / "out.pt"
+    r = tm("simple_average", "--dequantize", "--format", "pt", "-o", out, *paths, cwd=tmp_path)
+    assert r.rc == 0, r.describe()
+    merged = torch.load(str(out))
+    ref.assert_close_ulp(merged["fc._packed_params._packed_params.0"],
+                         (real_values(eager[0][0]) + real_values(eager[1][0])) / 2, torch.float32)
+    ref.assert_close_ulp(merged["fc._packed_params._packed_params.1"],
+                         (eager[0][1].double() + eager[1][1].double()) / 2, torch.float32)
