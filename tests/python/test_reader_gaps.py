@@ -543,3 +543,70 @@ def test_scripted_quantized_linear_packed_weights(tmp_path):
                          (real_values(eager[0][0]) + real_values(eager[1][0])) / 2, torch.float32)
     ref.assert_close_ulp(merged["fc._packed_params._packed_params.1"],
                          (eager[0][1].double() + eager[1][1].double()) / 2, torch.float32)
+
+
+# ---- _rebuild_qtensor calls written by hand: older list parameters, and malformed ones --------
+
+def op_int(i):
+    return b"K" + bytes([i]) if 0 <= i < 256 else b"J" + struct.pack("<i", i)
+
+
+def op_float(x):
+    return b"G" + struct.pack(">d", x)
+
+
+def op_tuple(*items):
+    return b"(" + b"".join(items) + b"t"
+
+
+def op_list(*items):
+    return b"](" + b"".join(items) + b"e"
+
+
+def qtensor_pickle(quantizer, storage="QInt8Storage", numel=4, n_args=7):
+    pid = op_tuple(op_unicode("storage"), op_global("torch", storage), op_unicode("0"), op_unicode("cpu"),
+                   op_int(numel)) + b"Q"
+    args = [pid, op_int(0), op_tuple(op_int(4)), op_tuple(op_int(1)), quantizer, b"\x89",
+            op_global("collections", "OrderedDict") + b")R"][:n_args]
+    return (b"\x80\x02}(" + op_unicode("q") + op_global("torch._utils", "_rebuild_qtensor") + op_tuple(*args)
+            + b"Ru.")
+
+
+def per_channel_lists(scales, zps, axis=0):
+    return op_tuple(op_global("torch", "per_channel_affine"), op_list(*[op_float(s) for s in scales]),
+                    op_list(*[op_int(z) for z in zps]), op_int(axis))
+
+
+def test_rebuild_qtensor_with_list_parameters(tmp_path):
+    """torch before 1.6 wrote per-channel scales and zero points as lists."""
+    path = tmp_path / "lists.pt"
+    write_zip_checkpoint(path, qtensor_pickle(per_channel_lists([0.5, 0.25, 2.0, 1.0], [1, -2, 0, 3])),
+                         storage=struct.pack("<4b", 5, -3, 7, 0))
+    q = inspect_json(path)["tensors"][0]
+    assert q["dtype"] == "qint8" and q["quantization"] == {
+        "scheme": "per_channel_affine", "axis": 0, "scales": [0.5, 0.25, 2.0, 1.0], "zero_points": [1, -2, 0, 3]}
+    out = tmp_path / "out.pt"
+    r = tm("simple_average", "--dequantize", "-o", out, path, cwd=tmp_path)
+    assert r.rc == 0, r.describe()
+    assert torch.load(str(out))["q"].tolist() == [0.5 * (5 - 1), 0.25 * (-3 + 2), 2.0 * 7, 1.0 * (0 - 3)]
+
+
+@pytest.mark.parametrize("case,pkl,needle", [
+    ("axis", lambda: qtensor_pickle(per_channel_lists([0.1] * 4, [0] * 4, axis=1)), "axis 1 of a 1-d tensor"),
+    ("length", lambda: qtensor_pickle(per_channel_lists([0.1] * 3, [0] * 4)), "per-channel scales must be"),
+    ("scheme", lambda: qtensor_pickle(op_tuple(op_global("torch", "per_tensor_symmetric"), op_float(0.1), op_int(0))),
+     "quantization scheme per_tensor_symmetric is not supported"),
+    ("float storage", lambda: qtensor_pickle(op_tuple(op_global("torch", "per_tensor_affine"), op_float(0.1), op_int(0)),
+                                             storage="FloatStorage"), "storage of float32, not of a quantized dtype"),
+    ("per tensor arity", lambda: qtensor_pickle(op_tuple(op_global("torch", "per_tensor_affine"), op_float(0.1))),
+     "per_tensor_affine wants (scheme, scale, zero_point)"),
+    ("arguments", lambda: qtensor_pickle(op_tuple(op_global("torch", "per_tensor_affine"), op_float(0.1), op_int(0)),
+                                         n_args=6), "_rebuild_qtensor called with 6 arguments"),
+    ("outside", lambda: qtensor_pickle(op_tuple(op_global("torch", "per_tensor_affine"), op_float(0.1), op_int(0)),
+                                       numel=3), "outside its storage"),
+])
+def test_malformed_quantized_tensors_are_refused(tmp_path, case, pkl, needle):
+    path = tmp_path / "bad.pt"
+    write_zip_checkpoint(path, pkl(), storage=bytes(4))
+    r = tm("inspect", path, cwd=tmp_path)
+    assert r.rc == 1 and len(r.stderr_lines) == 1 and needle in r.errors[0], r.describe()
