@@ -231,7 +231,8 @@ TM_API tm_status tm_checkpoint_list_keys(const char *path, tm_key_list *out);
 /* Frees the keys and empties *list (not list itself). NULL is fine. */
 TM_API void tm_key_list_free(tm_key_list *list);
 
-/* Copies tensor i as a contiguous row-major array into dst (dst_size >= info.nbytes). */
+/* Copies tensor i as a contiguous row-major array into dst (dst_size >= info.nbytes); for a
+ * quantized tensor, its stored integers (int8, uint8 or int32). */
 TM_API tm_status tm_checkpoint_read(const tm_checkpoint *ckpt, size_t i, void *dst,
                                     size_t dst_size);
 
@@ -242,7 +243,8 @@ typedef struct tm_state_dict tm_state_dict;
 
 /* An empty state dict. Free with tm_state_dict_free. */
 TM_API tm_status tm_state_dict_new(tm_state_dict **out);
-/* Loads every tensor of path into memory (contiguous copies). opts may be NULL. */
+/* Loads every tensor of path into memory (contiguous copies; quantized tensors as quantized
+ * ATen tensors, as torch.load returns them). opts may be NULL. */
 TM_API tm_status tm_state_dict_load(const char *path, const tm_open_options *opts,
                                     tm_state_dict **out);
 /* Deep copy. */
@@ -251,7 +253,8 @@ TM_API void tm_state_dict_free(tm_state_dict *sd);
 
 TM_API size_t tm_state_dict_size(const tm_state_dict *sd);
 /* Tensor i in insertion order (out->struct_size set by the caller); pointers owned by sd, valid
- * until sd changes or is freed. */
+ * until sd changes or is freed. A per-tensor quantized tensor is described with its integers,
+ * scale and zero point; a per-channel one is TM_ERROR_UNSUPPORTED (not described yet). */
 TM_API tm_status tm_state_dict_tensor(const tm_state_dict *sd, size_t i, tm_tensor_info *out);
 TM_API int64_t tm_state_dict_find(const tm_state_dict *sd, const char *name);
 /* Inserts or replaces name with a copy of the contiguous array data (numel * size bytes). */
