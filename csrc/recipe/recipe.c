@@ -1195,6 +1195,12 @@ static tm_status interpret_keys(ictx *c, const tm_rnode *root, const char *const
         if ((st = get_string(c, n, "masks_out", &s))) return st;
         if (!(r->masks_out = dup_s(s))) return oom(c); /* where the command runs, as output */
     }
+    if (!is_null(n = tm_rnode_get(root, "dequantize"))) { /* --dequantize: merge quantized tensors' real values */
+        if ((st = want_scalar(c, n, "dequantize"))) return st;
+        if (!n->plain || (strcmp(n->text, "true") && strcmp(n->text, "false")))
+            return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "dequantize: expected true or false, got '%s'", n->text);
+        r->dequantize = strcmp(n->text, "true") == 0;
+    }
     if (!is_null(n = tm_rnode_get(root, "format"))) {
         const char *s = NULL;
         if ((st = get_string(c, n, "format", &s))) return st;
@@ -1244,7 +1250,7 @@ static tm_status interpret(ictx *c) {
     static const char *const fixed_keys[] = {"name", "method", "merge_method", "models", "modelpool", "parameters",
                                              "output", "format", "dtype", "out_dtype", "keys", "key", "template",
                                              "max_shard_size", "include", "exclude", "base_model", "masks_out", "slices",
-                                             FUSIONBENCH_KEYS, NULL};
+                                             "dequantize", FUSIONBENCH_KEYS, NULL};
     static const char *const mergekit_ignored[] = {"tokenizer_source", "tokenizer", "chat_template", NULL};
     /* Parameter names of every method are known keys here; one the chosen method lacks is
      * refused once the method is known ("simple_average takes no weights"). */
@@ -1432,6 +1438,7 @@ void tm_recipe_merge_options(tm_recipe *r, const tm_merge_options *base, tm_merg
     o->template_path = r->template_path;
     o->base = r->base;
     o->masks_out = r->masks_out;
+    o->dequantize = r->dequantize;
     o->has_dtype = r->has_dtype;
     if (r->has_dtype) o->dtype = r->out_dtype;
     o->keys = r->keys;
