@@ -70,15 +70,24 @@ static geometry geometry_of(const tm_method_tensor *t) {
     return g;
 }
 
+/* One element of a fibre being sorted: its |δ| key and its place in the fibre. */
+typedef struct ranked {
+    uint64_t key;
+    uint64_t at;
+} ranked;
+
 static size_t align8(size_t b) { return (b + 7) & ~(size_t)7; }
 static size_t bits_bytes(uint64_t numel) { return align8((size_t)((numel + 7) / 8)); }
 
-/* The sparsifier's memory: n bit masks, the slab's keys, a fibre's keys (inner > 1), two
- * index arrays for the sort, the chunk buffers. */
+/* The sparsifier's memory: n bit masks, the slab's keys (inner > 1: fibres are strided; else
+ * the keys go straight into the fibre), a fibre's (key, index) pairs twice for the sort, the
+ * chunk buffers. */
+static size_t slab_bytes(const geometry *g) { return g->inner > 1 ? g->slab * sizeof(uint64_t) : 0; }
+
 typedef struct area {
     uint8_t *bits;
-    uint64_t *slab, *fibre;
-    uint32_t *idx, *tmp;
+    uint64_t *slab;
+    ranked *fibre, *tmp;
     double *x, *b, *k;
 } area;
 
@@ -87,12 +96,10 @@ static area area_of(const tm_method_tensor *t, const geometry *g, uint8_t *mem) 
     a.bits = mem;
     mem += t->n * bits_bytes(t->numel);
     a.slab = (uint64_t *)mem;
-    mem += g->slab * sizeof(uint64_t);
-    a.fibre = g->inner > 1 ? (uint64_t *)mem : a.slab;
-    if (g->inner > 1) mem += g->len * sizeof(uint64_t);
-    a.idx = (uint32_t *)mem;
-    a.tmp = a.idx + g->len;
-    mem += align8(2 * g->len * sizeof(uint32_t));
+    mem += slab_bytes(g);
+    a.fibre = (ranked *)mem;
+    a.tmp = a.fibre + g->len;
+    mem += 2 * g->len * sizeof(ranked);
     a.x = (double *)mem;
     a.b = a.x + CHUNK;
     a.k = a.b + CHUNK;
@@ -101,8 +108,7 @@ static area area_of(const tm_method_tensor *t, const geometry *g, uint8_t *mem) 
 
 static size_t bytes(const tm_method_tensor *t) {
     const geometry g = geometry_of(t);
-    return t->n * bits_bytes(t->numel) + g.slab * sizeof(uint64_t) + (g.inner > 1 ? g.len * sizeof(uint64_t) : 0) +
-           align8(2 * g.len * sizeof(uint32_t)) + 3 * CHUNK * sizeof(double);
+    return t->n * bits_bytes(t->numel) + slab_bytes(&g) + 2 * g.len * sizeof(ranked) + 3 * CHUNK * sizeof(double);
 }
 
 /* keys[e] = the bits of |x − b| (topk.h's key: monotone in |δ|, NaN above every number). */
@@ -110,32 +116,40 @@ TM_HOT static void keys_of(uint64_t *restrict keys, const double *restrict x, co
     for (size_t e = 0; e < count; e++) keys[e] = tm_topk_key(x[e] - b[e]);
 }
 
-/* Sorts 0..len−1 by keys ascending, stably: among equal keys the lower index first. Returns the
- * order, in idx or tmp (len each). LSD radix by bytes, skipping the bytes every key shares. */
-static const uint32_t *sort_fibre(const uint64_t *keys, uint32_t *idx, uint32_t *tmp, size_t len) {
-    for (size_t i = 0; i < len; i++) idx[i] = (uint32_t)i;
+/* Sorts v[0, len) by key ascending, stably (v comes in fibre order, so among equal keys the
+ * lower index stays first); tmp: len more. Returns the sorted array (v or tmp). Insertion for
+ * short fibres; else LSD radix by bytes, all histograms in one read, skipping the bytes every
+ * key shares. */
+static ranked *sort_fibre(ranked *v, ranked *tmp, size_t len) {
     if (len <= SHORT_FIBRE) {
         for (size_t i = 1; i < len; i++) {
-            const uint32_t v = idx[i];
+            const ranked x = v[i];
             size_t j = i;
-            for (; j > 0 && keys[idx[j - 1]] > keys[v]; j--) idx[j] = idx[j - 1];
-            idx[j] = v;
+            for (; j > 0 && v[j - 1].key > x.key; j--) v[j] = v[j - 1];
+            v[j] = x;
         }
-        return idx;
+        return v;
     }
-    uint64_t differ = 0;
-    for (size_t i = 1; i < len; i++) differ |= keys[i] ^ keys[0];
-    for (unsigned shift = 0; shift < 64; shift += 8) {
-        if (!((differ >> shift) & 0xff)) continue;
-        size_t count[257] = {0};
-        for (size_t i = 0; i < len; i++) count[((keys[idx[i]] >> shift) & 0xff) + 1]++;
-        for (size_t c = 1; c < 257; c++) count[c] += count[c - 1];
-        for (size_t i = 0; i < len; i++) tmp[count[(keys[idx[i]] >> shift) & 0xff]++] = idx[i];
-        uint32_t *swap = idx;
-        idx = tmp;
+    static const size_t digits = 8;
+    size_t count[8][256];
+    memset(count, 0, sizeof count);
+    for (size_t i = 0; i < len; i++)
+        for (size_t d = 0; d < digits; d++) count[d][(v[i].key >> (8 * d)) & 0xff]++;
+    for (size_t d = 0; d < digits; d++) {
+        const unsigned shift = (unsigned)(8 * d);
+        if (count[d][(v[0].key >> shift) & 0xff] == len) continue; /* one value of this byte */
+        size_t at = 0;
+        for (size_t c = 0; c < 256; c++) {
+            const size_t k = count[d][c];
+            count[d][c] = at;
+            at += k;
+        }
+        for (size_t i = 0; i < len; i++) tmp[count[d][(v[i].key >> shift) & 0xff]++] = v[i];
+        ranked *swap = v;
+        v = tmp;
         tmp = swap;
     }
-    return idx;
+    return v;
 }
 
 static void set_bit(uint8_t *bits, uint64_t i, int v) {
@@ -150,19 +164,23 @@ static void rank_slab(const tm_method_tensor *t, const geometry *g, const area *
         const size_t c = (size_t)(g->slab - e < CHUNK ? g->slab - e : CHUNK);
         tm_kernel_load_f64(&t->in[j], start + e, c, a->x, a->k);
         tm_kernel_load_f64(t->base, start + e, c, a->b, a->k);
-        keys_of(a->slab + e, a->x, a->b, c);
+        if (g->inner > 1) {
+            keys_of(a->slab + e, a->x, a->b, c);
+        } else {
+            for (size_t i = 0; i < c; i++) a->fibre[e + i] = (ranked){tm_topk_key(a->x[i] - a->b[i]), e + i};
+        }
     }
     const double lo = x->density - tm_tensor_param(t, P_EPSILON, t->input[j]);
     const double two_eps = 2 * tm_tensor_param(t, P_EPSILON, t->input[j]);
     uint8_t *bits = a->bits + j * bits_bytes(t->numel);
     for (uint64_t q = 0; q < g->inner; q++) {
         if (g->inner > 1)
-            for (uint64_t r = 0; r < len; r++) a->fibre[r] = a->slab[q + r * g->inner];
-        const uint32_t *order = sort_fibre(a->fibre, a->idx, a->tmp, (size_t)len);
+            for (uint64_t r = 0; r < len; r++) a->fibre[r] = (ranked){a->slab[q + r * g->inner], r};
+        const ranked *order = sort_fibre(a->fibre, a->tmp, (size_t)len);
         for (uint64_t pos = 0; pos < len; pos++) {
             /* mergekit: rank_norm = (rank − min rank)/(max rank − min rank), p = (d − ε) + rank_norm·2·ε */
             const double p = len == 1 ? x->density : lo + (double)pos / (double)(len - 1) * two_eps;
-            const uint64_t i = start + q + (uint64_t)order[pos] * g->inner;
+            const uint64_t i = start + q + order[pos].at * g->inner;
             set_bit(bits, i, tm_random_keep(x->key, i, tm_random_threshold(p)));
         }
     }
@@ -238,12 +256,8 @@ static tm_status check_params(const tm_param_values *p, tm_error *err) {
     return TM_OK;
 }
 
-/* Per-tensor values (recipes' filters) are checked again, naming the tensor; fibres are
- * indexed by 32 bits. */
+/* Per-tensor values (recipes' filters) are checked again, naming the tensor. */
 static tm_status check_tensor(const tm_method_tensor *t, tm_error *err) {
-    if (geometry_of(t).len > UINT32_MAX)
-        return tm_error_set(err, TM_ERROR_UNSUPPORTED, "tensor '%s': della ranks rows of at most 2^32 - 1 elements",
-                            t->name);
     for (size_t j = 0; j < t->n; j++) {
         tm_status st = check_band(tm_tensor_param(t, P_DENSITY, t->input[j]), tm_tensor_param(t, P_EPSILON, t->input[j]),
                                   t->name, t->input[j], err);
