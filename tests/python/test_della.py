@@ -221,3 +221,11 @@ def test_bad_parameters_are_one_line_naming_them(della_models, tmp_path, method,
              della_models["b"], cwd=tmp_path)
     assert_error(res, needle)
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_epsilon_zero_is_dare_with_the_same_masks(della_models, tmp_path):
+    """ε = 0: p = density for every rank, so the masks are DARE's (same key, same element index)."""
+    common = ["--density", "0.35,0.5,0.65", "--seed", "4", "--weights", "1,-1,2", "--lambda", "0.8"]
+    a = run(della_models, tmp_path, "della_linear", *common, "--epsilon", "0", out="della.pt")
+    b = run(della_models, tmp_path, "dare_linear", *common, out="dare.pt")
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in b)  # the same arithmetic too
