@@ -20,6 +20,8 @@ static const tm_method *const table[] = {
     &tm_method_dare_ties,
     &tm_method_breadcrumbs,
     &tm_method_breadcrumbs_ties,
+    &tm_method_della,
+    &tm_method_della_linear,
     &tm_method_slerp,
     &tm_method_model_stock,
 };

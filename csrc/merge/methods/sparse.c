@@ -10,7 +10,7 @@
 #include "merge/methods/weights.h"
 #include "merge/random.h"
 
-enum { MODE_NONE, MODE_SELECT, MODE_NORM };
+enum { MODE_NONE, MODE_SELECT, MODE_NORM, MODE_CUSTOM };
 
 static tm_sparse_header *header(double *state) { return (tm_sparse_header *)state; }
 static tm_sparse_input *inputs(double *state) { return (tm_sparse_input *)(state + TM_SPARSE_STATE_FIXED); }
@@ -20,28 +20,34 @@ static const tm_sparse_input *cinputs(const double *state) {
 }
 
 /* The method memory: n rows of a block of doubles (the weighted δ' of each input for the
- * consensus; row 0 is δ for the others), a block of keep bytes, then the selections' bytes. */
+ * consensus; row 0 is δ for the others), a block of keep bytes, then the selections' bytes, or
+ * a custom sparsification's (it has no selections). */
 static size_t rows_bytes(size_t n) { return (n ? n : 1) * TM_BLOCK_ELEMS * sizeof(double); }
 static size_t prefix_bytes(size_t n) { return rows_bytes(n) + TM_BLOCK_ELEMS; }
+static size_t custom_offset(size_t n) { return prefix_bytes(n); }
 
 static double param1(const tm_method_tensor *t, int p, double dflt) { return p < 0 ? dflt : tm_tensor_param1(t, (size_t)p); }
 
 /* Places each selection's bytes for its next pass after the prefix, reserves them, and clears
  * the histograms. */
-static tm_status layout(const tm_method_tensor *t, tm_sparse_input *in, tm_error *err) {
+static tm_status layout(const tm_sparse_method *s, const tm_method_tensor *t, tm_sparse_input *in, int first,
+                        tm_error *err) {
     size_t off = prefix_bytes(t->n);
     for (size_t j = 0; j < t->n; j++)
-        for (int s = 0; s < 2; s++) {
-            in[j].sel[s].offset = off;
-            off += (tm_topk_bytes(&in[j].sel[s]) + 7) & ~(size_t)7;
+        for (int q = 0; q < 2; q++) {
+            in[j].sel[q].offset = off;
+            off += (tm_topk_bytes(&in[j].sel[q]) + 7) & ~(size_t)7;
         }
+    const size_t custom = s->sparsify == TM_SPARSIFY_CUSTOM ? (s->custom->bytes(t) + 7) & ~(size_t)7 : 0;
+    off += custom;
     uint8_t *mem = tm_method_memory_reserve(t->memory, off);
     if (!mem)
         return tm_error_set(err, TM_ERROR_NOMEM, "tensor '%s': out of memory (%zu bytes for its selection)", t->name,
                             off);
     for (size_t j = 0; j < t->n; j++)
-        for (int s = 0; s < 2; s++)
-            if (in[j].sel[s].phase == TM_TOPK_HIST) memset(mem + in[j].sel[s].offset, 0, tm_topk_bytes(&in[j].sel[s]));
+        for (int q = 0; q < 2; q++)
+            if (in[j].sel[q].phase == TM_TOPK_HIST) memset(mem + in[j].sel[q].offset, 0, tm_topk_bytes(&in[j].sel[q]));
+    if (first && custom) memset(mem + custom_offset(t->n), 0, custom);
     return TM_OK;
 }
 
@@ -51,9 +57,13 @@ static int selecting(const tm_sparse_input *in, size_t n) {
     return 0;
 }
 
-static int next_mode(const tm_sparse_header *h, const tm_sparse_input *in, size_t n) {
+/* The next reduce pass: the selections', then a custom sparsification's (which sums the norms
+ * too) or the norms' when rescale is l1, then none. */
+static int next_mode(const tm_sparse_method *s, const tm_sparse_header *h, const tm_sparse_input *in, size_t n) {
     if (selecting(in, n)) return MODE_SELECT;
-    return h->rescale == TM_RESCALE_L1 && h->mode != MODE_NORM ? MODE_NORM : MODE_NONE;
+    if (h->mode == MODE_NORM || h->mode == MODE_CUSTOM) return MODE_NONE;
+    if (s->sparsify == TM_SPARSIFY_CUSTOM) return MODE_CUSTOM;
+    return h->rescale == TM_RESCALE_L1 ? MODE_NORM : MODE_NONE;
 }
 
 int tm_sparse_agg(const tm_sparse_method *s, const double *params, const size_t *param_at) {
@@ -88,8 +98,9 @@ tm_status tm_sparse_prepare(const tm_sparse_method *s, const tm_method_tensor *t
         const uint64_t numel = t->numel, keep = (uint64_t)(x->density * (double)numel);
         tm_topk_init(&x->sel[0], numel, numel); /* keeps everything */
         tm_topk_init(&x->sel[1], numel, numel);
-        if (s->sparsify == TM_SPARSIFY_RANDOM) {
+        if (s->p_seed >= 0)
             x->key = tm_random_key((uint64_t)tm_tensor_param1(t, (size_t)s->p_seed), t->input[j], t->name);
+        if (s->sparsify == TM_SPARSIFY_RANDOM) {
             x->threshold = tm_random_threshold(x->density);
         } else if (s->sparsify == TM_SPARSIFY_MAGNITUDE && !global) {
             tm_topk_init(&x->sel[0], numel, keep);
@@ -103,8 +114,8 @@ tm_status tm_sparse_prepare(const tm_sparse_method *s, const tm_method_tensor *t
         }
     }
     h->mode = MODE_NONE;
-    h->mode = next_mode(h, in, n);
-    return layout(t, in, err);
+    h->mode = next_mode(s, h, in, n);
+    return layout(s, t, in, 1, err);
 }
 
 /* δ = x − b over the block (x into d by the kernel's typed loops; b already in float64). */
@@ -139,6 +150,8 @@ static void keep_block(const tm_sparse_method *s, const tm_method_tensor *t, siz
                        const double *d, uint64_t begin, size_t count, uint8_t *keep) {
     if (s->sparsify == TM_SPARSIFY_RANDOM) random_keep(x->key, x->threshold, begin, count, keep);
     else if (s->sparsify == TM_SPARSIFY_OUTLIERS) outliers_keep(&x->sel[0], &x->sel[1], d, begin, count, keep);
+    else if (s->sparsify == TM_SPARSIFY_CUSTOM)
+        s->custom->keep(t, j, x, (const uint8_t *)t->memory->data + custom_offset(t->n), begin, count, keep);
     else if (tm_ties_global(t)) threshold_keep(tm_ties_global_min_key(t, t->input[j]), d, count, keep);
     else tm_topk_keep(&x->sel[0], d, begin, count, keep);
 }
@@ -171,6 +184,10 @@ void tm_sparse_reduce(const tm_sparse_method *s, const tm_method_tensor *t, doub
     uint8_t *mem = t->memory->data;
     double *d = (double *)mem, *b = scratch, *k = scratch + count;
     uint8_t *keep = mem + rows_bytes(t->n);
+    if (h->mode == MODE_CUSTOM) {
+        s->custom->pass(t, in, mem + custom_offset(t->n), begin, count);
+        if (h->rescale != TM_RESCALE_L1) return;
+    }
     tm_kernel_load_f64(t->base, begin, count, b, k);
     for (size_t j = 0; j < t->n; j++) {
         tm_sparse_input *x = &in[j];
@@ -190,15 +207,14 @@ void tm_sparse_reduce(const tm_sparse_method *s, const tm_method_tensor *t, doub
 
 tm_status tm_sparse_reduce_end(const tm_sparse_method *s, const tm_method_tensor *t, double *state, int *again,
                                tm_error *err) {
-    (void)s;
     tm_sparse_header *h = header(state);
     tm_sparse_input *in = inputs(state);
     if (h->mode == MODE_SELECT)
         for (size_t j = 0; j < t->n; j++)
             for (int sel = 0; sel < 2; sel++) tm_topk_end(&in[j].sel[sel], t->memory->data);
-    h->mode = next_mode(h, in, t->n);
+    h->mode = next_mode(s, h, in, t->n);
     *again = h->mode != MODE_NONE;
-    return *again ? layout(t, in, err) : TM_OK;
+    return *again ? layout(s, t, in, 0, err) : TM_OK;
 }
 
 /* The rescale factor of input x (after the norms' pass). */

@@ -9,10 +9,12 @@
  *              index first), exactly, by the streaming selection of topk.h;
  *   OUTLIERS   mergekit's magnitude_outliers (Breadcrumbs): in the same order, skip the first
  *              ⌊gamma·numel⌋ and keep the next ⌊density·numel⌋ (two selections);
- *   RANDOM     DARE: keep with probability density, by merge/random.h's counter-based mask.
+ *   RANDOM     DARE: keep with probability density, by merge/random.h's counter-based mask;
+ *   CUSTOM     a mask of the method's own (tm_sparsifier: DELLA's magnitude-ranked probabilities),
+ *              computed in one pass of its own over the tensor.
  * Rescale (l1 | inverse | none): × ‖δⱼ‖₁/‖kept δⱼ‖₁ (0 when nothing is kept), ÷ densityⱼ, or 1.
  * The reduce passes: the selections' passes (topk.h), then one pass of the L1 norms when rescale
- * is l1. Each method file declares its parameters and a tm_sparse_method naming them, and its
+ * is l1 (CUSTOM: its pass, which also sums the norms). Each method file declares its parameters and a tm_sparse_method naming them, and its
  * table entry's callbacks call the tm_sparse_* below. C11. */
 #ifndef TM_MERGE_METHODS_SPARSE_H
 #define TM_MERGE_METHODS_SPARSE_H
@@ -20,7 +22,7 @@
 #include "merge/method.h"
 #include "merge/methods/topk.h"
 
-enum { TM_SPARSIFY_MAGNITUDE, TM_SPARSIFY_OUTLIERS, TM_SPARSIFY_RANDOM };
+enum { TM_SPARSIFY_MAGNITUDE, TM_SPARSIFY_OUTLIERS, TM_SPARSIFY_RANDOM, TM_SPARSIFY_CUSTOM };
 enum { TM_CONSENSUS_LINEAR, TM_CONSENSUS_TIES };
 enum { TM_RESCALE_L1, TM_RESCALE_INVERSE, TM_RESCALE_NONE }; /* the rescale choices, in order */
 
@@ -47,6 +49,20 @@ enum { TM_RESCALE_L1, TM_RESCALE_INVERSE, TM_RESCALE_NONE }; /* the rescale choi
     {.name = "gamma", .kind = TM_PARAM_NUMBER, .per_input = 1, .default_value = "0.01", .min = 0, .max = 1, \
      .max_exclusive = 1, .help = "the fraction of largest-magnitude elements dropped as outliers"}
 
+typedef struct tm_sparse_input tm_sparse_input;
+
+/* A sparsification of the method's own (TM_SPARSIFY_CUSTOM). The core gives it bytes(t) of the
+ * thread's method memory (mem below: 8-byte aligned, zeroed at prepare, kept until the last
+ * apply), calls pass on every block of the tensor in order in one reduce pass (in[j]: the
+ * inputs' state, density and mask key), and asks keep for a block's mask of input j (in that
+ * same pass once pass has seen the block — for the L1 norms — and in the apply). */
+typedef struct tm_sparsifier {
+    size_t (*bytes)(const tm_method_tensor *t);
+    void (*pass)(const tm_method_tensor *t, const tm_sparse_input *in, uint8_t *mem, uint64_t begin, size_t count);
+    void (*keep)(const tm_method_tensor *t, size_t j, const tm_sparse_input *x, const uint8_t *mem, uint64_t begin,
+                 size_t count, uint8_t *keep);
+} tm_sparsifier;
+
 /* A method of the family: how it sparsifies, its consensus, and where its parameters are (an
  * index into its params, or -1 when it has no such parameter). */
 typedef struct tm_sparse_method {
@@ -54,20 +70,21 @@ typedef struct tm_sparse_method {
     int sparsify, consensus;
     int p_weights, p_lambda, p_density, p_normalize;
     int p_rescale;     /* -1: none */
-    int p_seed;        /* RANDOM */
+    int p_seed;        /* RANDOM, CUSTOM: the masks' seed (-1: none) */
     int p_gamma;       /* OUTLIERS */
     int p_sign;        /* ties: majority_sign sum|count (-1: sum) */
     int p_merge_func;  /* ties: merge_func mean|sum|max (-1: from normalize) */
+    const tm_sparsifier *custom; /* CUSTOM */
 } tm_sparse_method;
 
 /* Per input holding the tensor (method state: state_per_input doubles each). */
-typedef struct tm_sparse_input {
+struct tm_sparse_input {
     double coef;            /* linear: λ·wⱼ (normalised); ties: wⱼ */
     double density;
     double l1_all, l1_kept; /* rescale l1: the reduce pass's norms */
-    uint64_t key, threshold; /* RANDOM: the mask's key and integer threshold */
+    uint64_t key, threshold; /* RANDOM (key: CUSTOM too): the mask's key and integer threshold */
     tm_topk sel[2];          /* MAGNITUDE: sel[0] keeps; OUTLIERS: sel[1] keeps minus sel[0] */
-} tm_sparse_input;
+};
 
 /* The tensor's state before the inputs'. */
 typedef struct tm_sparse_header {
