@@ -106,7 +106,10 @@ TM_API const char *tm_version(void);
     X(TM_INT16, "int16", 2)                                                                     \
     X(TM_INT8, "int8", 1)                                                                       \
     X(TM_UINT8, "uint8", 1)                                                                     \
-    X(TM_BOOL, "bool", 1)
+    X(TM_BOOL, "bool", 1)                                                                       \
+    X(TM_QINT8, "qint8", 1)                                                                     \
+    X(TM_QUINT8, "quint8", 1)                                                                   \
+    X(TM_QINT32, "qint32", 4)
 
 typedef enum tm_dtype {
 #define TM_DTYPE_ENUM_(name, text, size) name,
@@ -124,10 +127,25 @@ TM_API size_t tm_dtype_size(tm_dtype dtype);
 TM_API tm_status tm_dtype_from_name(const char *name, tm_dtype *out);
 /* 1 for float16/bfloat16/float32/float64/complex: the dtypes that are averaged. */
 TM_API int tm_dtype_is_floating(tm_dtype dtype);
+/* 1 for the quantized dtypes (qint8, quint8, qint32; added in 0.2): integers q stored with the
+ * tensor's scale and zero point (tm_tensor_info.qscheme), standing for scale·(q − zero_point). */
+TM_API int tm_dtype_is_quantized(tm_dtype dtype);
 
 /* ---- Tensors ----------------------------------------------------------------------------- */
 
 #define TM_MAX_NDIM 16
+
+/* How a quantized tensor maps its integers to real values (torch.qscheme). Added in 0.2. */
+typedef enum tm_qscheme {
+    TM_QSCHEME_NONE = 0,                        /* not quantized */
+    TM_QSCHEME_PER_TENSOR_AFFINE,               /* scale·(q − zero_point) */
+    TM_QSCHEME_PER_CHANNEL_AFFINE,              /* scales[c]·(q − zero_points[c]), c the index
+                                                   along axis */
+    TM_QSCHEME_PER_CHANNEL_AFFINE_FLOAT_QPARAMS /* the same with real-valued zero points */
+} tm_qscheme;
+
+/* "per_tensor_affine" etc. (torch's names); "none"; "?" for an out-of-range value. Static. */
+TM_API const char *tm_qscheme_name(tm_qscheme qscheme);
 
 /* A tensor as stored: a strided view into a storage. All pointers are owned by the handle
  * that produced the info (checkpoint or state dict) and live as long as it does. */
@@ -144,6 +162,15 @@ typedef struct tm_tensor_info {
     int64_t storage_id;         /* equal for tensors sharing a storage within one handle */
     uint64_t numel;             /* product of shape */
     uint64_t nbytes;            /* numel * element size (contiguous size) */
+    /* Quantized tensors (tm_dtype_is_quantized(dtype)), added in 0.2 after the other fields: the
+     * integers stand for scale·(q − zero_point), per tensor or per channel along q_axis. A caller
+     * whose struct_size ends before qscheme sees the dtype only. */
+    tm_qscheme qscheme;         /* TM_QSCHEME_NONE for other tensors */
+    double q_scale;             /* per tensor (0 otherwise) */
+    int64_t q_zero_point;       /* per tensor (0 otherwise) */
+    int32_t q_axis;             /* per channel: the channel dimension (0 otherwise) */
+    const double *q_scales;     /* per channel: shape[q_axis] scales, else NULL; owned as name */
+    const double *q_zero_points; /* per channel: shape[q_axis] zero points, else NULL */
 } tm_tensor_info;
 
 /* Zeroes *info and sets struct_size. */
@@ -188,7 +215,24 @@ TM_API int64_t tm_checkpoint_find(const tm_checkpoint *ckpt, const char *name);
  * …); for a folder, "torchmerge_recipe" also comes from its torchmerge_recipe.yaml. Owned by
  * ckpt. */
 TM_API const char *tm_checkpoint_metadata(const tm_checkpoint *ckpt, const char *key);
-/* Copies tensor i as a contiguous row-major array into dst (dst_size >= info.nbytes). */
+/* The keys a nested checkpoint holds several state dicts under ({'actor': sd, 'critic': sd}
+ * gives "actor", "critic"), in file order: what tm_open_options.key accepts when
+ * tm_checkpoint_open fails with TM_ERROR_AMBIGUOUS. Empty when the file is itself a state dict
+ * (or a safetensors file). Added in 0.2. */
+typedef struct tm_key_list {
+    size_t struct_size;        /* sizeof(tm_key_list), set by tm_key_list_init */
+    size_t n;
+    char **keys;               /* n keys, allocated by the library: tm_key_list_free */
+} tm_key_list;
+
+TM_API void tm_key_list_init(tm_key_list *list);
+/* Fills *out (struct_size set by the caller); on failure it is empty. */
+TM_API tm_status tm_checkpoint_list_keys(const char *path, tm_key_list *out);
+/* Frees the keys and empties *list (not list itself). NULL is fine. */
+TM_API void tm_key_list_free(tm_key_list *list);
+
+/* Copies tensor i as a contiguous row-major array into dst (dst_size >= info.nbytes); for a
+ * quantized tensor, its stored integers (int8, uint8 or int32). */
 TM_API tm_status tm_checkpoint_read(const tm_checkpoint *ckpt, size_t i, void *dst,
                                     size_t dst_size);
 
@@ -199,7 +243,8 @@ typedef struct tm_state_dict tm_state_dict;
 
 /* An empty state dict. Free with tm_state_dict_free. */
 TM_API tm_status tm_state_dict_new(tm_state_dict **out);
-/* Loads every tensor of path into memory (contiguous copies). opts may be NULL. */
+/* Loads every tensor of path into memory (contiguous copies; quantized tensors as quantized
+ * ATen tensors, as torch.load returns them). opts may be NULL. */
 TM_API tm_status tm_state_dict_load(const char *path, const tm_open_options *opts,
                                     tm_state_dict **out);
 /* Deep copy. */
@@ -208,7 +253,8 @@ TM_API void tm_state_dict_free(tm_state_dict *sd);
 
 TM_API size_t tm_state_dict_size(const tm_state_dict *sd);
 /* Tensor i in insertion order (out->struct_size set by the caller); pointers owned by sd, valid
- * until sd changes or is freed. */
+ * until sd changes or is freed. A per-tensor quantized tensor is described with its integers,
+ * scale and zero point; a per-channel one is TM_ERROR_UNSUPPORTED (not described yet). */
 TM_API tm_status tm_state_dict_tensor(const tm_state_dict *sd, size_t i, tm_tensor_info *out);
 TM_API int64_t tm_state_dict_find(const tm_state_dict *sd, const char *name);
 /* Inserts or replaces name with a copy of the contiguous array data (numel * size bytes). */
@@ -357,10 +403,15 @@ typedef struct tm_merge_options {
      * (0-based) and merged floating tensor, or NULL. Written beside it and renamed, as the
      * output. Added in 0.2 after base. */
     const char *masks_out;
+    /* Quantized tensors (tm_dtype_is_quantized) are refused with a message naming the tensor
+     * unless dequantize is 1: then each input's real values scale·(q − zero_point) are merged in
+     * float64 like a floating tensor's and written as float32 (or as dtype when has_dtype). Added
+     * in 0.2 after masks_out. */
+    int dequantize;
     /* A merge across hosts (torch.distributed's c10d with Gloo; docs/distributed.md), or NULL
      * for a merge on this host. Every rank calls tm_merge_files with its own local inputs (n may
      * be 0 then) and the same method, parameters and output options. Added in 0.2 after
-     * masks_out. */
+     * dequantize. */
     const struct tm_distributed_options *distributed;
 } tm_merge_options;
 

@@ -86,6 +86,24 @@ static void test_nested_checkpoint_found_by_key(void) {
     oo.key = "ema";
     CHECK(tm_checkpoint_open(path_of("ambiguous.pt"), &oo, &ck) == TM_OK);
     tm_checkpoint_free(ck);
+
+    /* the keys the ambiguous file offers, in file order; none for a state dict or a nested file
+     * with one */
+    tm_key_list keys;
+    tm_key_list_init(&keys);
+    CHECK(tm_checkpoint_list_keys(path_of("ambiguous.pt"), &keys) == TM_OK);
+    CHECK(keys.n == 2);
+    if (keys.n == 2) CHECK(strcmp(keys.keys[0], "model") == 0 && strcmp(keys.keys[1], "ema") == 0);
+    tm_key_list_free(&keys);
+    CHECK(keys.n == 0 && keys.keys == NULL);
+    tm_key_list_free(NULL);
+    CHECK(tm_checkpoint_list_keys(path_of("nested_a.pt"), &keys) == TM_OK && keys.n == 1);
+    if (keys.n == 1) CHECK(strcmp(keys.keys[0], "state_dict") == 0);
+    tm_key_list_free(&keys);
+    CHECK(tm_checkpoint_list_keys(path_of("sd_a.pt"), &keys) == TM_OK && keys.n == 0);
+    CHECK(tm_checkpoint_list_keys(path_of("evil.pt"), &keys) == TM_ERROR_UNSAFE && keys.n == 0);
+    keys.struct_size = 0;
+    CHECK(tm_checkpoint_list_keys(path_of("ambiguous.pt"), &keys) == TM_ERROR_INVALID_ARGUMENT);
 }
 
 static void test_errors_name_the_file(void) {

@@ -587,9 +587,13 @@ TEST_CASE("pickle: storages and v1/v3 rebuilds and bounds", "[pickle]") {
         auto bad = load(tensor_v3("UntypedStorage", 8, "float16", {5}, {1}));
         CHECK(bad->st == TM_ERROR_FORMAT);
         CHECK_THAT(bad->msg(), Catch::Contains("outside its storage"));
+        // a quantized dtype means nothing without the scale and zero point of _rebuild_qtensor
         auto q = load(tensor_v3("UntypedStorage", 8, "qint8", {4}, {1}));
-        CHECK(q->st == TM_ERROR_UNSUPPORTED);
-        CHECK_THAT(q->msg(), Catch::Contains("dtype qint8 is not supported"));
+        CHECK(q->st == TM_ERROR_FORMAT);
+        CHECK_THAT(q->msg(), Catch::Contains("a plain tensor on a quantized storage"));
+        auto q4 = load(tensor_v3("UntypedStorage", 8, "quint4x2", {4}, {1}));
+        CHECK(q4->st == TM_ERROR_UNSUPPORTED);
+        CHECK_THAT(q4->msg(), Catch::Contains("dtype quint4x2 is not supported"));
         auto mismatch = load(tensor_v3("FloatStorage", 8, "float16", {4}, {1}));
         CHECK(mismatch->st == TM_ERROR_FORMAT);
         auto typed = load_ok(tensor_v3("BFloat16Storage", 8, "bfloat16", {2, 4}, {4, 1}));
@@ -630,7 +634,7 @@ TEST_CASE("pickle: storages and v1/v3 rebuilds and bounds", "[pickle]") {
         d.raw("P7\n.");
         CHECK(load(d.bytes())->st == TM_ERROR_UNSUPPORTED);
         PB e;
-        e.proto(2).mark().uni("storage").glob("torch", "QInt8Storage").uni("0").uni("cpu").i1(1)
+        e.proto(2).mark().uni("storage").glob("torch", "QUInt4x2Storage").uni("0").uni("cpu").i1(1)
             .op('t').op('Q').stop();
         CHECK(load(e.bytes())->st == TM_ERROR_UNSUPPORTED);
     }

@@ -115,8 +115,8 @@ TEST_CASE("recipe errors name the line, the column and the parameter", "[recipe]
     struct Case {
         std::string yaml, needle;
     } cases[] = {
-        {"name: ties_merging\nmodels: " + m.list() + "\noutput: o.pt\n",
-         "<recipe>:1:7: unknown method 'ties_merging' (torchmerge runs simple_average, weighted_average (linear)"},
+        {"name: fisher_merging\nmodels: " + m.list() + "\noutput: o.pt\n",
+         "<recipe>:1:7: unknown method 'fisher_merging' (torchmerge runs simple_average, weighted_average (linear)"},
         {"name: simple_average\nweights: [1, 2, 3]\nmodels: " + m.list() + "\noutput: o.pt\n",
          "<recipe>:2:10: simple_average takes no weights (methods that do: weighted_average, task_arithmetic"},
         {"name: weighted_average\nweights: [1, 2]\nmodels: " + m.list() + "\noutput: o.pt\n",

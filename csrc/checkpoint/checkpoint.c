@@ -35,6 +35,11 @@ typedef struct ckpt_tensor {
     int64_t storage_offset;
     size_t storage;   /* index into storages */
     uint64_t numel;
+    tm_qscheme qscheme;          /* quantized tensors: see tm_tensor_info */
+    double q_scale;
+    int64_t q_zero_point;
+    int32_t q_axis;
+    double *q_scales, *q_zero_points; /* per channel: shape[q_axis] each, malloc'd */
 } ckpt_tensor;
 
 typedef struct ckpt_storage {
@@ -65,6 +70,9 @@ struct tm_checkpoint {
     size_t n_tensors;
     ckpt_storage *storages;
     size_t n_storages, storages_cap;
+    int list_keys;           /* tm_checkpoint_list_keys: find the candidate keys, build nothing */
+    char **keys;             /* what it found (the first file's) */
+    size_t n_keys;
 };
 
 void tm_open_options_init(tm_open_options *opts) { TM_STRUCT_INIT(opts); }
@@ -189,6 +197,71 @@ static tm_status add_storage(tm_checkpoint *ck, const storage_source *src, tm_na
     return TM_OK;
 }
 
+/* One element of a real (non-complex, non-quantized) dtype as a double. */
+static int load_number(const uint8_t *p, tm_dtype d, double *out) {
+    switch (d) {
+    case TM_FLOAT64: { double v; memcpy(&v, p, 8); *out = v; return 1; }
+    case TM_FLOAT32: { float v; memcpy(&v, p, 4); *out = v; return 1; }
+    case TM_INT64: { int64_t v; memcpy(&v, p, 8); *out = (double)v; return 1; }
+    case TM_INT32: { int32_t v; memcpy(&v, p, 4); *out = v; return 1; }
+    case TM_INT16: { int16_t v; memcpy(&v, p, 2); *out = v; return 1; }
+    case TM_INT8: *out = (int8_t)*p; return 1;
+    case TM_UINT8: *out = *p; return 1;
+    default: return 0;
+    }
+}
+
+/* The values of a quantized tensor's per-channel scales or zero points (a small 1-d tensor
+ * stored beside it, not part of the state dict), read at open into *out (n doubles). */
+static tm_status read_channel_values(const tm_checkpoint *ck, const storage_source *src, const tm_pk_value *t,
+                                     const char *tname, const char *what, double **out, tm_error *err) {
+    const tm_pk_value *pk = t->u.tensor.storage;
+    uint64_t offset = 0, size = 0;
+    tm_status st = locate_storage(ck, src, pk, tname, &offset, &size, err);
+    if (st) return st;
+    tm_dtype d = t->u.tensor.dtype;
+    uint64_t item = tm_dtype_size(d), n = (uint64_t)t->u.tensor.shape[0];
+    double *v = malloc((n ? n : 1) * sizeof *v);
+    if (!v) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t e = (uint64_t)t->u.tensor.offset + i * (uint64_t)t->u.tensor.stride[0]; /* bounded at parse */
+        if ((e + 1) * item > size || !load_number(CUR_MAP(ck)->data + offset + e * item, d, &v[i])) {
+            free(v);
+            return tm_error_set(err, TM_ERROR_FORMAT, "%s: tensor '%s': its per-channel %s (%s) %s", CUR_PATH(ck),
+                                tname, what, tm_dtype_name(d),
+                                (e + 1) * item > size ? "reach past the end of their storage" : "are not real numbers");
+        }
+    }
+    *out = v;
+    return TM_OK;
+}
+
+/* A quantized tensor's scheme and parameters, from its _rebuild_qtensor call. */
+static tm_status set_quantization(const tm_checkpoint *ck, const storage_source *src, ckpt_tensor *ct,
+                                  const tm_pk_value *t, tm_error *err) {
+    ct->qscheme = t->u.tensor.qscheme;
+    if (ct->qscheme == TM_QSCHEME_PER_TENSOR_AFFINE) {
+        ct->q_scale = t->u.tensor.q_scale;
+        ct->q_zero_point = t->u.tensor.q_zero_point;
+        return TM_OK;
+    }
+    ct->q_axis = t->u.tensor.q_axis;
+    size_t n = (size_t)ct->shape[ct->q_axis];
+    const tm_pk_value *tensors[2] = {t->u.tensor.q_scales_t, t->u.tensor.q_zero_points_t};
+    const double *lists[2] = {t->u.tensor.q_scales, t->u.tensor.q_zero_points};
+    double **dst[2] = {&ct->q_scales, &ct->q_zero_points};
+    for (int k = 0; k < 2; k++) {
+        if (tensors[k]) {
+            tm_status st = read_channel_values(ck, src, tensors[k], ct->name, k ? "zero points" : "scales", dst[k], err);
+            if (st) return st;
+        } else {
+            if (!(*dst[k] = malloc((n ? n : 1) * sizeof(double)))) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+            memcpy(*dst[k], lists[k], n * sizeof(double));
+        }
+    }
+    return TM_OK;
+}
+
 static tm_status reserve_tensors(tm_checkpoint *ck, size_t more, tm_error *err) {
     ckpt_tensor *p = realloc(ck->tensors, (ck->n_tensors + more + 1) * sizeof *p);
     if (!p) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
@@ -253,6 +326,7 @@ static tm_status build_rows(tm_checkpoint *ck, const storage_source *src, tm_nam
                 if (last > UINT64_MAX - span) of = 1; else last += span;
             }
         st = add_storage(ck, src, by_key, t->u.tensor.storage, ct->dtype, &ct->storage, tname, err);
+        if (!st && tm_dtype_is_quantized(ct->dtype)) st = set_quantization(ck, src, ct, t, err);
         if (st) return st;
         uint64_t itemsize = tm_dtype_size(ct->dtype);
         uint64_t end = checked_mul(last + 1, itemsize, &of);
@@ -298,6 +372,10 @@ static tm_status open_zip(tm_checkpoint *ck, const tm_open_options *opts, tm_err
     tm_pickle_limits_default(&lim);
     if (lim.max_memo < e->size / 8) lim.max_memo = (size_t)(e->size / 8);
     if ((st = tm_pickle_load(bytes, e->size, label, &lim, &pk, NULL, err))) goto done;
+    if (ck->list_keys) {
+        if (!ck->keys) st = tm_state_dict_candidates(tm_pickle_root(pk), CUR_PATH(ck), &ck->keys, &ck->n_keys, err);
+        goto done;
+    }
     if ((st = tm_state_dict_walk(tm_pickle_root(pk), opts ? opts->key : NULL, CUR_PATH(ck), &nt, err)))
         goto done;
     storage_source src = {zr, prefix, NULL};
@@ -315,6 +393,11 @@ static tm_status open_legacy(tm_checkpoint *ck, const tm_open_options *opts, tm_
     tm_named_tensors nt = {0};
     ck->format = "pt-legacy";
     tm_status st = tm_legacy_pt_open(CUR_MAP(ck)->data, CUR_MAP(ck)->size, CUR_PATH(ck), &lp, err);
+    if (!st && ck->list_keys) {
+        if (!ck->keys) st = tm_state_dict_candidates(tm_legacy_pt_root(lp), CUR_PATH(ck), &ck->keys, &ck->n_keys, err);
+        tm_legacy_pt_free(lp);
+        return st;
+    }
     if (!st) st = tm_state_dict_walk(tm_legacy_pt_root(lp), opts ? opts->key : NULL, CUR_PATH(ck), &nt, err);
     if (!st) {
         storage_source src = {NULL, NULL, lp};
@@ -498,15 +581,71 @@ static tm_status build_index(tm_checkpoint *ck, tm_error *err) {
     return TM_OK;
 }
 
+/* Opens path into ck (calloc'd by the caller, list_keys set or not). */
+static tm_status open_into(tm_checkpoint *ck, const char *path, const tm_open_options *opts, tm_error *err);
+
 tm_status tm_checkpoint_open_err(const char *path, const tm_open_options *opts,
                                  tm_checkpoint **out, tm_error *err) {
     *out = NULL;
     if (!path) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "path is NULL");
     tm_checkpoint *ck = calloc(1, sizeof *ck);
-    if (!ck || !(ck->path = strdup(path))) {
-        free(ck);
-        return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    if (!ck) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    tm_status st = open_into(ck, path, opts, err);
+    if (st) {
+        tm_checkpoint_free(ck);
+        return st;
     }
+    /* Opening touched a page here and there (zip headers, the pickle): recent kernels map a whole
+     * large page-cache folio (up to 2 MiB) on such a touch, so much of a file's tensor data could
+     * be resident before any is merged. Drop it all; what is read later is mapped again. */
+    for (size_t m = 0; m < ck->n_maps; m++) tm_mapped_file_release(&ck->maps[m], 0, ck->maps[m].size);
+    *out = ck;
+    return TM_OK;
+}
+
+void tm_key_list_init(tm_key_list *list) { TM_STRUCT_INIT(list); }
+
+void tm_key_list_free(tm_key_list *list) {
+    if (!list) return;
+    for (size_t i = 0; list->keys && i < list->n; i++) free(list->keys[i]);
+    free(list->keys);
+    list->keys = NULL;
+    list->n = 0;
+}
+
+tm_status tm_checkpoint_list_keys(const char *path, tm_key_list *out) {
+    tm_error err = {0};
+    if (!out || TM_STRUCT_CHECK(out, &err)) {
+        if (!out) tm_error_set(&err, TM_ERROR_INVALID_ARGUMENT, "tm_checkpoint_list_keys: out is NULL");
+        return tm_error_publish(&err);
+    }
+    tm_key_list list;
+    tm_key_list_init(&list);
+    TM_STRUCT_COPY_OUT(out, &list);
+    if (!path) {
+        tm_error_set(&err, TM_ERROR_INVALID_ARGUMENT, "path is NULL");
+        return tm_error_publish(&err);
+    }
+    tm_checkpoint *ck = calloc(1, sizeof *ck);
+    if (!ck) {
+        tm_error_set(&err, TM_ERROR_NOMEM, "out of memory");
+        return tm_error_publish(&err);
+    }
+    ck->list_keys = 1;
+    tm_status st = open_into(ck, path, NULL, &err);
+    if (!st) {
+        list.keys = ck->keys;
+        list.n = ck->n_keys;
+        ck->keys = NULL;
+        ck->n_keys = 0;
+        TM_STRUCT_COPY_OUT(out, &list);
+    }
+    tm_checkpoint_free(ck);
+    return st ? tm_error_publish(&err) : TM_OK;
+}
+
+static tm_status open_into(tm_checkpoint *ck, const char *path, const tm_open_options *opts, tm_error *err) {
+    if (!(ck->path = strdup(path))) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
     struct stat sb;
     size_t len = strlen(path);
     tm_status st;
@@ -516,6 +655,7 @@ tm_status tm_checkpoint_open_err(const char *path, const tm_open_options *opts,
         st = add_index(ck, path, opts, err);
     else
         st = add_file(ck, path, opts, err);
+    if (!st && ck->list_keys) return TM_OK;
     if (!st && ck->n_maps > 1) {
         const char *first = ck->format;
         ck->format = strcmp(first, "safetensors") == 0 ? "safetensors-sharded" : "pt-sharded";
@@ -533,16 +673,7 @@ tm_status tm_checkpoint_open_err(const char *path, const tm_open_options *opts,
         free(text);
         free(recipe);
     }
-    if (st) {
-        tm_checkpoint_free(ck);
-        return st;
-    }
-    /* Opening touched a page here and there (zip headers, the pickle): recent kernels map a whole
-     * large page-cache folio (up to 2 MiB) on such a touch, so much of a file's tensor data could
-     * be resident before any is merged. Drop it all; what is read later is mapped again. */
-    for (size_t m = 0; m < ck->n_maps; m++) tm_mapped_file_release(&ck->maps[m], 0, ck->maps[m].size);
-    *out = ck;
-    return TM_OK;
+    return st;
 }
 
 tm_status tm_checkpoint_open(const char *path, const tm_open_options *opts, tm_checkpoint **out) {
@@ -562,7 +693,11 @@ tm_status tm_checkpoint_open(const char *path, const tm_open_options *opts, tm_c
 
 void tm_checkpoint_free(tm_checkpoint *ck) {
     if (!ck) return;
-    for (size_t i = 0; i < ck->n_tensors; i++) free(ck->tensors[i].name);
+    for (size_t i = 0; i < ck->n_tensors; i++) {
+        free(ck->tensors[i].name);
+        free(ck->tensors[i].q_scales);
+        free(ck->tensors[i].q_zero_points);
+    }
     free(ck->tensors);
     free(ck->storages);
     for (size_t m = 0; m < ck->n_maps; m++) {
@@ -578,6 +713,8 @@ void tm_checkpoint_free(tm_checkpoint *ck) {
     tm_name_map_free(&ck->meta_index);
     free(ck->key);
     free(ck->path);
+    for (size_t i = 0; i < ck->n_keys; i++) free(ck->keys[i]);
+    free(ck->keys);
     free(ck);
 }
 
@@ -611,6 +748,12 @@ tm_tensor_info tm_checkpoint_info(const tm_checkpoint *ck, size_t i) {
     out.storage_id = (int64_t)t->storage;
     out.numel = t->numel;
     out.nbytes = t->numel * tm_dtype_size(t->dtype);
+    out.qscheme = t->qscheme;
+    out.q_scale = t->q_scale;
+    out.q_zero_point = t->q_zero_point;
+    out.q_axis = t->q_axis;
+    out.q_scales = t->q_scales;
+    out.q_zero_points = t->q_zero_points;
     return out;
 }
 

@@ -1,7 +1,10 @@
 #include "cli/inspect.h"
 
 #include <inttypes.h>
+#include <stdlib.h>
 #include <string.h>
+
+#include "cli/cli_common.h"
 
 static void shape_text(const tm_tensor_info *t, char *buf, size_t size) {
     size_t used = 0;
@@ -25,6 +28,31 @@ static void totals(const tm_checkpoint *ck, uint64_t *bytes, uint64_t *params, u
     }
 }
 
+/* Smallest and largest of n values. */
+static void range_of(const double *v, size_t n, double *lo, double *hi) {
+    *lo = *hi = n ? v[0] : 0;
+    for (size_t i = 1; i < n; i++) {
+        if (v[i] < *lo) *lo = v[i];
+        if (v[i] > *hi) *hi = v[i];
+    }
+}
+
+/* "per_tensor_affine scale=0.1 zero_point=3" or "per_channel_affine axis=0 channels=3
+ * scales=[0.1, 0.3] zero_points=[-1, 1]" (ranges): the table's quantization column. */
+static void quant_text(const tm_tensor_info *t, char *buf, size_t size) {
+    if (t->qscheme == TM_QSCHEME_PER_TENSOR_AFFINE) {
+        snprintf(buf, size, "  %s scale=%.9g zero_point=%" PRId64, tm_qscheme_name(t->qscheme), t->q_scale,
+                 t->q_zero_point);
+        return;
+    }
+    size_t n = (size_t)t->shape[t->q_axis];
+    double slo, shi, zlo, zhi;
+    range_of(t->q_scales, n, &slo, &shi);
+    range_of(t->q_zero_points, n, &zlo, &zhi);
+    snprintf(buf, size, "  %s axis=%d channels=%zu scales=[%.9g, %.9g] zero_points=[%.9g, %.9g]",
+             tm_qscheme_name(t->qscheme), (int)t->q_axis, n, slo, shi, zlo, zhi);
+}
+
 int tm_cli_inspect_text(const tm_checkpoint *ck, FILE *out) {
     size_t n = tm_checkpoint_n_tensors(ck);
     fprintf(out, "file:    %s\nformat:  %s\n", tm_checkpoint_path(ck), tm_checkpoint_format(ck));
@@ -43,7 +71,9 @@ int tm_cli_inspect_text(const tm_checkpoint *ck, FILE *out) {
         if (tm_checkpoint_tensor(ck, i, &t) != TM_OK) continue;
         char shape[256];
         shape_text(&t, shape, sizeof shape);
-        fprintf(out, "%-48s %-10s %-20s %12" PRIu64 "\n", t.name, tm_dtype_name(t.dtype), shape, t.nbytes);
+        char quant[256] = "";
+        if (t.qscheme != TM_QSCHEME_NONE) quant_text(&t, quant, sizeof quant);
+        fprintf(out, "%-48s %-10s %-20s %12" PRIu64 "%s\n", t.name, tm_dtype_name(t.dtype), shape, t.nbytes, quant);
     }
     uint64_t bytes, params, per[TM_DTYPE_COUNT];
     totals(ck, &bytes, &params, per);
@@ -62,6 +92,28 @@ static void json_string(FILE *out, const char *s) {
         else fputc(*p, out);
     }
     fputc('"', out);
+}
+
+static void json_numbers(FILE *out, const double *v, size_t n) {
+    fputc('[', out);
+    for (size_t i = 0; i < n; i++) fprintf(out, "%s%.17g", i ? ", " : "", v[i]);
+    fputc(']', out);
+}
+
+/* , "quantization": {"scheme": …, "scale": …, "zero_point": …} (per channel: "axis", "scales",
+ * "zero_points"): every value, exactly (17 digits). */
+static void json_quant(FILE *out, const tm_tensor_info *t) {
+    fprintf(out, ", \"quantization\": {\"scheme\": \"%s\"", tm_qscheme_name(t->qscheme));
+    if (t->qscheme == TM_QSCHEME_PER_TENSOR_AFFINE) {
+        fprintf(out, ", \"scale\": %.17g, \"zero_point\": %" PRId64 "}", t->q_scale, t->q_zero_point);
+        return;
+    }
+    size_t n = (size_t)t->shape[t->q_axis];
+    fprintf(out, ", \"axis\": %d, \"scales\": ", (int)t->q_axis);
+    json_numbers(out, t->q_scales, n);
+    fputs(", \"zero_points\": ", out);
+    json_numbers(out, t->q_zero_points, n);
+    fputc('}', out);
 }
 
 int tm_cli_inspect_json(const tm_checkpoint *ck, FILE *out) {
@@ -86,7 +138,9 @@ int tm_cli_inspect_json(const tm_checkpoint *ck, FILE *out) {
         json_string(out, t.name);
         fprintf(out, ", \"dtype\": \"%s\", \"shape\": [", tm_dtype_name(t.dtype));
         for (int d = 0; d < t.ndim; d++) fprintf(out, "%s%" PRId64, d ? ", " : "", t.shape[d]);
-        fprintf(out, "], \"nbytes\": %" PRIu64 ", \"storage\": %" PRId64 "}", t.nbytes, t.storage_id);
+        fprintf(out, "], \"nbytes\": %" PRIu64 ", \"storage\": %" PRId64, t.nbytes, t.storage_id);
+        if (t.qscheme != TM_QSCHEME_NONE) json_quant(out, &t);
+        fputc('}', out);
     }
     uint64_t bytes, params, per[TM_DTYPE_COUNT];
     totals(ck, &bytes, &params, per);
@@ -99,5 +153,58 @@ int tm_cli_inspect_json(const tm_checkpoint *ck, FILE *out) {
             first = 0;
         }
     fputs("}}\n", out);
+    return ferror(out) ? -1 : 0;
+}
+
+int tm_cli_inspect_candidates(const char *path, int json, FILE *out) {
+    tm_key_list keys;
+    tm_key_list_init(&keys);
+    if (tm_checkpoint_list_keys(path, &keys) != TM_OK) {
+        tm_cli_error("%s", tm_errmsg());
+        return 1;
+    }
+    /* Each candidate opened with its key: its tensor count (and the format) as a merge sees it. */
+    size_t *counts = calloc(keys.n ? keys.n : 1, sizeof *counts);
+    const char *format = "?";
+    tm_checkpoint *ck = NULL;
+    for (size_t i = 0; counts && i < keys.n; i++) {
+        tm_open_options oo;
+        tm_open_options_init(&oo);
+        oo.key = keys.keys[i];
+        if (tm_checkpoint_open(path, &oo, &ck) != TM_OK) {
+            tm_cli_error("%s", tm_errmsg());
+            free(counts);
+            tm_key_list_free(&keys);
+            return 1;
+        }
+        counts[i] = tm_checkpoint_n_tensors(ck);
+        if (i == 0) format = strcmp(tm_checkpoint_format(ck), "pt") == 0 ? "pt" : tm_checkpoint_format(ck);
+        tm_checkpoint_free(ck);
+    }
+    if (!counts) {
+        tm_cli_error("out of memory");
+        tm_key_list_free(&keys);
+        return 1;
+    }
+    if (json) {
+        fputs("{\"file\": ", out);
+        json_string(out, path);
+        fputs(", \"format\": ", out);
+        json_string(out, format);
+        fputs(", \"state_dicts\": [", out);
+        for (size_t i = 0; i < keys.n; i++) {
+            fputs(i ? ", {\"key\": " : "{\"key\": ", out);
+            json_string(out, keys.keys[i]);
+            fprintf(out, ", \"n_tensors\": %zu}", counts[i]);
+        }
+        fputs("]}\n", out);
+    } else {
+        fprintf(out, "file:    %s\nformat:  %s\n\n%zu state dicts; inspect or merge one with --key KEY:\n", path, format,
+                keys.n);
+        for (size_t i = 0; i < keys.n; i++)
+            fprintf(out, "  --key %-40s %zu tensor%s\n", keys.keys[i], counts[i], counts[i] == 1 ? "" : "s");
+    }
+    free(counts);
+    tm_key_list_free(&keys);
     return ferror(out) ? -1 : 0;
 }

@@ -61,12 +61,19 @@ static int cmd_inspect(int argc, char **argv) {
     }
     if (argc - optind != 1) return tm_cli_usage_error("torchmerge --help", "inspect takes exactly one FILE");
     tm_checkpoint *ck = NULL;
-    if (tm_checkpoint_open(argv[optind], &oo, &ck) != TM_OK) {
+    tm_status st = tm_checkpoint_open(argv[optind], &oo, &ck);
+    int rc;
+    if (st == TM_ERROR_AMBIGUOUS && !oo.key) {
+        /* Several state dicts ({'actor': …, 'critic': …}): list them and their --key. */
+        rc = tm_cli_inspect_candidates(argv[optind], json, stdout);
+        if (rc > 0) return TM_EXIT_FAILED; /* reported */
+    } else if (st != TM_OK) {
         tm_cli_error("%s", tm_errmsg());
         return TM_EXIT_FAILED;
+    } else {
+        rc = json ? tm_cli_inspect_json(ck, stdout) : tm_cli_inspect_text(ck, stdout);
+        tm_checkpoint_free(ck);
     }
-    int rc = json ? tm_cli_inspect_json(ck, stdout) : tm_cli_inspect_text(ck, stdout);
-    tm_checkpoint_free(ck);
     if (rc) {
         tm_cli_error("%s: cannot write the listing", argv[optind]);
         return TM_EXIT_FAILED;

@@ -13,8 +13,8 @@
 #include "cli/cli_common.h"
 
 enum { OPT_FORMAT = 256, OPT_BASE, OPT_TEMPLATE, OPT_DTYPE, OPT_KEYS, OPT_KEY, OPT_PROFILE, OPT_MAX_SHARD, OPT_MASKS_OUT,
-       OPT_DISTRIBUTED, OPT_RANK, OPT_WORLD_SIZE, OPT_MASTER_ADDR, OPT_MASTER_PORT, OPT_TIMEOUT, OPT_OUTPUT_ON,
-       OPT_PARAM = 512 };
+       OPT_DEQUANTIZE, OPT_DISTRIBUTED, OPT_RANK, OPT_WORLD_SIZE, OPT_MASTER_ADDR, OPT_MASTER_PORT, OPT_TIMEOUT,
+       OPT_OUTPUT_ON, OPT_PARAM = 512 };
 
 static const struct option common_options[] = {
     {"output", required_argument, 0, 'o'},      {"format", required_argument, 0, OPT_FORMAT},
@@ -22,6 +22,7 @@ static const struct option common_options[] = {
     {"template", required_argument, 0, OPT_TEMPLATE}, {"dtype", required_argument, 0, OPT_DTYPE},
     {"keys", required_argument, 0, OPT_KEYS},   {"key", required_argument, 0, OPT_KEY},
     {"profile", no_argument, 0, OPT_PROFILE},   {"max-shard-size", required_argument, 0, OPT_MAX_SHARD},
+    {"dequantize", no_argument, 0, OPT_DEQUANTIZE},
     {"quiet", no_argument, 0, 'q'},             {"help", no_argument, 0, 'h'},
     {"distributed", no_argument, 0, OPT_DISTRIBUTED}, {"rank", required_argument, 0, OPT_RANK},
     {"world-size", required_argument, 0, OPT_WORLD_SIZE}, {"master-addr", required_argument, 0, OPT_MASTER_ADDR},
@@ -83,6 +84,9 @@ void tm_cli_print_common_options(FILE *f) {
             "  --template MODULE       TorchScript module to fill with the merged weights\n"
             "  --dtype DTYPE           write floating tensors as float32|float16|bfloat16|float64\n"
             "                          (default: each tensor's dtype in the first input)\n"
+            "  --dequantize            merge quantized tensors (qint8, quint8, qint32) as their real\n"
+            "                          values scale*(q - zero_point), written as float32 (or\n"
+            "                          --dtype); without it they are refused\n"
             "  --keys strict|intersection|union\n"
             "                          which tensor names to merge (default strict: all inputs must\n"
             "                          have the same names; union merges each name over the inputs\n"
@@ -180,6 +184,7 @@ int tm_cli_merge(int argc, char **argv, size_t method) {
         case OPT_TEMPLATE: o.template_path = optarg; break;
         case OPT_BASE: o.base = optarg; break;
         case OPT_MASKS_OUT: o.masks_out = optarg; break;
+        case OPT_DEQUANTIZE: o.dequantize = 1; break;
         case OPT_DTYPE: if ((c = tm_cli_set_dtype(&o, optarg, help))) rc = c; break;
         case OPT_KEYS: if ((c = tm_cli_set_keys(&o, optarg, help))) rc = c; break;
         case OPT_KEY: o.key = optarg; break;

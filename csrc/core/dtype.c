@@ -30,6 +30,20 @@ int tm_dtype_is_floating(tm_dtype dtype) {
            dtype == TM_BFLOAT16 || dtype == TM_COMPLEX64 || dtype == TM_COMPLEX128;
 }
 
+int tm_dtype_is_quantized(tm_dtype dtype) {
+    return dtype == TM_QINT8 || dtype == TM_QUINT8 || dtype == TM_QINT32;
+}
+
+const char *tm_qscheme_name(tm_qscheme qscheme) {
+    switch (qscheme) {
+    case TM_QSCHEME_NONE: return "none";
+    case TM_QSCHEME_PER_TENSOR_AFFINE: return "per_tensor_affine";
+    case TM_QSCHEME_PER_CHANNEL_AFFINE: return "per_channel_affine";
+    case TM_QSCHEME_PER_CHANNEL_AFFINE_FLOAT_QPARAMS: return "per_channel_affine_float_qparams";
+    }
+    return "?";
+}
+
 tm_status tm_dtype_from_name(const char *name, tm_dtype *out) {
     static const struct { const char *alias; tm_dtype dtype; } aliases[] = {
         {"fp64", TM_FLOAT64}, {"f64", TM_FLOAT64}, {"double", TM_FLOAT64},

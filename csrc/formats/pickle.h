@@ -1,7 +1,7 @@
 /* A safe unpickler for PyTorch checkpoints. It executes nothing: it runs the pickle stack
  * machine (protocols 0–5) into an inert value tree. Only the globals torch checkpoints use have
  * a meaning (OrderedDict, torch._utils._rebuild_tensor{,_v2,_v3}, _rebuild_parameter,
- * torch.*Storage, _codecs.encode); other globals become inert placeholders, so a checkpoint
+ * _rebuild_qtensor, torch.*Storage, _codecs.encode); other globals become inert placeholders, so a checkpoint
  * that also pickles e.g. argparse.Namespace still yields its tensors; globals that can run
  * code (os.system, builtins.eval, subprocess.*, …) are refused outright. Resource bounds are
  * enforced (see tm_pickle_limits). C11. */
@@ -71,6 +71,17 @@ struct tm_pk_value {
             int64_t *shape, *stride;
             int requires_grad;
             int is_parameter;     /* came through _rebuild_parameter */
+            /* torch._utils._rebuild_qtensor: dtype is TM_QINT8/TM_QUINT8/TM_QINT32 and the
+             * integers stand for scale·(q − zero_point), per tensor or per channel along
+             * q_axis. Per channel, the scales and zero points are tensors (q_scales_t,
+             * q_zero_points_t, TM_PK_TENSOR, shape[q_axis] elements each) or, in older files,
+             * lists already read into q_scales / q_zero_points (shape[q_axis] doubles). */
+            tm_qscheme qscheme;
+            double q_scale;
+            int64_t q_zero_point;
+            int32_t q_axis;
+            const tm_pk_value *q_scales_t, *q_zero_points_t;
+            const double *q_scales, *q_zero_points;
         } tensor;
     } u;
 };

@@ -161,6 +161,25 @@ tm_status pk_instantiate(parser *p, const tm_pk_value *cls, tm_pk_value *args,
     }
 }
 
+/* The types dill's _load_type(name) hands out that build code, functions, modules or frames:
+ * the first step of running code from a pickle (CodeType(...) then FunctionType(code, …)). The
+ * others (NoneType, int, BuiltinMethodType, …) only name a class. */
+static int dill_type_unsafe(const char *name) {
+    static const char *const unsafe[] = {
+        "CodeType", "FunctionType", "LambdaType", "MethodType", "ModuleType", "CellType",
+        "FrameType", "TracebackType", "GeneratorType", "CoroutineType", "AsyncGeneratorType",
+        "MethodWrapperType", "WrapperDescriptorType", "MethodDescriptorType",
+        "ClassMethodDescriptorType", "GetSetDescriptorType", "MemberDescriptorType",
+        "PartialType", "SuperType", "InstanceType", "ClassType", "FileType", "TextWrapperType",
+        "BufferedReaderType", "BufferedWriterType", "BufferedRandomType", "FileIOType",
+        "SocketType", "PyTextWrapperType", "PyBufferedReaderType", "PyBufferedWriterType",
+        "PyBufferedRandomType", "PyFileIOType", "InputType", "OutputType",
+    };
+    for (size_t i = 0; i < sizeof unsafe / sizeof unsafe[0]; i++)
+        if (strcmp(name, unsafe[i]) == 0) return 1;
+    return 0;
+}
+
 /* func(*args): REDUCE, INST, OBJ. */
 tm_status pk_call(parser *p, const tm_pk_value *fn, tm_pk_value *args, tm_pk_value **out) {
     if (fn->kind != TM_PK_GLOBAL)
@@ -207,7 +226,14 @@ tm_status pk_call(parser *p, const tm_pk_value *fn, tm_pk_value *args, tm_pk_val
     case SP_REBUILD_V2:
     case SP_REBUILD_V3:
     case SP_REBUILD_PARAM:
-    case SP_REBUILD_PARAM_STATE: return pk_tensor_call(p, fn, args, out);
+    case SP_REBUILD_PARAM_STATE:
+    case SP_REBUILD_QTENSOR: return pk_tensor_call(p, fn, args, out);
+    case SP_DILL_LOAD_TYPE:
+        if (n != 1 || a[0]->kind != TM_PK_STRING) break;
+        if (dill_type_unsafe(a[0]->u.str.data))
+            return pk_err(p, TM_ERROR_UNSAFE, "refusing %.100s.%.100s('%.100s')", fn->u.global.module,
+                          name, a[0]->u.str.data);
+        return new_object(p, fn, args, out);
     case SP_FROM_TYPE_V2: {
         /* (func, new_type, args, state): a tensor subclass or a tensor with Python attributes;
          * the attributes are dropped, a Parameter new_type is kept as is_parameter. */

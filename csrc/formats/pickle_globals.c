@@ -1,8 +1,9 @@
 /* Safe unpickler, the allowlist of globals: a global a pickle names is refused when it could
  * run code in a real unpickler (so a hostile file is reported as such instead of being read
  * half-way), understood when torch checkpoints need its meaning (OrderedDict, the tensor
- * rebuild functions, storage types, dtypes, copyreg, _codecs.encode), and otherwise kept as an
- * inert placeholder (so e.g. an argparse.Namespace beside the tensors does not stop a load).
+ * rebuild functions, storage types, dtypes, copyreg, _codecs.encode, dill's data helpers), and
+ * otherwise kept as an inert placeholder (so e.g. an argparse.Namespace or a numpy array beside
+ * the tensors does not stop a load).
  * What a recognised global does when called is in pickle_calls.c and pickle_tensors.c. */
 #define _POSIX_C_SOURCE 200809L
 
@@ -82,8 +83,22 @@ static int is_dunder(const char *s, size_t n) {
     return n >= 4 && s[0] == '_' && s[1] == '_' && s[n - 2] == '_' && s[n - 1] == '_';
 }
 
+/* dill (denied as a module: its loader rebuilds code objects and functions) also writes plain
+ * data through helpers that some RL libraries' checkpoints are full of: numpy arrays through
+ * _create_array(f, args, state, npdict), builtin types through _load_type(name) (whose name is
+ * checked when it is called: pickle_calls.c), numpy dtype classes through _create_dtypemeta.
+ * They stay inert placeholders like numpy's own globals. "dill.dill" is dill < 0.3's module. */
+static int dill_allowed(const char *module, const char *name) {
+    static const char *const names[] = {"_create_array", "_load_type", "_create_dtypemeta"};
+    if (strcmp(module, "dill._dill") != 0 && strcmp(module, "dill.dill") != 0) return 0;
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (strcmp(name, names[i]) == 0) return 1;
+    return 0;
+}
+
 /* Returns 1 when (module, name) must be refused. name is the attribute path after the module. */
 static int global_unsafe(const char *module, const char *name) {
+    if (dill_allowed(module, name)) return 0;
     if (module_denied(module)) return 1;
     if (strcmp(module, "builtins") == 0) {
         for (size_t i = 0; i < sizeof allowed_builtins / sizeof allowed_builtins[0]; i++)
@@ -117,6 +132,8 @@ static const struct { const char *name; tm_dtype dtype; } storage_types[] = {
     {"ShortStorage", TM_INT16},           {"CharStorage", TM_INT8},
     {"ByteStorage", TM_UINT8},            {"BoolStorage", TM_BOOL},
     {"ComplexFloatStorage", TM_COMPLEX64}, {"ComplexDoubleStorage", TM_COMPLEX128},
+    {"QInt8Storage", TM_QINT8},           {"QUInt8Storage", TM_QUINT8},
+    {"QInt32Storage", TM_QINT32},
 };
 
 static const struct { const char *name; tm_dtype dtype; } dtype_globals[] = {
@@ -124,6 +141,7 @@ static const struct { const char *name; tm_dtype dtype; } dtype_globals[] = {
     {"bfloat16", TM_BFLOAT16}, {"int64", TM_INT64},     {"int32", TM_INT32},
     {"int16", TM_INT16},     {"int8", TM_INT8},         {"uint8", TM_UINT8},
     {"bool", TM_BOOL},       {"complex64", TM_COMPLEX64}, {"complex128", TM_COMPLEX128},
+    {"qint8", TM_QINT8},     {"quint8", TM_QUINT8},     {"qint32", TM_QINT32},
 };
 
 /* The globals with a meaning, by exact (module, name). Three families are matched by rule
@@ -134,6 +152,7 @@ static const struct { const char *module, *name; special sp; } meanings[] = {
     {"torch._utils", "_rebuild_tensor_v3", SP_REBUILD_V3},
     {"torch._utils", "_rebuild_parameter", SP_REBUILD_PARAM},
     {"torch._utils", "_rebuild_parameter_with_state", SP_REBUILD_PARAM_STATE},
+    {"torch._utils", "_rebuild_qtensor", SP_REBUILD_QTENSOR},
     {"torch._utils", "_rebuild_from_type_v2", SP_FROM_TYPE_V2},
     {"torch._tensor", "_rebuild_from_type_v2", SP_FROM_TYPE_V2},
     {"torch", "UntypedStorage", SP_UNTYPED_STORAGE},
@@ -155,6 +174,8 @@ static const struct { const char *module, *name; special sp; } meanings[] = {
     {"builtins", "dict", SP_DICT},
     {"builtins", "list", SP_LIST},
     {"builtins", "tuple", SP_TUPLE},
+    {"dill._dill", "_load_type", SP_DILL_LOAD_TYPE},
+    {"dill.dill", "_load_type", SP_DILL_LOAD_TYPE},
 };
 
 static void classify_global(node *g, const char *m, const char *n) {

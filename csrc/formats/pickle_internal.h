@@ -58,7 +58,9 @@ typedef enum special {
     SP_STORAGE_TYPE,   /* torch.FloatStorage etc.; node dtype says which */
     SP_UNTYPED_STORAGE,/* torch.storage.UntypedStorage */
     SP_DTYPE,          /* torch.float32 etc.; node dtype is -1 for dtypes we cannot hold */
-    SP_PARAMETER_CLASS /* torch.nn.parameter.Parameter (as _rebuild_from_type_v2's new_type) */
+    SP_PARAMETER_CLASS,/* torch.nn.parameter.Parameter (as _rebuild_from_type_v2's new_type) */
+    SP_REBUILD_QTENSOR,/* torch._utils._rebuild_qtensor */
+    SP_DILL_LOAD_TYPE  /* dill._dill._load_type(name): a placeholder once name is checked */
 } special;
 
 /* Every value is allocated inside a node: the extra header carries what the public struct has

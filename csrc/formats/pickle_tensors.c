@@ -1,6 +1,7 @@
 /* Safe unpickler, storages and tensors: the ('storage', type, key, location, numel) persistent
  * ids torch.save writes, interned so that shared storages share one value, and the
- * torch._utils._rebuild_tensor{,_v2,_v3} / _rebuild_parameter{,_with_state} calls, checked so
+ * torch._utils._rebuild_tensor{,_v2,_v3} / _rebuild_parameter{,_with_state} / _rebuild_qtensor
+ * calls, checked so
  * that every tensor's view lies inside its storage before anything reads a byte of data. */
 #define _POSIX_C_SOURCE 200809L
 
@@ -140,7 +141,7 @@ static int as_flag(const tm_pk_value *v, int *out) {
 
 /* storage, storage_offset, size, stride as given to torch._utils._rebuild_tensor*. */
 static tm_status build_tensor(parser *p, const char *fn, tm_pk_value *const *a, int has_dtype,
-                              tm_dtype dtype, tm_pk_value **out) {
+                              tm_dtype dtype, int quantized, tm_pk_value **out) {
     const tm_pk_value *st = a[0], *off = a[1], *size = a[2], *stride = a[3];
     if (st->kind != TM_PK_STORAGE)
         return pk_err(p, TM_ERROR_FORMAT, "%s: storage argument is a %s", fn,
@@ -165,6 +166,11 @@ static tm_status build_tensor(parser *p, const char *fn, tm_pk_value *const *a, 
             return pk_err(p, TM_ERROR_UNSUPPORTED, "%s: untyped storage without a dtype", fn);
         dtype = st->u.storage.dtype;
     }
+    /* The integers of a quantized storage mean nothing without the scale and zero point that
+     * only _rebuild_qtensor carries. */
+    if (tm_dtype_is_quantized(dtype) != quantized)
+        return pk_err(p, TM_ERROR_FORMAT, "%s: %s storage", fn,
+                      quantized ? "a quantized tensor needs a quantized" : "a plain tensor on a quantized");
     tm_pk_value *t = NULL;
     TRY(pk_new_value(p, TM_PK_TENSOR, &t));
     int64_t *shape = pk_alloc(p, (ndim ? ndim : 1) * sizeof(int64_t));
@@ -226,6 +232,97 @@ tm_status pk_as_parameter(parser *p, const tm_pk_value *data, const tm_pk_value 
     return TM_OK;
 }
 
+/* ---- Quantized tensors ------------------------------------------------------------------ */
+
+/* torch.per_tensor_affine etc., as the first item of _rebuild_qtensor's quantizer_params. */
+static tm_qscheme qscheme_of(const tm_pk_value *g) {
+    if (g->kind != TM_PK_GLOBAL || strcmp(g->u.global.module, "torch") != 0) return TM_QSCHEME_NONE;
+    for (int q = TM_QSCHEME_PER_TENSOR_AFFINE; q <= TM_QSCHEME_PER_CHANNEL_AFFINE_FLOAT_QPARAMS; q++)
+        if (strcmp(g->u.global.name, tm_qscheme_name((tm_qscheme)q)) == 0) return (tm_qscheme)q;
+    return TM_QSCHEME_NONE;
+}
+
+static int as_real(const tm_pk_value *v, double *out) {
+    if (v->kind == TM_PK_FLOAT) { *out = v->u.real; return 1; }
+    if (v->kind == TM_PK_INT) { *out = (double)v->u.integer; return 1; }
+    return 0;
+}
+
+/* Per-channel scales or zero points: a 1-d tensor of n elements (its values are read with the
+ * storages, checkpoint.c), or a list of n numbers (torch before 1.6 wrote lists). */
+static tm_status channel_params(parser *p, const char *what, const tm_pk_value *v, int64_t n,
+                                const tm_pk_value **tensor, const double **values) {
+    if (v->kind == TM_PK_TENSOR) {
+        if (v->u.tensor.ndim != 1 || v->u.tensor.shape[0] != n ||
+            tm_dtype_is_quantized(v->u.tensor.dtype) || v->u.tensor.dtype == TM_COMPLEX64 ||
+            v->u.tensor.dtype == TM_COMPLEX128)
+            return pk_err(p, TM_ERROR_FORMAT,
+                          "_rebuild_qtensor: per-channel %s must be a real 1-d tensor of %lld elements",
+                          what, (long long)n);
+        *tensor = v;
+        return TM_OK;
+    }
+    if (!is_seq(v) || (int64_t)v->u.seq.n != n)
+        return pk_err(p, TM_ERROR_FORMAT,
+                      "_rebuild_qtensor: per-channel %s must be a tensor or list of %lld numbers",
+                      what, (long long)n);
+    double *d = pk_alloc(p, (n ? (size_t)n : 1) * sizeof *d);
+    if (!d) return pk_nomem(p);
+    for (int64_t i = 0; i < n; i++)
+        if (!as_real(v->u.seq.items[i], &d[i]))
+            return pk_err(p, TM_ERROR_FORMAT, "_rebuild_qtensor: per-channel %s hold a %s", what,
+                          tm_pk_kind_name(v->u.seq.items[i]->kind));
+    *values = d;
+    return TM_OK;
+}
+
+/* _rebuild_qtensor(storage, offset, size, stride, quantizer_params, requires_grad, hooks):
+ * quantizer_params is (per_tensor_affine, scale, zero_point) or (per_channel_affine[_float_
+ * qparams], scales, zero_points, axis); the storage's type gives the dtype (QInt8Storage, …). */
+static tm_status build_qtensor(parser *p, const char *fn, tm_pk_value *const *a, tm_pk_value **out) {
+    const tm_pk_value *qp = a[4];
+    if (a[0]->kind == TM_PK_STORAGE && a[0]->u.storage.has_dtype &&
+        !tm_dtype_is_quantized(a[0]->u.storage.dtype))
+        return pk_err(p, TM_ERROR_FORMAT, "%s: storage of %s, not of a quantized dtype", fn,
+                      tm_dtype_name(a[0]->u.storage.dtype));
+    if (!is_seq(qp) || qp->u.seq.n < 1)
+        return pk_err(p, TM_ERROR_FORMAT, "%s: quantizer parameters are a %s", fn,
+                      tm_pk_kind_name(qp->kind));
+    tm_qscheme qs = qscheme_of(qp->u.seq.items[0]);
+    if (qs == TM_QSCHEME_NONE)
+        return pk_err(p, TM_ERROR_UNSUPPORTED, "%s: quantization scheme %.100s is not supported", fn,
+                      qp->u.seq.items[0]->kind == TM_PK_GLOBAL ? qp->u.seq.items[0]->u.global.name
+                                                               : tm_pk_kind_name(qp->u.seq.items[0]->kind));
+    TRY(build_tensor(p, fn, a, 0, TM_QINT8, 1, out));
+    tm_pk_value *t = *out;
+    tm_pk_value *const *q = qp->u.seq.items;
+    t->u.tensor.qscheme = qs;
+    if (qs == TM_QSCHEME_PER_TENSOR_AFFINE) {
+        if (qp->u.seq.n != 3 || !as_real(q[1], &t->u.tensor.q_scale) || q[2]->kind != TM_PK_INT)
+            return pk_err(p, TM_ERROR_FORMAT, "%s: per_tensor_affine wants (scheme, scale, zero_point)", fn);
+        t->u.tensor.q_zero_point = q[2]->u.integer;
+        return TM_OK;
+    }
+    if (qp->u.seq.n != 4 || q[3]->kind != TM_PK_INT)
+        return pk_err(p, TM_ERROR_FORMAT, "%s: %s wants (scheme, scales, zero_points, axis)", fn,
+                      tm_qscheme_name(qs));
+    int64_t axis = q[3]->u.integer;
+    if (axis < 0 || axis >= t->u.tensor.ndim)
+        return pk_err(p, TM_ERROR_FORMAT, "%s: axis %lld of a %d-d tensor", fn, (long long)axis,
+                      (int)t->u.tensor.ndim);
+    t->u.tensor.q_axis = (int32_t)axis;
+    int64_t n = t->u.tensor.shape[axis];
+    TRY(channel_params(p, "scales", q[1], n, &t->u.tensor.q_scales_t, &t->u.tensor.q_scales));
+    TRY(channel_params(p, "zero points", q[2], n, &t->u.tensor.q_zero_points_t,
+                       &t->u.tensor.q_zero_points));
+    /* torch writes per_channel_affine for float_qparams tensors too; on load, floating zero
+     * points make the quantizer a float_qparams one (torch._empty_per_channel_affine_quantized). */
+    if (qs == TM_QSCHEME_PER_CHANNEL_AFFINE && t->u.tensor.q_zero_points_t &&
+        tm_dtype_is_floating(t->u.tensor.q_zero_points_t->u.tensor.dtype))
+        t->u.tensor.qscheme = TM_QSCHEME_PER_CHANNEL_AFFINE_FLOAT_QPARAMS;
+    return TM_OK;
+}
+
 /* Calls one of the torch._utils tensor rebuild functions (not _rebuild_from_type_v2 with a
  * nested _rebuild_from_type_v2, so input cannot drive recursion). */
 tm_status pk_tensor_call(parser *p, const tm_pk_value *fn, const tm_pk_value *args,
@@ -236,7 +333,7 @@ tm_status pk_tensor_call(parser *p, const tm_pk_value *fn, const tm_pk_value *ar
     switch ((special)NODE(fn)->special) {
     case SP_REBUILD_V1:
         if (n != 4) break;
-        return build_tensor(p, name, a, 0, TM_FLOAT32, out);
+        return build_tensor(p, name, a, 0, TM_FLOAT32, 0, out);
     case SP_REBUILD_V2:
     case SP_REBUILD_V3: {
         /* v3 adds a dtype after the backward hooks (for untyped storages) */
@@ -257,7 +354,17 @@ tm_status pk_tensor_call(parser *p, const tm_pk_value *fn, const tm_pk_value *ar
                               dt->u.global.name);
             dtype = (tm_dtype)NODE(dt)->dtype;
         }
-        TRY(build_tensor(p, name, a, v3, dtype, out));
+        TRY(build_tensor(p, name, a, v3, dtype, 0, out));
+        (*out)->u.tensor.requires_grad = rg;
+        return TM_OK;
+    }
+    case SP_REBUILD_QTENSOR: {
+        if (n != 7) break;
+        int rg;
+        if (!as_flag(a[5], &rg))
+            return pk_err(p, TM_ERROR_FORMAT, "%s: requires_grad is a %s", name,
+                          tm_pk_kind_name(a[5]->kind));
+        TRY(build_qtensor(p, name, a, out));
         (*out)->u.tensor.requires_grad = rg;
         return TM_OK;
     }

@@ -32,9 +32,10 @@ static const char *const st_dtype_names[TM_DTYPE_COUNT] = {
     [TM_BFLOAT16] = "BF16", [TM_COMPLEX64] = "C64", [TM_COMPLEX128] = NULL,
     [TM_INT64] = "I64",   [TM_INT32] = "I32",   [TM_INT16] = "I16",
     [TM_INT8] = "I8",     [TM_UINT8] = "U8",    [TM_BOOL] = "BOOL",
+    [TM_QINT8] = NULL,    [TM_QUINT8] = NULL,   [TM_QINT32] = NULL, /* no scale/zero point */
 };
 /* A new tm_dtype must be given its safetensors name (or NULL) above. */
-_Static_assert(TM_DTYPE_COUNT == 12, "update st_dtype_names for the new dtype");
+_Static_assert(TM_DTYPE_COUNT == 15, "update st_dtype_names for the new dtype");
 
 /* Valid safetensors dtypes that torchmerge has no tm_dtype for. */
 static const char *const st_unsupported_dtypes[] = {
@@ -735,8 +736,9 @@ static tm_status check_out_tensor(const tm_st_out_tensor *t, size_t i, const cha
     if (!tm_safetensors_dtype_string(t->dtype))
         return tm_error_set(err, TM_ERROR_UNSUPPORTED,
                             "%s: tensor '%s': dtype %s cannot be stored in safetensors (it has "
-                            "no complex128 type)",
-                            label, name, tm_dtype_name(t->dtype));
+                            "no %s type)",
+                            label, name, tm_dtype_name(t->dtype),
+                            tm_dtype_is_quantized(t->dtype) ? "quantized" : "complex128");
     if (t->ndim < 0 || t->ndim > TM_MAX_NDIM)
         return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
                             "%s: tensor '%s': ndim %d is outside [0, %d]", label, name,

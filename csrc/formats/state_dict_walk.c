@@ -123,6 +123,36 @@ static int in_set(walk_ctx *c, const tm_pk_value *set, const char *name) {
 
 static tm_status walk_module(walk_ctx *c, const tm_pk_value *m, const char *prefix, int depth);
 
+/* TorchScript custom-class objects (__torch__.torch.classes.*) pickle the tuple their
+ * __getstate__ returns: quantized modules' packed weights (LinearPackedParamsBase: (weight,
+ * bias); the conv ones: (version, [tensors], [optional tensors])). Their tensors are named by
+ * position under the attribute ("fc._packed_params._packed_params.0"), the path of the tuple
+ * that eager PyTorch's state_dict() holds there. */
+static int is_seq(const tm_pk_value *v) { return v->kind == TM_PK_TUPLE || v->kind == TM_PK_LIST; }
+
+static int is_custom_class_state(const tm_pk_value *v) {
+    return v && v->kind == TM_PK_OBJECT && strncmp(v->u.object.module, "__torch__.torch.classes.", 24) == 0 &&
+           v->u.object.state && is_seq(v->u.object.state);
+}
+
+static tm_status walk_custom_state(walk_ctx *c, const tm_pk_value *seq, const char *name, int level) {
+    for (size_t i = 0; i < seq->u.seq.n; i++) {
+        const tm_pk_value *v = seq->u.seq.items[i];
+        if (!spend(c, 1)) return over_error(c);
+        if (v->kind != TM_PK_TENSOR && !(is_seq(v) && level < 2)) continue;
+        char *sub = NULL;
+        if (strlen(name) > MAX_NAME_BYTES)
+            return tm_error_set(c->err, TM_ERROR_LIMIT, "%s: a tensor name of more than %zu bytes (limit): '%.64s...'",
+                                c->label, MAX_NAME_BYTES, name);
+        if (asprintf(&sub, "%s.%zu", name, i) < 0)
+            return tm_error_set(c->err, TM_ERROR_NOMEM, "%s: out of memory", c->label);
+        tm_status st = v->kind == TM_PK_TENSOR ? push(c, "", sub, v) : walk_custom_state(c, v, sub, level + 1);
+        free(sub);
+        if (st) return st;
+    }
+    return TM_OK;
+}
+
 /* Walks submodule v, named prefix + key + ".". */
 static tm_status walk_sub(walk_ctx *c, const tm_pk_value *v, const char *prefix, const char *key,
                           int depth) {
@@ -186,6 +216,13 @@ static tm_status walk_module(walk_ctx *c, const tm_pk_value *m, const char *pref
         if (!is_str(k)) continue;
         if (v->kind == TM_PK_TENSOR) {
             if ((st = push(c, prefix, k->u.str.data, v))) return st;
+        } else if (is_custom_class_state(v)) {
+            char *name = NULL;
+            if (asprintf(&name, "%s%s", prefix, k->u.str.data) < 0)
+                return tm_error_set(c->err, TM_ERROR_NOMEM, "%s: out of memory", c->label);
+            st = walk_custom_state(c, v->u.object.state, name, 0);
+            free(name);
+            if (st) return st;
         } else if (object_state(v)) {
             if ((st = walk_sub(c, v, prefix, k->u.str.data, depth))) return st;
         }
@@ -246,8 +283,12 @@ static tm_status walk(walk_ctx *c, const tm_pk_value *root, const char *key) {
         if (!out->key) return tm_error_set(err, TM_ERROR_NOMEM, "%s: out of memory", label);
         return push(c, "", "", root);
     }
-    if (root->kind == TM_PK_DICT && root->u.dict.n == 0)
-        return tm_error_set(err, TM_ERROR_FORMAT, "%s: the checkpoint is an empty dict", label);
+    if (root->kind == TM_PK_DICT && root->u.dict.n == 0) {
+        /* torch.save({}): a state dict without tensors (inspect shows 0; a merge finds no name
+         * in common). */
+        out->key = strdup("");
+        return out->key ? TM_OK : tm_error_set(err, TM_ERROR_NOMEM, "%s: out of memory", label);
+    }
     if (is_flat_state_dict(c, root) || is_nn_module(c, root) || is_script_module(root)) {
         sd = root; /* already a state dict: --key does not apply */
     } else if (c->over) {
@@ -309,6 +350,42 @@ static tm_status walk(walk_ctx *c, const tm_pk_value *root, const char *key) {
     out->key = strdup(chosen);
     if (!out->key) return tm_error_set(err, TM_ERROR_NOMEM, "%s: out of memory", label);
     return flatten(c, sd);
+}
+
+tm_status tm_state_dict_candidates(const tm_pk_value *root, const char *label, char ***keys,
+                                   size_t *n, tm_error *err) {
+    *keys = NULL;
+    *n = 0;
+    if (!label) label = "";
+    tm_named_tensors unused = {0};
+    walk_ctx *c = calloc(1, sizeof *c);
+    if (!c) return tm_error_set(err, TM_ERROR_NOMEM, "%s: out of memory", label);
+    c->out = &unused;
+    c->label = label;
+    c->err = err;
+    tm_status st = TM_OK;
+    /* Only a dict that is not itself a state dict holds candidates, as walk() picks them. */
+    if (root->kind == TM_PK_DICT && !is_flat_state_dict(c, root) && !is_nn_module(c, root) &&
+        !is_script_module(root)) {
+        for (size_t i = 0; i < root->u.dict.n && !st; i++) {
+            const tm_pk_value *k = root->u.dict.keys[i];
+            if (!is_str(k) || !is_candidate(c, root->u.dict.values[i])) continue;
+            char **grown = realloc(*keys, (*n + 1) * sizeof *grown);
+            char *copy = grown ? strdup(k->u.str.data) : NULL;
+            if (grown) *keys = grown;
+            if (!copy) st = tm_error_set(err, TM_ERROR_NOMEM, "%s: out of memory", label);
+            else (*keys)[(*n)++] = copy;
+        }
+    }
+    if (!st && c->over) st = over_error(c);
+    free(c);
+    if (st) {
+        for (size_t i = 0; i < *n; i++) free((*keys)[i]);
+        free(*keys);
+        *keys = NULL;
+        *n = 0;
+    }
+    return st;
 }
 
 tm_status tm_state_dict_walk(const tm_pk_value *root, const char *key, const char *label,

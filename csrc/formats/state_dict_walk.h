@@ -27,6 +27,12 @@ tm_status tm_state_dict_walk(const tm_pk_value *root, const char *key, const cha
                              tm_named_tensors *out, tm_error *err);
 void tm_named_tensors_free(tm_named_tensors *t);
 
+/* The keys a nested checkpoint's state dicts sit under (the top-level entries that are state
+ * dicts: {'actor': sd, 'critic': sd} gives "actor", "critic"), in file order; none when root is
+ * itself a state dict. *keys (malloc'd, each key malloc'd) and *n are set on success. */
+tm_status tm_state_dict_candidates(const tm_pk_value *root, const char *label, char ***keys,
+                                   size_t *n, tm_error *err);
+
 #ifdef __cplusplus
 }
 #endif

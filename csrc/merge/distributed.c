@@ -435,6 +435,8 @@ static tm_status check_supported(const tm_merge_options *o, tm_error *err) {
                             "a distributed merge needs the same tensors on every input (--keys strict or intersection)");
     if (o->tensor_param)
         return tm_error_set(err, TM_ERROR_UNSUPPORTED, "a distributed merge takes no per-tensor parameter rules");
+    if (o->dequantize)
+        return tm_error_set(err, TM_ERROR_UNSUPPORTED, "a distributed merge does not dequantize (--dequantize)");
     if (o->masks_out || o->template_path)
         return tm_error_set(err, TM_ERROR_UNSUPPORTED, "a distributed merge writes no %s",
                             o->masks_out ? "masks (--masks-out)" : "TorchScript module (--template)");

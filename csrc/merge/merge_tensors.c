@@ -16,6 +16,7 @@ typedef struct memory_merge {
     const tm_method *m;
     tm_merge_worker *w;
     tm_method_tensor *t;
+    double *const *model; /* the model state being built (read by model_reduce) */
 } memory_merge;
 
 /* Blocks go straight into the caller's buffer, one after another. */
@@ -29,6 +30,7 @@ static tm_status put_block(void *user, const void *block, size_t len, tm_error *
 
 static tm_status model_pass(void *user, unsigned pass, tm_model_lists *lists, double *sum, tm_error *err) {
     memory_merge *mm = user;
+    mm->t->model = *mm->model;
     return tm_model_pass_tensor(mm->m, mm->w, mm->t, pass, lists, sum, err);
 }
 
@@ -94,7 +96,7 @@ static tm_status merge(const tm_tensor_data *inputs, size_t n, const tm_tensor_d
         tm_method_tensor t = {.name = name, .n_inputs = n, .n = n, .input = input, .in = views,
                               .base = base ? &views[n] : NULL, .out_dtype = out_dtype, .numel = numel,
                               .params = w.params, .param_at = c.params.at, .memory = &w.memory};
-        memory_merge mm = {(uint8_t *)out, c.method, &w, &t};
+        memory_merge mm = {(uint8_t *)out, c.method, &w, &t, &c.model};
         st = tm_model_passes_run(&c, &c.model, model_pass, &mm, err);
         t.model = c.model;
         const tm_block_out sink = {next_block, put_block, &mm};

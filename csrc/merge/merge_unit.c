@@ -10,7 +10,32 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "merge/dequantize.h"
 #include "merge/kernel.h"
+
+/* The room the largest quantized unit's dequantized copies take: one per input and the base. */
+static tm_status dequantize_init(tm_merge_worker *w, const merge_ctx *c) {
+    if (!c->plan.dequantize) return TM_OK;
+    size_t most = 0;
+    for (size_t u = 0; u < c->plan.n_units; u++) {
+        const tm_unit *un = &c->plan.units[u];
+        for (size_t i = 0; i <= c->n; i++) {
+            tm_checkpoint *ck = i < c->n ? c->in[i] : c->base;
+            int64_t idx = i < c->n ? tm_plan_where(&c->plan, un->keys[0], i)
+                                   : (c->base ? c->plan.base_where[un->keys[0]] : -1);
+            if (!ck || idx < 0) continue;
+            tm_tensor_info t = tm_merge_tensor(ck, idx);
+            if (t.qscheme != TM_QSCHEME_NONE && t.numel > most) most = (size_t)t.numel;
+        }
+    }
+    if (!most) return TM_OK;
+    size_t slots = c->n + 1;
+    if (most > SIZE_MAX / sizeof(double) / slots) return TM_ERROR_NOMEM;
+    w->deq = malloc(slots * most * sizeof *w->deq);
+    w->deq_stride = malloc(slots * sizeof *w->deq_stride);
+    w->deq_elems = most;
+    return w->deq && w->deq_stride ? TM_OK : TM_ERROR_NOMEM;
+}
 
 tm_status tm_merge_worker_init(tm_merge_worker *w, const merge_ctx *c) {
     memset(w, 0, sizeof *w);
@@ -28,8 +53,8 @@ tm_status tm_merge_worker_init(tm_merge_worker *w, const merge_ctx *c) {
                    (w->xr_coef = malloc((n + 1) * sizeof *w->xr_coef)) &&
                    (w->xr_views = malloc((n + 1) * sizeof *w->xr_views))))
         return TM_ERROR_NOMEM;
-    return w->acc && w->params && w->state && w->views && w->shape1 && w->stride1 && w->input ? TM_OK
-                                                                                             : TM_ERROR_NOMEM;
+    if (!(w->acc && w->params && w->state && w->views && w->shape1 && w->stride1 && w->input)) return TM_ERROR_NOMEM;
+    return dequantize_init(w, c);
 }
 
 void tm_merge_worker_free(tm_merge_worker *w) {
@@ -45,6 +70,8 @@ void tm_merge_worker_free(tm_merge_worker *w) {
     free(w->xr_prev);
     free(w->xr_coef);
     free(w->xr_views);
+    free(w->deq);
+    free(w->deq_stride);
     memset(w, 0, sizeof *w);
 }
 
@@ -69,10 +96,23 @@ tm_status tm_merge_method(merge_ctx *c, tm_error *err) {
     return tm_param_values_resolve(m, c->o->params, c->o->n_params, c->n, &c->params, err);
 }
 
-/* A view of unit u in ck, whose tensor idx holds its first key (the whole storage, or the tensor). */
-static tm_view unit_view(tm_checkpoint *ck, int64_t idx, const tm_unit *u, int64_t *shape1, int64_t *stride1) {
+/* A view of unit u in ck, whose tensor idx holds its first key (the whole storage, or the tensor);
+ * a quantized tensor's is a float64 view of its real values in w's slot (never a whole storage:
+ * plan.c). */
+static tm_view unit_view(tm_merge_worker *w, size_t slot, tm_checkpoint *ck, int64_t idx, const tm_unit *u,
+                         int64_t *shape1, int64_t *stride1) {
     tm_tensor_info t = tm_merge_tensor(ck, idx);
     tm_view v = {(const uint8_t *)t.storage_data, t.dtype, t.ndim, t.shape, t.stride, t.storage_offset};
+    if (t.qscheme != TM_QSCHEME_NONE) {
+        double *values = w->deq + slot * w->deq_elems;
+        tm_dequantize(&t, values);
+        int64_t s = 1;
+        for (int d = t.ndim - 1; d >= 0; d--) {
+            w->deq_stride[slot][d] = s;
+            s *= t.shape[d] > 1 ? t.shape[d] : 1;
+        }
+        v = (tm_view){(const uint8_t *)values, TM_FLOAT64, t.ndim, t.shape, w->deq_stride[slot], 0};
+    }
     if (u->whole_storage) {
         shape1[0] = (int64_t)(t.storage_nbytes / tm_dtype_size(t.dtype));
         stride1[0] = 1;
@@ -107,13 +147,14 @@ void tm_merge_unit_tensor(const merge_ctx *c, tm_merge_worker *w, const tm_unit 
                             .masks = c->masks, .unit_index = (uint64_t)(u - c->plan.units)};
     for (size_t i = 0; i < c->n; i++) {
         if (tm_plan_where(&c->plan, u->keys[0], i) < 0) continue;
-        w->views[t->n] = unit_view(c->in[i], tm_plan_where(&c->plan, u->keys[0], i), u, &w->shape1[t->n],
+        w->views[t->n] = unit_view(w, t->n, c->in[i], tm_plan_where(&c->plan, u->keys[0], i), u, &w->shape1[t->n],
                                    &w->stride1[t->n]);
         w->input[t->n++] = i;
     }
     /* The base view right after the inputs' (in[n]), so a kernel can take both as one array. */
     if (c->base) {
-        w->views[t->n] = unit_view(c->base, c->plan.base_where[u->keys[0]], u, &w->shape1[t->n], &w->stride1[t->n]);
+        w->views[t->n] = unit_view(w, t->n, c->base, c->plan.base_where[u->keys[0]], u, &w->shape1[t->n],
+                                   &w->stride1[t->n]);
         t->base = &w->views[t->n];
     }
     if (u->floating) tensor_params(c, t->name, w->params);

@@ -21,6 +21,12 @@ typedef struct tm_merge_worker {
     tm_view *views;       /* one per input, and their 1-d shapes/strides for whole storages */
     int64_t *shape1, *stride1;
     size_t *input;
+    /* Quantized inputs with dequantize: their real values (a float64 copy of each input's and the
+     * base's tensor, deq_elems apiece, sized at init for the largest quantized unit) and the
+     * contiguous strides of those copies. NULL when the merge has none. */
+    double *deq;
+    size_t deq_elems;
+    int64_t (*deq_stride)[TM_MAX_NDIM];
     double merge_seconds; /* in the arithmetic only, not waiting for a free block */
     const tm_cross_rank *xr; /* a merge across hosts (cross_rank.h), or NULL */
     double *xr_sums, *xr_prev, *xr_coef; /* then a block's float64 (complex128) sums, the other ranks'

@@ -48,6 +48,7 @@ typedef struct tm_param_decl {
     int min_exclusive, max_exclusive;
     const char *choices;       /* "sum|count" for TM_PARAM_CHOICE */
     const char *help;
+    const char *fusionbench_default; /* FusionBench's default where it differs (FusionBench-shaped recipes), or NULL */
 } tm_param_decl;
 
 /* A method's parameters resolved for a merge of n_inputs inputs: every parameter has values,
@@ -127,10 +128,15 @@ typedef struct tm_method {
     /* Optional model-wide passes before any tensor is written. Pass p calls model_reduce on
      * every block of every floating tensor (after its prepare; tensors in any order and thread),
      * adding into sum, a zeroed model_state doubles of the thread's (so only counts and sums:
-     * the engine adds the threads' up), and appending values with tm_method_collect; then
+     * the engine adds the threads' up; t->model is the model state so far), and appending values
+     * with tm_method_collect; then
      * model_end(model, sum, lists) updates the model state (zeroed before pass 0) and sets
      * *again for another pass. Tensors are then merged with t->model = model. */
     size_t model_state;
+    size_t model_state_per_input; /* more model state doubles, per input of the merge */
+    /* Optional: 0 when these resolved parameters need no model-wide passes (e.g. TIES trimmed per
+     * tensor): the passes are skipped and t->model is NULL. */
+    int (*wants_model_passes)(const tm_param_values *p);
     void (*model_reduce)(const tm_method_tensor *t, const double *state, unsigned pass, uint64_t begin, size_t count,
                          double *sum, double *scratch);
     tm_status (*model_end)(const tm_param_values *p, double *model, const double *sum, const tm_model_lists *lists,

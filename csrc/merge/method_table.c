@@ -15,8 +15,15 @@ static const tm_method *const table[] = {
     &tm_method_simple_average,
     &tm_method_weighted_average,
     &tm_method_task_arithmetic,
+    &tm_method_ties,
     &tm_method_dare_linear,
+    &tm_method_dare_ties,
+    &tm_method_breadcrumbs,
+    &tm_method_breadcrumbs_ties,
+    &tm_method_della,
+    &tm_method_della_linear,
     &tm_method_slerp,
+    &tm_method_model_stock,
 };
 
 size_t tm_methods_count(void) { return sizeof table / sizeof *table; }

@@ -101,10 +101,13 @@ static void free_lists(tm_model_lists *ls) {
     pthread_mutex_destroy(&ls->mu);
 }
 
+/* Doubles of the method's model state for this merge. */
+static size_t model_size(const merge_ctx *c) { return c->method->model_state + c->method->model_state_per_input * c->n; }
+
 /* One pass over the planned model on the merging threads; sums added into sum. */
 static tm_status one_pass(void *user, unsigned pass, tm_model_lists *lists, double *sum, tm_error *err) {
     merge_ctx *c = user;
-    const size_t n_threads = tm_pipeline_threads(c->plan.n_units), size = c->method->model_state;
+    const size_t n_threads = tm_pipeline_threads(c->plan.n_units), size = model_size(c);
     pass_thread th[8];
     pthread_t ids[8];
     int started[8] = {0};
@@ -136,9 +139,10 @@ tm_status tm_model_passes_run(const merge_ctx *c, double **model, tm_model_pass_
                               tm_error *err) {
     const tm_method *m = c->method;
     *model = NULL;
-    if (!m->model_reduce) return TM_OK;
-    *model = calloc(m->model_state + 1, sizeof **model);
-    double *sum = calloc(m->model_state + 1, sizeof *sum);
+    if (!m->model_reduce || (m->wants_model_passes && !m->wants_model_passes(&c->params))) return TM_OK;
+    const size_t size = model_size(c);
+    *model = calloc(size + 1, sizeof **model);
+    double *sum = calloc(size + 1, sizeof *sum);
     tm_status st = *model && sum ? TM_OK : tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
     int again = 1;
     for (unsigned pass = 0; again && !st; pass++) {
@@ -146,7 +150,7 @@ tm_status tm_model_passes_run(const merge_ctx *c, double **model, tm_model_pass_
         pthread_mutex_init(&lists.mu, NULL);
         lists.l = calloc(c->n, sizeof *lists.l);
         if (!lists.l) st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
-        memset(sum, 0, m->model_state * sizeof *sum);
+        memset(sum, 0, size * sizeof *sum);
         if (!st) st = pass_fn(user, pass, &lists, sum, err);
         if (!st && lists.nomem)
             st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory (the model-wide pass of %s)", m->name);

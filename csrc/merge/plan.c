@@ -124,10 +124,26 @@ static void shape_text(const tm_tensor_info *t, char *buf, size_t cap) {
 
 static int is_complex(tm_dtype d) { return d == TM_COMPLEX64 || d == TM_COMPLEX128; }
 
+/* Merged as real values: floating tensors, and quantized ones when dequantizing. */
+static int merged_as_real(tm_dtype d, int dequantize) {
+    return tm_dtype_is_floating(d) || (dequantize && tm_dtype_is_quantized(d));
+}
+
+/* Quantized tensors are merged only on request (--dequantize): their integers are not the
+ * values, and the merge of real values can only be written as floats. */
+static tm_status check_quantized(const tm_tensor_info *t, const char *path, const char *key, int dequantize,
+                                 tm_error *err) {
+    if (!tm_dtype_is_quantized(t->dtype) || dequantize) return TM_OK;
+    return tm_error_set(err, TM_ERROR_UNSUPPORTED,
+                        "%s: tensor '%s': quantized (%s, %s); merge with --dequantize (dequantize: true in a "
+                        "recipe) to merge its real values and write float32",
+                        path, key, tm_dtype_name(t->dtype), tm_qscheme_name(t->qscheme));
+}
+
 /* b (key in file b_path) can be merged with a (in a_path): same shape, both floating (or both
  * complex) or both not. */
 static tm_status compare(const tm_tensor_info *a, const char *a_path, const tm_tensor_info *b, const char *b_path,
-                         const char *key, tm_error *err) {
+                         const char *key, int dequantize, tm_error *err) {
     int same = a->ndim == b->ndim;
     for (int d = 0; same && d < a->ndim; d++) same = a->shape[d] == b->shape[d];
     if (!same) {
@@ -137,7 +153,8 @@ static tm_status compare(const tm_tensor_info *a, const char *a_path, const tm_t
         return tm_error_set(err, TM_ERROR_MISMATCH, "%s: tensor '%s': shape %s differs from %s's %s", b_path, key, sb,
                             a_path, sa);
     }
-    if (tm_dtype_is_floating(a->dtype) != tm_dtype_is_floating(b->dtype) || is_complex(a->dtype) != is_complex(b->dtype))
+    if (merged_as_real(a->dtype, dequantize) != merged_as_real(b->dtype, dequantize) ||
+        is_complex(a->dtype) != is_complex(b->dtype))
         return tm_error_set(err, TM_ERROR_MISMATCH, "%s: tensor '%s': dtype %s cannot be averaged with %s's %s", b_path,
                             key, tm_dtype_name(b->dtype), a_path, tm_dtype_name(a->dtype));
     return TM_OK;
@@ -151,8 +168,10 @@ static tm_status check_compatible(const tm_plan *p, tm_checkpoint *const *in, tm
             int64_t idx = tm_plan_where(p, k, i);
             if (idx < 0) continue;
             tm_tensor_info b = info_of(in[i], idx);
+            tm_status st = check_quantized(&b, tm_checkpoint_path(in[i]), p->keys[k], p->dequantize, err);
+            if (st) return st;
             if (ref < 0) { ref = (int64_t)i; a = b; continue; }
-            tm_status st = compare(&a, tm_checkpoint_path(in[ref]), &b, tm_checkpoint_path(in[i]), p->keys[k], err);
+            st = compare(&a, tm_checkpoint_path(in[ref]), &b, tm_checkpoint_path(in[i]), p->keys[k], p->dequantize, err);
             if (st) return st;
         }
     }
@@ -160,6 +179,7 @@ static tm_status check_compatible(const tm_plan *p, tm_checkpoint *const *in, tm
 }
 
 static tm_dtype output_dtype(tm_dtype first, const tm_merge_options *o) {
+    if (tm_dtype_is_quantized(first)) return o->has_dtype ? o->dtype : TM_FLOAT32; /* dequantized */
     if (!tm_dtype_is_floating(first) || !o->has_dtype || is_complex(first)) return first;
     return o->dtype;
 }
@@ -192,6 +212,8 @@ static int shared_identically(const tm_plan *p, tm_checkpoint *const *in, size_t
             int64_t idx = tm_plan_where(p, group[g], i);
             if (idx < 0) return 0;
             tm_tensor_info t = info_of(in[i], idx), r = info_of(in[0], tm_plan_where(p, group[g], 0));
+            /* A quantized storage's values depend on each view's own scale and zero point. */
+            if (tm_dtype_is_quantized(t.dtype) || tm_dtype_is_quantized(r.dtype)) return 0;
             uint64_t sn = t.storage_nbytes / tm_dtype_size(t.dtype);
             if (g == 0) { sid = t.storage_id; dt = t.dtype; snumel = sn; }
             else if (t.storage_id != sid || t.dtype != dt || sn != snumel) return 0;
@@ -294,7 +316,7 @@ static tm_status plan_units(tm_plan *p, tm_checkpoint *const *in, const tm_merge
         size_t i = 0;
         while (tm_plan_where(p, group[0], i) < 0) i++;
         tm_tensor_info r = info_of(in[i], tm_plan_where(p, group[0], i));
-        u->floating = tm_dtype_is_floating(r.dtype);
+        u->floating = merged_as_real(r.dtype, p->dequantize);
         u->out_dtype = output_dtype(r.dtype, o);
         if (!(u->keys = malloc(ng * sizeof *u->keys))) {
             st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
@@ -321,6 +343,7 @@ tm_status tm_plan_build(tm_plan *plan, tm_checkpoint *const *inputs, size_t n,
                         const tm_merge_options *opts, int split_shared, tm_error *err) {
     memset(plan, 0, sizeof *plan);
     plan->n_inputs = n;
+    plan->dequantize = opts->dequantize != 0;
     tm_status st = plan_keys(plan, inputs, n, opts, err);
     if (!st) st = check_compatible(plan, inputs, err);
     if (!st) st = plan_units(plan, inputs, opts, split_shared, err);
@@ -347,7 +370,8 @@ tm_status tm_plan_check_base(tm_plan *p, tm_checkpoint *const *in, tm_checkpoint
                                 p->keys[k]);
         size_t i;
         tm_tensor_info a = first_holder(p, in, k, &i), b = info_of(base, idx);
-        tm_status st = compare(&a, tm_checkpoint_path(in[i]), &b, bp, p->keys[k], err);
+        tm_status st = check_quantized(&b, bp, p->keys[k], p->dequantize, err);
+        if (!st) st = compare(&a, tm_checkpoint_path(in[i]), &b, bp, p->keys[k], p->dequantize, err);
         if (st) return st;
     }
     /* A storage merged whole (tied weights, views) must be laid out the same way in the base. */

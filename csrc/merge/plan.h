@@ -31,6 +31,7 @@ typedef struct tm_plan {
                           tensor as (tied weights), written once; -1 otherwise */
     size_t *unit_of;   /* unit_of[k]: the unit writing key k; SIZE_MAX for aliases */
     int64_t *base_where; /* with a base model: base_where[k], key k's tensor index in it */
+    int dequantize;    /* tm_merge_options.dequantize: quantized tensors merge as real values */
 } tm_plan;
 
 /* split_shared: the output format cannot share storages (safetensors): tensors sharing a storage

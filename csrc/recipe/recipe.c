@@ -32,6 +32,7 @@ typedef struct ictx {
     tm_error *err;
     void (*warn)(void *, const char *);
     void *warn_user;
+    int fusionbench; /* the method is named FusionBench's way (name:, method:, _target_), not merge_method: */
     int in_slices; /* parsing mergekit slices' sources: layer_range is theirs */
 } ictx;
 
@@ -635,6 +636,114 @@ static const tm_rnode *get_param(const tm_rnode *map, const tm_param_decl *d, co
     return NULL;
 }
 
+/* ---- FusionBench's ways of writing parameters ------------------------------------------------- */
+
+/* FusionBench writes some parameters its own way. By parameter name, so that every method with
+ * such a parameter (dare_linear, dare_ties; ties) takes them:
+ *   a key giving a parameter through a function: DARE's sparsity_ratio = 1 − density; TIES'
+ *   threshold, the kept share in percent (density = threshold / 100 when above 1, else as is:
+ *   FusionBench's topk_values_mask);
+ *   a boolean for a choice: DARE's rescale, true = ÷ density in FusionBench (÷ (1 − sparsity_ratio))
+ *   but mergekit's L1-norm rescale in a mergekit config, false = none. */
+static double complement(double v) { return 1 - v; }
+static double percent(double v) { return v > 1 ? v / 100 : v; }
+static const struct {
+    const char *key, *param;
+    double (*to)(double);
+    double lo, hi;          /* the key's range: [lo, hi) for the complement, (lo, hi] for percent */
+    const char *meaning;    /* "1 - density" */
+} complements[] = {{"sparsity_ratio", "density", complement, 0, 1, "= 1 - density"},
+                   {"threshold", "density", percent, 0, 100, "= density, in percent when above 1"}};
+static const struct {
+    const char *param, *fusionbench_true, *mergekit_true, *if_false;
+} bool_choices[] = {{"rescale", "inverse", "l1", "none"}};
+
+/* The text a choice parameter gets for the scalar n: a boolean mapped by bool_choices, else n's. */
+static const char *choice_text(const ictx *c, const tm_param_decl *d, const tm_rnode *n) {
+    for (size_t k = 0; d->kind == TM_PARAM_CHOICE && n->plain && k < sizeof bool_choices / sizeof *bool_choices; k++) {
+        if (strcmp(d->name, bool_choices[k].param) != 0) continue;
+        if (!strcasecmp(n->text, "true")) return c->fusionbench ? bool_choices[k].fusionbench_true : bool_choices[k].mergekit_true;
+        if (!strcasecmp(n->text, "false")) return bool_choices[k].if_false;
+    }
+    return n->text;
+}
+
+/* Parameter j given as its complement (sparsity_ratio for density) at the top or under method:,
+ * into the merge's parameters; found: j's node when also given under its own name (an error). */
+static tm_status parse_complement(ictx *c, size_t j, const tm_rnode *root, const tm_rnode *method_map,
+                                  const tm_rnode *found) {
+    tm_recipe *r = c->r;
+    const tm_param_decl *d = &r->method->params[j];
+    for (size_t k = 0; k < sizeof complements / sizeof *complements; k++) {
+        if (strcmp(d->name, complements[k].param) != 0) continue;
+        const char *key = complements[k].key;
+        char p0[80], p1[80];
+        snprintf(p0, sizeof p0, "as %s", key);
+        snprintf(p1, sizeof p1, "as method.%s", key);
+        const tm_rnode *cand[2] = {tm_rnode_get(root, key), method_map ? tm_rnode_get(method_map, key) : NULL}, *n;
+        const char *const places[2] = {p0, p1};
+        tm_status st = choose(c, key, cand, places, 2, &n);
+        if (st) return st;
+        if (!n) continue;
+        if (found)
+            return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "give %s or %s (%s), not both", d->name, key,
+                        complements[k].meaning);
+        double v;
+        if ((st = get_number(c, n, key, &v))) return st;
+        const double x = complements[k].to(v);
+        if (!(x > 0 && x <= 1) || !(v >= complements[k].lo && v <= complements[k].hi))
+            return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s: %g gives %s %g, outside (0, 1] (%s %s)", key, v, d->name,
+                        x, key, complements[k].meaning);
+        if (!(r->numbers[j] = calloc(1, sizeof *r->numbers[j]))) return oom(c);
+        r->numbers[j][0] = x;
+        r->params[r->n_params++] = (tm_param){d->name, NULL, r->numbers[j], 1};
+        return TM_OK;
+    }
+    return TM_OK;
+}
+
+/* FusionBench's settings that are not parameters of ours: refused unless they mean what
+ * torchmerge does (only_on_linear_weights: false, an empty ignore_keys), or warned about
+ * (where FusionBench saves its model: torchmerge writes output:). */
+static tm_status check_fusionbench_settings(ictx *c, const tm_rnode *root, const tm_rnode *method_map) {
+    const tm_method *m = c->r->method;
+    for (int w = 0; w < 2; w++) {
+        const tm_rnode *map = w ? method_map : root;
+        for (size_t i = 0; map && i < map->n; i++) {
+            const char *key = map->keys[i]->text;
+            const tm_rnode *v = map->items[i];
+            for (size_t k = 0; k < sizeof complements / sizeof *complements; k++)
+                if (!strcmp(key, complements[k].key) && !is_null(v) && tm_method_param_index(m, complements[k].param, 0) < 0)
+                    return ierr(c, TM_ERROR_INVALID_ARGUMENT, v, "%s takes no %s (%s %s)", m->name, key, key,
+                                complements[k].meaning);
+            if (!strcmp(key, "only_on_linear_weights") && !is_null(v)) {
+                if (tm_method_param_index(m, "density", 0) < 0)
+                    return ierr(c, TM_ERROR_INVALID_ARGUMENT, v, "%s takes no only_on_linear_weights", m->name);
+                tm_status st = want_scalar(c, v, key);
+                if (st) return st;
+                if (!strcasecmp(v->text, "false")) continue;
+                if (!strcasecmp(v->text, "true"))
+                    return ierr(c, TM_ERROR_UNSUPPORTED, v,
+                                "only_on_linear_weights: true is not supported (torchmerge drops elements of every "
+                                "floating tensor, FusionBench's false); set it to false");
+                return ierr(c, TM_ERROR_INVALID_ARGUMENT, v, "only_on_linear_weights: expected true or false, got '%s'",
+                            v->text);
+            }
+            if (!strcmp(key, "ignore_keys") && !is_null(v) && !(v->kind == TM_RNODE_SEQ && v->n == 0))
+                return ierr(c, TM_ERROR_UNSUPPORTED, v,
+                            "ignore_keys: not supported (FusionBench gives those tensors the plain average of the "
+                            "models); give an empty list");
+            if (!strcmp(key, "remove_keys") && !is_null(v) && !(v->kind == TM_RNODE_SEQ && v->n == 0))
+                return ierr(c, TM_ERROR_UNSUPPORTED, v,
+                            "remove_keys: not supported (FusionBench leaves those tensors out of the flattened task "
+                            "vectors, for tied weights); give an empty list");
+            if ((!strcmp(key, "model_save_path") || !strcmp(key, "model_save_kwargs")) && !is_null(v))
+                iwarn(c, map->keys[i], "ignored '%s' (FusionBench's saving setting: torchmerge writes output:)", key);
+        }
+    }
+    return TM_OK;
+}
+
 /* Parameter j given merge-wide (top level, method:, or mergekit's parameters:). */
 static tm_status parse_global_param(ictx *c, size_t j, const tm_rnode *root, const tm_rnode *method_map,
                                     const tm_rnode *params, const tm_rnode **list) {
@@ -654,6 +763,7 @@ static tm_status parse_global_param(ictx *c, size_t j, const tm_rnode *root, con
     size_t at = 0;
     tm_status st = choose_at(c, d->name, cand, places, 3, &n, &at);
     *list = NULL;
+    if (!st) st = parse_complement(c, j, root, method_map, n);
     if (st || !n) return st;
     if (is_missing_marker(n))
         return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "%s is mandatory ('?\?\?'): give it in the recipe or as method.%s=%s",
@@ -694,8 +804,9 @@ static tm_status parse_global_param(ictx *c, size_t j, const tm_rnode *root, con
     double v;
     size_t count;
     tm_error e = {0};
-    if (tm_param_parse_text(d, n->text, &v, 1, &count, &e)) return ierr(c, e.status, n, "%s", e.msg);
-    r->params[r->n_params++] = (tm_param){d->name, n->text, NULL, 0};
+    const char *text = choice_text(c, d, n);
+    if (tm_param_parse_text(d, text, &v, 1, &count, &e)) return ierr(c, e.status, n, "%s", e.msg);
+    r->params[r->n_params++] = (tm_param){d->name, text, NULL, 0};
     return TM_OK;
 }
 
@@ -785,6 +896,13 @@ static tm_status check_method_params(ictx *c, const tm_rnode *root, const tm_rno
             setting_default(&r->defaults[j], r->numbers[j]);
             r->params[r->n_params++] = (tm_param){d->name, NULL, r->numbers[j], 1};
         }
+    }
+    /* A FusionBench-shaped recipe gets FusionBench's default where it differs from mergekit's. */
+    for (size_t j = 0; c->fusionbench && j < r->method->n_params; j++) {
+        const tm_param_decl *d = &r->method->params[j];
+        int given = 0;
+        for (size_t k = 0; k < r->n_params && !given; k++) given = !strcmp(r->params[k].name, d->name);
+        if (!given && d->fusionbench_default) r->params[r->n_params++] = (tm_param){d->name, d->fusionbench_default, NULL, 0};
     }
     /* The method's own checks (required parameters, weights that sum to 0, ...), located at the
      * parameter the message names, else at the method's name. */
@@ -1052,8 +1170,10 @@ static tm_status interpret_keys(ictx *c, const tm_rnode *root, const char *const
     size_t name_at = 0;
     {
         const tm_rnode *root_target = tm_rnode_get(root, "_target_");
-        if (root_target && (root_target->kind != TM_RNODE_SCALAR || strlen(root_target->text) < 9 ||
-                            strcmp(root_target->text + strlen(root_target->text) - 9, "Algorithm") != 0))
+        if (root_target && (root_target->kind != TM_RNODE_SCALAR ||
+                            ((strlen(root_target->text) < 9 ||
+                              strcmp(root_target->text + strlen(root_target->text) - 9, "Algorithm") != 0) &&
+                             strncmp(root_target->text, "fusion_bench.method.", 20) != 0)))
             root_target = NULL;
         const tm_rnode *cand[5] = {tm_rnode_get(root, "name"),
                                    method_map ? tm_rnode_get(method_map, "name") : method_name,
@@ -1066,6 +1186,7 @@ static tm_status interpret_keys(ictx *c, const tm_rnode *root, const char *const
     }
     if (name && (st = name_at >= 3 ? method_from_target(c, name, &r->method) : method_from_name(c, name, &r->method)))
         return st;
+    c->fusionbench = !(name && name_at == 2);
 
     /* models */
     const tm_rnode *models;
@@ -1093,6 +1214,7 @@ static tm_status interpret_keys(ictx *c, const tm_rnode *root, const char *const
         if ((st = drop_base_from_models(c, root))) return st;
     }
     if ((st = parse_method_params(c, root, method_map, params, name))) return st;
+    if ((st = check_fusionbench_settings(c, root, method_map))) return st;
     if ((st = parse_base(c, root, models, name))) return st;
 
     /* everything else */
@@ -1108,6 +1230,12 @@ static tm_status interpret_keys(ictx *c, const tm_rnode *root, const char *const
         const char *s = NULL;
         if ((st = get_string(c, n, "masks_out", &s))) return st;
         if (!(r->masks_out = dup_s(s))) return oom(c); /* where the command runs, as output */
+    }
+    if (!is_null(n = tm_rnode_get(root, "dequantize"))) { /* --dequantize: merge quantized tensors' real values */
+        if ((st = want_scalar(c, n, "dequantize"))) return st;
+        if (!n->plain || (strcmp(n->text, "true") && strcmp(n->text, "false")))
+            return ierr(c, TM_ERROR_INVALID_ARGUMENT, n, "dequantize: expected true or false, got '%s'", n->text);
+        r->dequantize = strcmp(n->text, "true") == 0;
     }
     if (!is_null(n = tm_rnode_get(root, "format"))) {
         const char *s = NULL;
@@ -1151,17 +1279,19 @@ static tm_status interpret_keys(ictx *c, const tm_rnode *root, const char *const
 }
 
 /* The recipe as a whole, with the keys allowed at each place. */
+/* FusionBench method settings at the top or under method: (check_fusionbench_settings). */
+#define FUSIONBENCH_KEYS "sparsity_ratio", "threshold", "remove_keys", "only_on_linear_weights", "ignore_keys", "model_save_path", "model_save_kwargs"
 static tm_status interpret(ictx *c) {
     const tm_rnode *root = c->r->doc.root;
     tm_status st;
     static const char *const fixed_keys[] = {"name", "method", "merge_method", "models", "modelpool", "parameters",
                                              "output", "format", "dtype", "out_dtype", "keys", "key", "template",
                                              "max_shard_size", "include", "exclude", "base_model", "masks_out", "slices",
-                                             "distributed", NULL};
+                                             "dequantize", "distributed", FUSIONBENCH_KEYS, NULL};
     static const char *const mergekit_ignored[] = {"tokenizer_source", "tokenizer", "chat_template", NULL};
     /* Parameter names of every method are known keys here; one the chosen method lacks is
      * refused once the method is known ("simple_average takes no weights"). */
-    static const char *const name_key[] = {"name", NULL};
+    static const char *const name_key[] = {"name", FUSIONBENCH_KEYS, NULL};
     const char **top_keys = known_keys(fixed_keys, 0), **method_keys = known_keys(name_key, 0),
                **param_keys = known_keys(NULL, 0);
     st = top_keys && method_keys && param_keys ? TM_OK : oom(c);
@@ -1293,7 +1423,7 @@ static tm_status make_text(ictx *c, const char *const *overrides, size_t n_overr
 tm_status tm_recipe_load(tm_recipe *r, const char *recipe, int is_path, const char *const *overrides,
                          size_t n_overrides, void (*warn)(void *, const char *), void *warn_user, tm_error *err) {
     memset(r, 0, sizeof *r);
-    ictx c = {r, err, warn, warn_user, 0};
+    ictx c = {r, err, warn, warn_user, 0, 0};
     tm_status st = tm_rdoc_parse(&r->doc, recipe, is_path, err);
     if (!st && n_overrides && !overrides) st = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "overrides is NULL");
     for (size_t i = 0; i < n_overrides && !st; i++) st = tm_rdoc_override(&r->doc, overrides[i], err);
@@ -1346,6 +1476,7 @@ void tm_recipe_merge_options(tm_recipe *r, const tm_merge_options *base, tm_merg
     o->template_path = r->template_path;
     o->base = r->base;
     o->masks_out = r->masks_out;
+    o->dequantize = r->dequantize;
     o->has_dtype = r->has_dtype;
     if (r->has_dtype) o->dtype = r->out_dtype;
     o->keys = r->keys;
@@ -1435,7 +1566,7 @@ tm_status tm_merge_recipe(const char *recipe, int is_path, const char *const *ov
     tm_recipe_merge_options(&r, base, &o);
     st = tm_merge_files(paths, r.n_models, r.output, &o); /* publishes its own error */
     if (!st) {
-        ictx c = {&r, &err, o.warning, o.warning_user, 0};
+        ictx c = {&r, &err, o.warning, o.warning_user, 0, 0};
         warn_unmatched(&c);
     }
     free(paths);

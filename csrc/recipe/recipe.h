@@ -133,6 +133,7 @@ typedef struct tm_recipe {
     char *base;                 /* the base model, resolved, for methods that need one; or NULL */
     char *masks_out;            /* masks_out: the keep-masks file (as given: relative to where the command runs), or NULL */
     uint64_t max_shard_size;
+    int dequantize;             /* dequantize: true (tm_merge_options.dequantize) */
     tm_recipe_pattern *include, *exclude;
     size_t n_include, n_exclude;
     char *text;                 /* the effective recipe, re-emitted as YAML */

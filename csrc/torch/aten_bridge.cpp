@@ -19,6 +19,9 @@ at::ScalarType to_scalar_type(tm_dtype dtype) {
     case TM_INT8: return at::kChar;
     case TM_UINT8: return at::kByte;
     case TM_BOOL: return at::kBool;
+    case TM_QINT8: return at::kQInt8;
+    case TM_QUINT8: return at::kQUInt8;
+    case TM_QINT32: return at::kQInt32;
     default: fail(TM_ERROR_INTERNAL, "unknown dtype " + std::to_string(int(dtype)));
     }
 }
@@ -32,7 +35,33 @@ bool from_scalar_type(at::ScalarType st, tm_dtype *out) {
     return false;
 }
 
+namespace {
+
+// The integers of a quantized tensor as a plain integer tensor (int8, uint8, int32).
+tm_dtype int_repr_dtype(tm_dtype d) { return d == TM_QINT8 ? TM_INT8 : d == TM_QUINT8 ? TM_UINT8 : TM_INT32; }
+
+// A quantized tensor as torch.load returns it: its integers (a contiguous copy) with its scale
+// and zero point, per tensor or per channel.
+at::Tensor quantized_of(const tm_tensor_info &info) {
+    tm_tensor_info ints = info;
+    ints.dtype = int_repr_dtype(info.dtype);
+    ints.qscheme = TM_QSCHEME_NONE;
+    at::Tensor q = view_of(ints).contiguous();
+    if (info.qscheme == TM_QSCHEME_PER_TENSOR_AFFINE)
+        return at::_make_per_tensor_quantized_tensor(q, info.q_scale, info.q_zero_point);
+    int64_t n = info.shape[info.q_axis];
+    at::Tensor scales = at::from_blob(const_cast<double *>(info.q_scales), {n}, at::kDouble).clone();
+    at::Tensor zeros = at::from_blob(const_cast<double *>(info.q_zero_points), {n}, at::kDouble).clone();
+    if (info.qscheme == TM_QSCHEME_PER_CHANNEL_AFFINE)
+        return at::_make_per_channel_quantized_tensor(q, scales, zeros.to(at::kLong), info.q_axis);
+    // float qparams: torch keeps float32 scales and zero points
+    return at::_make_per_channel_quantized_tensor(q, scales.to(at::kFloat), zeros.to(at::kFloat), info.q_axis);
+}
+
+}  // namespace
+
 at::Tensor view_of(const tm_tensor_info &info) {
+    if (info.qscheme != TM_QSCHEME_NONE) return quantized_of(info);
     auto opts = at::TensorOptions().dtype(to_scalar_type(info.dtype)).device(at::kCPU);
     const auto *base = static_cast<const uint8_t *>(info.storage_data);
     std::vector<int64_t> shape(info.shape, info.shape + info.ndim);

@@ -72,7 +72,9 @@ tm_status sd_load(const char *path, const tm_open_options *opts, tm_state_dict *
         try {
             for (size_t i = 0; i < tm_checkpoint_n_tensors(ck); i++) {
                 tm_tensor_info info = tm_checkpoint_info(ck, i);
-                insert(*sd, info.name, view_of(info).clone(at::MemoryFormat::Contiguous));
+                at::Tensor t = view_of(info);
+                // a quantized tensor is already a contiguous copy (and float_qparams cannot be cloned)
+                insert(*sd, info.name, info.qscheme != TM_QSCHEME_NONE ? t : t.clone(at::MemoryFormat::Contiguous));
             }
         } catch (...) {
             tm_checkpoint_free(ck);
@@ -114,6 +116,16 @@ tm_status sd_tensor(const tm_state_dict *sd, size_t i, tm_tensor_info *out, tm_e
         out->nbytes = uint64_t(t.nbytes());
         out->storage_nbytes = out->nbytes;
         out->storage_id = int64_t(i);
+        out->qscheme = TM_QSCHEME_NONE;
+        if (t.is_quantized()) {
+            // The integers are described; per-channel parameters would need storage owned by sd.
+            if (t.qscheme() != at::kPerTensorAffine)
+                fail(TM_ERROR_UNSUPPORTED, "tm_state_dict_tensor: tensor '" + sd->names[i] +
+                                               "': per-channel quantized tensors are not described yet");
+            out->qscheme = TM_QSCHEME_PER_TENSOR_AFFINE;
+            out->q_scale = t.q_scale();
+            out->q_zero_point = t.q_zero_point();
+        }
     });
 }
 
@@ -182,6 +194,9 @@ tm_status sd_save(const tm_state_dict *sd, const char *path, tm_format format,
             const at::Tensor &t = sd->tensors[i];
             tm_dtype dt{};
             if (!from_scalar_type(t.scalar_type(), &dt)) fail(TM_ERROR_UNSUPPORTED, "unsupported dtype");
+            if (t.is_quantized())
+                fail(TM_ERROR_UNSUPPORTED, std::string(path) + ": tensor '" + sd->names[i] +
+                                               "': saving quantized tensors is not supported");
             keys[i] = std::to_string(i);
             out[i] = tm_pk_out_tensor{sd->names[i].c_str(), dt, int32_t(t.dim()), t.sizes().data(),
                                       t.strides().data(), 0, keys[i].c_str(), t.numel()};

@@ -515,7 +515,10 @@ CRAFTED = {
     "torchscript_code_but_bad_pickle": (lambda: ts_with_constants(H.PROTO2 + H.get(3) + H.STOP), ["memo"]),
     "unsupported_persistent_id": (lambda: H.torch_zip(H.PROTO2 + H.tup(H.s("module"), H.NONE) + H.BINPERSID + H.STOP),
                                   ["persistent id"]),
-    "storage_type_unknown": (lambda: one_tensor(4, 0, (4,), (1,), kind="QInt8Storage"), ["QInt8Storage"]),
+    "storage_type_unknown": (lambda: one_tensor(4, 0, (4,), (1,), kind="QUInt4x2Storage"), ["QUInt4x2Storage"]),
+    # quantized storages are read through _rebuild_qtensor only: a plain rebuild has no scale
+    "quantized_storage_plain_tensor": (lambda: one_tensor(4, 0, (4,), (1,), kind="QInt8Storage"),
+                                       ["plain tensor on a quantized storage"]),
     "protocol_6": (lambda: H.torch_zip(b"\x80\x06" + H.NONE + H.STOP), ["protocol"]),
 }
 

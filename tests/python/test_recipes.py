@@ -452,10 +452,10 @@ BAD_RECIPES = {
         """, ["recipe.yaml:3:", "invalid YAML"]),
     "tab_indent": ("name: simple_average\nmodels:\n\t- a.pt\n", ["recipe.yaml:3:1:", "invalid YAML"]),
     "unknown_method": ("""
-        name: ties_merging
+        name: fisher_merging
         models: [{A}, {B}]
         output: out.pt
-        """, ["recipe.yaml:1:7:", "unknown method 'ties_merging'"]),
+        """, ["recipe.yaml:1:7:", "unknown method 'fisher_merging'"]),
     "unknown_mergekit_method": ("""
         merge_method: passthrough
         models: [{A}, {B}]
@@ -481,7 +481,7 @@ BAD_RECIPES = {
           - model: {B}
             parameters: {{weight: 1}}
         output: out.pt
-        """, ["recipe.yaml:4:38:", "weighted_average takes no density (methods that do: dare_linear"]),
+        """, ["recipe.yaml:4:38:", "weighted_average takes no density (methods that do: ties, dare_linear"]),
     "unknown_model_parameter": ("""
         merge_method: linear
         models:

@@ -1,0 +1,304 @@
+#include "merge/methods/sparse.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "merge/hot.h"
+#include "merge/merge_ctx.h"
+#include "merge/methods/consensus.h"
+#include "merge/methods/ties_global.h"
+#include "merge/methods/weights.h"
+#include "merge/random.h"
+
+enum { MODE_NONE, MODE_SELECT, MODE_NORM, MODE_CUSTOM };
+
+static tm_sparse_header *header(double *state) { return (tm_sparse_header *)state; }
+static tm_sparse_input *inputs(double *state) { return (tm_sparse_input *)(state + TM_SPARSE_STATE_FIXED); }
+static const tm_sparse_header *cheader(const double *state) { return (const tm_sparse_header *)state; }
+static const tm_sparse_input *cinputs(const double *state) {
+    return (const tm_sparse_input *)(state + TM_SPARSE_STATE_FIXED);
+}
+
+/* The method memory: n rows of a block of doubles (the weighted δ' of each input for the
+ * consensus; row 0 is δ for the others), a block of keep bytes, then the selections' bytes, or
+ * a custom sparsification's (it has no selections). */
+static size_t rows_bytes(size_t n) { return (n ? n : 1) * TM_BLOCK_ELEMS * sizeof(double); }
+static size_t prefix_bytes(size_t n) { return rows_bytes(n) + TM_BLOCK_ELEMS; }
+static size_t custom_offset(size_t n) { return prefix_bytes(n); }
+
+static double param1(const tm_method_tensor *t, int p, double dflt) { return p < 0 ? dflt : tm_tensor_param1(t, (size_t)p); }
+
+/* Places each selection's bytes for its next pass after the prefix, reserves them, and clears
+ * the histograms. */
+static tm_status layout(const tm_sparse_method *s, const tm_method_tensor *t, tm_sparse_input *in, int first,
+                        tm_error *err) {
+    size_t off = prefix_bytes(t->n);
+    for (size_t j = 0; j < t->n; j++)
+        for (int q = 0; q < 2; q++) {
+            in[j].sel[q].offset = off;
+            off += (tm_topk_bytes(&in[j].sel[q]) + 7) & ~(size_t)7;
+        }
+    const size_t custom = s->sparsify == TM_SPARSIFY_CUSTOM ? (s->custom->bytes(t) + 7) & ~(size_t)7 : 0;
+    off += custom;
+    uint8_t *mem = tm_method_memory_reserve(t->memory, off);
+    if (!mem)
+        return tm_error_set(err, TM_ERROR_NOMEM, "tensor '%s': out of memory (%zu bytes for its selection)", t->name,
+                            off);
+    for (size_t j = 0; j < t->n; j++)
+        for (int q = 0; q < 2; q++)
+            if (in[j].sel[q].phase == TM_TOPK_HIST) memset(mem + in[j].sel[q].offset, 0, tm_topk_bytes(&in[j].sel[q]));
+    if (first && custom) memset(mem + custom_offset(t->n), 0, custom);
+    return TM_OK;
+}
+
+static int selecting(const tm_sparse_input *in, size_t n) {
+    for (size_t j = 0; j < n; j++)
+        if (in[j].sel[0].phase != TM_TOPK_DONE || in[j].sel[1].phase != TM_TOPK_DONE) return 1;
+    return 0;
+}
+
+/* The next reduce pass: the selections', then a custom sparsification's (which sums the norms
+ * too) or the norms' when rescale is l1, then none. */
+static int next_mode(const tm_sparse_method *s, const tm_sparse_header *h, const tm_sparse_input *in, size_t n) {
+    if (selecting(in, n)) return MODE_SELECT;
+    if (h->mode == MODE_NORM || h->mode == MODE_CUSTOM) return MODE_NONE;
+    if (s->sparsify == TM_SPARSIFY_CUSTOM) return MODE_CUSTOM;
+    return h->rescale == TM_RESCALE_L1 ? MODE_NORM : MODE_NONE;
+}
+
+int tm_sparse_agg(const tm_sparse_method *s, const double *params, const size_t *param_at) {
+    int agg = s->p_merge_func >= 0 ? (int)params[param_at[s->p_merge_func]] : TM_AGG_MEAN;
+    if (agg == TM_AGG_MEAN && s->p_normalize >= 0 && !params[param_at[s->p_normalize]]) agg = TM_AGG_SUM;
+    return agg;
+}
+
+tm_status tm_sparse_prepare(const tm_sparse_method *s, const tm_method_tensor *t, double *state, tm_error *err) {
+    const size_t n = t->n;
+    tm_sparse_header *h = header(state);
+    tm_sparse_input *in = inputs(state);
+    if (t->in[0].dtype == TM_COMPLEX64 || t->in[0].dtype == TM_COMPLEX128)
+        return tm_error_set(err, TM_ERROR_UNSUPPORTED, "tensor '%s': %s does not merge complex tensors", t->name,
+                            s->name);
+    memset(h, 0, sizeof *h);
+    h->lambda = param1(t, s->p_lambda, 1);
+    h->rescale = (int)param1(t, s->p_rescale, TM_RESCALE_NONE);
+    h->sign_rule = (int)param1(t, s->p_sign, TM_SIGN_SUM);
+    h->agg = tm_sparse_agg(s, t->params, t->param_at);
+    const int linear = s->consensus == TM_CONSENSUS_LINEAR;
+    double coef[n ? n : 1];
+    tm_status st = tm_method_weights(t, t->params + t->param_at[s->p_weights],
+                                     linear && tm_tensor_param1(t, (size_t)s->p_normalize) != 0, coef, err);
+    if (st) return st;
+    const int global = tm_ties_global(t);
+    for (size_t j = 0; j < n; j++) {
+        tm_sparse_input *x = &in[j];
+        memset(x, 0, sizeof *x);
+        x->coef = linear ? coef[j] * h->lambda : coef[j];
+        x->density = tm_tensor_param(t, (size_t)s->p_density, t->input[j]);
+        const uint64_t numel = t->numel, keep = (uint64_t)(x->density * (double)numel);
+        tm_topk_init(&x->sel[0], numel, numel); /* keeps everything */
+        tm_topk_init(&x->sel[1], numel, numel);
+        if (s->p_seed >= 0)
+            x->key = tm_random_key((uint64_t)tm_tensor_param1(t, (size_t)s->p_seed), t->input[j], t->name);
+        if (s->sparsify == TM_SPARSIFY_RANDOM) {
+            x->threshold = tm_random_threshold(x->density);
+        } else if (s->sparsify == TM_SPARSIFY_MAGNITUDE && !global) {
+            tm_topk_init(&x->sel[0], numel, keep);
+        } else if (s->sparsify == TM_SPARSIFY_OUTLIERS) {
+            /* mergekit: n_top = ⌊gamma·numel⌋ largest dropped, then the smallest so that ⌊density·numel⌋
+             * remain (gamma + density ≤ 1 is checked; the min guards rounding) */
+            uint64_t top = (uint64_t)(tm_tensor_param(t, (size_t)s->p_gamma, t->input[j]) * (double)numel);
+            if (top > numel - keep) top = numel - keep;
+            tm_topk_init(&x->sel[0], numel, top);
+            tm_topk_init(&x->sel[1], numel, top + keep);
+        }
+    }
+    h->mode = MODE_NONE;
+    h->mode = next_mode(s, h, in, n);
+    return layout(s, t, in, 1, err);
+}
+
+/* δ = x − b over the block (x into d by the kernel's typed loops; b already in float64). */
+TM_HOT static void subtract(double *restrict d, const double *restrict b, size_t count) {
+    for (size_t e = 0; e < count; e++) d[e] -= b[e];
+}
+
+static void delta(const tm_method_tensor *t, size_t j, uint64_t begin, size_t count, const double *b, double *d,
+                  double *k) {
+    tm_kernel_load_f64(&t->in[j], begin, count, d, k);
+    subtract(d, b, count);
+}
+
+TM_HOT static void random_keep(uint64_t key, uint64_t threshold, uint64_t begin, size_t count, uint8_t *restrict keep) {
+    for (size_t e = 0; e < count; e++) keep[e] = (uint8_t)tm_random_keep(key, begin + e, threshold);
+}
+
+TM_HOT static void outliers_keep(const tm_topk *lo, const tm_topk *hi, const double *restrict d, uint64_t begin,
+                                 size_t count, uint8_t *restrict keep) {
+    for (size_t e = 0; e < count; e++) {
+        uint64_t k = tm_topk_key(d[e]);
+        keep[e] = (uint8_t)(tm_topk_kept(hi, k, begin + e) && !tm_topk_kept(lo, k, begin + e));
+    }
+}
+
+TM_HOT static void threshold_keep(uint64_t min_key, const double *restrict d, size_t count, uint8_t *restrict keep) {
+    for (size_t e = 0; e < count; e++) keep[e] = (uint8_t)(tm_topk_key(d[e]) >= min_key);
+}
+
+/* keep[e]: whether the sparsification keeps element begin + e of input j's δ. */
+static void keep_block(const tm_sparse_method *s, const tm_method_tensor *t, size_t j, const tm_sparse_input *x,
+                       const double *d, uint64_t begin, size_t count, uint8_t *keep) {
+    if (s->sparsify == TM_SPARSIFY_RANDOM) random_keep(x->key, x->threshold, begin, count, keep);
+    else if (s->sparsify == TM_SPARSIFY_OUTLIERS) outliers_keep(&x->sel[0], &x->sel[1], d, begin, count, keep);
+    else if (s->sparsify == TM_SPARSIFY_CUSTOM)
+        s->custom->keep(t, j, x, (const uint8_t *)t->memory->data + custom_offset(t->n), begin, count, keep);
+    else if (tm_ties_global(t)) threshold_keep(tm_ties_global_min_key(t, t->input[j]), d, count, keep);
+    else tm_topk_keep(&x->sel[0], d, begin, count, keep);
+}
+
+/* Σ|d| over the block, and over its kept elements (sequential: the bits are documented by the
+ * tests' references only to 1 ulp, but dare_linear's bytes stay those of its first release). */
+TM_HOT static void l1_norms(const double *restrict d, const uint8_t *restrict keep, size_t count, double *all_out,
+                            double *kept_out) {
+    double all = 0, kept = 0;
+    for (size_t e = 0; e < count; e++) {
+        /* |d| or +0 by masking its bits: a branch on a random mask mispredicts half the time */
+        uint64_t u;
+        double a = fabs(d[e]);
+        memcpy(&u, &a, sizeof u);
+        u &= -(uint64_t)keep[e];
+        double k;
+        memcpy(&k, &u, sizeof k);
+        all += a;
+        kept += k;
+    }
+    *all_out = all;
+    *kept_out = kept;
+}
+
+void tm_sparse_reduce(const tm_sparse_method *s, const tm_method_tensor *t, double *state, uint64_t begin,
+                      size_t count, double *scratch) {
+    tm_sparse_header *h = header(state);
+    tm_sparse_input *in = inputs(state);
+    if (h->mode == MODE_NONE) return;
+    uint8_t *mem = t->memory->data;
+    double *d = (double *)mem, *b = scratch, *k = scratch + count;
+    uint8_t *keep = mem + rows_bytes(t->n);
+    if (h->mode == MODE_CUSTOM) {
+        s->custom->pass(t, in, mem + custom_offset(t->n), begin, count);
+        if (h->rescale != TM_RESCALE_L1) return;
+    }
+    tm_kernel_load_f64(t->base, begin, count, b, k);
+    for (size_t j = 0; j < t->n; j++) {
+        tm_sparse_input *x = &in[j];
+        if (h->mode == MODE_SELECT && x->sel[0].phase == TM_TOPK_DONE && x->sel[1].phase == TM_TOPK_DONE) continue;
+        delta(t, j, begin, count, b, d, k);
+        if (h->mode == MODE_SELECT) {
+            for (int sel = 0; sel < 2; sel++) tm_topk_block(&x->sel[sel], mem, d, begin, count);
+        } else {
+            double all, kept;
+            keep_block(s, t, j, x, d, begin, count, keep);
+            l1_norms(d, keep, count, &all, &kept);
+            x->l1_all += all;
+            x->l1_kept += kept;
+        }
+    }
+}
+
+tm_status tm_sparse_reduce_end(const tm_sparse_method *s, const tm_method_tensor *t, double *state, int *again,
+                               tm_error *err) {
+    tm_sparse_header *h = header(state);
+    tm_sparse_input *in = inputs(state);
+    if (h->mode == MODE_SELECT)
+        for (size_t j = 0; j < t->n; j++)
+            for (int sel = 0; sel < 2; sel++) tm_topk_end(&in[j].sel[sel], t->memory->data);
+    h->mode = next_mode(s, h, in, t->n);
+    *again = h->mode != MODE_NONE;
+    return *again ? layout(s, t, in, 0, err) : TM_OK;
+}
+
+/* The rescale factor of input x (after the norms' pass). */
+static double rescale_of(const tm_sparse_header *h, const tm_sparse_input *x) {
+    if (h->rescale == TM_RESCALE_INVERSE) return 1 / x->density;
+    if (h->rescale == TM_RESCALE_L1) return x->l1_kept > 0 ? x->l1_all / x->l1_kept : 0;
+    return 1;
+}
+
+/* acc += c·d on the kept elements (branch-free: a random mask mispredicts half the time). */
+TM_HOT static void add_kept(double *restrict acc, const double *restrict d, const uint8_t *restrict keep, double c,
+                            size_t count) {
+    for (size_t e = 0; e < count; e++) acc[e] += keep[e] ? c * d[e] : 0.0;
+}
+
+TM_HOT static void scale_kept(double *restrict d, const uint8_t *restrict keep, double c, size_t count) {
+    for (size_t e = 0; e < count; e++) d[e] = keep[e] ? c * d[e] : 0.0;
+}
+
+TM_HOT static void add_scaled(double *restrict acc, const double *restrict b, double lambda, size_t count) {
+    for (size_t e = 0; e < count; e++) acc[e] = b[e] + lambda * acc[e];
+}
+
+TM_HOT static void add_base(double *restrict acc, const double *restrict b, size_t count) {
+    for (size_t e = 0; e < count; e++) acc[e] += b[e];
+}
+
+double *tm_sparse_rows(const tm_sparse_method *s, const tm_method_tensor *t, const double *state, uint64_t begin,
+                       size_t count, double *scratch, double *acc) {
+    const size_t n = t->n;
+    const tm_sparse_header *h = cheader(state);
+    const tm_sparse_input *in = cinputs(state);
+    const int ties = s->consensus == TM_CONSENSUS_TIES;
+    uint8_t *mem = t->memory->data;
+    double *rows = (double *)mem, *b = scratch + count, *k = scratch + 2 * count;
+    uint8_t *keep = mem + rows_bytes(n);
+    tm_kernel_load_f64(t->base, begin, count, b, k);
+    for (size_t j = 0; j < n; j++) {
+        const tm_sparse_input *x = &in[j];
+        double *d = ties ? rows + j * count : rows;
+        delta(t, j, begin, count, b, d, k);
+        keep_block(s, t, j, x, d, begin, count, keep);
+        if (acc) tm_method_mask(t, j, begin, count, keep);
+        const double c = x->coef * rescale_of(h, x);
+        if (ties) scale_kept(d, keep, c, count);
+        else add_kept(acc, d, keep, c, count);
+    }
+    return rows;
+}
+
+void tm_sparse_apply(const tm_sparse_method *s, const tm_method_tensor *t, const double *state, uint64_t begin,
+                     size_t count, void *out, double *scratch) {
+    const size_t n = t->n;
+    const tm_sparse_header *h = cheader(state);
+    const tm_sparse_input *in = cinputs(state);
+    double *acc = scratch, *b = scratch + count;
+    for (size_t e = 0; e < count; e++) acc[e] = 0;
+    double *rows = tm_sparse_rows(s, t, state, begin, count, scratch, acc);
+    if (s->consensus == TM_CONSENSUS_TIES) {
+        double w[n ? n : 1];
+        for (size_t j = 0; j < n; j++) w[j] = in[j].coef;
+        tm_consensus_merge(rows, w, n, count, h->sign_rule, h->agg, tm_ties_global_zero_sign(t), acc);
+        add_scaled(acc, b, h->lambda, count);
+    } else {
+        add_base(acc, b, count);
+    }
+    tm_view sum = {(const uint8_t *)acc, TM_FLOAT64, 1, (const int64_t[]){(int64_t)count}, (const int64_t[]){1}, 0};
+    tm_kernel_copy(&sum, 0, count, t->out_dtype, out); /* rounded once */
+}
+
+tm_status tm_sparse_check(const tm_sparse_method *s, const tm_param_values *p, tm_error *err) {
+    if (s->consensus == TM_CONSENSUS_LINEAR) {
+        tm_status st = tm_method_check_weights(p, (size_t)s->p_weights, (size_t)s->p_normalize, err);
+        if (st) return st;
+    }
+    if (s->p_gamma >= 0)
+        for (size_t i = 0; i < p->n_inputs; i++) {
+            const double g = p->values[p->at[s->p_gamma] + (p->count[s->p_gamma] > 1 ? i : 0)];
+            const double d = p->values[p->at[s->p_density] + (p->count[s->p_density] > 1 ? i : 0)];
+            if (g + d > 1)
+                return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
+                                    "gamma + density: %g + %g is over 1 (input %zu): gamma drops the largest, density "
+                                    "keeps the next",
+                                    g, d, i);
+        }
+    return TM_OK;
+}

@@ -1,0 +1,159 @@
+#include "merge/methods/topk.h"
+
+#include "merge/hot.h"
+
+typedef struct topk_pair {
+    uint64_t key, index;
+} topk_pair;
+
+void tm_topk_init(tm_topk *s, uint64_t numel, uint64_t k) {
+    memset(s, 0, sizeof *s);
+    s->numel = numel;
+    s->k = k;
+    if (k == 0) { /* nothing kept: no key is above the largest */
+        s->cut_key = UINT64_MAX;
+        s->cut_end = 0;
+        s->phase = TM_TOPK_DONE;
+    } else if (k >= numel) { /* everything kept */
+        s->cut_key = 0;
+        s->cut_end = UINT64_MAX;
+        s->phase = TM_TOPK_DONE;
+    } else if (numel <= TM_TOPK_SMALL) {
+        s->phase = TM_TOPK_COLLECT;
+        s->expect = numel;
+    } else {
+        s->phase = TM_TOPK_HIST;
+    }
+}
+
+size_t tm_topk_bytes(const tm_topk *s) {
+    if (s->phase == TM_TOPK_HIST) return TM_TOPK_BINS * sizeof(uint64_t);
+    if (s->phase == TM_TOPK_COLLECT) return (size_t)s->expect * sizeof(topk_pair);
+    return 0;
+}
+
+/* 1 when the key's top `bits` bits are the prefix. */
+static inline int in_prefix(uint64_t key, uint32_t bits, uint64_t prefix) {
+    return bits == 0 || (key >> (64 - bits)) == prefix;
+}
+
+TM_HOT static void hist_block(uint64_t *restrict hist, const double *restrict v, size_t count, uint32_t bits,
+                              uint64_t prefix, uint64_t *zeros) {
+    const unsigned shift = 48 - bits;
+    if (bits == 0) {
+        uint64_t z = 0;
+        for (size_t e = 0; e < count; e++) {
+            uint64_t key = tm_topk_key(v[e]);
+            hist[key >> 48]++;
+            z += key == 0;
+        }
+        *zeros += z;
+        return;
+    }
+    for (size_t e = 0; e < count; e++) {
+        uint64_t key = tm_topk_key(v[e]);
+        if ((key >> (64 - bits)) == prefix) hist[(key >> shift) & 0xffff]++;
+    }
+}
+
+void tm_topk_block(tm_topk *s, uint8_t *mem, const double *v, uint64_t begin, size_t count) {
+    if (s->phase == TM_TOPK_HIST) {
+        hist_block((uint64_t *)(mem + s->offset), v, count, s->bits, s->prefix, &s->zeros);
+    } else if (s->phase == TM_TOPK_COLLECT) {
+        topk_pair *c = (topk_pair *)(mem + s->offset) + s->seen;
+        for (size_t e = 0; e < count; e++) {
+            uint64_t key = tm_topk_key(v[e]);
+            if (in_prefix(key, s->bits, s->prefix)) *c++ = (topk_pair){key, begin + e};
+        }
+        s->seen = (uint64_t)(c - (topk_pair *)(mem + s->offset));
+    } else if (s->phase == TM_TOPK_COUNT) {
+        for (size_t e = 0; e < count; e++)
+            if (tm_topk_key(v[e]) == s->cut_key && ++s->seen == s->expect) {
+                s->cut_end = begin + e + 1;
+                s->phase = TM_TOPK_DONE;
+                return;
+            }
+    }
+}
+
+/* a ranks before b: larger key, or equal keys and the lower index. */
+static inline int before(topk_pair a, topk_pair b) { return a.key > b.key || (a.key == b.key && a.index < b.index); }
+
+/* Moves the r-th (0-based) of c[0, m) in the order `before` to c[r]: Hoare's selection with the
+ * median of three as pivot (pairs are distinct, so each partition narrows the range). */
+static void swap_pairs(topk_pair *a, topk_pair *b) {
+    topk_pair t = *a;
+    *a = *b;
+    *b = t;
+}
+
+static void select_rth(topk_pair *c, size_t m, size_t r) {
+    ptrdiff_t lo = 0, hi = (ptrdiff_t)m - 1;
+    while (lo < hi) {
+        ptrdiff_t mid = lo + (hi - lo) / 2;
+        if (before(c[mid], c[lo])) swap_pairs(&c[mid], &c[lo]);
+        if (before(c[hi], c[lo])) swap_pairs(&c[hi], &c[lo]);
+        if (before(c[hi], c[mid])) swap_pairs(&c[hi], &c[mid]);
+        const topk_pair pivot = c[mid];
+        ptrdiff_t i = lo - 1, j = hi + 1;
+        for (;;) {
+            do i++; while (before(c[i], pivot));
+            do j--; while (before(pivot, c[j]));
+            if (i >= j) break;
+            swap_pairs(&c[i], &c[j]);
+        }
+        /* c[lo, j] rank before c[j + 1, hi] */
+        if ((ptrdiff_t)r <= j) hi = j;
+        else lo = j + 1;
+    }
+}
+
+void tm_topk_end(tm_topk *s, uint8_t *mem) {
+    const uint64_t r = s->k - s->above; /* keys still to keep, ≥ 1, inside the prefix's range */
+    if (s->phase == TM_TOPK_COLLECT) {
+        topk_pair *c = (topk_pair *)(mem + s->offset);
+        select_rth(c, (size_t)s->seen, (size_t)(r - 1));
+        s->cut_key = c[r - 1].key;
+        s->cut_end = c[r - 1].index + 1;
+        s->phase = TM_TOPK_DONE;
+        return;
+    }
+    if (s->phase != TM_TOPK_HIST) return;
+    const uint64_t *hist = (const uint64_t *)(mem + s->offset);
+    uint64_t left = r, bin = TM_TOPK_BINS - 1;
+    for (; hist[bin] < left; bin--) {
+        left -= hist[bin];
+        s->above += hist[bin];
+    }
+    const uint64_t in_bin = hist[bin];
+    const int zero_bin = s->bits == 0 && bin == 0 && in_bin == s->zeros;
+    s->bits += 16;
+    s->prefix = s->bits == 16 ? bin : s->prefix << 16 | bin;
+    if (in_bin == left) { /* the whole bin is kept: every key from its lowest */
+        s->cut_key = s->bits == 64 ? s->prefix : s->prefix << (64 - s->bits);
+        s->cut_end = UINT64_MAX;
+        s->phase = TM_TOPK_DONE;
+    } else if (s->bits == 64 || zero_bin) { /* one key, many times: cut by index */
+        s->cut_key = s->bits == 64 ? s->prefix : 0;
+        s->expect = left;
+        s->seen = 0;
+        s->phase = TM_TOPK_COUNT;
+    } else if (in_bin <= (s->numel / 2 > TM_TOPK_SMALL ? s->numel / 2 : TM_TOPK_SMALL)) {
+        s->expect = in_bin;
+        s->seen = 0;
+        s->phase = TM_TOPK_COLLECT;
+    } /* else another histogram, of the next 16 bits */
+}
+
+/* A static clone behind a plain function: a cloned function's dispatcher would be exported. */
+TM_HOT static void keep_loop(const tm_topk *s, const double *v, uint64_t begin, size_t count, uint8_t *keep) {
+    const uint64_t key = s->cut_key, end = s->cut_end;
+    for (size_t e = 0; e < count; e++) {
+        uint64_t k = tm_topk_key(v[e]);
+        keep[e] = (uint8_t)(k > key || (k == key && begin + e < end));
+    }
+}
+
+void tm_topk_keep(const tm_topk *s, const double *v, uint64_t begin, size_t count, uint8_t *keep) {
+    keep_loop(s, v, begin, count, keep);
+}

@@ -1,0 +1,77 @@
+/* An exact top-k by magnitude over one tensor's values, streamed: the values are seen block by
+ * block in one or more passes (a method's reduce passes), never held whole and never sorted.
+ *
+ * Order: larger |v| first; among equal magnitudes the lower flat index first. The k first are
+ * kept, exactly k of them. A value's key is the bit pattern of |v| as a uint64 (monotone in |v|
+ * for non-negative doubles; a NaN counts as larger than any number).
+ *
+ * Passes (each is one call of tm_topk_block per block, in order, then tm_topk_end):
+ *   HIST     a histogram of the next 16 bits of the keys that share the known prefix (65536
+ *            counters); the bin holding the k-th key becomes the prefix. When the bin is small
+ *            enough (≤ max(numel/2, 65536) keys) the next pass is COLLECT, else another HIST.
+ *   COLLECT  the (key, index) pairs of the bin; a selection (quickselect on (key desc, index asc))
+ *            finds the k-th: its key and index are the cutoff.
+ *   COUNT    when the k-th key is known exactly but many keys equal it (after 64 bits of
+ *            histograms, or a bin of zeros: untouched weights), the index cutoff is where the
+ *            running count of equal keys reaches the number still to keep (blocks in order).
+ * A tensor of at most 65536 elements goes straight to COLLECT (one pass). Memory: 512 KiB of
+ * counters during HIST, 16 bytes per candidate during COLLECT (≤ numel/2 candidates past the
+ * first pass of a large tensor), nothing during COUNT. The result: keep key > cut_key, or
+ * key == cut_key and index < cut_end. C11. */
+#ifndef TM_MERGE_METHODS_TOPK_H
+#define TM_MERGE_METHODS_TOPK_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { TM_TOPK_DONE, TM_TOPK_HIST, TM_TOPK_COLLECT, TM_TOPK_COUNT };
+
+/* Tensors at most this big are collected whole in one pass (no histogram to clear). */
+#define TM_TOPK_SMALL 65536u
+#define TM_TOPK_BINS 65536u
+
+typedef struct tm_topk {
+    uint64_t numel, k;
+    uint64_t above;    /* keys known to rank before the prefix's bin */
+    uint64_t prefix;   /* the known top `bits` bits of the k-th key */
+    uint64_t zeros;    /* keys == 0 (first histogram) */
+    uint64_t expect;   /* COLLECT: the bin's count; COUNT: equal keys still to keep */
+    uint64_t seen;     /* COLLECT: pairs collected; COUNT: equal keys seen */
+    uint64_t offset;   /* its bytes in the method's memory (tm_topk_layout) */
+    uint64_t cut_key, cut_end;
+    uint32_t bits, phase;
+} tm_topk;
+
+/* Doubles of method state a tm_topk takes. */
+#define TM_TOPK_DOUBLES ((sizeof(tm_topk) + sizeof(double) - 1) / sizeof(double))
+
+static inline uint64_t tm_topk_key(double v) {
+    uint64_t u;
+    v = fabs(v);
+    memcpy(&u, &v, sizeof u);
+    return u;
+}
+
+/* A selection of the k largest of numel values (k ≤ numel). */
+void tm_topk_init(tm_topk *s, uint64_t numel, uint64_t k);
+
+/* Bytes the next pass needs (0 when done or counting). */
+size_t tm_topk_bytes(const tm_topk *s);
+
+/* Block [begin, begin + count) of the values (mem: the method memory's base; the selection's
+ * bytes are at s->offset). */
+void tm_topk_block(tm_topk *s, uint8_t *mem, const double *v, uint64_t begin, size_t count);
+
+/* After a pass: the next phase (TM_TOPK_DONE when the cutoff is known). */
+void tm_topk_end(tm_topk *s, uint8_t *mem);
+
+static inline int tm_topk_kept(const tm_topk *s, uint64_t key, uint64_t index) {
+    return key > s->cut_key || (key == s->cut_key && index < s->cut_end);
+}
+
+/* keep[e] = 1 when element begin + e of the block is among the k (the selection is done). */
+void tm_topk_keep(const tm_topk *s, const double *v, uint64_t begin, size_t count, uint8_t *keep);
+
+#endif
