@@ -230,3 +230,28 @@ def test_python_m_torchmerge_runs_the_cli(fx, tmp_path):
     r = subprocess.run([sys.executable, "-m", "torchmerge", "simple_average", "-o", "x.pt"], capture_output=True,
                        text=True, env=env, cwd=str(tmp_path))
     assert r.returncode == 2 and r.stderr.startswith(ERROR_PREFIX)
+
+
+def test_quantized_inputs_dequantize_like_the_cli(tmp_path, monkeypatch):
+    torch.manual_seed(5)
+    paths = []
+    for i in range(2):
+        x = torch.randn(4, 6)
+        sd = {"q": torch.quantize_per_tensor(x, 0.05, 3 + i, torch.qint8),
+              "pc": torch.quantize_per_channel(x, torch.rand(4, dtype=torch.float64) + 0.01,
+                                               torch.tensor([0, 1, 2, 3]), 0, torch.quint8),
+              "f": x}
+        paths.append(tmp_path / ("q%d.pt" % i))
+        torch.save(sd, str(paths[-1]))
+    (tmp_path / "cli").mkdir()
+    (tmp_path / "py").mkdir()
+    r = cli(tmp_path / "cli", "simple_average", "-q", "-o", "o.pt", *paths)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    monkeypatch.chdir(tmp_path / "py")
+    with pytest.raises(torchmerge.TorchmergeError) as err:
+        torchmerge.merge(paths, "o.pt", quiet=True)
+    assert str(err.value) == r.stderr.strip()[len(ERROR_PREFIX):] and "tensor '" in str(err.value)
+    r = cli(tmp_path / "cli", "simple_average", "-q", "--dequantize", "--dtype", "float16", "-o", "o.pt", *paths)
+    assert r.returncode == 0, r.stderr
+    torchmerge.merge(paths, "o.pt", dequantize=True, dtype="float16", quiet=True)
+    assert (tmp_path / "py" / "o.pt").read_bytes() == (tmp_path / "cli" / "o.pt").read_bytes()
