@@ -186,6 +186,25 @@ def test_save_formats_read_back(fx, tmp_path):
         assert list(got) == list(sd)
         for k in sd:
             assert got[k].dtype == sd[k].dtype and torch.equal(got[k], sd[k]), k
+    # folders: the caller's metadata in every shard, the library's shard layout, other files kept
+    (tmp_path / "shards" / "config.json").write_text("{}")
+    torchmerge.save(sd, tmp_path / "shards", max_shard_size="150", metadata={"who": "me"})
+    assert all(torchmerge.inspect(p).metadata == {"who": "me", "format": "pt"}
+               for p in (tmp_path / "shards").glob("*.safetensors"))
+    assert (tmp_path / "shards" / "config.json").exists()
+    (tmp_path / "lib").mkdir()
+    torchmerge.save(sd, tmp_path / "one.safetensors")
+    r = cli(tmp_path, "simple_average", "-q", "--max-shard-size", "150", "-o", str(tmp_path / "lib") + "/",
+            tmp_path / "one.safetensors")
+    assert r.returncode == 0, r.stderr
+    import json
+    index = lambda d: json.loads((d / "model.safetensors.index.json").read_text())  # noqa: E731
+    assert index(tmp_path / "lib") == index(tmp_path / "shards")
+    assert sorted(p.name for p in (tmp_path / "lib").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "shards").iterdir() if p.name != "config.json")
+    (tmp_path / "one.safetensors").unlink()
+    import shutil
+    shutil.rmtree(tmp_path / "lib")
     with pytest.raises(torchmerge.TorchmergeError, match="complex128"):
         torchmerge.save({"c": torch.zeros(2, dtype=torch.complex128)}, tmp_path / "c.pt")
     with pytest.raises(torchmerge.TorchmergeError, match="metadata"):
