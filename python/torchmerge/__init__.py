@@ -24,11 +24,12 @@ The library is found through $TORCHMERGE_LIB_DIR, else the folder recorded in _p
 loader's search path. `python3 -m torchmerge ...` runs the torchmerge program.
 """
 from ._lib import TorchmergeError, find_cli, lib as _cdll
-from ._merge import (Method, MethodParameter, TorchmergeWarning, merge, merge_state_dicts, methods,
-                     run_recipe)
+from ._merge import (GreedySoupReport, GreedyStep, Method, MethodParameter, TorchmergeWarning, greedy_soup, merge,
+                     merge_state_dicts, methods, run_recipe)
 from ._reader import Inspection, TensorEntry, inspect, load
 from ._writer import save
 
 __version__ = _cdll.tm_version().decode()
-__all__ = ["load", "save", "inspect", "merge", "merge_state_dicts", "run_recipe", "methods", "find_cli",
-           "TorchmergeError", "TorchmergeWarning", "Inspection", "TensorEntry", "Method", "MethodParameter"]
+__all__ = ["load", "save", "inspect", "merge", "merge_state_dicts", "run_recipe", "greedy_soup", "methods",
+           "find_cli", "TorchmergeError", "TorchmergeWarning", "Inspection", "TensorEntry", "Method",
+           "MethodParameter", "GreedySoupReport", "GreedyStep"]

@@ -86,6 +86,15 @@ class MergeOptions(ctypes.Structure):
                 ("masks_out", c_char_p), ("dequantize", c_int)]
 
 
+class GreedyIngredient(ctypes.Structure):
+    _fields_ = [("input", c_size_t), ("score", c_double), ("soup_score", c_double), ("kept", c_int)]
+
+
+class GreedyReport(ctypes.Structure):
+    _fields_ = [("struct_size", c_size_t), ("n", c_size_t), ("tried", P(GreedyIngredient)), ("n_kept", c_size_t),
+                ("final_score", c_double)]
+
+
 class TensorData(ctypes.Structure):
     _fields_ = [("struct_size", c_size_t), ("dtype", c_int), ("ndim", c_int32), ("shape", P(c_int64)),
                 ("stride", P(c_int64)), ("data", c_void_p)]
@@ -170,6 +179,8 @@ def _declare(L):
         "tm_merge_tensors": (c_int, [P(TensorData), c_size_t, P(TensorData), c_char_p, P(MergeOptions), c_int,
                                      c_void_p]),
         "tm_merge_recipe": (c_int, [c_char_p, c_int, P(c_char_p), c_size_t, P(MergeOptions)]),
+        "tm_greedy_soup": (c_int, [P(c_char_p), c_size_t, c_char_p, c_char_p, P(MergeOptions), P(GreedyReport)]),
+        "tm_greedy_report_free": (None, [P(GreedyReport)]),
     }
     for name, (res, args) in sig.items():
         f = getattr(L, name)

@@ -16,8 +16,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._lib import (DTYPE_NAMES, FORMATS, KEY_POLICIES, PARAM_KINDS, P, PROGRESS_FN, WARNING_FN, MergeOptions,
-                   MethodInfo, MethodParamInfo, Param, Profile, TensorData, TorchmergeError, check, encode, lib, new)
+from ._lib import (DTYPE_NAMES, FORMATS, KEY_POLICIES, PARAM_KINDS, P, PROGRESS_FN, WARNING_FN, GreedyReport,
+                   MergeOptions, MethodInfo, MethodParamInfo, Param, Profile, TensorData, TorchmergeError, check,
+                   encode, lib, new)
 
 _MERGEABLE_OUT = ("float32", "float16", "bfloat16", "float64")
 
@@ -177,6 +178,30 @@ def _path(p):
     return os.fspath(p)
 
 
+def _output_options(opts, format, keys, dtype, key, template):
+    """The options merge() and greedy_soup() share, validated as the command line does."""
+    o = opts.o
+    if format not in FORMATS:
+        raise TorchmergeError("format: expected pt, torchscript or safetensors, got '%s'" % format,
+                              "TM_ERROR_INVALID_ARGUMENT")
+    o.format = FORMATS[format]
+    if keys not in KEY_POLICIES:
+        raise TorchmergeError("keys: expected strict, intersection or union, got '%s'" % keys,
+                              "TM_ERROR_INVALID_ARGUMENT")
+    o.keys = KEY_POLICIES[keys]
+    if dtype is not None:
+        o.has_dtype, o.dtype = 1, _dtype_index(dtype)
+    opts.set_str("key", key)
+    opts.set_str("template_path", None if template is None else _path(template))
+
+
+def _paths(inputs):
+    if isinstance(inputs, (str, bytes, os.PathLike)):
+        inputs = [inputs]
+    paths = [encode(_path(p)) for p in inputs]
+    return paths, (ctypes.c_char_p * max(len(paths), 1))(*paths)
+
+
 def merge(inputs: Sequence, output, method: str = "simple_average", base=None, weights=None, dtype=None,
           keys: str = "strict", progress=True, *, key: Optional[str] = None, format: Optional[str] = None,
           template=None, max_shard_size=None, masks_out=None, dequantize: bool = False, quiet: bool = False,
@@ -197,22 +222,11 @@ def merge(inputs: Sequence, output, method: str = "simple_average", base=None, w
     one-line message; output is then left untouched. Returns the time spent per phase (a dict)
     when profile is True, else None.
     """
-    if isinstance(inputs, (str, bytes, os.PathLike)):
-        inputs = [inputs]
     if weights is not None:
         params = dict(params, weights=weights)
     opts = _Options(method, params, progress, quiet, profile)
+    _output_options(opts, format, keys, dtype, key, template)
     o = opts.o
-    if format not in FORMATS:
-        raise TorchmergeError("format: expected pt, torchscript or safetensors, got '%s'" % format,
-                              "TM_ERROR_INVALID_ARGUMENT")
-    o.format = FORMATS[format]
-    if keys not in KEY_POLICIES:
-        raise TorchmergeError("keys: expected strict, intersection or union, got '%s'" % keys,
-                              "TM_ERROR_INVALID_ARGUMENT")
-    o.keys = KEY_POLICIES[keys]
-    if dtype is not None:
-        o.has_dtype, o.dtype = 1, _dtype_index(dtype)
     if max_shard_size is not None:
         size = ctypes.c_uint64()
         try:
@@ -220,13 +234,51 @@ def merge(inputs: Sequence, output, method: str = "simple_average", base=None, w
         except TorchmergeError as err:
             raise TorchmergeError("max_shard_size: %s" % err, err.status) from None
         o.max_shard_size = size.value
-    for field, value in (("key", key), ("template_path", template), ("base", base), ("masks_out", masks_out)):
+    for field, value in (("base", base), ("masks_out", masks_out)):
         opts.set_str(field, None if value is None else _path(value))
     o.dequantize = int(bool(dequantize))
-    paths = [encode(_path(p)) for p in inputs]
-    arr = (ctypes.c_char_p * max(len(paths), 1))(*paths)
+    paths, arr = _paths(inputs)
     check(lib.tm_merge_files(arr, len(paths), encode(_path(output)), ctypes.byref(o)))
     return opts.profile_dict()
+
+
+@dataclasses.dataclass(frozen=True)
+class GreedyStep:
+    """One input as greedy soup tried it: its score alone, the score of the soup with it, kept."""
+    input: str
+    score: float
+    soup_score: float
+    kept: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class GreedySoupReport:
+    tried: Tuple[GreedyStep, ...]  # in the order tried: best alone first
+    n_kept: int
+    final_score: float
+
+
+def greedy_soup(inputs: Sequence, output, eval_module, *, template=None, format: Optional[str] = None, dtype=None,
+                keys: str = "strict", key: Optional[str] = None, progress=True,
+                quiet: bool = False) -> GreedySoupReport:
+    """Greedy soup (Wortsman et al. 2022) as `torchmerge greedy_soup`: scores each input alone
+    with eval_module (a TorchScript module with a Tensor attribute `inputs` and forward(outputs)
+    returning a 0-dim score, higher is better), then adds inputs best first while the uniform
+    soup's score strictly improves, and writes that soup to output. template: the TorchScript
+    module that receives each candidate's weights (default: the first input that is one).
+    Needs libtorchmerge_torch.so (LibTorch)."""
+    opts = _Options(None, None, progress, quiet)
+    _output_options(opts, format, keys, dtype, key, template)
+    paths, arr = _paths(inputs)
+    report = new(GreedyReport)
+    check(lib.tm_greedy_soup(arr, len(paths), encode(_path(output)), encode(_path(eval_module)),
+                             ctypes.byref(opts.o), ctypes.byref(report)))
+    try:
+        tried = tuple(GreedyStep(os.fsdecode(paths[t.input]), t.score, t.soup_score, bool(t.kept))
+                      for t in (report.tried[i] for i in range(report.n)))
+        return GreedySoupReport(tried, report.n_kept, report.final_score)
+    finally:
+        lib.tm_greedy_report_free(ctypes.byref(report))
 
 
 def run_recipe(recipe, overrides: Sequence[str] = (), *, text: bool = False, progress=True, quiet: bool = False,

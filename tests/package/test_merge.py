@@ -274,3 +274,49 @@ def test_quantized_inputs_dequantize_like_the_cli(tmp_path, monkeypatch):
     assert r.returncode == 0, r.stderr
     torchmerge.merge(paths, "o.pt", dequantize=True, dtype="float16", quiet=True)
     assert (tmp_path / "py" / "o.pt").read_bytes() == (tmp_path / "cli" / "o.pt").read_bytes()
+
+
+class Pair(torch.nn.Module):
+    def __init__(self, p=(0.0, 0.0)):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.tensor(p, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.p
+
+
+class Closeness(torch.nn.Module):
+    """Score -|outputs - 1|^2 with inputs = ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("inputs", torch.ones(2))
+
+    def forward(self, outputs: torch.Tensor) -> torch.Tensor:
+        return -((outputs - 1.0) ** 2).sum()
+
+
+def test_greedy_soup_equals_the_cli(tmp_path, monkeypatch):
+    # alone: A = B = -0.04 > C = D = -0.18 > E; {A,B} kept, {A,B,C} dropped, {A,B,D} kept, E dropped
+    pts = {"E": (5.0, 5.0), "C": (1.3, 1.3), "A": (1.0, 1.2), "D": (0.7, 0.7), "B": (1.2, 1.0)}
+    inputs = []
+    for name, p in pts.items():
+        inputs.append(tmp_path / (name + ".pt"))
+        torch.save(Pair(p).state_dict(), str(inputs[-1]))
+    torch.jit.save(torch.jit.script(Pair()), str(tmp_path / "template.pt"))
+    torch.jit.save(torch.jit.script(Closeness()), str(tmp_path / "eval.pt"))
+    (tmp_path / "cli").mkdir()
+    (tmp_path / "py").mkdir()
+    r = cli(tmp_path / "cli", "greedy_soup", "-q", "--eval", tmp_path / "eval.pt", "--template",
+            tmp_path / "template.pt", "-o", "soup.safetensors", *inputs)
+    assert r.returncode == 0, r.stderr
+    monkeypatch.chdir(tmp_path / "py")
+    rep = torchmerge.greedy_soup(inputs, "soup.safetensors", tmp_path / "eval.pt", template=tmp_path / "template.pt",
+                                 quiet=True)
+    assert [(Path(t.input).stem, t.kept) for t in rep.tried] == [("A", True), ("B", True), ("C", False), ("D", True),
+                                                                 ("E", False)]
+    assert rep.n_kept == 3 and rep.final_score == pytest.approx(-0.002222, abs=2e-6)
+    assert [t.score for t in rep.tried] == pytest.approx([-0.04, -0.04, -0.18, -0.18, -32.0], abs=2e-6)
+    assert tree(tmp_path / "py") == tree(tmp_path / "cli")
+    with pytest.raises(torchmerge.TorchmergeError, match="eval"):
+        torchmerge.greedy_soup(inputs, "x.pt", tmp_path / "no_eval.pt", template=tmp_path / "template.pt", quiet=True)
