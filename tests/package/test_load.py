@@ -316,3 +316,32 @@ def read_safetensors(path):
         out[k] = (torch.frombuffer(data, dtype=dt[v["dtype"]]) if data else torch.empty(0, dtype=dt[v["dtype"]])) \
             .reshape(v["shape"])
     return {k: out[k] for k in header}
+
+
+class QuantizedBuffers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        x = torch.randn(3, 4)
+        self.register_buffer("q", torch.quantize_per_tensor(x, 0.1, 2, torch.qint8))
+        self.register_buffer("pc", torch.quantize_per_channel(x, torch.rand(3, dtype=torch.float64) + 0.1,
+                                                              torch.tensor([0, 1, 2]), 0, torch.quint8))
+        self.w = torch.nn.Parameter(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.w
+
+
+def test_quantized_tensors_inside_a_torchscript_archive(tmp_path):
+    path = tmp_path / "qts.pt"
+    torch.jit.save(torch.jit.script(QuantizedBuffers()), str(path))
+    ref, ours = torch.jit.load(str(path)).state_dict(), torchmerge.load(path)
+    assert list(ours) == list(ref)
+    for k, r in ref.items():
+        t = ours[k]
+        assert (t.dtype, t.shape, t.stride()) == (r.dtype, r.shape, r.stride()), k
+        if r.is_quantized:
+            assert t.qscheme() == r.qscheme() and torch.equal(t.int_repr(), r.int_repr()), k
+            assert torch.equal(t.dequantize(), r.dequantize()), k
+        else:
+            assert torch.equal(t, r), k

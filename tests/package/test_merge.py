@@ -67,7 +67,7 @@ def test_merge_is_byte_identical_to_the_cli(fx, tmp_path, case, monkeypatch):
     resolve = lambda a: str(fx / (a + ".pt")) if a in names else a  # noqa: E731
     (tmp_path / "cli").mkdir()
     (tmp_path / "py").mkdir()
-    r = cli(tmp_path / "cli", "-q" if False else argv[0], *[resolve(a) for a in argv[1:]], "-q")
+    r = cli(tmp_path / "cli", *[resolve(a) for a in argv], "-q")
     assert r.returncode == 0, r.stderr
     kwargs = {k: (resolve(v) if k in ("base", "template") else v) for k, v in kwargs.items()}
     inputs = [fx / (n + ".pt") for n in INPUTS.get(case, ["sd_a", "sd_b"])]
@@ -79,33 +79,33 @@ def test_merge_is_byte_identical_to_the_cli(fx, tmp_path, case, monkeypatch):
         assert got[name] == want[name], name
 
 
+# (CLI arguments before the inputs, inputs, merge() keyword arguments); "@name" is fx/name.pt.
 ERROR_CASES = [
-    (["simple_average", "-o", "o.pt", "sd_a", "shape_mismatch"], dict()),
-    (["simple_average", "-o", "o.pt", "sd_a", "missing_key"], dict()),
-    (["ties", "-o", "o.pt", "sd_a", "sd_b"], dict(method="ties")),
-    (["ties", "--base", "sd_c", "--density", "2", "-o", "o.pt", "sd_a", "sd_b"],
-     dict(method="ties", base="sd_c", density=2)),
-    (["simple_average", "-o", "o.pt", "sd_a", "nope"], dict()),
-    (["simple_average", "-o", "o.pt", "sd_a", "evil"], dict()),
-    (["simple_average", "-o", "o.pt", "ambiguous", "ambiguous"], dict()),
-    (["dare_linear", "--base", "sd_c", "--density", "0.5", "--rescale", "l7", "-o", "o.pt", "sd_a", "sd_b"],
-     dict(method="dare_linear", base="sd_c", density=0.5, rescale="l7")),
+    ([], ["@sd_a", "@shape_mismatch"], dict()),
+    ([], ["@sd_a", "@missing_key"], dict()),
+    (["ties"], ["@sd_a", "@sd_b"], dict(method="ties")),
+    (["ties", "--base", "@sd_c", "--density", "2"], ["@sd_a", "@sd_b"], dict(method="ties", base="@sd_c", density=2)),
+    ([], ["@sd_a", "@nope"], dict()),
+    ([], ["@sd_a", "@evil"], dict()),
+    ([], ["@ambiguous", "@ambiguous"], dict()),
+    (["dare_linear", "--base", "@sd_c", "--density", "0.5", "--rescale", "l7"], ["@sd_a", "@sd_b"],
+     dict(method="dare_linear", base="@sd_c", density=0.5, rescale="l7")),
 ]
 
 
-@pytest.mark.parametrize("argv,kwargs", ERROR_CASES, ids=[" ".join(c[0][:1] + c[0][-2:]) for c in ERROR_CASES])
-def test_errors_are_torchmerge_errors_with_the_clis_one_line_message(fx, tmp_path, argv, kwargs, monkeypatch):
-    resolve = lambda a: str(fx / (a + ".pt")) if not a.startswith(("-", "o.pt")) and a[0].isalpha() and \
-        not a.replace(".", "").isdigit() and a not in ("ties", "simple_average", "dare_linear", "l7") else a  # noqa
-    inputs = [resolve(a) for a in argv[-2:]]
-    r = cli(tmp_path, *[resolve(a) if a in ("sd_c",) else a for a in argv[:-2]], *inputs)
+@pytest.mark.parametrize("args,inputs,kwargs", ERROR_CASES,
+                         ids=[" ".join(c[0][:1] + c[1]) for c in ERROR_CASES])
+def test_errors_are_torchmerge_errors_with_the_clis_one_line_message(fx, tmp_path, args, inputs, kwargs,
+                                                                      monkeypatch):
+    at = lambda a: str(fx / (a[1:] + ".pt")) if isinstance(a, str) and a.startswith("@") else a  # noqa: E731
+    inputs = [at(a) for a in inputs]
+    r = cli(tmp_path, *([at(a) for a in args] or ["simple_average"]), "-o", "o.pt", *inputs)
     assert r.returncode == 1, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX)
     monkeypatch.chdir(tmp_path)
-    kwargs = {k: (resolve(v) if k == "base" else v) for k, v in kwargs.items()}
     with pytest.raises(torchmerge.TorchmergeError) as err:
-        torchmerge.merge(inputs, "o.pt", quiet=True, **kwargs)
+        torchmerge.merge(inputs, "o.pt", quiet=True, **{k: at(v) for k, v in kwargs.items()})
     assert isinstance(err.value, RuntimeError)
     assert str(err.value) == lines[0][len(ERROR_PREFIX):]
     assert not (tmp_path / "o.pt").exists()
