@@ -226,7 +226,8 @@ def _storage_tensor(info, dtype, views, mmap):
 def _quantized(entry, ints):
     """A quantized tensor as torch.load returns it, from its integers (a strided view)."""
     if entry.qscheme == "per_tensor_affine":
-        # Quantize the whole storage, then view it: per-tensor quantized tensors keep strides.
+        # already quantized: load() viewed a quantized copy of the whole storage (per-tensor
+        # quantized tensors keep strides and shared storages that way)
         return ints
     if entry.qscheme in ("per_channel_affine", "per_channel_affine_float_qparams"):
         scales = torch.tensor(entry.q_scales, dtype=torch.float64)

@@ -3,7 +3,6 @@ storage offsets, shared storages), on the generated fixtures and on the real-wor
 torch.load(weights_only=True) refuses; hostile pickles; copy-on-write views of the file."""
 import csv
 import hashlib
-import os
 import sys
 import zipfile
 from pathlib import Path
