@@ -344,3 +344,25 @@ def test_quantized_tensors_inside_a_torchscript_archive(tmp_path):
             assert torch.equal(t.dequantize(), r.dequantize()), k
         else:
             assert torch.equal(t, r), k
+
+
+def test_hugging_face_folders_of_pt_and_safetensors_shards(fx, tmp_path):
+    import json
+    sd = torch.load(str(fx / "sd_a.pt"))
+    keys = list(sd)
+    half = len(keys) // 2
+    folder = tmp_path / "hf_bin"
+    folder.mkdir()
+    shards = {"pytorch_model-00001-of-00002.bin": keys[:half], "pytorch_model-00002-of-00002.bin": keys[half:]}
+    for name, ks in shards.items():
+        torch.save({k: sd[k] for k in ks}, str(folder / name))
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}))
+    torchmerge.save(sd, str(tmp_path / "hf_st") + "/", max_shard_size=100)
+    for path in (folder, tmp_path / "hf_st"):
+        ours = torchmerge.load(path)
+        assert sorted(ours) == sorted(sd), path
+        for k in sd:
+            assert same_values(ours[k], sd[k]), (path, k)
+            # zero copy from every shard
+            assert mapped_files_of(ours[k].data_ptr()).startswith(str(path.resolve()) + "/") or ours[k].numel() == 0
