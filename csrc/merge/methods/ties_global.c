@@ -35,8 +35,13 @@ void tm_ties_global_reduce(const tm_sparse_method *s, const tm_method_tensor *t,
     const double *model = t->model;
     if (model[G_PHASE] == PH_SIGN) {
         const tm_sparse_header *h = (const tm_sparse_header *)state;
-        double *rows = tm_sparse_rows(s, t, state, begin, count, scratch, NULL);
-        tm_consensus_score(rows, t->n, count, h->sign_rule, scratch);
+        double *b = scratch + count, *k = scratch + 2 * count;
+        tm_kernel_load_f64(t->base, begin, count, b, k);
+        for (size_t c0 = 0; c0 < count; c0 += TM_SPARSE_CHUNK) {
+            const size_t m = count - c0 < TM_SPARSE_CHUNK ? count - c0 : TM_SPARSE_CHUNK;
+            double *rows = tm_sparse_rows(s, t, state, begin, c0, m, b, k, NULL);
+            tm_consensus_score(rows, t->n, m, h->sign_rule, scratch + c0);
+        }
         double signs = 0;
         for (size_t e = 0; e < count; e++) signs += (scratch[e] > 0) - (scratch[e] < 0);
         sum[G_SIGNSUM] += signs;
@@ -50,8 +55,7 @@ void tm_ties_global_reduce(const tm_sparse_method *s, const tm_method_tensor *t,
         const double *mi = cin_state(model, i);
         double *si = in_state(sum, i);
         if (mi[I_PHASE] == IN_DONE) continue;
-        tm_kernel_load_f64(&t->in[j], begin, count, d, k);
-        for (size_t e = 0; e < count; e++) d[e] -= b[e];
+        tm_kernel_delta_f64(&t->in[j], begin, count, b, d, k);
         const unsigned bits = (unsigned)mi[I_BITS];
         const uint64_t prefix = get_bits(&mi[I_PREFIX]);
         if (mi[I_PHASE] == IN_HIST) {

@@ -6,6 +6,11 @@ typedef struct topk_pair {
     uint64_t key, index;
 } topk_pair;
 
+enum { SPEC_GUESS, SPEC_ON, SPEC_OFF };
+#define SPEC_SPAN 4 /* bins after spec_lo: 5 in all */
+
+static uint64_t spec_cap(uint64_t numel) { return numel / 4 + TM_TOPK_SMALL + 1; }
+
 void tm_topk_init(tm_topk *s, uint64_t numel, uint64_t k) {
     memset(s, 0, sizeof *s);
     s->numel = numel;
@@ -23,18 +28,17 @@ void tm_topk_init(tm_topk *s, uint64_t numel, uint64_t k) {
         s->expect = numel;
     } else {
         s->phase = TM_TOPK_HIST;
+        s->spec_cap = spec_cap(numel);
     }
 }
 
+/* The pairs after a HIST pass's counters (first pass: the speculation's), or a COLLECT pass's (one
+ * more: the branch-free collection writes one past the last). */
 size_t tm_topk_bytes(const tm_topk *s) {
-    if (s->phase == TM_TOPK_HIST) return TM_TOPK_BINS * sizeof(uint64_t);
-    if (s->phase == TM_TOPK_COLLECT) return (size_t)s->expect * sizeof(topk_pair);
+    if (s->phase == TM_TOPK_HIST)
+        return TM_TOPK_BINS * sizeof(uint64_t) + (s->bits == 0 ? (size_t)s->spec_cap * sizeof(topk_pair) : 0);
+    if (s->phase == TM_TOPK_COLLECT) return (size_t)(s->expect + 1) * sizeof(topk_pair);
     return 0;
-}
-
-/* 1 when the key's top `bits` bits are the prefix. */
-static inline int in_prefix(uint64_t key, uint32_t bits, uint64_t prefix) {
-    return bits == 0 || (key >> (64 - bits)) == prefix;
 }
 
 TM_HOT static void hist_block(uint64_t *restrict hist, const double *restrict v, size_t count, uint32_t bits,
@@ -56,16 +60,78 @@ TM_HOT static void hist_block(uint64_t *restrict hist, const double *restrict v,
     }
 }
 
+/* Appends the pairs whose key's top 16 bits are in [lo, lo + span] (top 64 − shift bits == lo
+ * when span is 0 and shift < 64, as a COLLECT pass) to c, branch-free (c[m] is written for
+ * every element, one past the last kept included); returns how many. */
+TM_HOT static size_t collect_block(topk_pair *restrict c, const double *restrict v, uint64_t begin, size_t count,
+                                   unsigned shift, uint64_t lo, uint64_t span) {
+    size_t m = 0;
+    for (size_t e = 0; e < count; e++) {
+        const uint64_t key = tm_topk_key(v[e]);
+        c[m].key = key;
+        c[m].index = begin + e;
+        m += (key >> shift) - lo <= span;
+    }
+    return m;
+}
+
+/* The speculation's guess after the first block's histogram: the bin of its k·count/numel-th
+ * key; the pairs of the bins around it are collected from then on. */
+static void spec_guess(tm_topk *s, const uint64_t *hist, size_t count) {
+    uint64_t want = (uint64_t)((double)s->k * (double)count / (double)s->numel) + 1, bin = TM_TOPK_BINS - 1;
+    if (want > count) want = count;
+    for (uint64_t left = want; bin > 0 && hist[bin] < left; bin--) left -= hist[bin];
+    s->spec_lo = bin > SPEC_SPAN / 2 ? bin - SPEC_SPAN / 2 : 0;
+    if (s->spec_lo + SPEC_SPAN >= TM_TOPK_BINS) s->spec_lo = TM_TOPK_BINS - 1 - SPEC_SPAN;
+    s->spec = SPEC_ON;
+}
+
+/* The first histogram and the speculation's collection in one loop (see both above). */
+TM_HOT static size_t hist_collect(uint64_t *restrict hist, topk_pair *restrict c, const double *restrict v,
+                                  uint64_t begin, size_t count, uint64_t lo, uint64_t *zeros) {
+    size_t m = 0;
+    uint64_t z = 0;
+    for (size_t e = 0; e < count; e++) {
+        const uint64_t key = tm_topk_key(v[e]), bin = key >> 48;
+        hist[bin]++;
+        z += key == 0;
+        c[m].key = key;
+        c[m].index = begin + e;
+        m += bin - lo <= SPEC_SPAN;
+    }
+    *zeros += z;
+    return m;
+}
+
+/* The first HIST pass: the first block guesses, the others collect with the histogram (a block
+ * that might not fit ends the speculation: the usual passes follow). */
+static void first_hist(tm_topk *s, uint8_t *mem, const double *v, uint64_t begin, size_t count) {
+    uint64_t *hist = (uint64_t *)(mem + s->offset);
+    topk_pair *c = (topk_pair *)(mem + s->offset + TM_TOPK_BINS * sizeof(uint64_t)) + s->spec_seen;
+    if (s->spec == SPEC_ON && s->spec_seen + count + 1 > s->spec_cap) s->spec = SPEC_OFF;
+    if (s->spec == SPEC_ON) {
+        s->spec_seen += hist_collect(hist, c, v, begin, count, s->spec_lo, &s->zeros);
+        return;
+    }
+    hist_block(hist, v, count, 0, 0, &s->zeros);
+    if (s->spec == SPEC_GUESS) {
+        spec_guess(s, hist, count);
+        s->spec_seen += collect_block(c, v, begin, count, 48, s->spec_lo, SPEC_SPAN);
+    }
+}
+
 void tm_topk_block(tm_topk *s, uint8_t *mem, const double *v, uint64_t begin, size_t count) {
     if (s->phase == TM_TOPK_HIST) {
-        hist_block((uint64_t *)(mem + s->offset), v, count, s->bits, s->prefix, &s->zeros);
+        if (s->bits == 0) first_hist(s, mem, v, begin, count);
+        else hist_block((uint64_t *)(mem + s->offset), v, count, s->bits, s->prefix, &s->zeros);
     } else if (s->phase == TM_TOPK_COLLECT) {
         topk_pair *c = (topk_pair *)(mem + s->offset) + s->seen;
-        for (size_t e = 0; e < count; e++) {
-            uint64_t key = tm_topk_key(v[e]);
-            if (in_prefix(key, s->bits, s->prefix)) *c++ = (topk_pair){key, begin + e};
+        if (s->bits == 0) { /* a small tensor: every pair */
+            for (size_t e = 0; e < count; e++) c[e] = (topk_pair){tm_topk_key(v[e]), begin + e};
+            s->seen += count;
+        } else {
+            s->seen += collect_block(c, v, begin, count, 64 - s->bits, s->prefix, 0);
         }
-        s->seen = (uint64_t)(c - (topk_pair *)(mem + s->offset));
     } else if (s->phase == TM_TOPK_COUNT) {
         for (size_t e = 0; e < count; e++)
             if (tm_topk_key(v[e]) == s->cut_key && ++s->seen == s->expect) {
@@ -126,6 +192,18 @@ void tm_topk_end(tm_topk *s, uint8_t *mem) {
         s->above += hist[bin];
     }
     const uint64_t in_bin = hist[bin];
+    if (s->bits == 0 && s->spec == SPEC_ON && bin - s->spec_lo <= SPEC_SPAN) {
+        /* the speculation holds every pair of the bin: select among them */
+        topk_pair *c = (topk_pair *)(mem + s->offset + TM_TOPK_BINS * sizeof(uint64_t));
+        size_t m = 0;
+        for (uint64_t e = 0; e < s->spec_seen; e++)
+            if (c[e].key >> 48 == bin) c[m++] = c[e];
+        select_rth(c, m, (size_t)(left - 1));
+        s->cut_key = c[left - 1].key;
+        s->cut_end = c[left - 1].index + 1;
+        s->phase = TM_TOPK_DONE;
+        return;
+    }
     const int zero_bin = s->bits == 0 && bin == 0 && in_bin == s->zeros;
     s->bits += 16;
     s->prefix = s->bits == 16 ? bin : s->prefix << 16 | bin;

@@ -14,7 +14,12 @@
  *   COUNT    when the k-th key is known exactly but many keys equal it (after 64 bits of
  *            histograms, or a bin of zeros: untouched weights), the index cutoff is where the
  *            running count of equal keys reaches the number still to keep (blocks in order).
- * A tensor of at most 65536 elements goes straight to COLLECT (one pass). Memory: 512 KiB of
+ * A tensor of at most 65536 elements goes straight to COLLECT (one pass).
+ * Speculation (the usual case in one pass): the first HIST pass guesses the k-th key's bin from
+ * its first block (the histogram so far) and collects, from that block on, the pairs of the 5 bins
+ * around it (at most numel/4 + 65536 of them); when the pass ends with the k-th key in one of
+ * them, the bin's pairs are all there and the selection ends without the COLLECT pass (the same
+ * k kept; a wrong guess or a full buffer only costs the passes above). Memory: 512 KiB of
  * counters during HIST, 16 bytes per candidate during COLLECT (≤ numel/2 candidates past the
  * first pass of a large tensor), nothing during COUNT. The result: keep key > cut_key, or
  * key == cut_key and index < cut_end. C11. */
@@ -41,7 +46,9 @@ typedef struct tm_topk {
     uint64_t seen;     /* COLLECT: pairs collected; COUNT: equal keys seen */
     uint64_t offset;   /* its bytes in the method's memory (tm_topk_layout) */
     uint64_t cut_key, cut_end;
+    uint64_t spec_lo, spec_seen, spec_cap; /* speculation: the bins' lowest, pairs, room */
     uint32_t bits, phase;
+    uint32_t spec;     /* SPEC_* of topk.c */
 } tm_topk;
 
 /* Doubles of method state a tm_topk takes. */
