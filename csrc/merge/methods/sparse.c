@@ -61,7 +61,7 @@ static tm_status layout(const tm_method_tensor *t, size_t prefix, tm_sparse_inpu
                             off);
     for (size_t j = 0; j < t->n; j++)
         for (int s = 0; s < 2; s++)
-            if (in[j].sel[s].phase == TM_TOPK_HIST) memset(mem + in[j].sel[s].offset, 0, tm_topk_bytes(&in[j].sel[s]));
+            memset(mem + in[j].sel[s].offset, 0, tm_topk_zeroed_bytes(&in[j].sel[s]));
     return TM_OK;
 }
 
@@ -137,11 +137,14 @@ TM_HOT static void random_keep(uint64_t key, uint64_t threshold, uint64_t begin,
     for (size_t e = 0; e < count; e++) keep[e] = (uint8_t)tm_random_keep(key, begin + e, threshold);
 }
 
+/* tm_topk_kept(hi) and not tm_topk_kept(lo), in bitwise operations so that the loop vectorises. */
 TM_HOT static void outliers_keep(const tm_topk *lo, const tm_topk *hi, const double *restrict d, uint64_t begin,
                                  size_t count, uint8_t *restrict keep) {
+    const uint64_t lk = lo->cut_key, le = lo->cut_end, hk = hi->cut_key, he = hi->cut_end;
     for (size_t e = 0; e < count; e++) {
-        uint64_t k = tm_topk_key(d[e]);
-        keep[e] = (uint8_t)(tm_topk_kept(hi, k, begin + e) && !tm_topk_kept(lo, k, begin + e));
+        const uint64_t k = tm_topk_key(d[e]), i = begin + e;
+        const int in_hi = (k > hk) | ((k == hk) & (i < he)), in_lo = (k > lk) | ((k == lk) & (i < le));
+        keep[e] = (uint8_t)(in_hi & !in_lo);
     }
 }
 

@@ -6,10 +6,10 @@ typedef struct topk_pair {
     uint64_t key, index;
 } topk_pair;
 
-enum { SPEC_GUESS, SPEC_ON, SPEC_OFF };
-#define SPEC_SPAN 4 /* bins after spec_lo: 5 in all */
+enum { SPEC_GUESS, SPEC_ON, SPEC_FULL, SPEC_OFF }; /* SPEC_FULL: the pairs did not fit */
+#define SPEC_SPAN 2 /* bins after spec_lo: 3 in all */
 
-static uint64_t spec_cap(uint64_t numel) { return numel / 4 + TM_TOPK_SMALL + 1; }
+static uint64_t spec_cap(uint64_t numel) { return numel / 8 + TM_TOPK_SMALL + 1; }
 
 void tm_topk_init(tm_topk *s, uint64_t numel, uint64_t k) {
     memset(s, 0, sizeof *s);
@@ -36,10 +36,13 @@ void tm_topk_init(tm_topk *s, uint64_t numel, uint64_t k) {
  * more: the branch-free collection writes one past the last). */
 size_t tm_topk_bytes(const tm_topk *s) {
     if (s->phase == TM_TOPK_HIST)
-        return TM_TOPK_BINS * sizeof(uint64_t) + (s->bits == 0 ? (size_t)s->spec_cap * sizeof(topk_pair) : 0);
+        return TM_TOPK_BINS * sizeof(uint64_t) +
+               (s->bits == 0 && s->spec != SPEC_OFF ? (size_t)s->spec_cap * sizeof(topk_pair) : 0);
     if (s->phase == TM_TOPK_COLLECT) return (size_t)(s->expect + 1) * sizeof(topk_pair);
     return 0;
 }
+
+size_t tm_topk_zeroed_bytes(const tm_topk *s) { return s->phase == TM_TOPK_HIST ? TM_TOPK_BINS * sizeof(uint64_t) : 0; }
 
 TM_HOT static void hist_block(uint64_t *restrict hist, const double *restrict v, size_t count, uint32_t bits,
                               uint64_t prefix, uint64_t *zeros) {
@@ -75,54 +78,75 @@ TM_HOT static size_t collect_block(topk_pair *restrict c, const double *restrict
     return m;
 }
 
+/* The bin holding the left-th key from the top (1 ≤ left ≤ the keys counted): walks down in
+ * groups of 64 bins summed at once (most bins of a tensor's keys are empty). *left becomes the
+ * rank inside the bin; *above gains the keys of the bins above it. */
+static uint64_t find_bin(const uint64_t *hist, uint64_t *left, uint64_t *above) {
+    uint64_t l = *left, bin = TM_TOPK_BINS;
+    for (; bin > 64; bin -= 64) {
+        uint64_t sum = 0;
+        for (unsigned i = 1; i <= 64; i++) sum += hist[bin - i];
+        if (sum >= l) break;
+        l -= sum;
+        *above += sum;
+    }
+    for (bin--; hist[bin] < l; bin--) {
+        l -= hist[bin];
+        *above += hist[bin];
+    }
+    *left = l;
+    return bin;
+}
+
 /* The speculation's guess after the first block's histogram: the bin of its k·count/numel-th
- * key; the pairs of the bins around it are collected from then on. */
+ * key; the pairs of the bins around it are collected from then on, and the keys above them
+ * counted (here: the first block's). */
 static void spec_guess(tm_topk *s, const uint64_t *hist, size_t count) {
-    uint64_t want = (uint64_t)((double)s->k * (double)count / (double)s->numel) + 1, bin = TM_TOPK_BINS - 1;
+    uint64_t want = (uint64_t)((double)s->k * (double)count / (double)s->numel) + 1, above = 0;
     if (want > count) want = count;
-    for (uint64_t left = want; bin > 0 && hist[bin] < left; bin--) left -= hist[bin];
+    const uint64_t bin = find_bin(hist, &want, &above);
     s->spec_lo = bin > SPEC_SPAN / 2 ? bin - SPEC_SPAN / 2 : 0;
     if (s->spec_lo + SPEC_SPAN >= TM_TOPK_BINS) s->spec_lo = TM_TOPK_BINS - 1 - SPEC_SPAN;
+    for (uint64_t b = s->spec_lo + SPEC_SPAN + 1; b < TM_TOPK_BINS; b++) s->spec_above += hist[b];
     s->spec = SPEC_ON;
 }
 
-/* The first histogram and the speculation's collection in one loop (see both above). */
-TM_HOT static size_t hist_collect(uint64_t *restrict hist, topk_pair *restrict c, const double *restrict v,
-                                  uint64_t begin, size_t count, uint64_t lo, uint64_t *zeros) {
+/* The speculation past the first block, without counters: the keys above the bins counted, the
+ * pairs of the bins collected branch-free (as collect_block). */
+TM_HOT static size_t spec_scan(topk_pair *restrict c, const double *restrict v, uint64_t begin, size_t count,
+                               uint64_t lo, uint64_t *above) {
     size_t m = 0;
-    uint64_t z = 0;
+    uint64_t a = 0;
     for (size_t e = 0; e < count; e++) {
         const uint64_t key = tm_topk_key(v[e]), bin = key >> 48;
-        hist[bin]++;
-        z += key == 0;
+        a += bin > lo + SPEC_SPAN;
         c[m].key = key;
         c[m].index = begin + e;
         m += bin - lo <= SPEC_SPAN;
     }
-    *zeros += z;
+    *above += a;
     return m;
 }
 
-/* The first HIST pass: the first block guesses, the others collect with the histogram (a block
- * that might not fit ends the speculation: the usual passes follow). */
+/* The first HIST pass with the speculation: the first block's histogram guesses, the others are
+ * only scanned (a block that might not fit ends it: the pass then ends with a histogram of the
+ * first block only, and tm_topk_end starts the usual passes over). */
 static void first_hist(tm_topk *s, uint8_t *mem, const double *v, uint64_t begin, size_t count) {
     uint64_t *hist = (uint64_t *)(mem + s->offset);
     topk_pair *c = (topk_pair *)(mem + s->offset + TM_TOPK_BINS * sizeof(uint64_t)) + s->spec_seen;
-    if (s->spec == SPEC_ON && s->spec_seen + count + 1 > s->spec_cap) s->spec = SPEC_OFF;
-    if (s->spec == SPEC_ON) {
-        s->spec_seen += hist_collect(hist, c, v, begin, count, s->spec_lo, &s->zeros);
-        return;
-    }
-    hist_block(hist, v, count, 0, 0, &s->zeros);
     if (s->spec == SPEC_GUESS) {
+        hist_block(hist, v, count, 0, 0, &s->zeros);
         spec_guess(s, hist, count);
         s->spec_seen += collect_block(c, v, begin, count, 48, s->spec_lo, SPEC_SPAN);
+        return;
     }
+    if (s->spec == SPEC_ON && s->spec_seen + count + 1 > s->spec_cap) s->spec = SPEC_FULL;
+    if (s->spec == SPEC_ON) s->spec_seen += spec_scan(c, v, begin, count, s->spec_lo, &s->spec_above);
 }
 
 void tm_topk_block(tm_topk *s, uint8_t *mem, const double *v, uint64_t begin, size_t count) {
     if (s->phase == TM_TOPK_HIST) {
-        if (s->bits == 0) first_hist(s, mem, v, begin, count);
+        if (s->bits == 0 && s->spec != SPEC_OFF) first_hist(s, mem, v, begin, count);
         else hist_block((uint64_t *)(mem + s->offset), v, count, s->bits, s->prefix, &s->zeros);
     } else if (s->phase == TM_TOPK_COLLECT) {
         topk_pair *c = (topk_pair *)(mem + s->offset) + s->seen;
@@ -185,25 +209,33 @@ void tm_topk_end(tm_topk *s, uint8_t *mem) {
         return;
     }
     if (s->phase != TM_TOPK_HIST) return;
-    const uint64_t *hist = (const uint64_t *)(mem + s->offset);
-    uint64_t left = r, bin = TM_TOPK_BINS - 1;
-    for (; hist[bin] < left; bin--) {
-        left -= hist[bin];
-        s->above += hist[bin];
-    }
-    const uint64_t in_bin = hist[bin];
-    if (s->bits == 0 && s->spec == SPEC_ON && bin - s->spec_lo <= SPEC_SPAN) {
-        /* the speculation holds every pair of the bin: select among them */
-        topk_pair *c = (topk_pair *)(mem + s->offset + TM_TOPK_BINS * sizeof(uint64_t));
-        size_t m = 0;
-        for (uint64_t e = 0; e < s->spec_seen; e++)
-            if (c[e].key >> 48 == bin) c[m++] = c[e];
-        select_rth(c, m, (size_t)(left - 1));
-        s->cut_key = c[left - 1].key;
-        s->cut_end = c[left - 1].index + 1;
-        s->phase = TM_TOPK_DONE;
+    if (s->bits == 0 && s->spec != SPEC_OFF) {
+        const uint64_t a = s->spec_above;
+        if (s->spec == SPEC_ON && s->k > a && s->k - a <= s->spec_seen) {
+            /* the k-th key is in the bins: every pair of them is here, select among them */
+            topk_pair *c = (topk_pair *)(mem + s->offset + TM_TOPK_BINS * sizeof(uint64_t));
+            uint64_t in_bin[SPEC_SPAN + 1] = {0}, rank = s->k - a, bin = SPEC_SPAN;
+            for (uint64_t e = 0; e < s->spec_seen; e++) in_bin[(c[e].key >> 48) - s->spec_lo]++;
+            for (; in_bin[bin] < rank; bin--) rank -= in_bin[bin];
+            size_t m = 0; /* the bin's pairs only, for a smaller selection */
+            for (uint64_t e = 0; e < s->spec_seen; e++) {
+                c[m] = c[e];
+                m += (c[e].key >> 48) - s->spec_lo == bin;
+            }
+            select_rth(c, m, (size_t)rank - 1);
+            s->cut_key = c[rank - 1].key;
+            s->cut_end = c[rank - 1].index + 1;
+            s->phase = TM_TOPK_DONE;
+        } else { /* a wrong guess or too many pairs: the usual first histogram, another pass */
+            s->spec = SPEC_OFF;
+            s->zeros = 0;
+        }
         return;
     }
+    const uint64_t *hist = (const uint64_t *)(mem + s->offset);
+    uint64_t left = r;
+    const uint64_t bin = find_bin(hist, &left, &s->above);
+    const uint64_t in_bin = hist[bin];
     const int zero_bin = s->bits == 0 && bin == 0 && in_bin == s->zeros;
     s->bits += 16;
     s->prefix = s->bits == 16 ? bin : s->prefix << 16 | bin;
@@ -228,7 +260,7 @@ TM_HOT static void keep_loop(const tm_topk *s, const double *v, uint64_t begin, 
     const uint64_t key = s->cut_key, end = s->cut_end;
     for (size_t e = 0; e < count; e++) {
         uint64_t k = tm_topk_key(v[e]);
-        keep[e] = (uint8_t)(k > key || (k == key && begin + e < end));
+        keep[e] = (uint8_t)((k > key) | ((k == key) & (begin + e < end))); /* bitwise: vectorises */
     }
 }
 
