@@ -242,8 +242,13 @@ void tm_sparse_reduce(const tm_sparse_method *s, const tm_method_tensor *t, doub
     for (size_t j = 0; j < t->n; j++) {
         tm_sparse_input *x = &in[j];
         if (x->sel[0].phase == TM_TOPK_DONE && x->sel[1].phase == TM_TOPK_DONE) continue;
-        delta(t, j, begin, count, b, d, k); /* whole blocks: the selections' guess reads the first */
-        for (int sel = 0; sel < 2; sel++) tm_topk_block(&x->sel[sel], mem, d, begin, count);
+        /* in chunks, but the first block whole: the selections' guess reads it */
+        const size_t chunk = begin == 0 ? count : CHUNK;
+        for (size_t c0 = 0; c0 < count; c0 += chunk) {
+            const size_t m = count - c0 < chunk ? count - c0 : chunk;
+            delta(t, j, begin + c0, m, b + c0, d, k);
+            for (int sel = 0; sel < 2; sel++) tm_topk_block(&x->sel[sel], mem, d, begin + c0, m);
+        }
     }
 }
 
