@@ -268,9 +268,49 @@ void tm_kernel_weighted_sum(const tm_view *in, const double *w, size_t n, uint64
     }
 }
 
-void tm_kernel_load_f64(const tm_view *v, uint64_t begin, size_t count, double *out, double *scratch) {
+/* out[j] = x[j] (− sub[j]): widened straight into out, no tile and copy (1·x is x exactly, so the
+ * bits are the weighted sum's). */
+#define DEFINE_LOAD(name, T, LOAD)                                                                     \
+    TM_HOT static void name(const T *restrict x, const double *restrict sub, size_t count, double *restrict out) { \
+        if (sub) for (size_t j = 0; j < count; j++) out[j] = LOAD(x, j) - sub[j];                      \
+        else for (size_t j = 0; j < count; j++) out[j] = LOAD(x, j);                                   \
+    }
+
+#define LOAD_F16(x, j) ((double)tm_half_to_float((x)[j]))
+DEFINE_LOAD(load_f32, float, LOAD_F32)
+DEFINE_LOAD(load_f64, double, LOAD_F64)
+DEFINE_LOAD(load_bf16, uint16_t, LOAD_BF16)
+DEFINE_LOAD(load_f16, uint16_t, LOAD_F16)
+
+TM_HOT static void subtract(double *restrict out, const double *restrict sub, size_t count) {
+    for (size_t j = 0; j < count; j++) out[j] -= sub[j];
+}
+
+static void load_sub(const tm_view *v, uint64_t begin, size_t count, const double *sub, double *out,
+                     double *scratch) {
+    const size_t item = tm_dtype_size(v->dtype);
+    const uint8_t *p = v->base + (uint64_t)(v->offset + (int64_t)begin) * item;
+    if (count && is_contiguous(v) && (uintptr_t)p % item == 0) {
+        switch (v->dtype) {
+        case TM_FLOAT32: load_f32((const float *)(const void *)p, sub, count, out); return;
+        case TM_FLOAT64: load_f64((const double *)(const void *)p, sub, count, out); return;
+        case TM_BFLOAT16: load_bf16((const uint16_t *)(const void *)p, sub, count, out); return;
+        case TM_FLOAT16: load_f16((const uint16_t *)(const void *)p, sub, count, out); return;
+        default: break;
+        }
+    }
     static const double one = 1;
     tm_kernel_weighted_sum(v, &one, 1, begin, count, TM_FLOAT64, out, scratch);
+    if (sub) subtract(out, sub, count);
+}
+
+void tm_kernel_load_f64(const tm_view *v, uint64_t begin, size_t count, double *out, double *scratch) {
+    load_sub(v, begin, count, NULL, out, scratch);
+}
+
+void tm_kernel_delta_f64(const tm_view *v, uint64_t begin, size_t count, const double *sub, double *out,
+                         double *scratch) {
+    load_sub(v, begin, count, sub, out, scratch);
 }
 
 void tm_kernel_copy(const tm_view *v, uint64_t begin, size_t count, tm_dtype out_dtype, void *out) {
@@ -278,6 +318,11 @@ void tm_kernel_copy(const tm_view *v, uint64_t begin, size_t count, tm_dtype out
     uint8_t *o = out;
     if (out_dtype == v->dtype && is_contiguous(v)) {
         memcpy(o, v->base + (uint64_t)(v->offset + (int64_t)begin) * item, count * item);
+        return;
+    }
+    const uint8_t *p = v->base + (uint64_t)(v->offset + (int64_t)begin) * item;
+    if (v->dtype == TM_FLOAT64 && is_contiguous(v) && (uintptr_t)p % item == 0) { /* a method's float64 result */
+        store_real_block((const double *)(const void *)p, count, out_dtype, o);
         return;
     }
     iter it;

@@ -34,6 +34,11 @@ void tm_kernel_weighted_sum(const tm_view *in, const double *w, size_t n, uint64
  * typed loops (scratch: count doubles). For methods that work on the values themselves. */
 void tm_kernel_load_f64(const tm_view *v, uint64_t begin, size_t count, double *out, double *scratch);
 
+/* out[j] = v[begin + j] − sub[j] in float64 (a task vector δ = x − b, b already widened), fused
+ * into one pass where the typed loops can read v (scratch: count doubles). */
+void tm_kernel_delta_f64(const tm_view *v, uint64_t begin, size_t count, const double *sub, double *out,
+                         double *scratch);
+
 /* Copies elements [begin, begin+count) of v into out as out_dtype (a plain cast for integer and
  * bool tensors; same dtype is a byte copy). */
 void tm_kernel_copy(const tm_view *v, uint64_t begin, size_t count, tm_dtype out_dtype, void *out);

@@ -12,6 +12,8 @@
 
 enum { MODE_NONE, MODE_SELECT, MODE_NORM, MODE_CUSTOM };
 
+#define CHUNK TM_SPARSE_CHUNK
+
 static tm_sparse_header *header(double *state) { return (tm_sparse_header *)state; }
 static tm_sparse_input *inputs(double *state) { return (tm_sparse_input *)(state + TM_SPARSE_STATE_FIXED); }
 static const tm_sparse_header *cheader(const double *state) { return (const tm_sparse_header *)state; }
@@ -20,19 +22,41 @@ static const tm_sparse_input *cinputs(const double *state) {
 }
 
 /* The method memory: n rows of a block of doubles (the weighted δ' of each input for the
- * consensus; row 0 is δ for the others), a block of keep bytes, then the selections' bytes, or
- * a custom sparsification's (it has no selections). */
+ * consensus; row 0 is δ for the others), n blocks of keep bytes, with DARE's l1 rescale the
+ * masks of the whole tensor (n × numel bytes: drawn once in the norms' pass, read by apply),
+ * then the selections' bytes, or a custom sparsification's (it has no selections; its masks
+ * are its own, never the saved DARE masks). */
 static size_t rows_bytes(size_t n) { return (n ? n : 1) * TM_BLOCK_ELEMS * sizeof(double); }
-static size_t prefix_bytes(size_t n) { return rows_bytes(n) + TM_BLOCK_ELEMS; }
-static size_t custom_offset(size_t n) { return prefix_bytes(n); }
+static size_t keep_bytes(size_t n) { return (n ? n : 1) * TM_BLOCK_ELEMS; }
+static int saves_masks(const tm_sparse_method *s, const tm_sparse_header *h) {
+    return s->sparsify == TM_SPARSIFY_RANDOM && h->rescale == TM_RESCALE_L1;
+}
+static size_t masks_bytes(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t) {
+    return saves_masks(s, h) ? ((size_t)t->n * (size_t)t->numel + 7) & ~(size_t)7 : 0;
+}
+static size_t prefix_bytes(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t) {
+    return rows_bytes(t->n) + keep_bytes(t->n) + masks_bytes(s, h, t);
+}
+/* Input j's keep bytes for the block at begin: its saved mask, or its row of keep bytes. */
+static uint8_t *keep_of(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t, size_t j,
+                        uint64_t begin) {
+    uint8_t *keep = (uint8_t *)t->memory->data + rows_bytes(t->n);
+    if (saves_masks(s, h)) return keep + keep_bytes(t->n) + j * (size_t)t->numel + begin;
+    return keep + j * (size_t)TM_BLOCK_ELEMS;
+}
+/* A custom sparsification's bytes: after the prefix (no selections take bytes there). */
+static size_t custom_offset(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t) {
+    return prefix_bytes(s, h, t);
+}
 
 static double param1(const tm_method_tensor *t, int p, double dflt) { return p < 0 ? dflt : tm_tensor_param1(t, (size_t)p); }
 
-/* Places each selection's bytes for its next pass after the prefix, reserves them, and clears
- * the histograms. */
-static tm_status layout(const tm_sparse_method *s, const tm_method_tensor *t, tm_sparse_input *in, int first,
-                        tm_error *err) {
-    size_t off = prefix_bytes(t->n);
+/* Places each selection's bytes for its next pass after the prefix (a custom sparsification's at
+ * the prefix: it has no selections), reserves them, clears the histograms, and at prepare (first)
+ * zeroes the custom bytes. */
+static tm_status layout(const tm_sparse_method *s, const tm_method_tensor *t, size_t prefix, tm_sparse_input *in,
+                        int first, tm_error *err) {
+    size_t off = prefix;
     for (size_t j = 0; j < t->n; j++)
         for (int q = 0; q < 2; q++) {
             in[j].sel[q].offset = off;
@@ -46,8 +70,8 @@ static tm_status layout(const tm_sparse_method *s, const tm_method_tensor *t, tm
                             off);
     for (size_t j = 0; j < t->n; j++)
         for (int q = 0; q < 2; q++)
-            if (in[j].sel[q].phase == TM_TOPK_HIST) memset(mem + in[j].sel[q].offset, 0, tm_topk_bytes(&in[j].sel[q]));
-    if (first && custom) memset(mem + custom_offset(t->n), 0, custom);
+            memset(mem + in[j].sel[q].offset, 0, tm_topk_zeroed_bytes(&in[j].sel[q]));
+    if (first && custom) memset(mem + prefix, 0, custom);
     return TM_OK;
 }
 
@@ -115,29 +139,27 @@ tm_status tm_sparse_prepare(const tm_sparse_method *s, const tm_method_tensor *t
     }
     h->mode = MODE_NONE;
     h->mode = next_mode(s, h, in, n);
-    return layout(s, t, in, 1, err);
+    return layout(s, t, prefix_bytes(s, h, t), in, 1, err);
 }
 
-/* δ = x − b over the block (x into d by the kernel's typed loops; b already in float64). */
-TM_HOT static void subtract(double *restrict d, const double *restrict b, size_t count) {
-    for (size_t e = 0; e < count; e++) d[e] -= b[e];
-}
-
+/* δ = x − b over the block (b already in float64). */
 static void delta(const tm_method_tensor *t, size_t j, uint64_t begin, size_t count, const double *b, double *d,
                   double *k) {
-    tm_kernel_load_f64(&t->in[j], begin, count, d, k);
-    subtract(d, b, count);
+    tm_kernel_delta_f64(&t->in[j], begin, count, b, d, k);
 }
 
 TM_HOT static void random_keep(uint64_t key, uint64_t threshold, uint64_t begin, size_t count, uint8_t *restrict keep) {
     for (size_t e = 0; e < count; e++) keep[e] = (uint8_t)tm_random_keep(key, begin + e, threshold);
 }
 
+/* tm_topk_kept(hi) and not tm_topk_kept(lo), in bitwise operations so that the loop vectorises. */
 TM_HOT static void outliers_keep(const tm_topk *lo, const tm_topk *hi, const double *restrict d, uint64_t begin,
                                  size_t count, uint8_t *restrict keep) {
+    const uint64_t lk = lo->cut_key, le = lo->cut_end, hk = hi->cut_key, he = hi->cut_end;
     for (size_t e = 0; e < count; e++) {
-        uint64_t k = tm_topk_key(d[e]);
-        keep[e] = (uint8_t)(tm_topk_kept(hi, k, begin + e) && !tm_topk_kept(lo, k, begin + e));
+        const uint64_t k = tm_topk_key(d[e]), i = begin + e;
+        const int in_hi = (k > hk) | ((k == hk) & (i < he)), in_lo = (k > lk) | ((k == lk) & (i < le));
+        keep[e] = (uint8_t)(in_hi & !in_lo);
     }
 }
 
@@ -146,34 +168,80 @@ TM_HOT static void threshold_keep(uint64_t min_key, const double *restrict d, si
 }
 
 /* keep[e]: whether the sparsification keeps element begin + e of input j's δ. */
-static void keep_block(const tm_sparse_method *s, const tm_method_tensor *t, size_t j, const tm_sparse_input *x,
-                       const double *d, uint64_t begin, size_t count, uint8_t *keep) {
+static void keep_block(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t, size_t j,
+                       const tm_sparse_input *x, const double *d, uint64_t begin, size_t count, uint8_t *keep) {
     if (s->sparsify == TM_SPARSIFY_RANDOM) random_keep(x->key, x->threshold, begin, count, keep);
     else if (s->sparsify == TM_SPARSIFY_OUTLIERS) outliers_keep(&x->sel[0], &x->sel[1], d, begin, count, keep);
     else if (s->sparsify == TM_SPARSIFY_CUSTOM)
-        s->custom->keep(t, j, x, (const uint8_t *)t->memory->data + custom_offset(t->n), begin, count, keep);
+        s->custom->keep(t, j, x, (const uint8_t *)t->memory->data + custom_offset(s, h, t), begin, count, keep);
     else if (tm_ties_global(t)) threshold_keep(tm_ties_global_min_key(t, t->input[j]), d, count, keep);
     else tm_topk_keep(&x->sel[0], d, begin, count, keep);
 }
 
-/* Σ|d| over the block, and over its kept elements (sequential: the bits are documented by the
- * tests' references only to 1 ulp, but dare_linear's bytes stay those of its first release). */
-TM_HOT static void l1_norms(const double *restrict d, const uint8_t *restrict keep, size_t count, double *all_out,
-                            double *kept_out) {
-    double all = 0, kept = 0;
+/* Σ|d| over the block, and over its kept elements, of 4 inputs at once (sequential per input: the
+ * bits are documented by the tests' references only to 1 ulp, but dare_linear's bytes stay those
+ * of its first release; 8 independent chains of additions hide each addition's latency). */
+static inline double kept_abs(double a, uint8_t keep) {
+    /* |d| or +0 by masking its bits: a branch on a random mask mispredicts half the time */
+    uint64_t u;
+    memcpy(&u, &a, sizeof u);
+    u &= -(uint64_t)keep;
+    double k;
+    memcpy(&k, &u, sizeof k);
+    return k;
+}
+
+TM_HOT static void l1_norms4(const double *const *d, const uint8_t *const *keep, size_t count, double *all_out,
+                             double *kept_out) {
+    const double *restrict d0 = d[0], *restrict d1 = d[1], *restrict d2 = d[2], *restrict d3 = d[3];
+    const uint8_t *restrict k0 = keep[0], *restrict k1 = keep[1], *restrict k2 = keep[2], *restrict k3 = keep[3];
+    double a0 = all_out[0], a1 = all_out[1], a2 = all_out[2], a3 = all_out[3];
+    double s0 = kept_out[0], s1 = kept_out[1], s2 = kept_out[2], s3 = kept_out[3];
     for (size_t e = 0; e < count; e++) {
-        /* |d| or +0 by masking its bits: a branch on a random mask mispredicts half the time */
-        uint64_t u;
-        double a = fabs(d[e]);
-        memcpy(&u, &a, sizeof u);
-        u &= -(uint64_t)keep[e];
-        double k;
-        memcpy(&k, &u, sizeof k);
-        all += a;
-        kept += k;
+        const double x0 = fabs(d0[e]), x1 = fabs(d1[e]), x2 = fabs(d2[e]), x3 = fabs(d3[e]);
+        a0 += x0;
+        a1 += x1;
+        a2 += x2;
+        a3 += x3;
+        s0 += kept_abs(x0, k0[e]);
+        s1 += kept_abs(x1, k1[e]);
+        s2 += kept_abs(x2, k2[e]);
+        s3 += kept_abs(x3, k3[e]);
     }
-    *all_out = all;
-    *kept_out = kept;
+    all_out[0] = a0, all_out[1] = a1, all_out[2] = a2, all_out[3] = a3;
+    kept_out[0] = s0, kept_out[1] = s1, kept_out[2] = s2, kept_out[3] = s3;
+}
+
+/* The norms' pass over a block, chunk by chunk: every input's δ and keep bytes, then their norms
+ * 4 inputs at a time (a group of fewer repeats its first input and drops the copies' sums); each
+ * block's sums carry over its chunks in element order. */
+static void norms_block(const tm_sparse_method *s, const tm_method_tensor *t, tm_sparse_header *h, tm_sparse_input *in,
+                        const double *b, uint64_t begin, size_t count, double *k) {
+    double *rows = (double *)t->memory->data;
+    for (size_t j0 = 0; j0 < t->n; j0 += 4) {
+        const size_t g = t->n - j0 < 4 ? t->n - j0 : 4;
+        double all[4] = {0, 0, 0, 0}, kept[4] = {0, 0, 0, 0};
+        for (size_t c0 = 0; c0 < count; c0 += CHUNK) {
+            const size_t m = count - c0 < CHUNK ? count - c0 : CHUNK;
+            const double *d[4];
+            const uint8_t *keep[4];
+            for (size_t i = 0; i < 4; i++) {
+                double *row = rows + (i < g ? i : 0) * CHUNK;
+                uint8_t *kj = keep_of(s, h, t, j0 + (i < g ? i : 0), begin) + c0;
+                if (i < g) {
+                    delta(t, j0 + i, begin + c0, m, b + c0, row, k);
+                    keep_block(s, h, t, j0 + i, &in[j0 + i], row, begin + c0, m, kj);
+                }
+                d[i] = row;
+                keep[i] = kj;
+            }
+            l1_norms4(d, keep, m, all, kept);
+        }
+        for (size_t i = 0; i < g; i++) {
+            in[j0 + i].l1_all += all[i];
+            in[j0 + i].l1_kept += kept[i];
+        }
+    }
 }
 
 void tm_sparse_reduce(const tm_sparse_method *s, const tm_method_tensor *t, double *state, uint64_t begin,
@@ -183,24 +251,24 @@ void tm_sparse_reduce(const tm_sparse_method *s, const tm_method_tensor *t, doub
     if (h->mode == MODE_NONE) return;
     uint8_t *mem = t->memory->data;
     double *d = (double *)mem, *b = scratch, *k = scratch + count;
-    uint8_t *keep = mem + rows_bytes(t->n);
     if (h->mode == MODE_CUSTOM) {
-        s->custom->pass(t, in, mem + custom_offset(t->n), begin, count);
+        s->custom->pass(t, in, mem + custom_offset(s, h, t), begin, count);
         if (h->rescale != TM_RESCALE_L1) return;
     }
     tm_kernel_load_f64(t->base, begin, count, b, k);
+    if (h->mode == MODE_NORM || h->mode == MODE_CUSTOM) { /* CUSTOM: rescale l1 (else returned above) */
+        norms_block(s, t, h, in, b, begin, count, k);
+        return;
+    }
     for (size_t j = 0; j < t->n; j++) {
         tm_sparse_input *x = &in[j];
-        if (h->mode == MODE_SELECT && x->sel[0].phase == TM_TOPK_DONE && x->sel[1].phase == TM_TOPK_DONE) continue;
-        delta(t, j, begin, count, b, d, k);
-        if (h->mode == MODE_SELECT) {
-            for (int sel = 0; sel < 2; sel++) tm_topk_block(&x->sel[sel], mem, d, begin, count);
-        } else {
-            double all, kept;
-            keep_block(s, t, j, x, d, begin, count, keep);
-            l1_norms(d, keep, count, &all, &kept);
-            x->l1_all += all;
-            x->l1_kept += kept;
+        if (x->sel[0].phase == TM_TOPK_DONE && x->sel[1].phase == TM_TOPK_DONE) continue;
+        /* in chunks, but the first block whole: the selections' guess reads it */
+        const size_t chunk = begin == 0 ? count : CHUNK;
+        for (size_t c0 = 0; c0 < count; c0 += chunk) {
+            const size_t m = count - c0 < chunk ? count - c0 : chunk;
+            delta(t, j, begin + c0, m, b + c0, d, k);
+            for (int sel = 0; sel < 2; sel++) tm_topk_block(&x->sel[sel], mem, d, begin + c0, m);
         }
     }
 }
@@ -214,7 +282,7 @@ tm_status tm_sparse_reduce_end(const tm_sparse_method *s, const tm_method_tensor
             for (int sel = 0; sel < 2; sel++) tm_topk_end(&in[j].sel[sel], t->memory->data);
     h->mode = next_mode(s, h, in, t->n);
     *again = h->mode != MODE_NONE;
-    return *again ? layout(s, t, in, 0, err) : TM_OK;
+    return *again ? layout(s, t, prefix_bytes(s, h, t), in, 0, err) : TM_OK;
 }
 
 /* The rescale factor of input x (after the norms' pass). */
@@ -243,24 +311,21 @@ TM_HOT static void add_base(double *restrict acc, const double *restrict b, size
 }
 
 double *tm_sparse_rows(const tm_sparse_method *s, const tm_method_tensor *t, const double *state, uint64_t begin,
-                       size_t count, double *scratch, double *acc) {
+                       size_t c0, size_t m, const double *b, double *k, double *acc) {
     const size_t n = t->n;
     const tm_sparse_header *h = cheader(state);
     const tm_sparse_input *in = cinputs(state);
     const int ties = s->consensus == TM_CONSENSUS_TIES;
-    uint8_t *mem = t->memory->data;
-    double *rows = (double *)mem, *b = scratch + count, *k = scratch + 2 * count;
-    uint8_t *keep = mem + rows_bytes(n);
-    tm_kernel_load_f64(t->base, begin, count, b, k);
+    double *rows = (double *)t->memory->data;
     for (size_t j = 0; j < n; j++) {
         const tm_sparse_input *x = &in[j];
-        double *d = ties ? rows + j * count : rows;
-        delta(t, j, begin, count, b, d, k);
-        keep_block(s, t, j, x, d, begin, count, keep);
-        if (acc) tm_method_mask(t, j, begin, count, keep);
+        double *d = ties ? rows + j * m : rows;
+        uint8_t *keep = keep_of(s, h, t, j, begin) + c0;
+        delta(t, j, begin + c0, m, b + c0, d, k);
+        if (!saves_masks(s, h)) keep_block(s, h, t, j, x, d, begin + c0, m, keep);
         const double c = x->coef * rescale_of(h, x);
-        if (ties) scale_kept(d, keep, c, count);
-        else add_kept(acc, d, keep, c, count);
+        if (ties) scale_kept(d, keep, c, m);
+        else add_kept(acc + c0, d, keep, c, m);
     }
     return rows;
 }
@@ -270,17 +335,21 @@ void tm_sparse_apply(const tm_sparse_method *s, const tm_method_tensor *t, const
     const size_t n = t->n;
     const tm_sparse_header *h = cheader(state);
     const tm_sparse_input *in = cinputs(state);
-    double *acc = scratch, *b = scratch + count;
-    for (size_t e = 0; e < count; e++) acc[e] = 0;
-    double *rows = tm_sparse_rows(s, t, state, begin, count, scratch, acc);
-    if (s->consensus == TM_CONSENSUS_TIES) {
-        double w[n ? n : 1];
-        for (size_t j = 0; j < n; j++) w[j] = in[j].coef;
-        tm_consensus_merge(rows, w, n, count, h->sign_rule, h->agg, tm_ties_global_zero_sign(t), acc);
-        add_scaled(acc, b, h->lambda, count);
-    } else {
-        add_base(acc, b, count);
+    const int ties = s->consensus == TM_CONSENSUS_TIES;
+    double *acc = scratch, *b = scratch + count, *k = scratch + 2 * count;
+    double w[n ? n : 1];
+    for (size_t j = 0; j < n; j++) w[j] = in[j].coef;
+    if (!ties)
+        for (size_t e = 0; e < count; e++) acc[e] = 0;
+    tm_kernel_load_f64(t->base, begin, count, b, k);
+    for (size_t c0 = 0; c0 < count; c0 += TM_SPARSE_CHUNK) {
+        const size_t m = count - c0 < TM_SPARSE_CHUNK ? count - c0 : TM_SPARSE_CHUNK;
+        double *rows = tm_sparse_rows(s, t, state, begin, c0, m, b, k, acc);
+        if (ties) tm_consensus_merge(rows, w, n, m, h->sign_rule, h->agg, tm_ties_global_zero_sign(t), acc + c0);
     }
+    for (size_t j = 0; j < n; j++) tm_method_mask(t, j, begin, count, keep_of(s, h, t, j, begin));
+    if (ties) add_scaled(acc, b, h->lambda, count);
+    else add_base(acc, b, count);
     tm_view sum = {(const uint8_t *)acc, TM_FLOAT64, 1, (const int64_t[]){(int64_t)count}, (const int64_t[]){1}, 0};
     tm_kernel_copy(&sum, 0, count, t->out_dtype, out); /* rounded once */
 }

@@ -105,11 +105,16 @@ tm_status tm_sparse_reduce_end(const tm_sparse_method *s, const tm_method_tensor
 void tm_sparse_apply(const tm_sparse_method *s, const tm_method_tensor *t, const double *state, uint64_t begin,
                      size_t count, void *out, double *scratch);
 
-/* The weighted, sparsified δ of every input over a block (ties: rows of count doubles in the
- * method memory, returned; b, the base in float64, left at scratch + count). With acc (the
- * apply), the keep-masks are reported and a linear consensus adds its terms into acc. */
+/* Blocks are worked in chunks of this many elements, so that every input's row of a chunk stays
+ * in cache between the loops that read it. */
+#define TM_SPARSE_CHUNK 4096
+
+/* The weighted, sparsified δ of every input over elements [c0, c0 + m) of the block at begin
+ * (m ≤ TM_SPARSE_CHUNK; b: the block's base in float64; k: count doubles of scratch): ties, rows
+ * of m doubles in the method memory, returned; linear, their terms added into acc[c0, c0 + m).
+ * The keep bytes of input j stay in the method memory for the block (the masks' report). */
 double *tm_sparse_rows(const tm_sparse_method *s, const tm_method_tensor *t, const double *state, uint64_t begin,
-                       size_t count, double *scratch, double *acc);
+                       size_t c0, size_t m, const double *b, double *k, double *acc);
 
 /* The merge-wide checks of the family: weights (with normalize on a linear consensus), and
  * gamma + density ≤ 1. */

@@ -1,8 +1,10 @@
 #include "merge/methods/ties_global.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "merge/hot.h"
 #include "merge/methods/consensus.h"
 
 enum { G_PHASE, G_SIGNSUM, G_ZERO_SIGN };            /* fixed doubles */
@@ -30,16 +32,51 @@ uint64_t tm_ties_global_min_key(const tm_method_tensor *t, size_t input) {
 
 double tm_ties_global_zero_sign(const tm_method_tensor *t) { return t->model ? t->model[G_ZERO_SIGN] : 1.0; }
 
+/* The counters of the keys under the prefix (bits == 0: every key). */
+TM_HOT static void hist_block(double *restrict hist, const double *restrict d, size_t count, unsigned bits,
+                              uint64_t prefix) {
+    if (bits == 0) {
+        for (size_t e = 0; e < count; e++) hist[tm_topk_key(d[e]) >> 48] += 1;
+        return;
+    }
+    for (size_t e = 0; e < count; e++) {
+        const uint64_t key = tm_topk_key(d[e]);
+        if (key >> (64 - bits) == prefix) hist[(key >> (48 - bits)) & 0xffff] += 1;
+    }
+}
+
+/* Σ sign(s[e]) */
+TM_HOT static int64_t sign_sum(const double *restrict s, size_t count) {
+    int64_t sum = 0;
+    for (size_t e = 0; e < count; e++) sum += (s[e] > 0) - (s[e] < 0);
+    return sum;
+}
+
+/* The |d| whose keys are under the prefix, compacted to the front of d, branch-free (d[m] is
+ * written for every element: m ≤ e, read before); returns how many. */
+TM_HOT static size_t collect_block(double *d, size_t count, unsigned bits, uint64_t prefix) {
+    size_t m = 0;
+    for (size_t e = 0; e < count; e++) {
+        const double a = fabs(d[e]);
+        d[m] = a;
+        m += tm_topk_key(a) >> (64 - bits) == prefix;
+    }
+    return m;
+}
+
 void tm_ties_global_reduce(const tm_sparse_method *s, const tm_method_tensor *t, const double *state, uint64_t begin,
                            size_t count, double *sum, double *scratch) {
     const double *model = t->model;
     if (model[G_PHASE] == PH_SIGN) {
         const tm_sparse_header *h = (const tm_sparse_header *)state;
-        double *rows = tm_sparse_rows(s, t, state, begin, count, scratch, NULL);
-        tm_consensus_score(rows, t->n, count, h->sign_rule, scratch);
-        double signs = 0;
-        for (size_t e = 0; e < count; e++) signs += (scratch[e] > 0) - (scratch[e] < 0);
-        sum[G_SIGNSUM] += signs;
+        double *b = scratch + count, *k = scratch + 2 * count;
+        tm_kernel_load_f64(t->base, begin, count, b, k);
+        for (size_t c0 = 0; c0 < count; c0 += TM_SPARSE_CHUNK) {
+            const size_t m = count - c0 < TM_SPARSE_CHUNK ? count - c0 : TM_SPARSE_CHUNK;
+            double *rows = tm_sparse_rows(s, t, state, begin, c0, m, b, k, NULL);
+            tm_consensus_score(rows, t->n, m, h->sign_rule, scratch + c0);
+        }
+        sum[G_SIGNSUM] += (double)sign_sum(scratch, count); /* exact: integers below 2⁵³ */
         return;
     }
     if (model[G_PHASE] != PH_SELECT) return;
@@ -50,21 +87,14 @@ void tm_ties_global_reduce(const tm_sparse_method *s, const tm_method_tensor *t,
         const double *mi = cin_state(model, i);
         double *si = in_state(sum, i);
         if (mi[I_PHASE] == IN_DONE) continue;
-        tm_kernel_load_f64(&t->in[j], begin, count, d, k);
-        for (size_t e = 0; e < count; e++) d[e] -= b[e];
+        tm_kernel_delta_f64(&t->in[j], begin, count, b, d, k);
         const unsigned bits = (unsigned)mi[I_BITS];
         const uint64_t prefix = get_bits(&mi[I_PREFIX]);
         if (mi[I_PHASE] == IN_HIST) {
-            double *hist = si + I_HIST;
             if (bits == 0) si[I_D] += (double)count;
-            for (size_t e = 0; e < count; e++) {
-                const uint64_t key = tm_topk_key(d[e]);
-                if (bits == 0 || key >> (64 - bits) == prefix) hist[(key >> (48 - bits)) & 0xffff] += 1;
-            }
+            hist_block(si + I_HIST, d, count, bits, prefix);
         } else { /* collect the bin's values, compacted in place */
-            size_t m = 0;
-            for (size_t e = 0; e < count; e++)
-                if (tm_topk_key(d[e]) >> (64 - bits) == prefix) d[m++] = d[e] < 0 ? -d[e] : d[e];
+            const size_t m = collect_block(d, count, bits, prefix);
             if (tm_method_collect(t, i, d, m)) return; /* model_end reports the lost memory */
         }
     }

@@ -6,6 +6,11 @@ typedef struct topk_pair {
     uint64_t key, index;
 } topk_pair;
 
+enum { SPEC_GUESS, SPEC_ON, SPEC_FULL, SPEC_OFF }; /* SPEC_FULL: the pairs did not fit */
+#define SPEC_SPAN 2 /* bins after spec_lo: 3 in all */
+
+static uint64_t spec_cap(uint64_t numel) { return numel / 8 + TM_TOPK_SMALL + 1; }
+
 void tm_topk_init(tm_topk *s, uint64_t numel, uint64_t k) {
     memset(s, 0, sizeof *s);
     s->numel = numel;
@@ -23,19 +28,21 @@ void tm_topk_init(tm_topk *s, uint64_t numel, uint64_t k) {
         s->expect = numel;
     } else {
         s->phase = TM_TOPK_HIST;
+        s->spec_cap = spec_cap(numel);
     }
 }
 
+/* The pairs after a HIST pass's counters (first pass: the speculation's), or a COLLECT pass's (one
+ * more: the branch-free collection writes one past the last). */
 size_t tm_topk_bytes(const tm_topk *s) {
-    if (s->phase == TM_TOPK_HIST) return TM_TOPK_BINS * sizeof(uint64_t);
-    if (s->phase == TM_TOPK_COLLECT) return (size_t)s->expect * sizeof(topk_pair);
+    if (s->phase == TM_TOPK_HIST)
+        return TM_TOPK_BINS * sizeof(uint64_t) +
+               (s->bits == 0 && s->spec != SPEC_OFF ? (size_t)s->spec_cap * sizeof(topk_pair) : 0);
+    if (s->phase == TM_TOPK_COLLECT) return (size_t)(s->expect + 1) * sizeof(topk_pair);
     return 0;
 }
 
-/* 1 when the key's top `bits` bits are the prefix. */
-static inline int in_prefix(uint64_t key, uint32_t bits, uint64_t prefix) {
-    return bits == 0 || (key >> (64 - bits)) == prefix;
-}
+size_t tm_topk_zeroed_bytes(const tm_topk *s) { return s->phase == TM_TOPK_HIST ? TM_TOPK_BINS * sizeof(uint64_t) : 0; }
 
 TM_HOT static void hist_block(uint64_t *restrict hist, const double *restrict v, size_t count, uint32_t bits,
                               uint64_t prefix, uint64_t *zeros) {
@@ -56,16 +63,99 @@ TM_HOT static void hist_block(uint64_t *restrict hist, const double *restrict v,
     }
 }
 
+/* Appends the pairs whose key's top 16 bits are in [lo, lo + span] (top 64 − shift bits == lo
+ * when span is 0 and shift < 64, as a COLLECT pass) to c, branch-free (c[m] is written for
+ * every element, one past the last kept included); returns how many. */
+TM_HOT static size_t collect_block(topk_pair *restrict c, const double *restrict v, uint64_t begin, size_t count,
+                                   unsigned shift, uint64_t lo, uint64_t span) {
+    size_t m = 0;
+    for (size_t e = 0; e < count; e++) {
+        const uint64_t key = tm_topk_key(v[e]);
+        c[m].key = key;
+        c[m].index = begin + e;
+        m += (key >> shift) - lo <= span;
+    }
+    return m;
+}
+
+/* The bin holding the left-th key from the top (1 ≤ left ≤ the keys counted): walks down in
+ * groups of 64 bins summed at once (most bins of a tensor's keys are empty). *left becomes the
+ * rank inside the bin; *above gains the keys of the bins above it. */
+static uint64_t find_bin(const uint64_t *hist, uint64_t *left, uint64_t *above) {
+    uint64_t l = *left, bin = TM_TOPK_BINS;
+    for (; bin > 64; bin -= 64) {
+        uint64_t sum = 0;
+        for (unsigned i = 1; i <= 64; i++) sum += hist[bin - i];
+        if (sum >= l) break;
+        l -= sum;
+        *above += sum;
+    }
+    for (bin--; hist[bin] < l; bin--) {
+        l -= hist[bin];
+        *above += hist[bin];
+    }
+    *left = l;
+    return bin;
+}
+
+/* The speculation's guess after the first block's histogram: the bin of its k·count/numel-th
+ * key; the pairs of the bins around it are collected from then on, and the keys above them
+ * counted (here: the first block's). */
+static void spec_guess(tm_topk *s, const uint64_t *hist, size_t count) {
+    uint64_t want = (uint64_t)((double)s->k * (double)count / (double)s->numel) + 1, above = 0;
+    if (want > count) want = count;
+    const uint64_t bin = find_bin(hist, &want, &above);
+    s->spec_lo = bin > SPEC_SPAN / 2 ? bin - SPEC_SPAN / 2 : 0;
+    if (s->spec_lo + SPEC_SPAN >= TM_TOPK_BINS) s->spec_lo = TM_TOPK_BINS - 1 - SPEC_SPAN;
+    for (uint64_t b = s->spec_lo + SPEC_SPAN + 1; b < TM_TOPK_BINS; b++) s->spec_above += hist[b];
+    s->spec = SPEC_ON;
+}
+
+/* The speculation past the first block, without counters: the keys above the bins counted, the
+ * pairs of the bins collected branch-free (as collect_block). */
+TM_HOT static size_t spec_scan(topk_pair *restrict c, const double *restrict v, uint64_t begin, size_t count,
+                               uint64_t lo, uint64_t *above) {
+    size_t m = 0;
+    uint64_t a = 0;
+    for (size_t e = 0; e < count; e++) {
+        const uint64_t key = tm_topk_key(v[e]), bin = key >> 48;
+        a += bin > lo + SPEC_SPAN;
+        c[m].key = key;
+        c[m].index = begin + e;
+        m += bin - lo <= SPEC_SPAN;
+    }
+    *above += a;
+    return m;
+}
+
+/* The first HIST pass with the speculation: the first block's histogram guesses, the others are
+ * only scanned (a block that might not fit ends it: the pass then ends with a histogram of the
+ * first block only, and tm_topk_end starts the usual passes over). */
+static void first_hist(tm_topk *s, uint8_t *mem, const double *v, uint64_t begin, size_t count) {
+    uint64_t *hist = (uint64_t *)(mem + s->offset);
+    topk_pair *c = (topk_pair *)(mem + s->offset + TM_TOPK_BINS * sizeof(uint64_t)) + s->spec_seen;
+    if (s->spec == SPEC_GUESS) {
+        hist_block(hist, v, count, 0, 0, &s->zeros);
+        spec_guess(s, hist, count);
+        s->spec_seen += collect_block(c, v, begin, count, 48, s->spec_lo, SPEC_SPAN);
+        return;
+    }
+    if (s->spec == SPEC_ON && s->spec_seen + count + 1 > s->spec_cap) s->spec = SPEC_FULL;
+    if (s->spec == SPEC_ON) s->spec_seen += spec_scan(c, v, begin, count, s->spec_lo, &s->spec_above);
+}
+
 void tm_topk_block(tm_topk *s, uint8_t *mem, const double *v, uint64_t begin, size_t count) {
     if (s->phase == TM_TOPK_HIST) {
-        hist_block((uint64_t *)(mem + s->offset), v, count, s->bits, s->prefix, &s->zeros);
+        if (s->bits == 0 && s->spec != SPEC_OFF) first_hist(s, mem, v, begin, count);
+        else hist_block((uint64_t *)(mem + s->offset), v, count, s->bits, s->prefix, &s->zeros);
     } else if (s->phase == TM_TOPK_COLLECT) {
         topk_pair *c = (topk_pair *)(mem + s->offset) + s->seen;
-        for (size_t e = 0; e < count; e++) {
-            uint64_t key = tm_topk_key(v[e]);
-            if (in_prefix(key, s->bits, s->prefix)) *c++ = (topk_pair){key, begin + e};
+        if (s->bits == 0) { /* a small tensor: every pair */
+            for (size_t e = 0; e < count; e++) c[e] = (topk_pair){tm_topk_key(v[e]), begin + e};
+            s->seen += count;
+        } else {
+            s->seen += collect_block(c, v, begin, count, 64 - s->bits, s->prefix, 0);
         }
-        s->seen = (uint64_t)(c - (topk_pair *)(mem + s->offset));
     } else if (s->phase == TM_TOPK_COUNT) {
         for (size_t e = 0; e < count; e++)
             if (tm_topk_key(v[e]) == s->cut_key && ++s->seen == s->expect) {
@@ -119,12 +209,32 @@ void tm_topk_end(tm_topk *s, uint8_t *mem) {
         return;
     }
     if (s->phase != TM_TOPK_HIST) return;
-    const uint64_t *hist = (const uint64_t *)(mem + s->offset);
-    uint64_t left = r, bin = TM_TOPK_BINS - 1;
-    for (; hist[bin] < left; bin--) {
-        left -= hist[bin];
-        s->above += hist[bin];
+    if (s->bits == 0 && s->spec != SPEC_OFF) {
+        const uint64_t a = s->spec_above;
+        if (s->spec == SPEC_ON && s->k > a && s->k - a <= s->spec_seen) {
+            /* the k-th key is in the bins: every pair of them is here, select among them */
+            topk_pair *c = (topk_pair *)(mem + s->offset + TM_TOPK_BINS * sizeof(uint64_t));
+            uint64_t in_bin[SPEC_SPAN + 1] = {0}, rank = s->k - a, bin = SPEC_SPAN;
+            for (uint64_t e = 0; e < s->spec_seen; e++) in_bin[(c[e].key >> 48) - s->spec_lo]++;
+            for (; in_bin[bin] < rank; bin--) rank -= in_bin[bin];
+            size_t m = 0; /* the bin's pairs only, for a smaller selection */
+            for (uint64_t e = 0; e < s->spec_seen; e++) {
+                c[m] = c[e];
+                m += (c[e].key >> 48) - s->spec_lo == bin;
+            }
+            select_rth(c, m, (size_t)rank - 1);
+            s->cut_key = c[rank - 1].key;
+            s->cut_end = c[rank - 1].index + 1;
+            s->phase = TM_TOPK_DONE;
+        } else { /* a wrong guess or too many pairs: the usual first histogram, another pass */
+            s->spec = SPEC_OFF;
+            s->zeros = 0;
+        }
+        return;
     }
+    const uint64_t *hist = (const uint64_t *)(mem + s->offset);
+    uint64_t left = r;
+    const uint64_t bin = find_bin(hist, &left, &s->above);
     const uint64_t in_bin = hist[bin];
     const int zero_bin = s->bits == 0 && bin == 0 && in_bin == s->zeros;
     s->bits += 16;
@@ -150,7 +260,7 @@ TM_HOT static void keep_loop(const tm_topk *s, const double *v, uint64_t begin, 
     const uint64_t key = s->cut_key, end = s->cut_end;
     for (size_t e = 0; e < count; e++) {
         uint64_t k = tm_topk_key(v[e]);
-        keep[e] = (uint8_t)(k > key || (k == key && begin + e < end));
+        keep[e] = (uint8_t)((k > key) | ((k == key) & (begin + e < end))); /* bitwise: vectorises */
     }
 }
 

@@ -14,7 +14,12 @@
  *   COUNT    when the k-th key is known exactly but many keys equal it (after 64 bits of
  *            histograms, or a bin of zeros: untouched weights), the index cutoff is where the
  *            running count of equal keys reaches the number still to keep (blocks in order).
- * A tensor of at most 65536 elements goes straight to COLLECT (one pass). Memory: 512 KiB of
+ * A tensor of at most 65536 elements goes straight to COLLECT (one pass).
+ * Speculation (the usual case in one pass): the first HIST pass histograms only its first block,
+ * guesses from it the k-th key's bin, and from then on collects the pairs of the 3 bins around
+ * it (at most numel/8 + 65536 of them) and counts the keys above them; when the k-th key falls
+ * in those bins, a selection among their pairs ends it (the same k kept). A wrong guess or a
+ * full buffer costs one pass: the HIST pass above starts over, without speculation. Memory: 512 KiB of
  * counters during HIST, 16 bytes per candidate during COLLECT (≤ numel/2 candidates past the
  * first pass of a large tensor), nothing during COUNT. The result: keep key > cut_key, or
  * key == cut_key and index < cut_end. C11. */
@@ -41,7 +46,10 @@ typedef struct tm_topk {
     uint64_t seen;     /* COLLECT: pairs collected; COUNT: equal keys seen */
     uint64_t offset;   /* its bytes in the method's memory (tm_topk_layout) */
     uint64_t cut_key, cut_end;
+    uint64_t spec_lo, spec_seen, spec_cap, spec_above; /* speculation: the bins' lowest, pairs, room,
+                                                          keys above them */
     uint32_t bits, phase;
+    uint32_t spec;     /* SPEC_* of topk.c */
 } tm_topk;
 
 /* Doubles of method state a tm_topk takes. */
@@ -57,8 +65,10 @@ static inline uint64_t tm_topk_key(double v) {
 /* A selection of the k largest of numel values (k ≤ numel). */
 void tm_topk_init(tm_topk *s, uint64_t numel, uint64_t k);
 
-/* Bytes the next pass needs (0 when done or counting). */
+/* Bytes the next pass needs (0 when done or counting), and of them those to clear before it
+ * (the counters: the pairs are written before they are read). */
 size_t tm_topk_bytes(const tm_topk *s);
+size_t tm_topk_zeroed_bytes(const tm_topk *s);
 
 /* Block [begin, begin + count) of the values (mem: the method memory's base; the selection's
  * bytes are at s->offset). */
