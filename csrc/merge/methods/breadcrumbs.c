@@ -45,16 +45,7 @@ const tm_method tm_method_breadcrumbs = {
     .summary = "θ = b + λ Σ wᵢ δᵢ' with δᵢ' = θᵢ − b without its gamma largest and its smallest (Breadcrumbs)",
     .params = linear_params,
     .n_params = sizeof linear_params / sizeof *linear_params,
-    .needs_base = 1,
-    .min_inputs = 1,
-    .has_masks = 1,
-    .state_fixed = TM_SPARSE_STATE_FIXED,
-    .state_per_input = TM_SPARSE_STATE_PER_INPUT,
-    .check = linear_check,
-    .prepare = linear_prepare,
-    .reduce = linear_reduce,
-    .reduce_end = linear_reduce_end,
-    .apply = linear_apply,
+    TM_SPARSE_METHOD_FIELDS(linear, linear, linear),
 };
 
 const tm_method tm_method_breadcrumbs_ties = {
@@ -62,14 +53,5 @@ const tm_method tm_method_breadcrumbs_ties = {
     .summary = "θ = b + λ · TIES consensus of the Breadcrumbs-sparsified wᵢδᵢ'",
     .params = ties_params,
     .n_params = sizeof ties_params / sizeof *ties_params,
-    .needs_base = 1,
-    .min_inputs = 1,
-    .has_masks = 1,
-    .state_fixed = TM_SPARSE_STATE_FIXED,
-    .state_per_input = TM_SPARSE_STATE_PER_INPUT,
-    .check = ties_check,
-    .prepare = ties_prepare,
-    .reduce = ties_reduce,
-    .reduce_end = ties_reduce_end,
-    .apply = ties_apply,
+    TM_SPARSE_METHOD_FIELDS(ties, ties, ties),
 };

@@ -50,16 +50,7 @@ const tm_method tm_method_dare_linear = {
     .summary = "θ = b + λ Σ wᵢ rescale(mask(θᵢ − b)): task arithmetic on randomly dropped task vectors",
     .params = linear_params,
     .n_params = sizeof linear_params / sizeof *linear_params,
-    .needs_base = 1,
-    .min_inputs = 1,
-    .has_masks = 1,
-    .state_fixed = TM_SPARSE_STATE_FIXED,
-    .state_per_input = TM_SPARSE_STATE_PER_INPUT,
-    .check = linear_check,
-    .prepare = linear_prepare,
-    .reduce = linear_reduce,
-    .reduce_end = linear_reduce_end,
-    .apply = linear_apply,
+    TM_SPARSE_METHOD_FIELDS(linear, linear, linear),
 };
 
 const tm_method tm_method_dare_ties = {
@@ -67,14 +58,5 @@ const tm_method tm_method_dare_ties = {
     .summary = "θ = b + λ · TIES consensus of wᵢ rescale(mask(θᵢ − b)): sign election on randomly dropped task vectors",
     .params = ties_params,
     .n_params = sizeof ties_params / sizeof *ties_params,
-    .needs_base = 1,
-    .min_inputs = 1,
-    .has_masks = 1,
-    .state_fixed = TM_SPARSE_STATE_FIXED,
-    .state_per_input = TM_SPARSE_STATE_PER_INPUT,
-    .check = ties_check,
-    .prepare = ties_prepare,
-    .reduce = ties_reduce,
-    .reduce_end = ties_reduce_end,
-    .apply = ties_apply,
+    TM_SPARSE_METHOD_FIELDS(ties, ties, ties),
 };

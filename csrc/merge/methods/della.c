@@ -289,16 +289,7 @@ const tm_method tm_method_della = {
                "|θᵢ − b|'s rank along dim 1 (DELLA)",
     .params = ties_params,
     .n_params = sizeof ties_params / sizeof *ties_params,
-    .needs_base = 1,
-    .min_inputs = 1,
-    .has_masks = 1,
-    .state_fixed = TM_SPARSE_STATE_FIXED,
-    .state_per_input = TM_SPARSE_STATE_PER_INPUT,
-    .check = della_ties_check,
-    .prepare = della_ties_prepare,
-    .reduce = ties_reduce,
-    .reduce_end = ties_reduce_end,
-    .apply = ties_apply,
+    TM_SPARSE_METHOD_FIELDS(ties, della_ties, della_ties),
 };
 
 const tm_method tm_method_della_linear = {
@@ -307,14 +298,5 @@ const tm_method tm_method_della_linear = {
                "dim 1 (DELLA)",
     .params = linear_params,
     .n_params = sizeof linear_params / sizeof *linear_params,
-    .needs_base = 1,
-    .min_inputs = 1,
-    .has_masks = 1,
-    .state_fixed = TM_SPARSE_STATE_FIXED,
-    .state_per_input = TM_SPARSE_STATE_PER_INPUT,
-    .check = della_linear_check,
-    .prepare = della_linear_prepare,
-    .reduce = linear_reduce,
-    .reduce_end = linear_reduce_end,
-    .apply = linear_apply,
+    TM_SPARSE_METHOD_FIELDS(linear, della_linear, della_linear),
 };

@@ -145,4 +145,13 @@ int tm_sparse_agg(const tm_sparse_method *s, const double *params, const size_t 
         tm_sparse_apply(&DESC, t, state, begin, count, out, scratch);                                \
     }
 
+/* The fields of a tm_method every sparse entry shares: a base, any number of inputs, masks, the
+ * core's state, and the callbacks CHECK_PREFIX##_check, PREPARE_PREFIX##_prepare and PREFIX##_reduce,
+ * _reduce_end, _apply (a method may check or prepare more before the core's). */
+#define TM_SPARSE_METHOD_FIELDS(PREFIX, CHECK_PREFIX, PREPARE_PREFIX)                                 \
+    .needs_base = 1, .min_inputs = 1, .has_masks = 1, .state_fixed = TM_SPARSE_STATE_FIXED,             \
+    .state_per_input = TM_SPARSE_STATE_PER_INPUT, .check = CHECK_PREFIX##_check,                       \
+    .prepare = PREPARE_PREFIX##_prepare, .reduce = PREFIX##_reduce, .reduce_end = PREFIX##_reduce_end, \
+    .apply = PREFIX##_apply
+
 #endif
