@@ -8,6 +8,7 @@ tensor shapes differ, a rank that asks for another method, a rank that never joi
 Skipped when the build has no Gloo (TORCHMERGE_WITH_GLOO=0 from tests/CMakeLists.txt)."""
 import json
 import os
+import re
 import signal
 import struct
 import socket
@@ -334,8 +335,10 @@ def test_rank_dies_or_stalls_mid_merge(tmp_path, fault):
     # waiting on it times out; then 1 s to see whose heartbeat stopped and up to 1 s for rank 0
     # to let the others read the store: both survivors are gone by then
     assert took < (timeout if fault == "kill" else timeout + 4), took
+    # rank 1 is named; under load a survivor may already have left after noticing it, and is then
+    # named beside it ("rank 1, 2 stopped responding")
     for rc, err, _ in res:
-        assert "rank 1 stopped responding" in err, err
+        assert re.search(r"rank (\d+, )*1(, \d+)* stopped responding", err), err
     print("\n%s of rank 1: the others exited after %.2f s (timeout %d s)" % (fault, took, timeout))
     no_outputs(out_dir)
 
