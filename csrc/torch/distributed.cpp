@@ -32,6 +32,7 @@ struct tm_dist_session {
     c10::intrusive_ptr<c10d::Store> store;
     c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
     bool failed = false;  // dist_abort was called: close without waiting for the others
+    std::string broken;   // the first exchange that failed: later ones fail at once with it
     // The heartbeat: a thread with its own store connection bumps "beat/RANK" 4 times a second, so a
     // rank whose exchange fails can tell which rank stopped (dead or stalled) rather than blame
     // its neighbour, whose exchange may be failing for the same reason.
@@ -247,9 +248,8 @@ namespace {
 
 // Runs one Gloo exchange, bounded by the timeout; a failure names the peer and what likely happened.
 template <class F>
-tm_status exchange(tm_dist_session *s, const char *what, int peer, double *data, size_t count, F start,
-                   tm_error *err) {
-    if (!s->pg) return tm_error_set(err, TM_ERROR_INTERNAL, "distributed merge: no process group");
+tm_status exchange_once(tm_dist_session *s, const char *what, int peer, double *data, size_t count, F start,
+                        tm_error *err) {
     try {
         std::vector<at::Tensor> t;
         if (data) t.push_back(at::from_blob(data, {(int64_t)count}, at::TensorOptions().dtype(at::kDouble)));
@@ -271,6 +271,20 @@ tm_status exchange(tm_dist_session *s, const char *what, int peer, double *data,
                             "failed (%s)",
                             what, peer, s->cfg.timeout_seconds, first_line(e).c_str());
     }
+}
+
+
+// The exchange, unless an earlier one broke the group.
+template <class F>
+tm_status exchange(tm_dist_session *s, const char *what, int peer, double *data, size_t count, F start,
+                   tm_error *err) {
+    if (!s->pg) return tm_error_set(err, TM_ERROR_INTERNAL, "distributed merge: no process group");
+    // Once one exchange failed the group is broken: the blocks still in flight (rank 0 runs ahead)
+    // would each wait out the timeout in turn (25 s seen with a 5 s timeout), so they fail at once.
+    if (!s->broken.empty()) return tm_error_set(err, TM_ERROR_IO, "%s", s->broken.c_str());
+    tm_status st = exchange_once(s, what, peer, data, count, start, err);
+    if (st) s->broken = err->msg;
+    return st;
 }
 
 }  // namespace
@@ -359,7 +373,11 @@ void dist_close(tm_dist_session *s) {
     } catch (const std::exception &) {
     }
     try {
-        s->pg.reset();
+        // After a failure the process group's destructor would drain its queue: every send still
+        // in flight to a dead peer waiting out the timeout in turn (25 s seen with a 5 s timeout).
+        // The process is about to exit: leave the group to the exit instead.
+        if (s->failed) (void)s->pg.release();
+        else s->pg.reset();
         s->store.reset();
     } catch (const std::exception &) {
     }
