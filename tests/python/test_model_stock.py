@@ -7,13 +7,13 @@
 
 Each floating output tensor within 1 ulp of its output dtype; integer tensors from the base.
 """
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 import reference as ref
+from test_methods import write
 from cli_runner import assert_error, assert_ok, tm
 
 TAGS = ("base", "a", "b", "c")
@@ -218,12 +218,6 @@ def test_errors_are_one_line_and_write_nothing(models, tmp_path, case):
         res = tm("model_stock", "--base", models["base"], "-o", tmp_path / "o.pt", models["a"], neg_path, cwd=tmp_path)
         assert_error(res, "tensor '", "model_stock", "undefined")
     assert list(tmp_path.iterdir()) == []
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    p = tmp_path / "recipe.yaml"
-    p.write_text(textwrap.dedent(text).lstrip())
-    return p
 
 
 def test_mergekit_model_stock_recipe_equals_the_cli_and_the_reference(models, tmp_path):

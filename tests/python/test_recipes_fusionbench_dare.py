@@ -4,19 +4,12 @@ same keys for DareSimpleAverage / DareTiesMerging) run through recipes: sparsity
 every weight 1; only_on_linear_weights: true is refused. Checked against the float64 DARE
 reference of test_methods.py (imported, with its models)."""
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from cli_runner import assert_error, assert_ok, tm
-from test_methods import assert_matches, dare_ref, load, models  # noqa: F401 (models: the fixture)
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    p = tmp_path / "recipe.yaml"
-    p.write_text(textwrap.dedent(text).lstrip())
-    return p
+from test_methods import write, assert_matches, dare_ref, load, models  # noqa: F401 (models: the fixture)
 
 
 def pool(models) -> str:
