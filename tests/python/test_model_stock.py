@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import reference as ref
-from test_methods import write
+from test_methods import assert_matches, write
 from cli_runner import assert_error, assert_ok, tm
 
 TAGS = ("base", "a", "b", "c")
@@ -95,15 +95,6 @@ def model_stock_tensor(b: torch.Tensor, xs, filter_wise: bool, pairwise: str) ->
 def model_stock_ref(base: dict, inputs, filter_wise=False, pairwise="cosine") -> dict:
     return {k: model_stock_tensor(v, [sd[k] for sd in inputs], filter_wise, pairwise) if v.is_floating_point() else v
             for k, v in base.items()}
-
-
-def assert_matches(out: dict, expected: dict, dtypes: dict) -> None:
-    assert list(out) == list(expected)
-    for k, e in expected.items():
-        if e.is_floating_point():
-            ref.assert_close_ulp(out[k], e, dtypes[k], ulps=1, name=k)
-        else:
-            assert torch.equal(out[k], e), k
 
 
 @pytest.mark.parametrize("filter_wise", [False, True], ids=["per_tensor", "filter_wise"])
