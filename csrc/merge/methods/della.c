@@ -17,8 +17,12 @@
  * of dimension 0 (inner: the product of the dimensions after 1), holding inner fibres of stride
  * inner — from the mapped inputs directly (a slab may span blocks), and the keep bits of the
  * whole tensor are stored, one bit per element per input. The norms (same pass) and the apply
- * read them. Memory: n·numel/8 bytes of bits, 8 bytes per element of a slab for the |δ| keys,
- * 8 per fibre element for the fibre's keys and sort, and 3 × CHUNK doubles. C11. */
+ * read them. A fibre is ranked by a radix sort of 24 bits of each key (exponent and 12 bits of
+ * mantissa) packed with the element's place in 64-bit words, then runs of equal 24 bits are
+ * ordered by the whole key: the order of a sort on the whole key, at the cost of 2 passes of
+ * 8 bits where 8 would be needed. Memory: n·numel/8 bytes of bits, 8 bytes per element of a slab
+ * for the |δ| keys, 36 per fibre element (keys, sort words twice, thresholds, ranks) and
+ * 3 × CHUNK doubles. C11. */
 #include "merge/methods/methods.h"
 #include "merge/methods/sparse.h"
 #include "merge/methods/weights.h"
@@ -52,8 +56,6 @@ static const tm_param_decl ties_params[] = {
 
 /* Elements |δ| are read in chunks of CHUNK (the kernel's loads need count doubles of scratch). */
 #define CHUNK 4096
-/* Fibres up to this long are sorted by insertion, longer ones by radix (the same order). */
-#define SHORT_FIBRE 48
 
 typedef struct geometry {
     uint64_t len, inner, slab; /* L, the stride of a fibre, L·inner */
@@ -70,24 +72,16 @@ static geometry geometry_of(const tm_method_tensor *t) {
     return g;
 }
 
-/* One element of a fibre being sorted: its |δ| key and its place in the fibre. */
-typedef struct ranked {
-    uint64_t key;
-    uint64_t at;
-} ranked;
-
 static size_t align8(size_t b) { return (b + 7) & ~(size_t)7; }
 static size_t bits_bytes(uint64_t numel) { return align8((size_t)((numel + 7) / 8)); }
 
-/* The sparsifier's memory: n bit masks, the slab's keys (inner > 1: fibres are strided; else
- * the keys go straight into the fibre), a fibre's (key, index) pairs twice for the sort, the
- * chunk buffers. */
-static size_t slab_bytes(const geometry *g) { return g->inner > 1 ? g->slab * sizeof(uint64_t) : 0; }
-
+/* The sparsifier's memory: n bit masks; the slab's |δ| keys; a fibre's keys when fibres are
+ * strided (inner > 1; else the slab is the fibre); the fibre's sort words twice; its ranks; the
+ * keep thresholds by rank; the chunk buffers. */
 typedef struct area {
     uint8_t *bits;
-    uint64_t *slab;
-    ranked *fibre, *tmp;
+    uint64_t *slab, *keys, *words, *tmp, *thr;
+    uint32_t *rank;
     double *x, *b, *k;
 } area;
 
@@ -96,10 +90,15 @@ static area area_of(const tm_method_tensor *t, const geometry *g, uint8_t *mem) 
     a.bits = mem;
     mem += t->n * bits_bytes(t->numel);
     a.slab = (uint64_t *)mem;
-    mem += slab_bytes(g);
-    a.fibre = (ranked *)mem;
-    a.tmp = a.fibre + g->len;
-    mem += 2 * g->len * sizeof(ranked);
+    mem += g->slab * sizeof(uint64_t);
+    a.keys = g->inner > 1 ? (uint64_t *)mem : a.slab;
+    mem += g->inner > 1 ? g->len * sizeof(uint64_t) : 0;
+    a.words = (uint64_t *)mem;
+    a.tmp = a.words + g->len;
+    a.thr = a.tmp + g->len;
+    mem += 3 * g->len * sizeof(uint64_t);
+    a.rank = (uint32_t *)mem;
+    mem += align8(g->len * sizeof(uint32_t));
     a.x = (double *)mem;
     a.b = a.x + CHUNK;
     a.k = a.b + CHUNK;
@@ -108,7 +107,8 @@ static area area_of(const tm_method_tensor *t, const geometry *g, uint8_t *mem) 
 
 static size_t bytes(const tm_method_tensor *t) {
     const geometry g = geometry_of(t);
-    return t->n * bits_bytes(t->numel) + slab_bytes(&g) + 2 * g.len * sizeof(ranked) + 3 * CHUNK * sizeof(double);
+    return t->n * bits_bytes(t->numel) + g.slab * sizeof(uint64_t) + (g.inner > 1 ? g.len * sizeof(uint64_t) : 0) +
+           3 * g.len * sizeof(uint64_t) + align8(g.len * sizeof(uint32_t)) + 3 * CHUNK * sizeof(double);
 }
 
 /* keys[e] = the bits of |x − b| (topk.h's key: monotone in |δ|, NaN above every number). */
@@ -116,73 +116,122 @@ TM_HOT static void keys_of(uint64_t *restrict keys, const double *restrict x, co
     for (size_t e = 0; e < count; e++) keys[e] = tm_topk_key(x[e] - b[e]);
 }
 
-/* Sorts v[0, len) by key ascending, stably (v comes in fibre order, so among equal keys the
- * lower index stays first); tmp: len more. Returns the sorted array (v or tmp). Insertion for
- * short fibres; else LSD radix by bytes, all histograms in one read, skipping the bytes every
- * key shares. */
-static ranked *sort_fibre(ranked *v, ranked *tmp, size_t len) {
-    if (len <= SHORT_FIBRE) {
-        for (size_t i = 1; i < len; i++) {
-            const ranked x = v[i];
-            size_t j = i;
-            for (; j > 0 && v[j - 1].key > x.key; j--) v[j] = v[j - 1];
-            v[j] = x;
-        }
-        return v;
-    }
-    static const size_t digits = 8;
-    size_t count[8][256];
-    memset(count, 0, sizeof count);
-    for (size_t i = 0; i < len; i++)
-        for (size_t d = 0; d < digits; d++) count[d][(v[i].key >> (8 * d)) & 0xff]++;
-    for (size_t d = 0; d < digits; d++) {
-        const unsigned shift = (unsigned)(8 * d);
-        if (count[d][(v[0].key >> shift) & 0xff] == len) continue; /* one value of this byte */
+/* The sort word of fibre element r: its key's top 24 bits (sign 0, the exponent and 12 bits of
+ * mantissa: monotone in the key) above its index. Sorting the words orders the fibre by |δ|
+ * to 12 bits, and among equal words by index; refine() then orders each run of equal top bits
+ * by the whole key. */
+#define TOP_SHIFT 40
+TM_HOT static void words_of(uint64_t *restrict w, const uint64_t *restrict keys, size_t len) {
+    for (size_t r = 0; r < len; r++) w[r] = (keys[r] >> TOP_SHIFT) << 32 | (uint64_t)r;
+}
+
+/* Sorts the words w[0, len) ascending by their top bits, stably (they come in index order);
+ * tmp: len more. Returns the sorted array (w or tmp). LSD radix by the 3 bytes of the top bits,
+ * skipping the bytes every word shares (found first: counting a byte that never changes would
+ * make every increment wait for the previous one's store). */
+TM_HOT static uint64_t varying_top_bits(const uint64_t *restrict w, size_t len) {
+    const uint64_t first = w[0] >> 32;
+    uint64_t diff = 0;
+    for (size_t i = 0; i < len; i++) diff |= (w[i] >> 32) ^ first;
+    return diff;
+}
+
+static uint64_t *sort_words(uint64_t *w, uint64_t *tmp, size_t len) {
+    const uint64_t diff = varying_top_bits(w, len);
+    for (unsigned d = 0; d < 3; d++) {
+        const unsigned shift = 32 + 8 * d;
+        if (!((diff >> (8 * d)) & 0xff)) continue;
+        size_t count[256] = {0};
+        for (size_t i = 0; i < len; i++) count[(w[i] >> shift) & 0xff]++;
         size_t at = 0;
         for (size_t c = 0; c < 256; c++) {
-            const size_t k = count[d][c];
-            count[d][c] = at;
+            const size_t k = count[c];
+            count[c] = at;
             at += k;
         }
-        for (size_t i = 0; i < len; i++) tmp[count[d][(v[i].key >> shift) & 0xff]++] = v[i];
-        ranked *swap = v;
-        v = tmp;
+        for (size_t i = 0; i < len; i++) tmp[count[(w[i] >> shift) & 0xff]++] = w[i];
+        uint64_t *swap = w;
+        w = tmp;
         tmp = swap;
     }
-    return v;
+    return w;
 }
 
-static void set_bit(uint8_t *bits, uint64_t i, int v) {
-    if (v) bits[i >> 3] |= (uint8_t)(1u << (i & 7));
+/* Orders each run of words with equal top bits by the whole key (keys: by index), stably: an
+ * insertion sort of the run, which is in index order. The runs are short: |δ| equal to 12 bits. */
+static void refine(uint64_t *w, const uint64_t *keys, size_t len) {
+    for (size_t s = 0; s < len;) {
+        size_t e = s + 1;
+        while (e < len && (w[e] >> 32) == (w[s] >> 32)) e++;
+        for (size_t i = s + 1; i < e; i++) {
+            const uint64_t x = w[i], kx = keys[(uint32_t)x];
+            size_t j = i;
+            for (; j > s && keys[(uint32_t)w[j - 1]] > kx; j--) w[j] = w[j - 1];
+            w[j] = x;
+        }
+        s = e;
+    }
 }
 
-/* Ranks the inner fibres of slab o of input x and sets their keep bits. */
+/* thr[r] = the keep threshold (random.h) of rank r of a fibre of len: mergekit's
+ * rank_norm = (rank − min rank)/(max rank − min rank), p = (d − ε) + rank_norm·2·ε. */
+static void thresholds(uint64_t *thr, size_t len, double density, double epsilon) {
+    const double lo = density - epsilon, two_eps = 2 * epsilon;
+    for (size_t r = 0; r < len; r++)
+        thr[r] = tm_random_threshold(len == 1 ? density : lo + (double)r / (double)(len - 1) * two_eps);
+}
+
+/* keep[r] for the fibre's elements in index order: element r (flat index first + r·inner) is
+ * kept when its uniform is below the threshold of its rank. */
+TM_HOT static void keep_fibre(uint8_t *restrict keep, uint64_t key, uint64_t first, uint64_t inner,
+                              const uint32_t *restrict rank, const uint64_t *restrict thr, size_t len) {
+    for (size_t r = 0; r < len; r++) keep[r] = (uint8_t)tm_random_keep(key, first + r * inner, thr[rank[r]]);
+}
+
+/* Eight keep bytes (0/1) as the bits of one byte, keep[i] at bit i, and back. */
+static inline uint8_t pack8(const uint8_t *keep) {
+    uint64_t v;
+    memcpy(&v, keep, sizeof v);
+    return (uint8_t)((v * 0x0102040810204080ull) >> 56);
+}
+static inline uint64_t spread8(uint64_t x) {
+    x = (x | x << 28) & 0x0000000F0000000Full;
+    x = (x | x << 14) & 0x0003000300030003ull;
+    return (x | x << 7) & 0x0101010101010101ull;
+}
+
+static void set_bits(uint8_t *bits, const uint8_t *keep, uint64_t first, uint64_t inner, size_t len) {
+    size_t r = 0;
+    if (inner == 1 && first % 8 == 0) /* whole bytes of the fibre, 8 elements at a time */
+        for (; r + 8 <= len; r += 8) bits[(first + r) >> 3] = pack8(keep + r);
+    for (; r < len; r++) {
+        const uint64_t i = first + r * inner;
+        bits[i >> 3] |= (uint8_t)(keep[r] << (i & 7));
+    }
+}
+
+/* Ranks the inner fibres of slab o of input j (a->thr: its thresholds) and sets their keep bits. */
 static void rank_slab(const tm_method_tensor *t, const geometry *g, const area *a, size_t j,
                       const tm_sparse_input *x, uint64_t o) {
-    const uint64_t start = o * g->slab, len = g->len;
+    const uint64_t start = o * g->slab;
+    const size_t len = (size_t)g->len;
     for (uint64_t e = 0; e < g->slab; e += CHUNK) {
         const size_t c = (size_t)(g->slab - e < CHUNK ? g->slab - e : CHUNK);
         tm_kernel_load_f64(&t->in[j], start + e, c, a->x, a->k);
         tm_kernel_load_f64(t->base, start + e, c, a->b, a->k);
-        if (g->inner > 1) {
-            keys_of(a->slab + e, a->x, a->b, c);
-        } else {
-            for (size_t i = 0; i < c; i++) a->fibre[e + i] = (ranked){tm_topk_key(a->x[i] - a->b[i]), e + i};
-        }
+        keys_of(a->slab + e, a->x, a->b, c);
     }
-    const double lo = x->density - tm_tensor_param(t, P_EPSILON, t->input[j]);
-    const double two_eps = 2 * tm_tensor_param(t, P_EPSILON, t->input[j]);
-    uint8_t *bits = a->bits + j * bits_bytes(t->numel);
+    uint8_t *bits = a->bits + j * bits_bytes(t->numel), *keep = (uint8_t *)a->tmp; /* tmp is free after the sort */
     for (uint64_t q = 0; q < g->inner; q++) {
         if (g->inner > 1)
-            for (uint64_t r = 0; r < len; r++) a->fibre[r] = (ranked){a->slab[q + r * g->inner], r};
-        const ranked *order = sort_fibre(a->fibre, a->tmp, (size_t)len);
-        for (uint64_t pos = 0; pos < len; pos++) {
-            /* mergekit: rank_norm = (rank − min rank)/(max rank − min rank), p = (d − ε) + rank_norm·2·ε */
-            const double p = len == 1 ? x->density : lo + (double)pos / (double)(len - 1) * two_eps;
-            const uint64_t i = start + q + order[pos].at * g->inner;
-            set_bit(bits, i, tm_random_keep(x->key, i, tm_random_threshold(p)));
-        }
+            for (size_t r = 0; r < len; r++) a->keys[r] = a->slab[q + r * g->inner];
+        words_of(a->words, a->keys, len);
+        uint64_t *order = sort_words(a->words, a->tmp, len);
+        refine(order, a->keys, len);
+        for (size_t pos = 0; pos < len; pos++) a->rank[(uint32_t)order[pos]] = (uint32_t)pos;
+        uint8_t *kb = order == a->tmp ? (uint8_t *)a->words : keep;
+        keep_fibre(kb, x->key, start + q, g->inner, a->rank, a->thr, len);
+        set_bits(bits, kb, start + q, g->inner, len);
     }
 }
 
@@ -192,13 +241,24 @@ static void pass(const tm_method_tensor *t, const tm_sparse_input *in, uint8_t *
     const geometry g = geometry_of(t);
     if (g.slab == 0) return;
     const area a = area_of(t, &g, mem);
-    for (uint64_t o = (begin + g.slab - 1) / g.slab; o * g.slab < begin + count; o++)
-        for (size_t j = 0; j < t->n; j++)
-            if (in[j].density < 1) rank_slab(t, &g, &a, j, &in[j], o);
+    const uint64_t first = (begin + g.slab - 1) / g.slab;
+    for (size_t j = 0; j < t->n; j++) {
+        if (in[j].density >= 1 || first * g.slab >= begin + count) continue;
+        thresholds(a.thr, (size_t)g.len, in[j].density, tm_tensor_param(t, P_EPSILON, t->input[j]));
+        for (uint64_t o = first; o * g.slab < begin + count; o++) rank_slab(t, &g, &a, j, &in[j], o);
+    }
 }
 
-TM_HOT static void unpack(const uint8_t *restrict bits, uint64_t begin, size_t count, uint8_t *restrict keep) {
-    for (size_t e = 0; e < count; e++) keep[e] = (uint8_t)((bits[(begin + e) >> 3] >> ((begin + e) & 7)) & 1);
+static inline uint8_t bit_at(const uint8_t *bits, uint64_t i) { return (uint8_t)((bits[i >> 3] >> (i & 7)) & 1); }
+
+static void unpack(const uint8_t *bits, uint64_t begin, size_t count, uint8_t *keep) {
+    size_t e = 0;
+    for (; e < count && (begin + e) % 8; e++) keep[e] = bit_at(bits, begin + e);
+    for (; e + 8 <= count; e += 8) {
+        const uint64_t v = spread8(bits[(begin + e) >> 3]);
+        memcpy(keep + e, &v, sizeof v);
+    }
+    for (; e < count; e++) keep[e] = bit_at(bits, begin + e);
 }
 
 static void keep(const tm_method_tensor *t, size_t j, const tm_sparse_input *x, const uint8_t *mem, uint64_t begin,
@@ -258,6 +318,9 @@ static tm_status check_params(const tm_param_values *p, tm_error *err) {
 
 /* Per-tensor values (recipes' filters) are checked again, naming the tensor. */
 static tm_status check_tensor(const tm_method_tensor *t, tm_error *err) {
+    if (geometry_of(t).len > UINT32_MAX) /* a sort word holds the place in 32 bits */
+        return tm_error_set(err, TM_ERROR_UNSUPPORTED, "tensor '%s': della ranks fibres of at most 2^32 - 1 elements",
+                            t->name);
     for (size_t j = 0; j < t->n; j++) {
         tm_status st = check_band(tm_tensor_param(t, P_DENSITY, t->input[j]), tm_tensor_param(t, P_EPSILON, t->input[j]),
                                   t->name, t->input[j], err);
