@@ -138,6 +138,10 @@ static const void *fast_start(const tm_view *v, uint64_t begin) {
     return is_contiguous(v) && (uintptr_t)p % item == 0 ? p : NULL;
 }
 
+const float *tm_kernel_f32_at(const tm_view *v, uint64_t begin) {
+    return v->dtype == TM_FLOAT32 ? fast_start(v, begin) : NULL;
+}
+
 /* Inputs in[0..avail) from begin whose first g (4 or 2) are fast inputs of one dtype: adds them
  * in one fused pass and returns g; returns 0 when no such group starts here. */
 static size_t accumulate_group(const tm_view *in, const double *w, size_t avail, uint64_t begin, size_t count,

@@ -39,6 +39,10 @@ void tm_kernel_load_f64(const tm_view *v, uint64_t begin, size_t count, double *
 void tm_kernel_delta_f64(const tm_view *v, uint64_t begin, size_t count, const double *sub, double *out,
                          double *scratch);
 
+/* Where elements [begin, …) of v start as a plain float32 array (contiguous, aligned), or NULL:
+ * for a method's loops fused over float32 inputs, the common case. */
+const float *tm_kernel_f32_at(const tm_view *v, uint64_t begin);
+
 /* Copies elements [begin, begin+count) of v into out as out_dtype (a plain cast for integer and
  * bool tensors; same dtype is a byte copy). */
 void tm_kernel_copy(const tm_view *v, uint64_t begin, size_t count, tm_dtype out_dtype, void *out);

@@ -31,6 +31,7 @@
 #include <string.h>
 
 #include "merge/hot.h"
+#include "merge/methods/bitpack.h"
 #include "merge/random.h"
 
 enum { P_WEIGHTS, P_LAMBDA, P_DENSITY, P_EPSILON, P_RESCALE, P_SEED, P_NORMALIZE, P_SIGN };
@@ -188,22 +189,10 @@ TM_HOT static void keep_fibre(uint8_t *restrict keep, uint64_t key, uint64_t fir
     for (size_t r = 0; r < len; r++) keep[r] = (uint8_t)tm_random_keep(key, first + r * inner, thr[rank[r]]);
 }
 
-/* Eight keep bytes (0/1) as the bits of one byte, keep[i] at bit i, and back. */
-static inline uint8_t pack8(const uint8_t *keep) {
-    uint64_t v;
-    memcpy(&v, keep, sizeof v);
-    return (uint8_t)((v * 0x0102040810204080ull) >> 56);
-}
-static inline uint64_t spread8(uint64_t x) {
-    x = (x | x << 28) & 0x0000000F0000000Full;
-    x = (x | x << 14) & 0x0003000300030003ull;
-    return (x | x << 7) & 0x0101010101010101ull;
-}
-
 static void set_bits(uint8_t *bits, const uint8_t *keep, uint64_t first, uint64_t inner, size_t len) {
     size_t r = 0;
     if (inner == 1 && first % 8 == 0) /* whole bytes of the fibre, 8 elements at a time */
-        for (; r + 8 <= len; r += 8) bits[(first + r) >> 3] = pack8(keep + r);
+        for (; r + 8 <= len; r += 8) bits[(first + r) >> 3] = tm_pack8(keep + r);
     for (; r < len; r++) {
         const uint64_t i = first + r * inner;
         bits[i >> 3] |= (uint8_t)(keep[r] << (i & 7));
@@ -255,7 +244,7 @@ static void unpack(const uint8_t *bits, uint64_t begin, size_t count, uint8_t *k
     size_t e = 0;
     for (; e < count && (begin + e) % 8; e++) keep[e] = bit_at(bits, begin + e);
     for (; e + 8 <= count; e += 8) {
-        const uint64_t v = spread8(bits[(begin + e) >> 3]);
+        const uint64_t v = tm_spread8(bits[(begin + e) >> 3]);
         memcpy(keep + e, &v, sizeof v);
     }
     for (; e < count; e++) keep[e] = bit_at(bits, begin + e);

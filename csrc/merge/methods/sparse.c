@@ -181,8 +181,8 @@ static void keep_block(const tm_sparse_method *s, const tm_sparse_header *h, con
 /* Σ|d| over the block, and over its kept elements, of 4 inputs at once (sequential per input: the
  * bits are documented by the tests' references only to 1 ulp, but dare_linear's bytes stay those
  * of its first release; 8 independent chains of additions hide each addition's latency). */
-static inline double kept_abs(double a, uint8_t keep) {
-    /* |d| or +0 by masking its bits: a branch on a random mask mispredicts half the time */
+static inline double kept_or_zero(double a, uint8_t keep) {
+    /* a or +0 by masking its bits: a branch on a random mask mispredicts half the time */
     uint64_t u;
     memcpy(&u, &a, sizeof u);
     u &= -(uint64_t)keep;
@@ -203,10 +203,10 @@ TM_HOT static void l1_norms4(const double *const *d, const uint8_t *const *keep,
         a1 += x1;
         a2 += x2;
         a3 += x3;
-        s0 += kept_abs(x0, k0[e]);
-        s1 += kept_abs(x1, k1[e]);
-        s2 += kept_abs(x2, k2[e]);
-        s3 += kept_abs(x3, k3[e]);
+        s0 += kept_or_zero(x0, k0[e]);
+        s1 += kept_or_zero(x1, k1[e]);
+        s2 += kept_or_zero(x2, k2[e]);
+        s3 += kept_or_zero(x3, k3[e]);
     }
     all_out[0] = a0, all_out[1] = a1, all_out[2] = a2, all_out[3] = a3;
     kept_out[0] = s0, kept_out[1] = s1, kept_out[2] = s2, kept_out[3] = s3;
@@ -310,6 +310,24 @@ TM_HOT static void add_base(double *restrict acc, const double *restrict b, size
     for (size_t e = 0; e < count; e++) acc[e] += b[e];
 }
 
+/* c·(x − b) on the kept elements of a float32 input, added to acc (linear) or written to out
+ * (ties' rows): delta then add_kept / scale_kept fused, the same operations, so the same bits.
+ * The product is computed whatever the mask and masked to +0 (GCC will not speculate the float
+ * arithmetic of a conditional, and a branch on a random mask mispredicts). */
+TM_HOT static void add_kept_f32(double *restrict acc, const float *restrict x, const double *restrict b,
+                                const uint8_t *restrict keep, double c, size_t count) {
+    for (size_t e = 0; e < count; e++) {
+        acc[e] += kept_or_zero(c * ((double)x[e] - b[e]), keep[e]);
+    }
+}
+
+TM_HOT static void scale_kept_f32(double *restrict out, const float *restrict x, const double *restrict b,
+                                  const uint8_t *restrict keep, double c, size_t count) {
+    for (size_t e = 0; e < count; e++) {
+        out[e] = kept_or_zero(c * ((double)x[e] - b[e]), keep[e]);
+    }
+}
+
 double *tm_sparse_rows(const tm_sparse_method *s, const tm_method_tensor *t, const double *state, uint64_t begin,
                        size_t c0, size_t m, const double *b, double *k, double *acc) {
     const size_t n = t->n;
@@ -321,6 +339,14 @@ double *tm_sparse_rows(const tm_sparse_method *s, const tm_method_tensor *t, con
         const tm_sparse_input *x = &in[j];
         double *d = ties ? rows + j * m : rows;
         uint8_t *keep = keep_of(s, h, t, j, begin) + c0;
+        const float *xf = s->sparsify == TM_SPARSIFY_RANDOM ? tm_kernel_f32_at(&t->in[j], begin + c0) : NULL;
+        if (xf) { /* DARE over float32 (the common case) without the δ row */
+            if (!saves_masks(s, h)) random_keep(x->key, x->threshold, begin + c0, m, keep);
+            const double c = x->coef * rescale_of(h, x);
+            if (ties) scale_kept_f32(d, xf, b + c0, keep, c, m);
+            else add_kept_f32(acc + c0, xf, b + c0, keep, c, m);
+            continue;
+        }
         delta(t, j, begin + c0, m, b + c0, d, k);
         if (!saves_masks(s, h)) keep_block(s, h, t, j, x, d, begin + c0, m, keep);
         const double c = x->coef * rescale_of(h, x);

@@ -1,6 +1,7 @@
 #include "merge/methods/topk.h"
 
 #include "merge/hot.h"
+#include "merge/methods/bitpack.h"
 
 typedef struct topk_pair {
     uint64_t key, index;
@@ -32,13 +33,12 @@ void tm_topk_init(tm_topk *s, uint64_t numel, uint64_t k) {
     }
 }
 
-/* The pairs after a HIST pass's counters (first pass: the speculation's), or a COLLECT pass's (one
- * more: the branch-free collection writes one past the last). */
+/* The pairs after a HIST pass's counters (first pass: the speculation's), or a COLLECT pass's. */
 size_t tm_topk_bytes(const tm_topk *s) {
     if (s->phase == TM_TOPK_HIST)
         return TM_TOPK_BINS * sizeof(uint64_t) +
                (s->bits == 0 && s->spec != SPEC_OFF ? (size_t)s->spec_cap * sizeof(topk_pair) : 0);
-    if (s->phase == TM_TOPK_COLLECT) return (size_t)(s->expect + 1) * sizeof(topk_pair);
+    if (s->phase == TM_TOPK_COLLECT) return (size_t)s->expect * sizeof(topk_pair);
     return 0;
 }
 
@@ -63,19 +63,37 @@ TM_HOT static void hist_block(uint64_t *restrict hist, const double *restrict v,
     }
 }
 
-/* Appends the pairs whose key's top 16 bits are in [lo, lo + span] (top 64 − shift bits == lo
- * when span is 0 and shift < 64, as a COLLECT pass) to c, branch-free (c[m] is written for
- * every element, one past the last kept included); returns how many. */
-TM_HOT static size_t collect_block(topk_pair *restrict c, const double *restrict v, uint64_t begin, size_t count,
-                                   unsigned shift, uint64_t lo, uint64_t span) {
+/* Appends to c the pairs whose key's (key >> shift) is in [lo, lo + span] (the top 64 − shift
+ * bits == lo when span is 0, as a COLLECT pass), in element order, and adds to *above the count
+ * of keys above that range; returns how many pairs. In groups of 64: the keys' tests are a
+ * vectorised loop into bytes, packed into a mask whose set bits are then visited, so the cost
+ * goes with the pairs kept (a few in a hundred), not with a store per element. */
+TM_HOT static size_t collect_range(topk_pair *restrict c, const double *restrict v, uint64_t begin, size_t count,
+                                   unsigned shift, uint64_t lo, uint64_t span, uint64_t *above) {
     size_t m = 0;
-    for (size_t e = 0; e < count; e++) {
-        const uint64_t key = tm_topk_key(v[e]);
-        c[m].key = key;
-        c[m].index = begin + e;
-        m += (key >> shift) - lo <= span;
+    uint64_t a = 0;
+    for (size_t e0 = 0; e0 < count; e0 += 64) {
+        const size_t g = count - e0 < 64 ? count - e0 : 64;
+        uint8_t in[64];
+        for (size_t i = 0; i < g; i++) {
+            const uint64_t bin = tm_topk_key(v[e0 + i]) >> shift;
+            a += bin > lo + span;
+            in[i] = bin - lo <= span;
+        }
+        for (size_t i = g; i < 64; i++) in[i] = 0;
+        for (uint64_t mask = tm_pack64(in); mask; mask &= mask - 1) {
+            const size_t i = (size_t)__builtin_ctzll(mask);
+            c[m++] = (topk_pair){tm_topk_key(v[e0 + i]), begin + e0 + i};
+        }
     }
+    *above += a;
     return m;
+}
+
+static size_t collect_block(topk_pair *c, const double *v, uint64_t begin, size_t count, unsigned shift, uint64_t lo,
+                            uint64_t span) {
+    uint64_t above = 0;
+    return collect_range(c, v, begin, count, shift, lo, span, &above);
 }
 
 /* The bin holding the left-th key from the top (1 ≤ left ≤ the keys counted): walks down in
@@ -112,20 +130,9 @@ static void spec_guess(tm_topk *s, const uint64_t *hist, size_t count) {
 }
 
 /* The speculation past the first block, without counters: the keys above the bins counted, the
- * pairs of the bins collected branch-free (as collect_block). */
-TM_HOT static size_t spec_scan(topk_pair *restrict c, const double *restrict v, uint64_t begin, size_t count,
-                               uint64_t lo, uint64_t *above) {
-    size_t m = 0;
-    uint64_t a = 0;
-    for (size_t e = 0; e < count; e++) {
-        const uint64_t key = tm_topk_key(v[e]), bin = key >> 48;
-        a += bin > lo + SPEC_SPAN;
-        c[m].key = key;
-        c[m].index = begin + e;
-        m += bin - lo <= SPEC_SPAN;
-    }
-    *above += a;
-    return m;
+ * pairs of the bins collected. */
+static size_t spec_scan(topk_pair *c, const double *v, uint64_t begin, size_t count, uint64_t lo, uint64_t *above) {
+    return collect_range(c, v, begin, count, 48, lo, SPEC_SPAN, above);
 }
 
 /* The first HIST pass with the speculation: the first block's histogram guesses, the others are
