@@ -1,7 +1,10 @@
-/* Each merging thread owns a ring of slots and takes every n-th unit of the write order; the
- * calling thread drains the rings in that order, so the output is the same bytes whatever the
- * number of threads. The caller mostly waits on the disk (O_DIRECT), so there are as many
- * merging threads as CPUs (TORCHMERGE_THREADS caps it). C11. */
+/* Each merging thread owns a ring of slots and claims the next unit of the write order when it
+ * is free (a thread taking every n-th unit would get every weight of a model whose weights and
+ * biases alternate, and the others the biases); the calling thread drains the units in that
+ * order from the ring of the thread that claimed each, so the output is the same bytes whatever
+ * the number of threads. A thread's ring holds its units in increasing order, which is the
+ * order the caller reads them in. The caller mostly waits on the disk (O_DIRECT), so there are
+ * as many merging threads as CPUs (TORCHMERGE_THREADS caps it). C11. */
 #define _GNU_SOURCE
 #include "merge/pipeline.h"
 
@@ -27,7 +30,6 @@ struct pipeline;
 
 typedef struct ring {
     struct pipeline *p;
-    size_t first; /* the first order index this thread merges; then every n_rings-th */
     slot slots[N_SLOTS];
     size_t produced, consumed;
     uint64_t unit_left; /* bytes of the unit being merged not yet put: its last block ends it */
@@ -41,8 +43,11 @@ typedef struct ring {
 
 typedef struct pipeline {
     merge_ctx *c;
-    size_t u1;           /* the end of the write order; each ring knows its first index */
+    size_t u0, u1;       /* the write order's range */
     const size_t *order; /* units to write, in this order (NULL: u0, u0 + 1, …) */
+    size_t next;         /* the next order index to claim */
+    uint8_t *owner;      /* owner[k − u0]: 1 + the ring that claimed order index k, 0 before */
+    size_t n_finished;   /* merging threads that have stopped */
     int want_crc;
     ring rings[MAX_MERGE_THREADS];
     size_t n_rings;
@@ -103,15 +108,28 @@ static tm_status put_block(void *user, const void *block, size_t len, tm_error *
 
 #define UNIT_AT(order, k) ((order) ? (order)[k] : (k))
 
+/* The next order index for ring r to merge, or u1 when none is left or the merge is cancelled. */
+static size_t claim(pipeline *p, ring *r) {
+    pthread_mutex_lock(&p->mu);
+    size_t k = p->cancel ? p->u1 : p->next;
+    if (k < p->u1) {
+        p->next++;
+        p->owner[k - p->u0] = (uint8_t)(1 + (size_t)(r - p->rings));
+        pthread_cond_broadcast(&p->changed); /* the writer may be waiting for this claim */
+    }
+    pthread_mutex_unlock(&p->mu);
+    return k;
+}
+
 static void *merging_thread(void *arg) {
     ring *r = arg;
     pipeline *p = r->p;
     merge_ctx *c = p->c;
     const tm_block_out out = {reserve_slot, put_block, r};
     tm_status st = TM_OK;
-    for (size_t k = r->first; k < p->u1 && !st; k += p->n_rings) {
+    for (size_t k; !st && (k = claim(p, r)) < p->u1;) {
         size_t u = UNIT_AT(p->order, k);
-        if (k + p->n_rings < p->u1) tm_pipeline_touch_unit(c, &c->plan.units[UNIT_AT(p->order, k + p->n_rings)], 0);
+        if (k + 1 < p->u1) tm_pipeline_touch_unit(c, &c->plan.units[UNIT_AT(p->order, k + 1)], 0); /* read ahead */
         const tm_unit *un = &c->plan.units[u];
         r->unit_left = (uint64_t)un->numel * tm_dtype_size(un->out_dtype);
         if (r->unit_left == 0) st = push_slot(r, 0, 1, &r->err);
@@ -121,6 +139,7 @@ static void *merging_thread(void *arg) {
     pthread_mutex_lock(&p->mu);
     r->st = st;
     r->finished = 1;
+    p->n_finished++;
     pthread_cond_broadcast(&p->changed);
     pthread_mutex_unlock(&p->mu);
     return NULL;
@@ -137,6 +156,7 @@ size_t tm_pipeline_threads(size_t n_units) {
 }
 
 static void free_rings(pipeline *p) {
+    free(p->owner);
     for (size_t r = 0; r < p->n_rings; r++) {
         for (size_t i = 0; i < N_SLOTS; i++) free(p->rings[r].slots[i].buf);
         tm_merge_worker_free(&p->rings[r].w);
@@ -162,6 +182,24 @@ static tm_status start_threads(pipeline *p, tm_error *err) {
     }
     pthread_sigmask(SIG_SETMASK, &before, NULL);
     return st;
+}
+
+/* The ring that claimed order index k, once one has; NULL when every merging thread stopped
+ * first (*err: the first one's error). */
+static ring *owner_of(pipeline *p, size_t k, tm_status *st, tm_error *err) {
+    pthread_mutex_lock(&p->mu);
+    while (!p->owner[k - p->u0] && p->n_finished < p->n_rings) pthread_cond_wait(&p->changed, &p->mu);
+    const size_t o = p->owner[k - p->u0];
+    pthread_mutex_unlock(&p->mu);
+    if (o) return &p->rings[o - 1];
+    *st = TM_ERROR_INTERNAL;
+    for (size_t r = 0; r < p->n_rings; r++)
+        if (p->rings[r].st) {
+            *st = p->rings[r].st;
+            *err = p->rings[r].err;
+            break;
+        }
+    return NULL;
 }
 
 /* Drains unit u from ring r into the sink. */
@@ -192,13 +230,12 @@ static tm_status write_unit(pipeline *p, ring *r, size_t u, const tm_sink *snk, 
 
 tm_status tm_pipeline_run(merge_ctx *c, const size_t *order, size_t u0, size_t u1, const tm_sink *snk, size_t *done,
                           tm_error *err) {
-    pipeline p = {.c = c, .u1 = u1, .order = order, .want_crc = snk->want_crc,
+    pipeline p = {.c = c, .u0 = u0, .u1 = u1, .order = order, .next = u0, .want_crc = snk->want_crc,
                   .n_rings = c->xr ? 1 : tm_pipeline_threads(u1 - u0)}; /* xr: collectives in plan order */
-    int ok = 1;
+    int ok = (p.owner = calloc(u1 > u0 ? u1 - u0 : 1, 1)) != NULL;
     for (size_t r = 0; r < p.n_rings; r++) {
         ring *rg = &p.rings[r];
         rg->p = &p;
-        rg->first = u0 + r;
         ok = tm_merge_worker_init(&rg->w, c) == TM_OK && ok;
         for (size_t i = 0; i < N_SLOTS; i++) ok = ok && (rg->slots[i].buf = malloc(TM_BLOCK_BYTES));
     }
@@ -211,7 +248,8 @@ tm_status tm_pipeline_run(merge_ctx *c, const size_t *order, size_t u0, size_t u
     tm_status st = start_threads(&p, err);
     for (size_t k = u0; k < u1 && !st; k++) {
         double t0 = tm_merge_now();
-        st = write_unit(&p, &p.rings[(k - u0) % p.n_rings], UNIT_AT(order, k), snk, err);
+        ring *r = owner_of(&p, k, &st, err);
+        if (r) st = write_unit(&p, r, UNIT_AT(order, k), snk, err);
         c->prof.save_seconds += tm_merge_now() - t0;
         c->prof.save_calls++;
         ++*done;
