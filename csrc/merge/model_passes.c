@@ -1,7 +1,7 @@
 /* The model-wide passes some methods run before any tensor is written (tm_method.model_reduce /
  * model_end: e.g. FusionBench's TIES, whose magnitude threshold and tie-breaking sign are over
  * the whole flattened model). Each pass streams every floating unit through the method on the
- * merging threads, each thread adding into its own sums (then added up, in thread order: sums
+ * merging threads (each claiming the next unit when free, as the pipeline's), each thread adding into its own sums (then added up, in thread order: sums
  * of counts are exact whatever the order) and appending to the shared lists; model_end turns
  * them into the model state every tensor then sees. Pages are dropped after each unit, as in
  * the merge, so memory stays near one unit per input. C11. */
@@ -9,6 +9,7 @@
 #include "merge/model_passes.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -59,7 +60,7 @@ typedef struct pass_thread {
     merge_ctx *c;
     tm_model_lists *lists;
     unsigned pass;
-    size_t first, step;
+    atomic_size_t *next; /* the next unit to claim, shared by the threads */
     double *sum;
     tm_merge_worker w;
     tm_status st;
@@ -83,10 +84,10 @@ tm_status tm_model_pass_tensor(const tm_method *m, tm_merge_worker *w, tm_method
 static void *run_pass(void *arg) {
     pass_thread *p = arg;
     merge_ctx *c = p->c;
-    for (size_t u = p->first; u < c->plan.n_units && !p->st; u += p->step) {
+    for (size_t u; !p->st && (u = atomic_fetch_add(p->next, 1)) < c->plan.n_units;) {
         const tm_unit *un = &c->plan.units[u];
         if (!un->floating || !un->numel) continue;
-        if (u + p->step < c->plan.n_units) tm_pipeline_touch_unit(c, &c->plan.units[u + p->step], 0);
+        if (u + 1 < c->plan.n_units) tm_pipeline_touch_unit(c, &c->plan.units[u + 1], 0); /* read ahead */
         tm_method_tensor t;
         tm_merge_unit_tensor(c, &p->w, un, &t);
         p->st = tm_model_pass_tensor(c->method, &p->w, &t, p->pass, p->lists, p->sum, &p->err);
@@ -111,9 +112,10 @@ static tm_status one_pass(void *user, unsigned pass, tm_model_lists *lists, doub
     pass_thread th[8];
     pthread_t ids[8];
     int started[8] = {0};
+    atomic_size_t next = 0;
     tm_status st = TM_OK;
     for (size_t r = 0; r < n_threads; r++) {
-        th[r] = (pass_thread){.c = c, .lists = lists, .pass = pass, .first = r, .step = n_threads};
+        th[r] = (pass_thread){.c = c, .lists = lists, .pass = pass, .next = &next};
         th[r].sum = calloc(size + 1, sizeof *th[r].sum);
         if (tm_merge_worker_init(&th[r].w, c) || !th[r].sum) st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
     }
