@@ -328,6 +328,47 @@ TM_HOT static void scale_kept_f32(double *restrict out, const float *restrict x,
     }
 }
 
+/* The magnitude sparsifications as one test: kept when the element is in the top set hi and not in
+ * the top set lo, a set being {key > cut_key, or key == cut_key and index < cut_end} (topk.h).
+ * MAGNITUDE: hi = its selection, lo empty; OUTLIERS: hi = top + keep, lo = top; a global
+ * threshold: hi = {key ≥ min_key}. */
+typedef struct band {
+    uint64_t hk, he, lk, le;
+} band;
+
+static int band_of(const tm_sparse_method *s, const tm_method_tensor *t, size_t j, const tm_sparse_input *x, band *out) {
+    const band none = {0, 0, UINT64_MAX, 0}; /* lo: no key is above UINT64_MAX */
+    *out = none;
+    if (s->sparsify == TM_SPARSIFY_OUTLIERS) {
+        *out = (band){x->sel[1].cut_key, x->sel[1].cut_end, x->sel[0].cut_key, x->sel[0].cut_end};
+    } else if (s->sparsify == TM_SPARSIFY_MAGNITUDE && tm_ties_global(t)) {
+        out->hk = tm_ties_global_min_key(t, t->input[j]);
+        out->he = UINT64_MAX;
+    } else if (s->sparsify == TM_SPARSIFY_MAGNITUDE) {
+        out->hk = x->sel[0].cut_key;
+        out->he = x->sel[0].cut_end;
+    } else {
+        return 0;
+    }
+    return 1;
+}
+
+/* The magnitude sparsifications over a float32 input in one pass: δ = x − b, its band test into
+ * keep, c·δ on the kept elements written to out (ties' rows) or added to it (linear) — delta,
+ * topk_keep / outliers_keep / threshold_keep and scale_kept / add_kept fused, the same
+ * operations, so the same bits. */
+TM_HOT static void band_rows_f32(const float *restrict x, const double *restrict b, band w, uint64_t begin, double c,
+                                 size_t m, uint8_t *restrict keep, double *restrict out, int add) {
+    for (size_t e = 0; e < m; e++) {
+        const double d = (double)x[e] - b[e];
+        const uint64_t k = tm_topk_key(d), i = begin + e;
+        const int in_hi = (k > w.hk) | ((k == w.hk) & (i < w.he)), in_lo = (k > w.lk) | ((k == w.lk) & (i < w.le));
+        keep[e] = (uint8_t)(in_hi & !in_lo);
+        const double v = kept_or_zero(c * d, keep[e]);
+        out[e] = add ? out[e] + v : v;
+    }
+}
+
 double *tm_sparse_rows(const tm_sparse_method *s, const tm_method_tensor *t, const double *state, uint64_t begin,
                        size_t c0, size_t m, const double *b, double *k, double *acc) {
     const size_t n = t->n;
@@ -340,6 +381,12 @@ double *tm_sparse_rows(const tm_sparse_method *s, const tm_method_tensor *t, con
         double *d = ties ? rows + j * m : rows;
         uint8_t *keep = keep_of(s, h, t, j, begin) + c0;
         const float *xf = s->sparsify == TM_SPARSIFY_RANDOM ? tm_kernel_f32_at(&t->in[j], begin + c0) : NULL;
+        band w;
+        const float *xm = !xf && band_of(s, t, j, x, &w) ? tm_kernel_f32_at(&t->in[j], begin + c0) : NULL;
+        if (xm) { /* TIES, Breadcrumbs over float32 without the δ row */
+            band_rows_f32(xm, b + c0, w, begin + c0, x->coef * rescale_of(h, x), m, keep, ties ? d : acc + c0, !ties);
+            continue;
+        }
         if (xf) { /* DARE over float32 (the common case) without the δ row */
             if (!saves_masks(s, h)) random_keep(x->key, x->threshold, begin + c0, m, keep);
             const double c = x->coef * rescale_of(h, x);
