@@ -17,11 +17,14 @@
  * of dimension 0 (inner: the product of the dimensions after 1), holding inner fibres of stride
  * inner — from the mapped inputs directly (a slab may span blocks), and the keep bits of the
  * whole tensor are stored, one bit per element per input. The norms (same pass) and the apply
- * read them. A fibre is ranked by a radix sort of 24 bits of each key (exponent and 12 bits of
- * mantissa) packed with the element's place in 64-bit words, then runs of equal 24 bits are
- * ordered by the whole key: the order of a sort on the whole key, at the cost of 2 passes of
- * 8 bits where 8 would be needed. Memory: n·numel/8 bytes of bits, 8 bytes per element of a slab
- * for the |δ| keys, 36 per fibre element (keys, sort words twice, thresholds, ranks) and
+ * read them. Most fibres are not sorted: their keys go into buckets whose ranks are known as a
+ * range, and an element's coin flip against the thresholds of its bucket's first and last rank
+ * decides it, except for a few whose exact rank is then counted (keep_by_buckets). The others
+ * (short fibres, keys crowded into few buckets) are sorted by a radix sort of 24 bits of each key
+ * (exponent and 12 bits of mantissa) packed with the element's place in 64-bit words, runs of
+ * equal 24 bits then ordered by the whole key. Either way the decisions are those of a sort on
+ * the whole key. Memory: n·numel/8 bytes of bits, 8 bytes per element of a slab for the |δ|
+ * keys, 40 per fibre element (keys, sort words twice, thresholds, ranks, pending) and
  * 3 × CHUNK doubles. C11. */
 #include "merge/methods/methods.h"
 #include "merge/methods/sparse.h"
@@ -82,7 +85,7 @@ static size_t bits_bytes(uint64_t numel) { return align8((size_t)((numel + 7) / 
 typedef struct area {
     uint8_t *bits;
     uint64_t *slab, *keys, *words, *tmp, *thr;
-    uint32_t *rank;
+    uint32_t *rank, *pending;
     double *x, *b, *k;
 } area;
 
@@ -100,6 +103,8 @@ static area area_of(const tm_method_tensor *t, const geometry *g, uint8_t *mem) 
     mem += 3 * g->len * sizeof(uint64_t);
     a.rank = (uint32_t *)mem;
     mem += align8(g->len * sizeof(uint32_t));
+    a.pending = (uint32_t *)mem;
+    mem += align8(g->len * sizeof(uint32_t));
     a.x = (double *)mem;
     a.b = a.x + CHUNK;
     a.k = a.b + CHUNK;
@@ -109,7 +114,7 @@ static area area_of(const tm_method_tensor *t, const geometry *g, uint8_t *mem) 
 static size_t bytes(const tm_method_tensor *t) {
     const geometry g = geometry_of(t);
     return t->n * bits_bytes(t->numel) + g.slab * sizeof(uint64_t) + (g.inner > 1 ? g.len * sizeof(uint64_t) : 0) +
-           3 * g.len * sizeof(uint64_t) + align8(g.len * sizeof(uint32_t)) + 3 * CHUNK * sizeof(double);
+           3 * g.len * sizeof(uint64_t) + 2 * align8(g.len * sizeof(uint32_t)) + 3 * CHUNK * sizeof(double);
 }
 
 /* keys[e] = the bits of |x − b| (topk.h's key: monotone in |δ|, NaN above every number). */
@@ -189,6 +194,74 @@ TM_HOT static void keep_fibre(uint8_t *restrict keep, uint64_t key, uint64_t fir
     for (size_t r = 0; r < len; r++) keep[r] = (uint8_t)tm_random_keep(key, first + r * inner, thr[rank[r]]);
 }
 
+/* The keep decisions of a fibre without sorting it, for the usual fibre (keys: its |δ| keys, in
+ * index order; thr: the thresholds by rank). The keys are put in NB ≥ len buckets by their
+ * distance to the smallest nonzero key (a monotone map; exact zeros, frequent in 16-bit
+ * fine-tunes, in a bucket of their own below), so a bucket's elements hold a known range of ranks
+ * [lo, hi]. Thresholds grow with rank, so an element whose uniform is below thr[lo] is kept and
+ * one at or above thr[hi] is dropped whatever its rank inside the bucket; a zero's rank is its
+ * place among the zeros. Only the rest (a few per fibre: the uniform must fall between the
+ * thresholds of its bucket's first and last rank) need their exact rank, counted over the
+ * bucket. Returns 0, having decided nothing, when more than UNDECIDED_MAX would need it (keys
+ * crowded into few buckets): the caller sorts the fibre then. a->rank and a->words are its
+ * scratch with a->pending (keep may be a->tmp). */
+#define UNDECIDED_MAX 64
+#define BUCKETS_MIN_LEN 64 /* shorter fibres are sorted */
+
+TM_HOT static void key_range(const uint64_t *restrict keys, size_t len, uint64_t *lo, uint64_t *hi) {
+    uint64_t mn = UINT64_MAX, mx = 0;
+    for (size_t r = 0; r < len; r++) {
+        const uint64_t k = keys[r], nz = k ? k : UINT64_MAX; /* the smallest nonzero key */
+        mn = nz < mn ? nz : mn;
+        mx = k > mx ? k : mx;
+    }
+    *lo = mn;
+    *hi = mx;
+}
+
+static int keep_by_buckets(const uint64_t *keys, size_t len, const uint64_t *thr, uint64_t key, uint64_t first,
+                           uint64_t inner, const area *a, uint8_t *keep) {
+    uint64_t kmin, kmax;
+    key_range(keys, len, &kmin, &kmax);
+    unsigned log_nb = 0;
+    while (((size_t)1 << log_nb) < len) log_nb++;
+    const uint64_t range = kmax >= kmin ? kmax - kmin : 0; /* kmin > kmax: every key is 0 */
+    const unsigned bits = range ? 64u - (unsigned)__builtin_clzll(range) : 0;
+    const unsigned shift = bits > log_nb ? bits - log_nb : 0;
+    /* bucket 0: the zeros; b ≥ 1: nonzero keys, 1 + (k − kmin) >> shift ≤ NB */
+    uint32_t *bucket = a->rank, *start = (uint32_t *)a->words; /* start: NB + 2 ≤ 2·len */
+    const size_t nb = ((size_t)1 << log_nb) + 1;
+    memset(start, 0, (nb + 1) * sizeof *start);
+    for (size_t r = 0; r < len; r++) {
+        const uint64_t k = keys[r];
+        const uint32_t b = k ? 1 + (uint32_t)((k - kmin) >> shift) : 0;
+        bucket[r] = b;
+        start[b + 1]++;
+    }
+    for (size_t b = 1; b <= nb; b++) start[b] += start[b - 1]; /* start[b]: the bucket's first rank */
+    uint32_t *undecided = a->pending, zeros = 0;
+    size_t n_undecided = 0;
+    for (size_t r = 0; r < len; r++) { /* branch-free: the decisions are coin flips */
+        const uint64_t m = tm_random_mix(key ^ (first + r * inner)) >> 11; /* tm_random_keep's test */
+        const uint32_t b = bucket[r], z = b == 0;
+        const uint64_t lo = thr[z ? zeros : start[b]], hi = thr[z ? zeros : start[b + 1] - 1];
+        zeros += z;
+        keep[r] = m < lo;
+        undecided[n_undecided] = (uint32_t)r;
+        n_undecided += (m >= lo) & (m < hi);
+    }
+    if (n_undecided > UNDECIDED_MAX) return 0;
+    for (size_t u = 0; u < n_undecided; u++) {
+        const size_t r = undecided[u];
+        const uint32_t b = bucket[r];
+        const uint64_t k = keys[r];
+        size_t before = 0; /* the bucket's elements ranking below r: smaller key, or equal and earlier */
+        for (size_t f = 0; f < len; f++) before += (bucket[f] == b) & ((keys[f] < k) | ((keys[f] == k) & (f < r)));
+        keep[r] = tm_random_keep(key, first + r * inner, thr[start[b] + before]);
+    }
+    return 1;
+}
+
 static void set_bits(uint8_t *bits, const uint8_t *keep, uint64_t first, uint64_t inner, size_t len) {
     size_t r = 0;
     if (inner == 1 && first % 8 == 0) /* whole bytes of the fibre, 8 elements at a time */
@@ -214,6 +287,10 @@ static void rank_slab(const tm_method_tensor *t, const geometry *g, const area *
     for (uint64_t q = 0; q < g->inner; q++) {
         if (g->inner > 1)
             for (size_t r = 0; r < len; r++) a->keys[r] = a->slab[q + r * g->inner];
+        if (len >= BUCKETS_MIN_LEN && keep_by_buckets(a->keys, len, a->thr, x->key, start + q, g->inner, a, keep)) {
+            set_bits(bits, keep, start + q, g->inner, len);
+            continue;
+        }
         words_of(a->words, a->keys, len);
         uint64_t *order = sort_words(a->words, a->tmp, len);
         refine(order, a->keys, len);
