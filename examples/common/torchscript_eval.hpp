@@ -6,6 +6,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <ostream>
 #include <string>
 
 namespace tm_example {
@@ -72,6 +73,16 @@ inline std::string fmt(const char *f, double v) {
     char buf[64];
     std::snprintf(buf, sizeof buf, f, v);
     return buf;
+}
+
+// The opening of a chart: the <svg> element, a white background and the bold title (y = 26);
+// the caller writes the rest and "</svg>".
+inline void svg_begin(std::ostream &f, double W, double H, const std::string &title) {
+    f << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << W << "\" height=\"" << H << "\" viewBox=\"0 0 " << W
+      << " " << H << "\" font-family=\"DejaVu Sans, Arial, sans-serif\" font-size=\"12\">\n";
+    f << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
+    f << "<text x=\"" << W / 2 << "\" y=\"26\" text-anchor=\"middle\" font-size=\"16\" font-weight=\"bold\">" << xml(title)
+      << "</text>\n";
 }
 
 }  // namespace tm_example

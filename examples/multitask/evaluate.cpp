@@ -144,12 +144,8 @@ void write_svg(const std::string &path, const std::vector<Row> &rows, const std:
     const char *palette[] = {"#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"};
     std::ofstream f(path);
     if (!f) die(path + ": cannot write");
-    f << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << W << "\" height=\"" << H << "\" viewBox=\"0 0 " << W
-      << " " << H << "\" font-family=\"DejaVu Sans, Arial, sans-serif\" font-size=\"12\">\n";
-    f << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
-    f << "<text x=\"" << W / 2 << "\" y=\"24\" text-anchor=\"middle\" font-size=\"16\" font-weight=\"bold\">" << xml(title)
-      << "</text>\n";
-    f << "<text x=\"" << W / 2 << "\" y=\"42\" text-anchor=\"middle\" fill=\"#555\">bar: average test accuracy over "
+    tm_example::svg_begin(f, W, H, title);
+    f << "<text x=\"" << W / 2 << "\" y=\"44\" text-anchor=\"middle\" fill=\"#555\">bar: average test accuracy over "
       << tasks.size() << " tasks; dots: each task; the x axis starts at " << floor << "%</text>\n";
     const double plot_bottom = top + row_h * double(rows.size());
     for (double t = floor; t <= 100.0001; t += 10) {

@@ -41,7 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "soup"))
 import tasks  # noqa: E402
-from make_ingredients import save_safetensors  # noqa: E402  (one safetensors writer for the examples)
+from make_ingredients import run_epochs, save_safetensors  # noqa: E402  (shared with the soup example)
 
 PRETRAIN = dict(seed=0, epochs=4, lr=0.05, batch=64)
 PROBE = dict(epochs=30, lr=0.1, batch=128)
@@ -57,18 +57,14 @@ def pretrain(x):
     torch.manual_seed(PRETRAIN["seed"])
     gen = torch.Generator().manual_seed(PRETRAIN["seed"])
     model = tasks.Classifier(4)
-    opt = sgd(model.parameters(), PRETRAIN["lr"])
     model.train()
-    for _ in range(PRETRAIN["epochs"]):
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), PRETRAIN["batch"]):
-            batch = x[order[i:i + PRETRAIN["batch"]]]
-            k = torch.randint(0, 4, (len(batch),), generator=gen)
-            turned = torch.stack([torch.rot90(img, int(r), dims=(1, 2)) for img, r in zip(batch, k)])
-            loss = F.cross_entropy(model(turned), k)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+
+    def loss_of(idx):  # each image turned by a random multiple of 90 degrees; the label is which
+        k = torch.randint(0, 4, (len(idx),), generator=gen)
+        turned = torch.stack([torch.rot90(img, int(r), dims=(1, 2)) for img, r in zip(x[idx], k)])
+        return F.cross_entropy(model(turned), k)
+
+    run_epochs(sgd(model.parameters(), PRETRAIN["lr"]), len(x), PRETRAIN["batch"], PRETRAIN["epochs"], gen, loss_of)
     model.eval()
     return model
 
@@ -83,15 +79,8 @@ def probe(task, feats, y):
     torch.manual_seed(task.seed)
     gen = torch.Generator().manual_seed(task.seed)
     head = torch.nn.Linear(64, task.classes)
-    opt = sgd(head.parameters(), PROBE["lr"])
-    for _ in range(PROBE["epochs"]):
-        order = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(y), PROBE["batch"]):
-            idx = order[i:i + PROBE["batch"]]
-            loss = F.cross_entropy(head(feats[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    run_epochs(sgd(head.parameters(), PROBE["lr"]), len(y), PROBE["batch"], PROBE["epochs"], gen,
+               lambda idx: F.cross_entropy(head(feats[idx]), y[idx]))
     return head
 
 

@@ -176,10 +176,5 @@ evaluate test "${refs[@]}" "${final[@]}" "${infos[@]}" \
   --info-header "chosen on validation|val avg|merge ms|peak RSS MB" \
   --markdown "$OUT/table.md" --svg "$OUT/multitask_chart.svg"
 . examples/common/png.sh
-if png "$OUT/multitask_chart.svg" "$OUT/multitask_chart.png" 2>/dev/null; then
-  echo "chart: $OUT/multitask_chart.png"
-else
-  rm -f "$OUT/multitask_chart.png"
-  echo "(no PNG copy: install librsvg2-bin for rsvg-convert)"
-fi
+png_copy "$OUT/multitask_chart.svg"
 echo "table: $OUT/table.md"

@@ -54,11 +54,7 @@ void write_svg(const std::string &path, const std::vector<Entry> &entries, const
     auto y = [&](double pct) { return top + plot_h * (1 - (pct - floor) / (100 - floor)); };
     std::ofstream f(path);
     if (!f) die(path + ": cannot write");
-    f << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << W << "\" height=\"" << H << "\" viewBox=\"0 0 " << W
-      << " " << H << "\" font-family=\"DejaVu Sans, Arial, sans-serif\" font-size=\"12\">\n";
-    f << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
-    f << "<text x=\"" << W / 2 << "\" y=\"26\" text-anchor=\"middle\" font-size=\"16\" font-weight=\"bold\">" << xml(title)
-      << "</text>\n";
+    tm_example::svg_begin(f, W, H, title);
     f << "<text x=\"" << W / 2 << "\" y=\"44\" text-anchor=\"middle\" fill=\"#555\">accuracy on " << n_split
       << " held-out test images; the y axis starts at " << floor << "%</text>\n";
     for (double t = floor; t <= 100.0001; t += (100 - floor) <= 20 ? 2.5 : 10) {

@@ -53,9 +53,4 @@ for i in "${!scripted[@]}"; do labels+=("ingredient $((i + 1))=${scripted[i]}");
   --soup "uniform soup=$OUT/uniform_soup.pt" --soup "weighted soup=$OUT/weighted_soup.pt" \
   --soup "greedy soup=$OUT/greedy_soup.pt"
 . examples/common/png.sh
-if png "$OUT/soup_chart.svg" "$OUT/soup_chart.png" 2>/dev/null; then
-  echo "chart: $OUT/soup_chart.png"
-else
-  rm -f "$OUT/soup_chart.png"
-  echo "(no PNG copy: install librsvg2-bin for rsvg-convert)"
-fi
+png_copy "$OUT/soup_chart.svg"
