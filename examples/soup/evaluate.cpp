@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <torch/script.h>
 
+#include "../common/torchscript_eval.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -33,56 +35,10 @@ struct Entry {
     uintmax_t bytes = 0;
 };
 
-[[noreturn]] void die(const std::string &msg) {
-    std::fprintf(stderr, "soup_evaluate: error: %s\n", msg.c_str());
-    std::exit(1);
-}
-
-std::string first_line(std::string s) {
-    auto nl = s.find('\n');
-    if (nl != std::string::npos) s.resize(nl);
-    return s;
-}
-
-torch::jit::Module load(const std::string &path) {
-    try {
-        return torch::jit::load(path, torch::kCPU);
-    } catch (const c10::Error &e) {
-        die(path + ": not a loadable TorchScript module: " + first_line(e.what_without_backtrace()));
-    }
-}
-
-double score(torch::jit::Module &eval, const at::Tensor &inputs, const std::string &model_path) {
-    torch::jit::Module model = load(model_path);
-    model.eval();
-    torch::NoGradGuard no_grad;
-    try {
-        at::Tensor out = model.forward({inputs}).toTensor();
-        return eval.forward({out}).toTensor().item<double>();
-    } catch (const c10::Error &e) {
-        die(model_path + ": " + first_line(e.what_without_backtrace()));
-    }
-}
-
-std::string xml(const std::string &s) {
-    std::string r;
-    for (char c : s) {
-        switch (c) {
-        case '&': r += "&amp;"; break;
-        case '<': r += "&lt;"; break;
-        case '>': r += "&gt;"; break;
-        case '"': r += "&quot;"; break;
-        default: r += c;
-        }
-    }
-    return r;
-}
-
-std::string fmt(const char *f, double v) {
-    char buf[64];
-    std::snprintf(buf, sizeof buf, f, v);
-    return buf;
-}
+using tm_example::die;
+using tm_example::fmt;
+using tm_example::load;
+using tm_example::xml;
 
 // A bar per model; the y axis starts at `floor` (a round number below the lowest bar), which
 // the axis title says, so small differences are visible without pretending the bars start at 0.
@@ -98,11 +54,7 @@ void write_svg(const std::string &path, const std::vector<Entry> &entries, const
     auto y = [&](double pct) { return top + plot_h * (1 - (pct - floor) / (100 - floor)); };
     std::ofstream f(path);
     if (!f) die(path + ": cannot write");
-    f << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << W << "\" height=\"" << H << "\" viewBox=\"0 0 " << W
-      << " " << H << "\" font-family=\"DejaVu Sans, Arial, sans-serif\" font-size=\"12\">\n";
-    f << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
-    f << "<text x=\"" << W / 2 << "\" y=\"26\" text-anchor=\"middle\" font-size=\"16\" font-weight=\"bold\">" << xml(title)
-      << "</text>\n";
+    tm_example::svg_begin(f, W, H, title);
     f << "<text x=\"" << W / 2 << "\" y=\"44\" text-anchor=\"middle\" fill=\"#555\">accuracy on " << n_split
       << " held-out test images; the y axis starts at " << floor << "%</text>\n";
     for (double t = floor; t <= 100.0001; t += (100 - floor) <= 20 ? 2.5 : 10) {
@@ -162,6 +114,7 @@ Entry parse_entry(const std::string &arg, bool soup) {
 }  // namespace
 
 int main(int argc, char **argv) {
+    tm_example::program = "soup_evaluate";
     std::string eval_path, svg, title = "Model soups on scikit-learn digits (MLP 64-64-10)";
     bool scores_only = false;
     std::vector<Entry> entries;
@@ -185,12 +138,10 @@ int main(int argc, char **argv) {
     at::set_num_threads(1);
 
     torch::jit::Module eval = load(eval_path);
-    if (!eval.hasattr("inputs") || !eval.attr("inputs").isTensor())
-        die(eval_path + ": the evaluation module has no Tensor attribute 'inputs'");
-    eval.eval();
-    at::Tensor inputs = eval.attr("inputs").toTensor();
+    at::Tensor inputs = tm_example::eval_inputs(eval, eval_path);
     for (auto &e : entries) {
-        e.score = score(eval, inputs, e.path);
+        torch::jit::Module model = load(e.path);
+        e.score = tm_example::score(eval, inputs, model, e.path);
         std::error_code ec;
         e.bytes = std::filesystem::file_size(e.path, ec);
     }

@@ -99,19 +99,25 @@ def augment(x, noise, shift, gen):
     return x
 
 
+def run_epochs(opt, n, batch, epochs, gen, loss_of):
+    """`epochs` passes over n examples in mini-batches, a fresh order (from gen) each pass;
+    loss_of(indices) -> the batch's loss. (examples/multitask/finetune.py uses it too.)"""
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch):
+            loss = loss_of(order[i:i + batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
 def train(model, x, y, seed, lr, epochs, wd=0.0, noise=0.0, shift=0):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=wd)
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(y), BATCH):
-            idx = order[i:i + BATCH]
-            loss = F.cross_entropy(model(augment(x[idx], noise, shift, gen)), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    run_epochs(opt, len(y), BATCH, epochs, gen,
+               lambda idx: F.cross_entropy(model(augment(x[idx], noise, shift, gen)), y[idx]))
     model.eval()
     return model
 

@@ -52,14 +52,5 @@ for i in "${!scripted[@]}"; do labels+=("ingredient $((i + 1))=${scripted[i]}");
 "$ev" --eval "$data/test_eval.pt" --svg "$OUT/soup_chart.svg" "${labels[@]}" \
   --soup "uniform soup=$OUT/uniform_soup.pt" --soup "weighted soup=$OUT/weighted_soup.pt" \
   --soup "greedy soup=$OUT/greedy_soup.pt"
-png() {
-  if command -v rsvg-convert >/dev/null; then rsvg-convert -o "$2" "$1"
-  elif command -v convert >/dev/null; then convert "$1" "$2"
-  else return 1; fi
-}
-if png "$OUT/soup_chart.svg" "$OUT/soup_chart.png" 2>/dev/null; then
-  echo "chart: $OUT/soup_chart.png"
-else
-  rm -f "$OUT/soup_chart.png"
-  echo "(no PNG copy: install librsvg2-bin for rsvg-convert)"
-fi
+. examples/common/png.sh
+png_copy "$OUT/soup_chart.svg"
