@@ -16,7 +16,7 @@
 #include "core/crc32.h"
 #include "merge/merge_unit.h"
 
-#define N_SLOTS 16
+#define N_SLOTS 32
 #define MAX_MERGE_THREADS 8
 
 typedef struct slot {
