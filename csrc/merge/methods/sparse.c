@@ -212,6 +212,29 @@ TM_HOT static void l1_norms4(const double *const *d, const uint8_t *const *keep,
     kept_out[0] = s0, kept_out[1] = s1, kept_out[2] = s2, kept_out[3] = s3;
 }
 
+/* The same over 4 float32 inputs, δ = x − b computed in the loop (the same values as delta's). */
+TM_HOT static void l1_norms4_f32(const float *const *x, const double *restrict b, const uint8_t *const *keep,
+                                 size_t count, double *all_out, double *kept_out) {
+    const float *restrict x0 = x[0], *restrict x1 = x[1], *restrict x2 = x[2], *restrict x3 = x[3];
+    const uint8_t *restrict k0 = keep[0], *restrict k1 = keep[1], *restrict k2 = keep[2], *restrict k3 = keep[3];
+    double a0 = all_out[0], a1 = all_out[1], a2 = all_out[2], a3 = all_out[3];
+    double s0 = kept_out[0], s1 = kept_out[1], s2 = kept_out[2], s3 = kept_out[3];
+    for (size_t e = 0; e < count; e++) {
+        const double v0 = fabs((double)x0[e] - b[e]), v1 = fabs((double)x1[e] - b[e]);
+        const double v2 = fabs((double)x2[e] - b[e]), v3 = fabs((double)x3[e] - b[e]);
+        a0 += v0;
+        a1 += v1;
+        a2 += v2;
+        a3 += v3;
+        s0 += kept_or_zero(v0, k0[e]);
+        s1 += kept_or_zero(v1, k1[e]);
+        s2 += kept_or_zero(v2, k2[e]);
+        s3 += kept_or_zero(v3, k3[e]);
+    }
+    all_out[0] = a0, all_out[1] = a1, all_out[2] = a2, all_out[3] = a3;
+    kept_out[0] = s0, kept_out[1] = s1, kept_out[2] = s2, kept_out[3] = s3;
+}
+
 /* The norms' pass over a block, chunk by chunk: every input's δ and keep bytes, then their norms
  * 4 inputs at a time (a group of fewer repeats its first input and drops the copies' sums); each
  * block's sums carry over its chunks in element order. */
@@ -225,6 +248,19 @@ static void norms_block(const tm_sparse_method *s, const tm_method_tensor *t, tm
             const size_t m = count - c0 < CHUNK ? count - c0 : CHUNK;
             const double *d[4];
             const uint8_t *keep[4];
+            /* masks that do not look at δ (DARE's, DELLA's) over float32 inputs: no δ rows */
+            const float *xf[4];
+            int fused = s->sparsify == TM_SPARSIFY_RANDOM || s->sparsify == TM_SPARSIFY_CUSTOM;
+            for (size_t i = 0; i < 4 && fused; i++) fused = (xf[i] = tm_kernel_f32_at(&t->in[j0 + (i < g ? i : 0)], begin + c0)) != NULL;
+            if (fused) {
+                for (size_t i = 0; i < 4; i++) {
+                    uint8_t *kj = keep_of(s, h, t, j0 + (i < g ? i : 0), begin) + c0;
+                    if (i < g) keep_block(s, h, t, j0 + i, &in[j0 + i], NULL, begin + c0, m, kj);
+                    keep[i] = kj;
+                }
+                l1_norms4_f32(xf, b + c0, keep, m, all, kept);
+                continue;
+            }
             for (size_t i = 0; i < 4; i++) {
                 double *row = rows + (i < g ? i : 0) * CHUNK;
                 uint8_t *kj = keep_of(s, h, t, j0 + (i < g ? i : 0), begin) + c0;
