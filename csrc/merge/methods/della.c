@@ -211,11 +211,11 @@ TM_HOT static void keep_fibre(uint8_t *restrict keep, uint64_t key, uint64_t fir
 TM_HOT static void key_range(const uint64_t *restrict keys, size_t len, uint64_t *lo, uint64_t *hi) {
     uint64_t mn = UINT64_MAX, mx = 0;
     for (size_t r = 0; r < len; r++) {
-        const uint64_t k = keys[r], nz = k ? k : UINT64_MAX; /* the smallest nonzero key */
-        mn = nz < mn ? nz : mn;
+        const uint64_t k = keys[r], below = k - 1; /* 0 wraps to the largest: the smallest nonzero key */
+        mn = below < mn ? below : mn;
         mx = k > mx ? k : mx;
     }
-    *lo = mn;
+    *lo = mn + 1; /* 0 when every key is 0 */
     *hi = mx;
 }
 
@@ -225,7 +225,7 @@ static int keep_by_buckets(const uint64_t *keys, size_t len, const uint64_t *thr
     key_range(keys, len, &kmin, &kmax);
     unsigned log_nb = 0;
     while (((size_t)1 << log_nb) < len) log_nb++;
-    const uint64_t range = kmax >= kmin ? kmax - kmin : 0; /* kmin > kmax: every key is 0 */
+    const uint64_t range = kmax >= kmin ? kmax - kmin : 0; /* every key 0: kmin = kmax = 0 */
     const unsigned bits = range ? 64u - (unsigned)__builtin_clzll(range) : 0;
     const unsigned shift = bits > log_nb ? bits - log_nb : 0;
     /* bucket 0: the zeros; b ≥ 1: nonzero keys, 1 + (k − kmin) >> shift ≤ NB */
