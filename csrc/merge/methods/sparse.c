@@ -364,6 +364,40 @@ TM_HOT static void scale_kept_f32(double *restrict out, const float *restrict x,
     }
 }
 
+/* add_kept_f32 of 4 inputs in one pass over acc, adding in input order (the same bits). */
+TM_HOT static void add_kept4_f32(double *restrict acc, const float *const *x, const double *restrict b,
+                                 const uint8_t *const *keep, const double *c, size_t count) {
+    const float *restrict x0 = x[0], *restrict x1 = x[1], *restrict x2 = x[2], *restrict x3 = x[3];
+    const uint8_t *restrict k0 = keep[0], *restrict k1 = keep[1], *restrict k2 = keep[2], *restrict k3 = keep[3];
+    const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
+    for (size_t e = 0; e < count; e++) {
+        double v = acc[e] + kept_or_zero(c0 * ((double)x0[e] - b[e]), k0[e]);
+        v += kept_or_zero(c1 * ((double)x1[e] - b[e]), k1[e]);
+        v += kept_or_zero(c2 * ((double)x2[e] - b[e]), k2[e]);
+        acc[e] = v + kept_or_zero(c3 * ((double)x3[e] - b[e]), k3[e]);
+    }
+}
+
+/* Linear DARE over 4 float32 inputs from j at once, elements [c0, c0 + m) of the block at begin
+ * (b, acc: from c0); returns 0 (nothing done) unless all 4 are float32. */
+static int random_linear4_f32(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
+                              const tm_sparse_input *in, size_t j, uint64_t begin, size_t c0, size_t m,
+                              const double *b, double *acc) {
+    const float *x[4];
+    const uint8_t *keep[4];
+    double c[4];
+    for (size_t i = 0; i < 4; i++)
+        if (!(x[i] = tm_kernel_f32_at(&t->in[j + i], begin + c0))) return 0;
+    for (size_t i = 0; i < 4; i++) {
+        uint8_t *kj = keep_of(s, h, t, j + i, begin) + c0;
+        if (!saves_masks(s, h)) random_keep(in[j + i].key, in[j + i].threshold, begin + c0, m, kj);
+        keep[i] = kj;
+        c[i] = in[j + i].coef * rescale_of(h, &in[j + i]);
+    }
+    add_kept4_f32(acc, x, b, keep, c, m);
+    return 1;
+}
+
 /* The magnitude sparsifications as one test: kept when the element is in the top set hi and not in
  * the top set lo, a set being {key > cut_key, or key == cut_key and index < cut_end} (topk.h).
  * MAGNITUDE: hi = its selection, lo empty; OUTLIERS: hi = top + keep, lo = top; a global
@@ -412,7 +446,10 @@ double *tm_sparse_rows(const tm_sparse_method *s, const tm_method_tensor *t, con
     const tm_sparse_input *in = cinputs(state);
     const int ties = s->consensus == TM_CONSENSUS_TIES;
     double *rows = (double *)t->memory->data;
-    for (size_t j = 0; j < n; j++) {
+    size_t j0 = 0;
+    if (!ties && s->sparsify == TM_SPARSIFY_RANDOM) /* linear DARE: 4 inputs per pass over acc */
+        while (j0 + 4 <= n && random_linear4_f32(s, h, t, in, j0, begin, c0, m, b + c0, acc + c0)) j0 += 4;
+    for (size_t j = j0; j < n; j++) {
         const tm_sparse_input *x = &in[j];
         double *d = ties ? rows + j * m : rows;
         uint8_t *keep = keep_of(s, h, t, j, begin) + c0;
