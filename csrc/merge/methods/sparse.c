@@ -167,6 +167,12 @@ TM_HOT static void threshold_keep(uint64_t min_key, const double *restrict d, si
     for (size_t e = 0; e < count; e++) keep[e] = (uint8_t)(tm_topk_key(d[e]) >= min_key);
 }
 
+/* Whether the sparsification's mask ignores δ (DARE's, DELLA's): it can then be drawn before δ is
+ * computed, in the loops that compute it. */
+static int mask_without_delta(const tm_sparse_method *s) {
+    return s->sparsify == TM_SPARSIFY_RANDOM || s->sparsify == TM_SPARSIFY_CUSTOM;
+}
+
 /* keep[e]: whether the sparsification keeps element begin + e of input j's δ. */
 static void keep_block(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t, size_t j,
                        const tm_sparse_input *x, const double *d, uint64_t begin, size_t count, uint8_t *keep) {
@@ -248,9 +254,9 @@ static void norms_block(const tm_sparse_method *s, const tm_method_tensor *t, tm
             const size_t m = count - c0 < CHUNK ? count - c0 : CHUNK;
             const double *d[4];
             const uint8_t *keep[4];
-            /* masks that do not look at δ (DARE's, DELLA's) over float32 inputs: no δ rows */
+            /* masks that do not look at δ over float32 inputs: no δ rows */
             const float *xf[4];
-            int fused = s->sparsify == TM_SPARSIFY_RANDOM || s->sparsify == TM_SPARSIFY_CUSTOM;
+            int fused = mask_without_delta(s);
             for (size_t i = 0; i < 4 && fused; i++) fused = (xf[i] = tm_kernel_f32_at(&t->in[j0 + (i < g ? i : 0)], begin + c0)) != NULL;
             if (fused) {
                 for (size_t i = 0; i < 4; i++) {
@@ -378,7 +384,7 @@ TM_HOT static void add_kept4_f32(double *restrict acc, const float *const *x, co
     }
 }
 
-/* Linear DARE over 4 float32 inputs from j at once, elements [c0, c0 + m) of the block at begin
+/* Linear DARE / DELLA over 4 float32 inputs from j at once, elements [c0, c0 + m) of the block at begin
  * (b, acc: from c0); returns 0 (nothing done) unless all 4 are float32. */
 static int random_linear4_f32(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
                               const tm_sparse_input *in, size_t j, uint64_t begin, size_t c0, size_t m,
@@ -390,7 +396,7 @@ static int random_linear4_f32(const tm_sparse_method *s, const tm_sparse_header 
         if (!(x[i] = tm_kernel_f32_at(&t->in[j + i], begin + c0))) return 0;
     for (size_t i = 0; i < 4; i++) {
         uint8_t *kj = keep_of(s, h, t, j + i, begin) + c0;
-        if (!saves_masks(s, h)) random_keep(in[j + i].key, in[j + i].threshold, begin + c0, m, kj);
+        if (!saves_masks(s, h)) keep_block(s, h, t, j + i, &in[j + i], NULL, begin + c0, m, kj);
         keep[i] = kj;
         c[i] = in[j + i].coef * rescale_of(h, &in[j + i]);
     }
@@ -447,21 +453,21 @@ double *tm_sparse_rows(const tm_sparse_method *s, const tm_method_tensor *t, con
     const int ties = s->consensus == TM_CONSENSUS_TIES;
     double *rows = (double *)t->memory->data;
     size_t j0 = 0;
-    if (!ties && s->sparsify == TM_SPARSIFY_RANDOM) /* linear DARE: 4 inputs per pass over acc */
+    if (!ties && mask_without_delta(s)) /* linear DARE, DELLA: 4 inputs per pass over acc */
         while (j0 + 4 <= n && random_linear4_f32(s, h, t, in, j0, begin, c0, m, b + c0, acc + c0)) j0 += 4;
     for (size_t j = j0; j < n; j++) {
         const tm_sparse_input *x = &in[j];
         double *d = ties ? rows + j * m : rows;
         uint8_t *keep = keep_of(s, h, t, j, begin) + c0;
-        const float *xf = s->sparsify == TM_SPARSIFY_RANDOM ? tm_kernel_f32_at(&t->in[j], begin + c0) : NULL;
+        const float *xf = mask_without_delta(s) ? tm_kernel_f32_at(&t->in[j], begin + c0) : NULL;
         band w;
         const float *xm = !xf && band_of(s, t, j, x, &w) ? tm_kernel_f32_at(&t->in[j], begin + c0) : NULL;
         if (xm) { /* TIES, Breadcrumbs over float32 without the δ row */
             band_rows_f32(xm, b + c0, w, begin + c0, x->coef * rescale_of(h, x), m, keep, ties ? d : acc + c0, !ties);
             continue;
         }
-        if (xf) { /* DARE over float32 (the common case) without the δ row */
-            if (!saves_masks(s, h)) random_keep(x->key, x->threshold, begin + c0, m, keep);
+        if (xf) { /* DARE, DELLA over float32 (the common case) without the δ row */
+            if (!saves_masks(s, h)) keep_block(s, h, t, j, x, NULL, begin + c0, m, keep);
             const double c = x->coef * rescale_of(h, x);
             if (ties) scale_kept_f32(d, xf, b + c0, keep, c, m);
             else add_kept_f32(acc + c0, xf, b + c0, keep, c, m);
