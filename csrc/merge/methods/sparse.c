@@ -197,49 +197,34 @@ static inline double kept_or_zero(double a, uint8_t keep) {
     return k;
 }
 
-TM_HOT static void l1_norms4(const double *const *d, const uint8_t *const *keep, size_t count, double *all_out,
-                             double *kept_out) {
-    const double *restrict d0 = d[0], *restrict d1 = d[1], *restrict d2 = d[2], *restrict d3 = d[3];
-    const uint8_t *restrict k0 = keep[0], *restrict k1 = keep[1], *restrict k2 = keep[2], *restrict k3 = keep[3];
-    double a0 = all_out[0], a1 = all_out[1], a2 = all_out[2], a3 = all_out[3];
-    double s0 = kept_out[0], s1 = kept_out[1], s2 = kept_out[2], s3 = kept_out[3];
-    for (size_t e = 0; e < count; e++) {
-        const double x0 = fabs(d0[e]), x1 = fabs(d1[e]), x2 = fabs(d2[e]), x3 = fabs(d3[e]);
-        a0 += x0;
-        a1 += x1;
-        a2 += x2;
-        a3 += x3;
-        s0 += kept_or_zero(x0, k0[e]);
-        s1 += kept_or_zero(x1, k1[e]);
-        s2 += kept_or_zero(x2, k2[e]);
-        s3 += kept_or_zero(x3, k3[e]);
+/* name(x, b, keep, count, all, kept) over 4 inputs x of element type T, δ = DELTA(x, b, e): from
+ * δ rows (b unused) or from float32 inputs and the base (the same values as delta's). */
+#define DEFINE_L1_NORMS4(name, T, DELTA)                                                            \
+    TM_HOT static void name(const T *const *x, const double *restrict b, const uint8_t *const *keep, size_t count, \
+                            double *all_out, double *kept_out) {                                    \
+        const T *restrict x0 = x[0], *restrict x1 = x[1], *restrict x2 = x[2], *restrict x3 = x[3];  \
+        const uint8_t *restrict k0 = keep[0], *restrict k1 = keep[1], *restrict k2 = keep[2], *restrict k3 = keep[3]; \
+        double a0 = all_out[0], a1 = all_out[1], a2 = all_out[2], a3 = all_out[3];                 \
+        double s0 = kept_out[0], s1 = kept_out[1], s2 = kept_out[2], s3 = kept_out[3];             \
+        for (size_t e = 0; e < count; e++) {                                                        \
+            const double v0 = fabs(DELTA(x0, b, e)), v1 = fabs(DELTA(x1, b, e));                    \
+            const double v2 = fabs(DELTA(x2, b, e)), v3 = fabs(DELTA(x3, b, e));                    \
+            a0 += v0;                                                                               \
+            a1 += v1;                                                                               \
+            a2 += v2;                                                                               \
+            a3 += v3;                                                                               \
+            s0 += kept_or_zero(v0, k0[e]);                                                          \
+            s1 += kept_or_zero(v1, k1[e]);                                                          \
+            s2 += kept_or_zero(v2, k2[e]);                                                          \
+            s3 += kept_or_zero(v3, k3[e]);                                                          \
+        }                                                                                           \
+        all_out[0] = a0, all_out[1] = a1, all_out[2] = a2, all_out[3] = a3;                         \
+        kept_out[0] = s0, kept_out[1] = s1, kept_out[2] = s2, kept_out[3] = s3;                     \
     }
-    all_out[0] = a0, all_out[1] = a1, all_out[2] = a2, all_out[3] = a3;
-    kept_out[0] = s0, kept_out[1] = s1, kept_out[2] = s2, kept_out[3] = s3;
-}
-
-/* The same over 4 float32 inputs, δ = x − b computed in the loop (the same values as delta's). */
-TM_HOT static void l1_norms4_f32(const float *const *x, const double *restrict b, const uint8_t *const *keep,
-                                 size_t count, double *all_out, double *kept_out) {
-    const float *restrict x0 = x[0], *restrict x1 = x[1], *restrict x2 = x[2], *restrict x3 = x[3];
-    const uint8_t *restrict k0 = keep[0], *restrict k1 = keep[1], *restrict k2 = keep[2], *restrict k3 = keep[3];
-    double a0 = all_out[0], a1 = all_out[1], a2 = all_out[2], a3 = all_out[3];
-    double s0 = kept_out[0], s1 = kept_out[1], s2 = kept_out[2], s3 = kept_out[3];
-    for (size_t e = 0; e < count; e++) {
-        const double v0 = fabs((double)x0[e] - b[e]), v1 = fabs((double)x1[e] - b[e]);
-        const double v2 = fabs((double)x2[e] - b[e]), v3 = fabs((double)x3[e] - b[e]);
-        a0 += v0;
-        a1 += v1;
-        a2 += v2;
-        a3 += v3;
-        s0 += kept_or_zero(v0, k0[e]);
-        s1 += kept_or_zero(v1, k1[e]);
-        s2 += kept_or_zero(v2, k2[e]);
-        s3 += kept_or_zero(v3, k3[e]);
-    }
-    all_out[0] = a0, all_out[1] = a1, all_out[2] = a2, all_out[3] = a3;
-    kept_out[0] = s0, kept_out[1] = s1, kept_out[2] = s2, kept_out[3] = s3;
-}
+#define ROW_DELTA(x, b, e) ((void)(b), (x)[e])
+#define F32_DELTA(x, b, e) ((double)(x)[e] - (b)[e])
+DEFINE_L1_NORMS4(l1_norms4, double, ROW_DELTA)
+DEFINE_L1_NORMS4(l1_norms4_f32, float, F32_DELTA)
 
 /* The norms' pass over a block, chunk by chunk: every input's δ and keep bytes, then their norms
  * 4 inputs at a time (a group of fewer repeats its first input and drops the copies' sums); each
@@ -277,7 +262,7 @@ static void norms_block(const tm_sparse_method *s, const tm_method_tensor *t, tm
                 d[i] = row;
                 keep[i] = kj;
             }
-            l1_norms4(d, keep, m, all, kept);
+            l1_norms4(d, NULL, keep, m, all, kept);
         }
         for (size_t i = 0; i < g; i++) {
             in[j0 + i].l1_all += all[i];
