@@ -184,9 +184,6 @@ static void keep_block(const tm_sparse_method *s, const tm_sparse_header *h, con
     else tm_topk_keep(&x->sel[0], d, begin, count, keep);
 }
 
-/* Σ|d| over the block, and over its kept elements, of 4 inputs at once (sequential per input: the
- * bits are documented by the tests' references only to 1 ulp, but dare_linear's bytes stay those
- * of its first release; 8 independent chains of additions hide each addition's latency). */
 static inline double kept_or_zero(double a, uint8_t keep) {
     /* a or +0 by masking its bits: a branch on a random mask mispredicts half the time */
     uint64_t u;
@@ -197,6 +194,9 @@ static inline double kept_or_zero(double a, uint8_t keep) {
     return k;
 }
 
+/* Σ|d| over the block, and over its kept elements, of 4 inputs at once (sequential per input: the
+ * bits are documented by the tests' references only to 1 ulp, but dare_linear's bytes stay those
+ * of its first release; 8 independent chains of additions hide each addition's latency). */
 /* name(x, b, keep, count, all, kept) over 4 inputs x of element type T, δ = DELTA(x, b, e): from
  * δ rows (b unused) or from float32 inputs and the base (the same values as delta's). */
 #define DEFINE_L1_NORMS4(name, T, DELTA)                                                            \
