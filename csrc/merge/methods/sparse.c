@@ -294,8 +294,19 @@ void tm_sparse_reduce(const tm_sparse_method *s, const tm_method_tensor *t, doub
         const size_t chunk = begin == 0 ? count : CHUNK;
         for (size_t c0 = 0; c0 < count; c0 += chunk) {
             const size_t m = count - c0 < chunk ? count - c0 : chunk;
-            delta(t, j, begin + c0, m, b + c0, d, k);
-            for (int sel = 0; sel < 2; sel++) tm_topk_block(&x->sel[sel], mem, d, begin + c0, m);
+            const float *xf = tm_kernel_f32_at(&t->in[j], begin + c0);
+            int have_delta = 0;
+            for (int sel = 0; sel < 2; sel++) {
+                tm_topk *q = &x->sel[sel];
+                if (q->phase == TM_TOPK_DONE) continue;
+                if (xf && tm_topk_scanning(q, m)) { /* float32: the candidates straight from x and b */
+                    tm_topk_scan_f32(q, mem, xf, b + c0, begin + c0, m);
+                    continue;
+                }
+                if (!have_delta) delta(t, j, begin + c0, m, b + c0, d, k);
+                have_delta = 1;
+                tm_topk_block(q, mem, d, begin + c0, m);
+            }
         }
     }
 }

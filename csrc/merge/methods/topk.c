@@ -68,32 +68,39 @@ TM_HOT static void hist_block(uint64_t *restrict hist, const double *restrict v,
  * of keys above that range; returns how many pairs. In groups of 64: the keys' tests are a
  * vectorised loop into bytes, packed into a mask whose set bits are then visited, so the cost
  * goes with the pairs kept (a few in a hundred), not with a store per element. */
-TM_HOT static size_t collect_range(topk_pair *restrict c, const double *restrict v, uint64_t begin, size_t count,
-                                   unsigned shift, uint64_t lo, uint64_t span, uint64_t *above) {
-    size_t m = 0;
-    uint64_t a = 0;
-    for (size_t e0 = 0; e0 < count; e0 += 64) {
-        const size_t g = count - e0 < 64 ? count - e0 : 64;
-        uint8_t in[64];
-        for (size_t i = 0; i < g; i++) {
-            const uint64_t bin = tm_topk_key(v[e0 + i]) >> shift;
-            a += bin > lo + span;
-            in[i] = bin - lo <= span;
-        }
-        for (size_t i = g; i < 64; i++) in[i] = 0;
-        for (uint64_t mask = tm_pack64(in); mask; mask &= mask - 1) {
-            const size_t i = (size_t)__builtin_ctzll(mask);
-            c[m++] = (topk_pair){tm_topk_key(v[e0 + i]), begin + e0 + i};
-        }
+#define DEFINE_COLLECT_RANGE(name, T, VALUE)                                                         \
+    TM_HOT static size_t name(topk_pair *restrict c, const T *restrict v, const double *restrict sub, uint64_t begin, \
+                              size_t count, unsigned shift, uint64_t lo, uint64_t span, uint64_t *above) { \
+        size_t m = 0;                                                                                 \
+        uint64_t a = 0;                                                                               \
+        for (size_t e0 = 0; e0 < count; e0 += 64) {                                                   \
+            const size_t g = count - e0 < 64 ? count - e0 : 64;                                       \
+            uint8_t in[64];                                                                           \
+            for (size_t i = 0; i < g; i++) {                                                          \
+                const uint64_t bin = tm_topk_key(VALUE(v, sub, e0 + i)) >> shift;                     \
+                a += bin > lo + span;                                                                 \
+                in[i] = bin - lo <= span;                                                             \
+            }                                                                                         \
+            for (size_t i = g; i < 64; i++) in[i] = 0;                                                \
+            for (uint64_t mask = tm_pack64(in); mask; mask &= mask - 1) {                             \
+                const size_t i = (size_t)__builtin_ctzll(mask);                                       \
+                c[m++] = (topk_pair){tm_topk_key(VALUE(v, sub, e0 + i)), begin + e0 + i};             \
+            }                                                                                         \
+        }                                                                                             \
+        *above += a;                                                                                  \
+        return m;                                                                                     \
     }
-    *above += a;
-    return m;
-}
+/* the values themselves (sub unused), or float32 values less a float64 base: δ = x − b, computed
+ * as tm_kernel_delta_f64 does, so the same keys without a δ row in between */
+#define PLAIN_VALUE(v, sub, e) ((void)(sub), (v)[e])
+#define F32_DELTA(v, sub, e) ((double)(v)[e] - (sub)[e])
+DEFINE_COLLECT_RANGE(collect_range, double, PLAIN_VALUE)
+DEFINE_COLLECT_RANGE(collect_range_f32, float, F32_DELTA)
 
 static size_t collect_block(topk_pair *c, const double *v, uint64_t begin, size_t count, unsigned shift, uint64_t lo,
                             uint64_t span) {
     uint64_t above = 0;
-    return collect_range(c, v, begin, count, shift, lo, span, &above);
+    return collect_range(c, v, NULL, begin, count, shift, lo, span, &above);
 }
 
 /* The bin holding the left-th key from the top (1 ≤ left ≤ the keys counted): walks down in
@@ -132,7 +139,7 @@ static void spec_guess(tm_topk *s, const uint64_t *hist, size_t count) {
 /* The speculation past the first block, without counters: the keys above the bins counted, the
  * pairs of the bins collected. */
 static size_t spec_scan(topk_pair *c, const double *v, uint64_t begin, size_t count, uint64_t lo, uint64_t *above) {
-    return collect_range(c, v, begin, count, 48, lo, SPEC_SPAN, above);
+    return collect_range(c, v, NULL, begin, count, 48, lo, SPEC_SPAN, above);
 }
 
 /* The first HIST pass with the speculation: the first block's histogram guesses, the others are
@@ -149,6 +156,15 @@ static void first_hist(tm_topk *s, uint8_t *mem, const double *v, uint64_t begin
     }
     if (s->spec == SPEC_ON && s->spec_seen + count + 1 > s->spec_cap) s->spec = SPEC_FULL;
     if (s->spec == SPEC_ON) s->spec_seen += spec_scan(c, v, begin, count, s->spec_lo, &s->spec_above);
+}
+
+int tm_topk_scanning(const tm_topk *s, size_t count) {
+    return s->phase == TM_TOPK_HIST && s->bits == 0 && s->spec == SPEC_ON && s->spec_seen + count + 1 <= s->spec_cap;
+}
+
+void tm_topk_scan_f32(tm_topk *s, uint8_t *mem, const float *x, const double *b, uint64_t begin, size_t count) {
+    topk_pair *c = (topk_pair *)(mem + s->offset + TM_TOPK_BINS * sizeof(uint64_t)) + s->spec_seen;
+    s->spec_seen += collect_range_f32(c, x, b, begin, count, 48, s->spec_lo, SPEC_SPAN, &s->spec_above);
 }
 
 void tm_topk_block(tm_topk *s, uint8_t *mem, const double *v, uint64_t begin, size_t count) {

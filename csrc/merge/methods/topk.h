@@ -77,6 +77,12 @@ void tm_topk_block(tm_topk *s, uint8_t *mem, const double *v, uint64_t begin, si
 /* After a pass: the next phase (TM_TOPK_DONE when the cutoff is known). */
 void tm_topk_end(tm_topk *s, uint8_t *mem);
 
+/* 1 when the next block of count values would only be scanned for the speculation's candidates
+ * (the usual case past a tensor's first block): tm_topk_scan_f32 may then take the block from
+ * float32 values x and the base b (float64), δ = x − b, as tm_topk_block would take δ. */
+int tm_topk_scanning(const tm_topk *s, size_t count);
+void tm_topk_scan_f32(tm_topk *s, uint8_t *mem, const float *x, const double *b, uint64_t begin, size_t count);
+
 static inline int tm_topk_kept(const tm_topk *s, uint64_t key, uint64_t index) {
     return key > s->cut_key || (key == s->cut_key && index < s->cut_end);
 }
