@@ -221,10 +221,8 @@ static inline double kept_or_zero(double a, uint8_t keep) {
         all_out[0] = a0, all_out[1] = a1, all_out[2] = a2, all_out[3] = a3;                         \
         kept_out[0] = s0, kept_out[1] = s1, kept_out[2] = s2, kept_out[3] = s3;                     \
     }
-#define ROW_DELTA(x, b, e) ((void)(b), (x)[e])
-#define F32_DELTA(x, b, e) ((double)(x)[e] - (b)[e])
-DEFINE_L1_NORMS4(l1_norms4, double, ROW_DELTA)
-DEFINE_L1_NORMS4(l1_norms4_f32, float, F32_DELTA)
+DEFINE_L1_NORMS4(l1_norms4, double, TM_VALUE_PLAIN)
+DEFINE_L1_NORMS4(l1_norms4_f32, float, TM_VALUE_F32_DELTA)
 
 /* The norms' pass over a block, chunk by chunk: every input's δ and keep bytes, then their norms
  * 4 inputs at a time (a group of fewer repeats its first input and drops the copies' sums); each

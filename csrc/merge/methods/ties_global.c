@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "merge/hot.h"
+#include "merge/methods/bitpack.h"
 #include "merge/methods/consensus.h"
 
 enum { G_PHASE, G_SIGNSUM, G_ZERO_SIGN };            /* fixed doubles */
@@ -32,18 +33,22 @@ uint64_t tm_ties_global_min_key(const tm_method_tensor *t, size_t input) {
 
 double tm_ties_global_zero_sign(const tm_method_tensor *t) { return t->model ? t->model[G_ZERO_SIGN] : 1.0; }
 
-/* The counters of the keys under the prefix (bits == 0: every key). */
-TM_HOT static void hist_block(double *restrict hist, const double *restrict d, size_t count, unsigned bits,
-                              uint64_t prefix) {
-    if (bits == 0) {
-        for (size_t e = 0; e < count; e++) hist[tm_topk_key(d[e]) >> 48] += 1;
-        return;
+/* The counters of the keys under the prefix (bits == 0: every key), of the values or the δ of
+ * float32 inputs (topk.h's TM_VALUE_*). */
+#define DEFINE_HIST(name, T, VALUE)                                                                  \
+    TM_HOT static void name(double *restrict hist, const T *restrict v, const double *restrict sub, size_t count, \
+                            unsigned bits, uint64_t prefix) {                                        \
+        if (bits == 0) {                                                                             \
+            for (size_t e = 0; e < count; e++) hist[tm_topk_key(VALUE(v, sub, e)) >> 48] += 1;       \
+            return;                                                                                  \
+        }                                                                                            \
+        for (size_t e = 0; e < count; e++) {                                                         \
+            const uint64_t key = tm_topk_key(VALUE(v, sub, e));                                      \
+            if (key >> (64 - bits) == prefix) hist[(key >> (48 - bits)) & 0xffff] += 1;              \
+        }                                                                                            \
     }
-    for (size_t e = 0; e < count; e++) {
-        const uint64_t key = tm_topk_key(d[e]);
-        if (key >> (64 - bits) == prefix) hist[(key >> (48 - bits)) & 0xffff] += 1;
-    }
-}
+DEFINE_HIST(hist_block, double, TM_VALUE_PLAIN)
+DEFINE_HIST(hist_block_f32, float, TM_VALUE_F32_DELTA)
 
 /* Σ sign(s[e]) */
 TM_HOT static int64_t sign_sum(const double *restrict s, size_t count) {
@@ -52,17 +57,26 @@ TM_HOT static int64_t sign_sum(const double *restrict s, size_t count) {
     return sum;
 }
 
-/* The |d| whose keys are under the prefix, compacted to the front of d, branch-free (d[m] is
- * written for every element: m ≤ e, read before); returns how many. */
-TM_HOT static size_t collect_block(double *d, size_t count, unsigned bits, uint64_t prefix) {
-    size_t m = 0;
-    for (size_t e = 0; e < count; e++) {
-        const double a = fabs(d[e]);
-        d[m] = a;
-        m += tm_topk_key(a) >> (64 - bits) == prefix;
+/* The |value|s whose keys are under the prefix, compacted to the front of out (which may be v
+ * itself: out[m] is written at m ≤ the index just read, below every index still to read);
+ * returns how many. In
+ * groups of 64: the tests are a vectorised loop into bytes, packed into a mask whose set bits
+ * are then visited, so the cost goes with the values kept (a bin's: a few in a hundred). */
+#define DEFINE_COLLECT(name, T, VALUE)                                                               \
+    TM_HOT static size_t name(double *out, const T *v, const double *sub, size_t count, unsigned bits, uint64_t prefix) { \
+        size_t m = 0;                                                                                \
+        for (size_t e0 = 0; e0 < count; e0 += 64) {                                                  \
+            const size_t g = count - e0 < 64 ? count - e0 : 64;                                      \
+            uint8_t in[64];                                                                          \
+            for (size_t i = 0; i < g; i++) in[i] = tm_topk_key(VALUE(v, sub, e0 + i)) >> (64 - bits) == prefix; \
+            for (size_t i = g; i < 64; i++) in[i] = 0;                                               \
+            for (uint64_t mask = tm_pack64(in); mask; mask &= mask - 1)                              \
+                out[m++] = fabs(VALUE(v, sub, e0 + (size_t)__builtin_ctzll(mask)));                  \
+        }                                                                                            \
+        return m;                                                                                    \
     }
-    return m;
-}
+DEFINE_COLLECT(collect_block, double, TM_VALUE_PLAIN)
+DEFINE_COLLECT(collect_block_f32, float, TM_VALUE_F32_DELTA)
 
 void tm_ties_global_reduce(const tm_sparse_method *s, const tm_method_tensor *t, const double *state, uint64_t begin,
                            size_t count, double *sum, double *scratch) {
@@ -87,14 +101,16 @@ void tm_ties_global_reduce(const tm_sparse_method *s, const tm_method_tensor *t,
         const double *mi = cin_state(model, i);
         double *si = in_state(sum, i);
         if (mi[I_PHASE] == IN_DONE) continue;
-        tm_kernel_delta_f64(&t->in[j], begin, count, b, d, k);
+        const float *xf = tm_kernel_f32_at(&t->in[j], begin); /* float32: no δ row */
+        if (!xf) tm_kernel_delta_f64(&t->in[j], begin, count, b, d, k);
         const unsigned bits = (unsigned)mi[I_BITS];
         const uint64_t prefix = get_bits(&mi[I_PREFIX]);
         if (mi[I_PHASE] == IN_HIST) {
             if (bits == 0) si[I_D] += (double)count;
-            hist_block(si + I_HIST, d, count, bits, prefix);
-        } else { /* collect the bin's values, compacted in place */
-            const size_t m = collect_block(d, count, bits, prefix);
+            if (xf) hist_block_f32(si + I_HIST, xf, b, count, bits, prefix);
+            else hist_block(si + I_HIST, d, NULL, count, bits, prefix);
+        } else { /* collect the bin's values, compacted into d */
+            const size_t m = xf ? collect_block_f32(d, xf, b, count, bits, prefix) : collect_block(d, d, NULL, count, bits, prefix);
             if (tm_method_collect(t, i, d, m)) return; /* model_end reports the lost memory */
         }
     }

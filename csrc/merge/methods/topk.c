@@ -90,12 +90,8 @@ TM_HOT static void hist_block(uint64_t *restrict hist, const double *restrict v,
         *above += a;                                                                                  \
         return m;                                                                                     \
     }
-/* the values themselves (sub unused), or float32 values less a float64 base: δ = x − b, computed
- * as tm_kernel_delta_f64 does, so the same keys without a δ row in between */
-#define PLAIN_VALUE(v, sub, e) ((void)(sub), (v)[e])
-#define F32_DELTA(v, sub, e) ((double)(v)[e] - (sub)[e])
-DEFINE_COLLECT_RANGE(collect_range, double, PLAIN_VALUE)
-DEFINE_COLLECT_RANGE(collect_range_f32, float, F32_DELTA)
+DEFINE_COLLECT_RANGE(collect_range, double, TM_VALUE_PLAIN)
+DEFINE_COLLECT_RANGE(collect_range_f32, float, TM_VALUE_F32_DELTA)
 
 static size_t collect_block(topk_pair *c, const double *v, uint64_t begin, size_t count, unsigned shift, uint64_t lo,
                             uint64_t span) {

@@ -62,6 +62,12 @@ static inline uint64_t tm_topk_key(double v) {
     return u;
 }
 
+/* The element e of a method's loops that read either values themselves (v; sub unused) or float32
+ * values less a float64 base (δ = x − b computed as tm_kernel_delta_f64 does, so the same δ
+ * without a row of them in between): the VALUE argument of loops defined by macros. */
+#define TM_VALUE_PLAIN(v, sub, e) ((void)(sub), (v)[e])
+#define TM_VALUE_F32_DELTA(v, sub, e) ((double)(v)[e] - (sub)[e])
+
 /* A selection of the k largest of numel values (k ≤ numel). */
 void tm_topk_init(tm_topk *s, uint64_t numel, uint64_t k);
 
