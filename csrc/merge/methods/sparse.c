@@ -194,32 +194,43 @@ static inline double kept_or_zero(double a, uint8_t keep) {
     return k;
 }
 
-/* Σ|d| over the block, and over its kept elements, of 4 inputs at once (sequential per input: the
- * bits are documented by the tests' references only to 1 ulp, but dare_linear's bytes stay those
- * of its first release; 8 independent chains of additions hide each addition's latency). */
-/* name(x, b, keep, count, all, kept) over 4 inputs x of element type T, δ = DELTA(x, b, e): from
- * δ rows (b unused) or from float32 inputs and the base (the same values as delta's). */
+/* Σ|d| over the block, and over its kept elements, of 4 inputs: each sum kept as 8 lanes, element
+ * e of the block adding into lane e mod 8 (chunks start at multiples of 8), so the additions
+ * vectorise; the lanes are added up in a fixed tree at the block's end and the blocks in order
+ * (lanes_sum): the same bits on every machine, thread count and clone. */
+#define L1_LANES 8
+typedef struct l1_lanes {
+    double all[4][L1_LANES], kept[4][L1_LANES];
+} l1_lanes;
+
+static double lanes_sum(const double *l) { return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7])); }
+
+/* name(x, b, keep, count, lanes) over 4 inputs x of element type T, δ = DELTA(x, b, e): from δ rows
+ * (b unused) or from float32 inputs and the base (topk.h's TM_VALUE_*). */
 #define DEFINE_L1_NORMS4(name, T, DELTA)                                                            \
     TM_HOT static void name(const T *const *x, const double *restrict b, const uint8_t *const *keep, size_t count, \
-                            double *all_out, double *kept_out) {                                    \
-        const T *restrict x0 = x[0], *restrict x1 = x[1], *restrict x2 = x[2], *restrict x3 = x[3];  \
-        const uint8_t *restrict k0 = keep[0], *restrict k1 = keep[1], *restrict k2 = keep[2], *restrict k3 = keep[3]; \
-        double a0 = all_out[0], a1 = all_out[1], a2 = all_out[2], a3 = all_out[3];                 \
-        double s0 = kept_out[0], s1 = kept_out[1], s2 = kept_out[2], s3 = kept_out[3];             \
-        for (size_t e = 0; e < count; e++) {                                                        \
-            const double v0 = fabs(DELTA(x0, b, e)), v1 = fabs(DELTA(x1, b, e));                    \
-            const double v2 = fabs(DELTA(x2, b, e)), v3 = fabs(DELTA(x3, b, e));                    \
-            a0 += v0;                                                                               \
-            a1 += v1;                                                                               \
-            a2 += v2;                                                                               \
-            a3 += v3;                                                                               \
-            s0 += kept_or_zero(v0, k0[e]);                                                          \
-            s1 += kept_or_zero(v1, k1[e]);                                                          \
-            s2 += kept_or_zero(v2, k2[e]);                                                          \
-            s3 += kept_or_zero(v3, k3[e]);                                                          \
+                            l1_lanes *lanes) {                                                      \
+        for (size_t i = 0; i < 4; i++) {                                                            \
+            const T *restrict xi = x[i];                                                            \
+            const uint8_t *restrict ki = keep[i];                                                   \
+            double a[L1_LANES], s[L1_LANES];                                                        \
+            memcpy(a, lanes->all[i], sizeof a);                                                     \
+            memcpy(s, lanes->kept[i], sizeof s);                                                    \
+            size_t e = 0;                                                                           \
+            for (; e + L1_LANES <= count; e += L1_LANES)                                            \
+                for (size_t l = 0; l < L1_LANES; l++) {                                             \
+                    const double v = fabs(DELTA(xi, b, e + l));                                     \
+                    a[l] += v;                                                                      \
+                    s[l] += kept_or_zero(v, ki[e + l]);                                             \
+                }                                                                                   \
+            for (; e < count; e++) {                                                                \
+                const double v = fabs(DELTA(xi, b, e));                                             \
+                a[e % L1_LANES] += v;                                                               \
+                s[e % L1_LANES] += kept_or_zero(v, ki[e]);                                          \
+            }                                                                                       \
+            memcpy(lanes->all[i], a, sizeof a);                                                     \
+            memcpy(lanes->kept[i], s, sizeof s);                                                    \
         }                                                                                           \
-        all_out[0] = a0, all_out[1] = a1, all_out[2] = a2, all_out[3] = a3;                         \
-        kept_out[0] = s0, kept_out[1] = s1, kept_out[2] = s2, kept_out[3] = s3;                     \
     }
 DEFINE_L1_NORMS4(l1_norms4, double, TM_VALUE_PLAIN)
 DEFINE_L1_NORMS4(l1_norms4_f32, float, TM_VALUE_F32_DELTA)
@@ -232,7 +243,8 @@ static void norms_block(const tm_sparse_method *s, const tm_method_tensor *t, tm
     double *rows = (double *)t->memory->data;
     for (size_t j0 = 0; j0 < t->n; j0 += 4) {
         const size_t g = t->n - j0 < 4 ? t->n - j0 : 4;
-        double all[4] = {0, 0, 0, 0}, kept[4] = {0, 0, 0, 0};
+        l1_lanes lanes;
+        memset(&lanes, 0, sizeof lanes);
         for (size_t c0 = 0; c0 < count; c0 += CHUNK) {
             const size_t m = count - c0 < CHUNK ? count - c0 : CHUNK;
             const double *d[4];
@@ -247,7 +259,7 @@ static void norms_block(const tm_sparse_method *s, const tm_method_tensor *t, tm
                     if (i < g) keep_block(s, h, t, j0 + i, &in[j0 + i], NULL, begin + c0, m, kj);
                     keep[i] = kj;
                 }
-                l1_norms4_f32(xf, b + c0, keep, m, all, kept);
+                l1_norms4_f32(xf, b + c0, keep, m, &lanes);
                 continue;
             }
             for (size_t i = 0; i < 4; i++) {
@@ -260,11 +272,11 @@ static void norms_block(const tm_sparse_method *s, const tm_method_tensor *t, tm
                 d[i] = row;
                 keep[i] = kj;
             }
-            l1_norms4(d, NULL, keep, m, all, kept);
+            l1_norms4(d, NULL, keep, m, &lanes);
         }
         for (size_t i = 0; i < g; i++) {
-            in[j0 + i].l1_all += all[i];
-            in[j0 + i].l1_kept += kept[i];
+            in[j0 + i].l1_all += lanes_sum(lanes.all[i]);
+            in[j0 + i].l1_kept += lanes_sum(lanes.kept[i]);
         }
     }
 }
