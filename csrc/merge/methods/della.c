@@ -24,7 +24,7 @@
  * (exponent and 12 bits of mantissa) packed with the element's place in 64-bit words, runs of
  * equal 24 bits then ordered by the whole key. Either way the decisions are those of a sort on
  * the whole key. Memory: n·numel/8 bytes of bits, 8 bytes per element of a slab for the |δ|
- * keys, 40 per fibre element (keys, sort words twice, thresholds, ranks, pending) and
+ * keys, 48 per fibre element (keys, sort words twice, thresholds, coins, ranks, pending) and
  * 3 × CHUNK doubles. C11. */
 #include "merge/methods/methods.h"
 #include "merge/methods/sparse.h"
@@ -84,7 +84,7 @@ static size_t bits_bytes(uint64_t numel) { return align8((size_t)((numel + 7) / 
  * keep thresholds by rank; the chunk buffers. */
 typedef struct area {
     uint8_t *bits;
-    uint64_t *slab, *keys, *words, *tmp, *thr;
+    uint64_t *slab, *keys, *words, *tmp, *thr, *coins;
     uint32_t *rank, *pending;
     double *x, *b, *k;
 } area;
@@ -100,7 +100,8 @@ static area area_of(const tm_method_tensor *t, const geometry *g, uint8_t *mem) 
     a.words = (uint64_t *)mem;
     a.tmp = a.words + g->len;
     a.thr = a.tmp + g->len;
-    mem += 3 * g->len * sizeof(uint64_t);
+    a.coins = a.thr + g->len;
+    mem += 4 * g->len * sizeof(uint64_t);
     a.rank = (uint32_t *)mem;
     mem += align8(g->len * sizeof(uint32_t));
     a.pending = (uint32_t *)mem;
@@ -114,7 +115,7 @@ static area area_of(const tm_method_tensor *t, const geometry *g, uint8_t *mem) 
 static size_t bytes(const tm_method_tensor *t) {
     const geometry g = geometry_of(t);
     return t->n * bits_bytes(t->numel) + g.slab * sizeof(uint64_t) + (g.inner > 1 ? g.len * sizeof(uint64_t) : 0) +
-           3 * g.len * sizeof(uint64_t) + 2 * align8(g.len * sizeof(uint32_t)) + 3 * CHUNK * sizeof(double);
+           4 * g.len * sizeof(uint64_t) + 2 * align8(g.len * sizeof(uint32_t)) + 3 * CHUNK * sizeof(double);
 }
 
 /* keys[e] = the bits of |x − b| (topk.h's key: monotone in |δ|, NaN above every number). */
@@ -219,6 +220,12 @@ TM_HOT static void key_range(const uint64_t *restrict keys, size_t len, uint64_t
     *hi = mx;
 }
 
+/* coins[r] = the 53-bit uniform of element r of the fibre (tm_random_keep's left side), in a
+ * loop of its own so that the hash vectorises. */
+TM_HOT static void coins_of(uint64_t *restrict coins, uint64_t key, uint64_t first, uint64_t inner, size_t len) {
+    for (size_t r = 0; r < len; r++) coins[r] = tm_random_mix(key ^ (first + r * inner)) >> 11;
+}
+
 static int keep_by_buckets(const uint64_t *keys, size_t len, const uint64_t *thr, uint64_t key, uint64_t first,
                            uint64_t inner, const area *a, uint8_t *keep) {
     uint64_t kmin, kmax;
@@ -241,8 +248,9 @@ static int keep_by_buckets(const uint64_t *keys, size_t len, const uint64_t *thr
     for (size_t b = 1; b <= nb; b++) start[b] += start[b - 1]; /* start[b]: the bucket's first rank */
     uint32_t *undecided = a->pending, zeros = 0;
     size_t n_undecided = 0;
+    coins_of(a->coins, key, first, inner, len);
     for (size_t r = 0; r < len; r++) { /* branch-free: the decisions are coin flips */
-        const uint64_t m = tm_random_mix(key ^ (first + r * inner)) >> 11; /* tm_random_keep's test */
+        const uint64_t m = a->coins[r];
         const uint32_t b = bucket[r], z = b == 0;
         const uint64_t lo = thr[z ? zeros : start[b]], hi = thr[z ? zeros : start[b + 1] - 1];
         zeros += z;
