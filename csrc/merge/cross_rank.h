@@ -36,6 +36,19 @@ typedef struct tm_cross_rank {
     /* After the plan is built, before any tensor is read: the ranks agree on it. */
     tm_status (*agree)(void *user, const struct merge_ctx *c, tm_format format, tm_error *err);
     int discard_output; /* 1: this rank reduces with the others but writes nothing */
+    /* The methods computed through their own code across hosts (tm_method.cross_rank,
+     * method_xr.h): deliver hands a running sum (received with before()) on and brings the total
+     * to every rank (TM_XR_ALL) or to the writing ranks (TM_XR_OUTPUT, *has_total = 1 there);
+     * params: the parameters of the global input list (NULL for the averages, which distributed.c
+     * translates); offset: this rank's first input in that list; no_inputs: this rank holds no
+     * input (its one local "input" is the base, the plan's source only). */
+    tm_status (*deliver)(void *user, double *buf, size_t count, int to, int *has_total, tm_error *err);
+    const struct tm_param_values *params;
+    size_t offset;
+    int no_inputs;
+    /* Optional: a non-floating block's bytes, replaced by rank 0's (the global first input's), so
+     * that every writer takes them from where one host would (--output-on all without a base). */
+    tm_status (*share)(void *user, void *bytes, size_t len, tm_error *err);
     void *user;
 } tm_cross_rank;
 

@@ -29,6 +29,7 @@ struct tm_dist_session {
     tm_dist_config cfg;
     std::string addr, ifname;
     std::chrono::milliseconds timeout;
+    std::chrono::steady_clock::time_point opened;  // dist_open: a rank may join until opened + timeout
     c10::intrusive_ptr<c10d::Store> store;
     c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
     bool failed = false;  // dist_abort was called: close without waiting for the others
@@ -160,6 +161,7 @@ tm_status dist_open(const tm_dist_config *cfg, tm_dist_session **out, tm_error *
     s->cfg.master_addr = s->addr.c_str();
     s->cfg.ifname = s->ifname.c_str();
     s->timeout = std::chrono::milliseconds((int64_t)(cfg->timeout_seconds * 1000.0));
+    s->opened = Clock::now();
     try {
         c10d::TCPStoreOptions o;
         o.port = (uint16_t)cfg->master_port;
@@ -364,12 +366,21 @@ void dist_close(tm_dist_session *s) {
     try {
         // Rank 0 holds the store: it stays (a few seconds at most) until the others have left it.
         if (s->store && s->cfg.rank != 0) s->store->add("left", 1);
-        // (After a failure, a short grace (1 s): the others poll the store and learn of it at once;
-        // a stalled rank must not hold rank 0 much beyond the timeout.)
-        auto deadline = Clock::now() + std::min(s->timeout, std::chrono::milliseconds(s->failed ? 1000 : 5000));
-        while (s->store && s->cfg.rank == 0 && s->store->add("left", 0) < s->store->add("joined", 0) - 1 &&
-               Clock::now() < deadline)
+        // (After a failure, a short grace (1 s) after the last rank joined: the others poll the
+        // store and learn of it at once; a stalled rank must not hold rank 0 much beyond the
+        // timeout. A rank that has not joined yet (one failed early) may still join until the
+        // rendezvous' own deadline, and learns of the failure then instead of finding no store.)
+        auto grace = std::min(s->timeout, std::chrono::milliseconds(s->failed ? 1000 : 5000));
+        auto until = Clock::now() + grace;
+        for (int64_t seen = -1; s->store && s->cfg.rank == 0;) {
+            int64_t joined = s->store->add("joined", 0), left = s->store->add("left", 0);
+            if (joined != seen) until = std::max(until, Clock::now() + grace);
+            seen = joined;
+            bool leaving = left < joined - 1 && Clock::now() < until;
+            bool joining = s->failed && joined < s->cfg.world_size && Clock::now() < s->opened + s->timeout;
+            if (!leaving && !joining) break;
             std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        }
     } catch (const std::exception &) {
     }
     try {

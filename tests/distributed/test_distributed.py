@@ -175,10 +175,8 @@ def test_output_on_all_and_safetensors(tmp_path):
     assert_ok(res)
     ref = single("simple_average", [a, b, c], tmp_path / "single.pt")
     for r, o in enumerate(outs):
-        got = load_safetensors(o)
-        # non-floating tensors come from each writer's first local input (rank r's model)
-        keys = [k for k in ref if r == 0 or ref[k].is_floating_point()]
-        assert_same_bits({k: got[k] for k in keys}, {k: ref[k] for k in keys})
+        # non-floating tensors too: from the global first input (rank 0's), as on one host
+        assert_same_bits(load_safetensors(o), ref)
 
 
 def test_weighted_average_normalises_by_the_global_sum(tmp_path):
@@ -199,34 +197,117 @@ def test_weighted_average_normalises_by_the_global_sum(tmp_path):
             assert_close_ulp(t, exact, t.dtype, magnitude=magnitude, name=k)
 
 
-def test_task_arithmetic_base_on_rank_0(tmp_path):
-    base, a, b, c = save_models(tmp_path, 4)
-    outs = [tmp_path / ("out%d.pt" % r) for r in range(2)]
-    res = run_ranks([[a], [b, c]], method="task_arithmetic", outputs=outs,
-                    extra={0: ["--base", str(base), "--lambda", "0.3"], 1: ["--lambda", "0.3"]})
+# Methods through their own code across hosts: 3 ranks holding 1, 2 and 0 inputs, every rank
+# with the base; the output is the single-host merge of the same inputs in rank order. Per-input
+# parameters are given per rank (rank 0's value for its input, rank 1's for its two).
+METHODS = [
+    ("task_arithmetic", ["--lambda", "0.3"], {0: ["--weights", "1"], 1: ["--weights", "2,-0.5"]}),
+    ("task_arithmetic", ["--normalize"], {0: ["--weights", "1"], 1: ["--weights", "2,-0.5"]}),
+    ("dare_linear", ["--density", "0.6", "--seed", "7", "--normalize"],
+     {0: ["--weights", "1"], 1: ["--weights", "2,0.5"]}),
+    ("dare_ties", ["--density", "0.5", "--seed", "3", "--lambda", "0.9"], {}),
+    ("dare_ties", ["--density", "0.5", "--normalize", "--majority-sign", "count", "--rescale", "inverse"], {}),
+    ("ties", ["--density", "0.4"], {0: ["--weights", "0.7"], 1: ["--weights", "1.2,0.9"]}),
+    ("ties", ["--density", "0.4", "--merge-func", "max"], {}),
+    ("ties", ["--density", "0.5", "--merge-func", "sum"], {}),
+    ("breadcrumbs", ["--density", "0.5", "--gamma", "0.05", "--lambda", "0.8"], {}),
+    ("breadcrumbs_ties", ["--gamma", "0.05"], {0: ["--density", "0.4"], 1: ["--density", "0.5,0.6"],
+                                               2: ["--density", "0.3"]}),
+    ("della", ["--density", "0.6", "--epsilon", "0.2", "--seed", "5"], {}),
+    ("della_linear", ["--density", "0.6", "--epsilon", "0.2"], {}),
+]
+
+
+def per_rank_params(per_rank, counts):
+    """The single host's per-input parameters: each rank's values in rank order."""
+    merged = {}
+    for r, args in sorted(per_rank.items()):
+        for flag, value in zip(args[::2], args[1::2]):
+            vals = value.split(",")
+            merged.setdefault(flag, {})[r] = vals if len(vals) == counts[r] else vals * counts[r]
+    return [x for flag, by in merged.items()
+            for x in (flag, ",".join(v for r in sorted(by) for v in by[r]))]
+
+
+def run_method(tmp_path, method, common, per_rank, dtype):
+    """(rank 0's output, the single-host output, the base) of 3 ranks holding 1, 2 and 0 inputs."""
+    base, a, b, c = save_models(tmp_path, 4, dtype=dtype)
+    outs = [tmp_path / ("out%d.pt" % r) for r in range(3)]
+    res = run_ranks([[a], [b, c], []], method=method, outputs=outs,
+                    extra={r: common + ["--base", str(base)] + per_rank.get(r, []) for r in range(3)})
     assert_ok(res)
-    got = torch.load(outs[0])
-    sds = [torch.load(p) for p in (a, b, c)]
-    bsd = torch.load(base)
-    ref = single("task_arithmetic", [a, b, c], tmp_path / "single.pt", ["--base", str(base), "--lambda", "0.3"])
+    extra = common + ["--base", str(base)] + per_rank_params({r: v for r, v in per_rank.items() if v}, [1, 2, 0])
+    return torch.load(outs[0]), single(method, [a, b, c], tmp_path / "single.pt", extra), torch.load(base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("method,common,per_rank", METHODS, ids=["%s-%d" % (m[0], i) for i, m in enumerate(METHODS)])
+def test_method_1_2_0_inputs_equals_single_host(tmp_path, method, common, per_rank, dtype):
+    got, ref, base = run_method(tmp_path, method, list(common), per_rank, dtype)
+    assert_same_bits(got, ref)
+    assert torch.equal(got["steps"], base["steps"])  # non-floating tensors from the base, as on one host
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("filter_wise", [False, True], ids=["tensor", "rows"])
+def test_model_stock_within_1_ulp_of_single_host(tmp_path, filter_wise, dtype):
+    # cos θ from ‖Σ uᵢ‖² − Σ ‖uᵢ‖² instead of the mean of the pairwise cosines: float64 rounding
+    # apart, so an element may land on the other side of a rounding boundary (docs/distributed.md)
+    common = ["--filter-wise"] if filter_wise else []
+    got, ref, _ = run_method(tmp_path, "model_stock", common, {}, dtype)
+    assert list(got) == list(ref)
+    for k in got:
+        if got[k].is_floating_point():
+            diff = (bits(got[k]).to(torch.int64) - bits(ref[k]).to(torch.int64)).abs()
+            assert int(diff.max()) <= 1, (k, int(diff.max()), int((diff > 0).sum()))
+            print("%s: %d of %d elements 1 ulp apart" % (k, int((diff > 0).sum()), diff.numel()))
+        else:
+            assert torch.equal(got[k], ref[k])
+
+
+def test_task_arithmetic_within_1_ulp_of_the_exact_value(tmp_path):
+    got, _, bsd = run_method(tmp_path, "task_arithmetic", ["--lambda", "0.3"], {}, torch.float32)
+    sds = [torch.load(tmp_path / ("m%d.pt" % i)) for i in (1, 2, 3)]
     for k, t in got.items():
         if t.is_floating_point():
-            exact = bsd[k].to(torch.float64) + 0.3 * sum(sd[k].to(torch.float64) - bsd[k].to(torch.float64)
-                                                         for sd in sds)
-            magnitude = 2 * bsd[k].to(torch.float64).abs() + 0.3 * sum(sd[k].to(torch.float64).abs() for sd in sds)
+            b = bsd[k].to(torch.float64)
+            exact = b + 0.3 * sum(sd[k].to(torch.float64) - b for sd in sds)
+            magnitude = 2 * b.abs() + 0.3 * sum(sd[k].to(torch.float64).abs() for sd in sds)
             assert_close_ulp(t, exact, t.dtype, magnitude=magnitude, name=k)
-            # the base is summed first here, last on one host: within 1 ulp (float64 order)
-            assert_close_ulp(t, ref[k].to(torch.float64), t.dtype, magnitude=magnitude, name=k)
-        else:
-            assert torch.equal(t, bsd[k])  # non-floating tensors from the base, as on one host
 
 
 # ---- refusals and agreement ---------------------------------------------------------------
 
-def test_method_that_is_not_a_sum_is_refused(tmp_path):
-    a, b = save_models(tmp_path, 2)
-    res = run_ranks([[a, b]], method="slerp", outputs=[tmp_path / "out.pt"], extra={0: ["--t", "0.5"]})
-    assert_all_failed(res, "slerp cannot be merged across hosts")
+@pytest.mark.parametrize("method,args,words", [
+    ("slerp", ["--t", "0.5"], ["slerp cannot be merged across hosts", "ties", "model_stock"]),
+    ("ties", ["--density", "0.5", "--trim-scope", "global"], ["trim_scope: global"]),
+    ("model_stock", ["--pairwise", "angle"], ["pairwise: angle"]),
+], ids=["slerp", "ties-global", "model_stock-angle"])
+def test_method_that_is_not_a_sum_is_refused(tmp_path, method, args, words):
+    base, a, b = save_models(tmp_path, 3)
+    args = args + (["--base", str(base)] if method != "slerp" else [])
+    res = run_ranks([[a], [b]], method=method, outputs=[tmp_path / "out0.pt", tmp_path / "out1.pt"],
+                    extra={0: args, 1: args}, timeout=20)
+    assert_all_failed(res, *words)
+    no_outputs(tmp_path)
+
+
+def test_rank_without_base_fails_every_rank(tmp_path):
+    base, a, b, c = save_models(tmp_path, 4)
+    outs = [tmp_path / ("out%d.pt" % r) for r in range(3)]
+    with_base = ["--density", "0.5", "--base", str(base)]
+    res = run_ranks([[a], [b, c], []], method="dare_ties", outputs=outs, timeout=20,
+                    extra={0: with_base, 1: ["--density", "0.5"], 2: with_base})
+    assert_all_failed(res, "rank 1", "needs the base model on every rank")
+    no_outputs(tmp_path)
+
+
+def test_another_base_on_one_rank_fails_every_rank(tmp_path):
+    base, a, b, other = save_models(tmp_path, 4)
+    outs = [tmp_path / ("out%d.pt" % r) for r in range(2)]
+    res = run_ranks([[a], [b]], method="task_arithmetic", outputs=outs, timeout=20,
+                    extra={0: ["--base", str(base)], 1: ["--base", str(other)]})
+    assert_all_failed(res, "rank 1's base model differs from rank 0's")
     no_outputs(tmp_path)
 
 
