@@ -1,12 +1,13 @@
 /* The engine's one hook for merges across hosts (distributed.c sets it). A floating tensor's
- * block is the float64 sum Σ state[j]·in[j] over the global input list (rank 0's inputs, then
- * rank 1's, ...; the averages' apply, which distributed.c translates the sum methods into),
+ * block is a float64 sum over the global input list (rank 0's inputs, then rank 1's, ...),
  * accumulated in that order across the ranks, as one host accumulates it: before() gives the
- * running sum of the ranks before this one, which the kernel starts from, pass() hands the
- * running sum on, total() gives the total, which the engine rounds once to the output dtype. So
- * the output is the single-host merge's, bit for bit. The first rank has nothing before it and
- * computes up to `ahead` blocks of a tensor ahead of the total it waits for, so the ranks work
- * on different blocks at once. The pipeline runs one merging thread then, so
+ * running sum of the ranks before this one, this rank adds its terms, pass() hands the running
+ * sum on, total() gives the total, which the engine rounds once to the output dtype. So the
+ * output is the single-host merge's, bit for bit. Two users: the averages, which distributed.c
+ * translates into weighted_average (Σ state[j]·in[j]; the first rank computes up to `ahead`
+ * blocks of a tensor ahead of the total it waits for, so the ranks work on different blocks at
+ * once), and the methods with their own cross-rank code (method_xr.h: params set), which chain
+ * their sums through before() and deliver(). The pipeline runs one merging thread then, so
  * every rank exchanges its blocks in the plan's order. C11. */
 #ifndef TM_MERGE_CROSS_RANK_H
 #define TM_MERGE_CROSS_RANK_H

@@ -1,14 +1,15 @@
 /* tm_merge_files across hosts (tm_merge_options.distributed; docs/distributed.md). Each rank
- * merges its local inputs with the method's coefficients computed over the global list of
- * inputs (rank 0's first, then rank 1's, ...). Each float64 block sum travels down the ranks in
- * order (rank r receives the running sum from r − 1, adds its terms, sends it to r + 1: the
- * single-host accumulation order, hence the single-host bits), and the last rank sends the total
- * to rank 0 (or broadcasts it with --output-on all), which rounds it once. The methods that
- * are sums of the inputs are translated here into weighted_average with those global
- * coefficients (task_arithmetic: rank 0 adds the base with coefficient 1 − Σ cᵢ), so the
- * methods' own code is untouched. Before any tensor is read, the ranks agree through the store:
- * world size, method and parameters ("hello"), then the plan ("plan"). The network half is
- * LibTorch's c10d over Gloo, through the bridge (csrc/torch/distributed.cpp). C11. */
+ * merges its local inputs as part of the global list of inputs (rank 0's first, then rank 1's,
+ * ...). Each float64 block sum travels down the ranks in order (rank r receives the running sum
+ * from r − 1, adds its terms, sends it to r + 1: the single-host accumulation order, hence the
+ * single-host bits), and the last rank sends the total to rank 0 (or broadcasts it with
+ * --output-on all), which rounds it once. The averages are translated here into
+ * weighted_average with the global coefficients; the other methods computable from sums run
+ * their own cross-rank code (tm_method.cross_rank, method_xr.h) on the parameters of the global
+ * input list, with the base on every rank. Before any tensor is read, the ranks agree through
+ * the store: world size, method and parameters ("hello"), then the plan and the base ("plan").
+ * The network half is LibTorch's c10d over Gloo, through the bridge (csrc/torch/distributed.cpp).
+ * C11. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>

@@ -265,6 +265,16 @@ def test_model_stock_within_1_ulp_of_single_host(tmp_path, filter_wise, dtype):
             assert torch.equal(got[k], ref[k])
 
 
+def test_method_output_on_all_with_a_rank_without_inputs(tmp_path):
+    base, a, b, c = save_models(tmp_path, 4)
+    outs = [tmp_path / ("out%d.safetensors" % r) for r in range(3)]
+    args = ["--density", "0.5", "--base", str(base), "--output-on", "all"]
+    assert_ok(run_ranks([[a], [b, c], []], method="dare_ties", outputs=outs, extra={r: args for r in range(3)}))
+    ref = single("dare_ties", [a, b, c], tmp_path / "single.pt", args[:4])
+    for o in outs:  # the rank without inputs writes too: its plan and non-floating tensors from the base
+        assert_same_bits(load_safetensors(o), ref)
+
+
 def test_task_arithmetic_within_1_ulp_of_the_exact_value(tmp_path):
     got, _, bsd = run_method(tmp_path, "task_arithmetic", ["--lambda", "0.3"], {}, torch.float32)
     sds = [torch.load(tmp_path / ("m%d.pt" % i)) for i in (1, 2, 3)]
