@@ -141,12 +141,15 @@ static int param_index(const tm_method *m, const char *name) {
     return -1;
 }
 
-/* Resolves the method's parameters for this rank's n inputs (a rank without inputs resolves its
- * per-input parameters as one input with their defaults, unchecked together: only the others
- * are compared, and the global list is checked after the hello). */
+/* Resolves the method's parameters for this rank's n inputs, without the method's merge-wide
+ * check (which is about all inputs: it runs on the global list after the hello; this rank's
+ * weights alone may sum to 0). A rank without inputs resolves its per-input parameters as one
+ * input with their defaults (only the others are compared). */
 static tm_status resolve_params(const tm_method *m, const tm_merge_options *o, size_t n, tm_param_values *pv,
                                 tm_error *err) {
-    if (n) return tm_param_values_resolve(m, o->params, o->n_params, n, pv, err);
+    tm_method unchecked = *m;
+    unchecked.check = NULL;
+    if (n) return tm_param_values_resolve(&unchecked, o->params, o->n_params, n, pv, err);
     tm_param *p = calloc(o->n_params + m->n_params + 1, sizeof *p);
     if (!p) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
     size_t k = 0;
@@ -157,8 +160,6 @@ static tm_status resolve_params(const tm_method *m, const tm_merge_options *o, s
     for (size_t j = 0; j < m->n_params; j++)
         if (m->params[j].per_input)
             p[k++] = (tm_param){m->params[j].name, m->params[j].default_value ? m->params[j].default_value : "1", NULL, 0};
-    tm_method unchecked = *m;
-    unchecked.check = NULL;
     tm_status st = tm_param_values_resolve(&unchecked, p, k, 1, pv, err);
     free(p);
     return st;
@@ -559,9 +560,10 @@ static tm_status run(session *se, const char *const *inputs, size_t n, const cha
         if (r == se->cfg.rank) offset = total;
         total += se->counts[r];
     }
-    if (!st && total < (m->min_inputs ? m->min_inputs : 1))
-        st = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s needs at least %zu inputs over all ranks, got %zu",
-                          m->name, m->min_inputs ? m->min_inputs : 1, total);
+    const size_t least = m->min_inputs ? m->min_inputs : 1;
+    if (!st && total < least)
+        st = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s needs at least %zu input%s over all ranks, got %zu",
+                          m->name, least, least == 1 ? "" : "s", total);
     if (!st && !se->counts[0] && !se->own_code)
         st = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
                           "rank 0 has no local inputs but writes the output: give rank 0 at least one input");

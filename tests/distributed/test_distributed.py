@@ -203,8 +203,8 @@ def test_weighted_average_normalises_by_the_global_sum(tmp_path):
 METHODS = [
     ("task_arithmetic", ["--lambda", "0.3"], {0: ["--weights", "1"], 1: ["--weights", "2,-0.5"]}),
     ("task_arithmetic", ["--normalize"], {0: ["--weights", "1"], 1: ["--weights", "2,-0.5"]}),
-    ("dare_linear", ["--density", "0.6", "--seed", "7", "--normalize"],
-     {0: ["--weights", "1"], 1: ["--weights", "2,0.5"]}),
+    ("dare_linear", ["--density", "0.6", "--seed", "7", "--normalize"],  # rank 1's weights alone sum to 0
+     {0: ["--weights", "1"], 1: ["--weights", "2,-2"]}),
     ("dare_ties", ["--density", "0.5", "--seed", "3", "--lambda", "0.9"], {}),
     ("dare_ties", ["--density", "0.5", "--normalize", "--majority-sign", "count", "--rescale", "inverse"], {}),
     ("ties", ["--density", "0.4"], {0: ["--weights", "0.7"], 1: ["--weights", "1.2,0.9"]}),
