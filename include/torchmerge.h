@@ -424,7 +424,7 @@ TM_API void tm_merge_options_init(tm_merge_options *opts);
  * simple_average, weighted_average (weights normalised by their global sum), task_arithmetic,
  * ties (trim_scope tensor), dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della,
  * della_linear (each rank sparsifies its own inputs with their global input index) and
- * model_stock (pairwise cosine; within an ulp); the methods on task vectors need the base on
+ * model_stock (pairwise cosine; its ratio to float64 rounding); the methods on task vectors need the base on
  * every rank. Before any tensor data moves, the ranks agree through the store on the world
  * size, the method and its parameters, and the plan (names, shapes, dtypes, the base); any
  * difference fails every rank with one line naming the rank and the first differing tensor. Needs

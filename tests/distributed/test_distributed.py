@@ -248,19 +248,37 @@ def test_method_1_2_0_inputs_equals_single_host(tmp_path, method, common, per_ra
     assert torch.equal(got["steps"], base["steps"])  # non-floating tensors from the base, as on one host
 
 
+def model_stock_f64(thetas, base, filter_wise):
+    """model_stock in float64 (mergekit's mean pairwise cosine), rows along the last dimension."""
+    b = base.to(torch.float64)
+    rows = b.reshape(-1, b.shape[-1]) if filter_wise and b.dim() >= 2 else b.reshape(1, -1)
+    ds = [t.to(torch.float64).reshape(rows.shape) - rows for t in thetas]
+    n = len(ds)
+    cos = sum(((ds[i] * ds[j]).sum(-1) / (ds[i].norm(dim=-1) * ds[j].norm(dim=-1)).clamp(min=1e-6)).clamp(-1, 1)
+              for i in range(n) for j in range(i + 1, n)) / (n * (n - 1) / 2)
+    t = (n * cos / (1 + (n - 1) * cos)).unsqueeze(-1)
+    mean = sum(x.to(torch.float64).reshape(rows.shape) for x in thetas) / n
+    # t carries the float64 rounding of the row's dot products (relative ~√len·ε), scaled by |mean − b|
+    slack = 16 * (mean.abs() + rows.abs()) + rows.shape[-1] ** 0.5 * (mean - rows).abs()
+    return (t * mean + (1 - t) * rows).reshape(b.shape), slack.reshape(b.shape)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("filter_wise", [False, True], ids=["tensor", "rows"])
-def test_model_stock_within_1_ulp_of_single_host(tmp_path, filter_wise, dtype):
-    # cos θ from ‖Σ uᵢ‖² − Σ ‖uᵢ‖² instead of the mean of the pairwise cosines: float64 rounding
-    # apart, so an element may land on the other side of a rounding boundary (docs/distributed.md)
+def test_model_stock_close_to_single_host(tmp_path, filter_wise, dtype):
+    # cos θ from ‖Σ uᵢ‖² − Σ ‖uᵢ‖² instead of the mean of the pairwise cosines: both are the
+    # exact value to float64 rounding (docs/distributed.md), so each output is within 1 ulp of the
+    # float64 reference, give or take that rounding (where the result cancels to near 0, it can be
+    # several of its own ulps: seen on 2M-element tensors, single host and distributed alike)
     common = ["--filter-wise"] if filter_wise else []
-    got, ref, _ = run_method(tmp_path, "model_stock", common, {}, dtype)
+    got, ref, base = run_method(tmp_path, "model_stock", common, {}, dtype)
+    thetas = [torch.load(tmp_path / ("m%d.pt" % i)) for i in (1, 2, 3)]
     assert list(got) == list(ref)
     for k in got:
         if got[k].is_floating_point():
-            diff = (bits(got[k]).to(torch.int64) - bits(ref[k]).to(torch.int64)).abs()
-            assert int(diff.max()) <= 1, (k, int(diff.max()), int((diff > 0).sum()))
-            print("%s: %d of %d elements 1 ulp apart" % (k, int((diff > 0).sum()), diff.numel()))
+            exact, magnitude = model_stock_f64([sd[k] for sd in thetas], base[k], filter_wise)
+            assert_close_ulp(ref[k], exact, ref[k].dtype, magnitude=magnitude, name=k)
+            assert_close_ulp(got[k], exact, got[k].dtype, magnitude=magnitude, name=k)
         else:
             assert torch.equal(got[k], ref[k])
 
