@@ -158,8 +158,10 @@ static tm_status resolve_params(const tm_method *m, const tm_merge_options *o, s
         if (j < 0 || !m->params[j].per_input) p[k++] = o->params[i];
     }
     for (size_t j = 0; j < m->n_params; j++)
-        if (m->params[j].per_input)
-            p[k++] = (tm_param){m->params[j].name, m->params[j].default_value ? m->params[j].default_value : "1", NULL, 0};
+        if (m->params[j].per_input) {
+            const char *dflt = m->params[j].default_value;
+            p[k++] = (tm_param){m->params[j].name, dflt ? dflt : "1", NULL, 0};
+        }
     tm_status st = tm_param_values_resolve(&unchecked, p, k, 1, pv, err);
     free(p);
     return st;
@@ -585,7 +587,8 @@ static tm_status run(session *se, const char *const *inputs, size_t n, const cha
     if (!st && se->own_code) { /* the method's own code, on the global parameters (checked as on one host) */
         st = global_params(m, o, g, total, &gpv, err);
         xr.params = &gpv;
-        if (!st) st = tm_merge_files_xr(n ? inputs : &o->base, n ? n : 1, output, &lo, label ? label : m->name, &xr, err);
+        if (!st) /* a rank without inputs plans from the base */
+            st = tm_merge_files_xr(n ? inputs : &o->base, n ? n : 1, output, &lo, label ? label : m->name, &xr, err);
     } else if (!st && n == 0) {
         st = pass_on(se, err);
     } else if (!st) { /* the averages: weighted_average with the global coefficients */

@@ -320,6 +320,22 @@ def test_method_that_is_not_a_sum_is_refused(tmp_path, method, args, words):
     no_outputs(tmp_path)
 
 
+def test_model_stock_guard_on_tiny_task_vectors_is_refused(tmp_path):
+    # one host's cosine divides by max(‖δᵢ‖‖δⱼ‖, 1e-6): not a sum over ranks where it applies
+    base = {"w": torch.ones(7), "v": torch.ones(3)}
+    paths = [tmp_path / "base.pt"] + [tmp_path / ("t%d.pt" % i) for i in range(2)]
+    torch.save(base, paths[0])
+    for i, p in enumerate(paths[1:]):
+        g = torch.Generator().manual_seed(i)
+        torch.save({"w": base["w"] + torch.randn(7, generator=g),
+                    "v": base["v"] + 1e-4 * torch.randn(3, generator=g)}, p)
+    args = ["--base", str(paths[0])]
+    res = run_ranks([[paths[1]], [paths[2]]], method="model_stock",
+                    outputs=[tmp_path / "out0.pt", tmp_path / "out1.pt"], extra={0: args, 1: args}, timeout=20)
+    assert_all_failed(res, "tensor 'v'", "< 1e-6", "merge this model on one host")
+    no_outputs(tmp_path)
+
+
 def test_rank_without_base_fails_every_rank(tmp_path):
     base, a, b, c = save_models(tmp_path, 4)
     outs = [tmp_path / ("out%d.pt" % r) for r in range(3)]

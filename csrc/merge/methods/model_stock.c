@@ -199,8 +199,9 @@ static void apply(const tm_method_tensor *t, const double *state, uint64_t begin
  * apply is the single host's weighted sum chained in the global input order. cos θ differs from
  * the single host's mean of the pairwise cosines by float64 rounding (the difference of two
  * sums of size ~N), so t does too and an output element can differ by an ulp where that
- * rounding crosses a boundary. Not a sum, hence refused: pairwise angle (a mean of arccos), and
- * mergekit's guard max(‖δᵢ‖‖δⱼ‖, 1e-6) where it applies to non-zero task vectors. */
+ * rounding crosses a boundary (a few where the result cancels to near 0). Not a sum, hence
+ * refused: pairwise angle (a mean of arccos), and mergekit's guard max(‖δᵢ‖‖δⱼ‖, 1e-6) where
+ * it applies to non-zero task vectors. */
 
 static tm_status xr_check(const tm_param_values *p, tm_error *err) {
     if (p->values[p->at[P_PAIRWISE]] == PAIRWISE_ANGLE)
