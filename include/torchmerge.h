@@ -420,11 +420,14 @@ TM_API void tm_merge_options_init(tm_merge_options *opts);
 /* Where this process sits in a distributed merge (tm_merge_options.distributed). Each rank
  * merges its local inputs into float64 block sums; the sums are all-reduced over Gloo in
  * float64 and rounded once to the output dtype, so the output is the single-host merge of all
- * the ranks' inputs in rank order. Methods that are sums only: simple_average,
- * weighted_average (weights normalised by their global sum) and task_arithmetic (the base on
- * rank 0). Before any tensor data moves, the ranks agree through the store on the world size,
- * the method and its parameters, and the plan (names, shapes, dtypes); any difference fails
- * every rank with one line naming the rank and the first differing tensor. Needs
+ * the ranks' inputs in rank order. The methods computable from sums across ranks:
+ * simple_average, weighted_average (weights normalised by their global sum), task_arithmetic,
+ * ties (trim_scope tensor), dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della,
+ * della_linear (each rank sparsifies its own inputs with their global input index) and
+ * model_stock (pairwise cosine; its ratio to float64 rounding); the methods on task vectors need the base on
+ * every rank. Before any tensor data moves, the ranks agree through the store on the world
+ * size, the method and its parameters, and the plan (names, shapes, dtypes, the base); any
+ * difference fails every rank with one line naming the rank and the first differing tensor. Needs
  * libtorchmerge_torch built with Gloo. */
 typedef struct tm_distributed_options {
     size_t struct_size;      /* sizeof(tm_distributed_options), set by tm_distributed_options_init */

@@ -1,7 +1,8 @@
 /* The distributed merge through the C API (tm_merge_options.distributed): a world of one rank
- * (this process, on 127.0.0.1) gives the same bytes as tm_merge_files without it; the options'
- * defaults and their errors; an options struct from an older, shorter layout (only struct_size
- * and rank) reads the rest from the environment. Plain C99 + POSIX.
+ * (this process, on 127.0.0.1) gives the same bytes as tm_merge_files without it (an average,
+ * and ties through its own cross-rank code); the options' defaults and their errors; an options
+ * struct from an older, shorter layout (only struct_size and rank) reads the rest from the
+ * environment. Plain C99 + POSIX.
  * usage: test_distributed_api FIXTURE_DIR WORK_DIR */
 #define _POSIX_C_SOURCE 200809L
 #include <netinet/in.h>
@@ -114,6 +115,26 @@ int main(int argc, char **argv) {
     o.distributed = &d;
     CHECK(tm_merge_files(inputs, 2, dist, &o) == TM_OK);
     CHECK(same_file(single, dist));
+
+    /* A method on task vectors runs through its own cross-rank code: the same bytes too. */
+    {
+        tm_param density = {"density", "0.5", NULL, 0};
+        char single_ties[4096], dist_ties[4096];
+        snprintf(single_ties, sizeof single_ties, "%s/single_ties.pt", argv[2]);
+        snprintf(dist_ties, sizeof dist_ties, "%s/dist_ties.pt", argv[2]);
+        o.method = "ties";
+        o.params = &density;
+        o.n_params = 1;
+        o.base = a;
+        o.distributed = NULL;
+        CHECK(tm_merge_files(inputs, 2, single_ties, &o) == TM_OK);
+        snprintf(port, sizeof port, "%d", free_port());
+        setenv("MASTER_PORT", port, 1);
+        o.distributed = &d;
+        CHECK(tm_merge_files(inputs, 2, dist_ties, &o) == TM_OK);
+        CHECK(same_file(single_ties, dist_ties));
+        o.base = NULL;
+    }
 
     /* A method that is not a sum is refused with one line. */
     o.method = "slerp";

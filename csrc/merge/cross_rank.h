@@ -1,12 +1,13 @@
 /* The engine's one hook for merges across hosts (distributed.c sets it). A floating tensor's
- * block is the float64 sum Σ state[j]·in[j] over the global input list (rank 0's inputs, then
- * rank 1's, ...; the averages' apply, which distributed.c translates the sum methods into),
+ * block is a float64 sum over the global input list (rank 0's inputs, then rank 1's, ...),
  * accumulated in that order across the ranks, as one host accumulates it: before() gives the
- * running sum of the ranks before this one, which the kernel starts from, pass() hands the
- * running sum on, total() gives the total, which the engine rounds once to the output dtype. So
- * the output is the single-host merge's, bit for bit. The first rank has nothing before it and
- * computes up to `ahead` blocks of a tensor ahead of the total it waits for, so the ranks work
- * on different blocks at once. The pipeline runs one merging thread then, so
+ * running sum of the ranks before this one, this rank adds its terms, pass() hands the running
+ * sum on, total() gives the total, which the engine rounds once to the output dtype. So the
+ * output is the single-host merge's, bit for bit. Two users: the averages, which distributed.c
+ * translates into weighted_average (Σ state[j]·in[j]; the first rank computes up to `ahead`
+ * blocks of a tensor ahead of the total it waits for, so the ranks work on different blocks at
+ * once), and the methods with their own cross-rank code (method_xr.h: params set), which chain
+ * their sums through before() and deliver(). The pipeline runs one merging thread then, so
  * every rank exchanges its blocks in the plan's order. C11. */
 #ifndef TM_MERGE_CROSS_RANK_H
 #define TM_MERGE_CROSS_RANK_H
@@ -36,6 +37,19 @@ typedef struct tm_cross_rank {
     /* After the plan is built, before any tensor is read: the ranks agree on it. */
     tm_status (*agree)(void *user, const struct merge_ctx *c, tm_format format, tm_error *err);
     int discard_output; /* 1: this rank reduces with the others but writes nothing */
+    /* The methods computed through their own code across hosts (tm_method.cross_rank,
+     * method_xr.h): deliver hands a running sum (received with before()) on and brings the total
+     * to every rank (TM_XR_ALL) or to the writing ranks (TM_XR_OUTPUT, *has_total = 1 there);
+     * params: the parameters of the global input list (NULL for the averages, which distributed.c
+     * translates); offset: this rank's first input in that list; no_inputs: this rank holds no
+     * input (its one local "input" is the base, the plan's source only). */
+    tm_status (*deliver)(void *user, double *buf, size_t count, int to, int *has_total, tm_error *err);
+    const struct tm_param_values *params;
+    size_t offset;
+    int no_inputs;
+    /* Optional: a non-floating block's bytes, replaced by rank 0's (the global first input's), so
+     * that every writer takes them from where one host would (--output-on all without a base). */
+    tm_status (*share)(void *user, void *bytes, size_t len, tm_error *err);
     void *user;
 } tm_cross_rank;
 

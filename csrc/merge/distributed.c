@@ -1,14 +1,15 @@
 /* tm_merge_files across hosts (tm_merge_options.distributed; docs/distributed.md). Each rank
- * merges its local inputs with the method's coefficients computed over the global list of
- * inputs (rank 0's first, then rank 1's, ...). Each float64 block sum travels down the ranks in
- * order (rank r receives the running sum from r − 1, adds its terms, sends it to r + 1: the
- * single-host accumulation order, hence the single-host bits), and the last rank sends the total
- * to rank 0 (or broadcasts it with --output-on all), which rounds it once. The methods that
- * are sums of the inputs are translated here into weighted_average with those global
- * coefficients (task_arithmetic: rank 0 adds the base with coefficient 1 − Σ cᵢ), so the
- * methods' own code is untouched. Before any tensor is read, the ranks agree through the store:
- * world size, method and parameters ("hello"), then the plan ("plan"). The network half is
- * LibTorch's c10d over Gloo, through the bridge (csrc/torch/distributed.cpp). C11. */
+ * merges its local inputs as part of the global list of inputs (rank 0's first, then rank 1's,
+ * ...). Each float64 block sum travels down the ranks in order (rank r receives the running sum
+ * from r − 1, adds its terms, sends it to r + 1: the single-host accumulation order, hence the
+ * single-host bits), and the last rank sends the total to rank 0 (or broadcasts it with
+ * --output-on all), which rounds it once. The averages are translated here into
+ * weighted_average with the global coefficients; the other methods computable from sums run
+ * their own cross-rank code (tm_method.cross_rank, method_xr.h) on the parameters of the global
+ * input list, with the base on every rank. Before any tensor is read, the ranks agree through
+ * the store: world size, method and parameters ("hello"), then the plan and the base ("plan").
+ * The network half is LibTorch's c10d over Gloo, through the bridge (csrc/torch/distributed.cpp).
+ * C11. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
@@ -17,11 +18,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/hash.h"
 #include "core/struct_size.h"
 #include "core/torch_bridge.h"
 #include "merge/cross_rank.h"
 #include "merge/merge_ctx.h"
 #include "merge/merge_files_internal.h"
+#include "merge/method_xr.h"
 #include "merge/pipeline.h"
 #include "merge/sink.h"
 
@@ -62,8 +65,10 @@ typedef struct session {
     tm_dist_session *s;
     tm_dist_config cfg;
     int output_on_all;
-    size_t *counts;        /* local inputs per rank (after the translation: rank 0's base included) */
+    size_t *counts;        /* local inputs per rank */
+    int own_code;          /* the method runs through its own cross-rank code (every rank has the base) */
     uint64_t n_blocks, done_blocks; /* the blocks of the plan, and those passed on so far */
+    double *share;         /* --output-on all without a base: a non-floating block's bytes (as doubles) */
 } session;
 
 static void free_all(char **all, int n) {
@@ -123,10 +128,11 @@ void tm_distributed_options_init(tm_distributed_options *opts) {
 
 /* ---- What the ranks agree on ----------------------------------------------------------- */
 
-/* The methods that are sums of the inputs, hence computable from sums across ranks. */
-static int is_sum_method(const tm_method *m) {
-    return strcmp(m->name, "simple_average") == 0 || strcmp(m->name, "weighted_average") == 0 ||
-           strcmp(m->name, "task_arithmetic") == 0;
+/* The averages: translated into weighted_average with global coefficients (no base). The other
+ * methods that are computable from sums across ranks run their own cross-rank code
+ * (tm_method.cross_rank, method_xr.h). */
+static int is_average(const tm_method *m) {
+    return strcmp(m->name, "simple_average") == 0 || strcmp(m->name, "weighted_average") == 0;
 }
 
 static int param_index(const tm_method *m, const char *name) {
@@ -135,11 +141,15 @@ static int param_index(const tm_method *m, const char *name) {
     return -1;
 }
 
-/* Resolves the method's parameters for this rank's n inputs (a rank without inputs resolves its
- * per-input parameters as one input of weight 1: only the others are compared). */
+/* Resolves the method's parameters for this rank's n inputs, without the method's merge-wide
+ * check (which is about all inputs: it runs on the global list after the hello; this rank's
+ * weights alone may sum to 0). A rank without inputs resolves its per-input parameters as one
+ * input with their defaults (only the others are compared). */
 static tm_status resolve_params(const tm_method *m, const tm_merge_options *o, size_t n, tm_param_values *pv,
                                 tm_error *err) {
-    if (n) return tm_param_values_resolve(m, o->params, o->n_params, n, pv, err);
+    tm_method unchecked = *m;
+    unchecked.check = NULL;
+    if (n) return tm_param_values_resolve(&unchecked, o->params, o->n_params, n, pv, err);
     tm_param *p = calloc(o->n_params + m->n_params + 1, sizeof *p);
     if (!p) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
     size_t k = 0;
@@ -148,8 +158,11 @@ static tm_status resolve_params(const tm_method *m, const tm_merge_options *o, s
         if (j < 0 || !m->params[j].per_input) p[k++] = o->params[i];
     }
     for (size_t j = 0; j < m->n_params; j++)
-        if (m->params[j].per_input) p[k++] = (tm_param){m->params[j].name, "1", NULL, 0};
-    tm_status st = tm_param_values_resolve(m, p, k, 1, pv, err);
+        if (m->params[j].per_input) {
+            const char *dflt = m->params[j].default_value;
+            p[k++] = (tm_param){m->params[j].name, dflt ? dflt : "1", NULL, 0};
+        }
+    tm_status st = tm_param_values_resolve(&unchecked, p, k, 1, pv, err);
     free(p);
     return st;
 }
@@ -164,9 +177,29 @@ static void hello_text(text *t, const session *se, const tm_merge_options *o, co
         add(t, " %s=", m->params[j].name);
         for (size_t i = 0; i < pv->count[j]; i++) add(t, "%s%.17g", i ? "," : "", pv->values[pv->at[j] + i]);
     }
+    /* then each per-input parameter's values for this rank's inputs, exactly (hexadecimal) */
     add(t, "\n%zu", n);
-    int w = param_index(m, "weights");
-    for (size_t i = 0; i < n; i++) add(t, " %a", w >= 0 ? pv->values[pv->at[w] + i] : 1.0);
+    for (size_t j = 0; j < m->n_params; j++) {
+        if (!m->params[j].per_input) continue;
+        add(t, " ");
+        for (size_t i = 0; i < n; i++) add(t, "%s%a", i ? "," : "", pv->values[pv->at[j] + i]);
+    }
+}
+
+/* The per-input parameters of the global input list from the hellos: g[p·total + i] = the p-th
+ * per-input parameter's value for global input i (malloc'ed; total ≥ 1). */
+static double *global_values(const session *se, const tm_method *m, char **hellos, size_t total) {
+    size_t n_per = 0;
+    for (size_t j = 0; j < m->n_params; j++) n_per += m->params[j].per_input != 0;
+    double *g = malloc((n_per * total + 1) * sizeof *g);
+    for (int r = 0, at = 0; g && r < se->cfg.world_size; at += (int)se->counts[r], r++) {
+        const char *p = strchr(hellos[r], '\n');
+        char *end;
+        strtoull(p ? p + 1 : "", &end, 10);
+        for (size_t q = 0; q < n_per; q++)
+            for (size_t i = 0; i < se->counts[r]; i++) g[q * total + (size_t)at + i] = strtod(end + 1, &end);
+    }
+    return g;
 }
 
 /* The first word where a and b (one line each) differ, as "X vs Y", into out. */
@@ -179,10 +212,30 @@ static void first_difference(const char *a, const char *b, char *out, size_t cap
     snprintf(out, cap, "%.*s vs %.*s", (int)(la > 200 ? 200 : la), a, (int)(lb > 200 ? 200 : lb), b);
 }
 
+/* The base model's fingerprint (0: none): each merged tensor's dtype, shape, and its first and
+ * last 512 elements' bytes. Enough to catch another base on one rank without reading it all. */
+static uint64_t base_fingerprint(const merge_ctx *c) {
+    if (!c->base) return 0;
+    uint64_t h = 0;
+    uint8_t buf[512 * 16];
+    for (size_t u = 0; u < c->plan.n_units; u++) {
+        tm_tensor_info ti = tm_merge_tensor(c->base, c->plan.base_where[c->plan.units[u].keys[0]]);
+        tm_view v = {(const uint8_t *)ti.storage_data, ti.dtype, ti.ndim, ti.shape, ti.stride, ti.storage_offset};
+        size_t item = tm_dtype_size(ti.dtype), k = ti.numel < 512 ? (size_t)ti.numel : 512;
+        h = tm_hash_bytes(&ti.dtype, sizeof ti.dtype, h);
+        h = tm_hash_bytes(ti.shape, (size_t)ti.ndim * sizeof *ti.shape, h);
+        tm_kernel_copy(&v, 0, k, ti.dtype, buf);
+        h = tm_hash_bytes(buf, k * item, h);
+        tm_kernel_copy(&v, (uint64_t)ti.numel - k, k, ti.dtype, buf);
+        h = tm_hash_bytes(buf, k * item, h);
+    }
+    return h;
+}
+
 /* The plan as text, one line per unit: its tensor names, the first one's dtype and shape, the
  * output dtype, whether it is averaged, its element count; after a line for the output format. */
 static void plan_text(text *t, const merge_ctx *c, tm_format format) {
-    add(t, "format=%d\n", (int)format);
+    add(t, "format=%d base=%016llx\n", (int)format, (unsigned long long)base_fingerprint(c));
     for (size_t u = 0; u < c->plan.n_units; u++) {
         const tm_unit *un = &c->plan.units[u];
         tm_tensor_info ti = tm_merge_key_tensor(c, un->keys[0]);
@@ -219,8 +272,12 @@ static int same_plan(const char *ref, int ref_rank, const char *mine, int r, cha
     const char *a = ref, *b = mine;
     size_t la = strcspn(a, "\n"), lb = strcspn(b, "\n");
     if (la != lb || strncmp(a, b, la) != 0) {
-        snprintf(msg, cap, "rank %d writes another output format than rank %d: give every rank the same -o kind", r,
-                 ref_rank);
+        if (strcspn(a, " ") != strcspn(b, " ") || strncmp(a, b, strcspn(a, " ")) != 0)
+            snprintf(msg, cap, "rank %d writes another output format than rank %d: give every rank the same -o kind",
+                     r, ref_rank);
+        else
+            snprintf(msg, cap, "rank %d's base model differs from rank %d's (another file's tensors): every rank "
+                     "needs the same --base", r, ref_rank);
         return 0;
     }
     a += la + (a[la] == '\n'), b += lb + (b[lb] == '\n');
@@ -265,10 +322,14 @@ static uint64_t count_blocks(const char *plan) {
     return n;
 }
 
-/* The reference plan: the first rank (in rank order) with inputs. */
+/* Whether rank r's plan is compared: every rank has one with the base (a rank without inputs
+ * plans from it), else the ranks with inputs. */
+static int has_plan(const session *se, int r) { return se->own_code || se->counts[r]; }
+
+/* The reference plan: the first rank (in rank order) with a plan. */
 static int reference_rank(const session *se) {
     for (int r = 0; r < se->cfg.world_size; r++)
-        if (se->counts[r]) return r;
+        if (has_plan(se, r)) return r;
     return -1;
 }
 
@@ -290,7 +351,7 @@ static tm_status agree_on_plan(session *se, const merge_ctx *c, tm_format format
     int ref = reference_rank(se);
     char msg[TM_ERROR_MSG_MAX - 64];
     for (int r = 0; r < se->cfg.world_size && !st; r++)
-        if (se->counts[r] && !same_plan(all[ref], ref, all[r], r, msg, sizeof msg))
+        if (has_plan(se, r) && !same_plan(all[ref], ref, all[r], r, msg, sizeof msg))
             st = tm_error_set(err, TM_ERROR_MISMATCH, "distributed merge: %s; nothing written", msg);
     if (!st) se->n_blocks = count_blocks(all[ref]);
     if (!st && ref_plan) *ref_plan = strdup(all[ref]);
@@ -330,6 +391,35 @@ static tm_status xr_total(void *user, double *sums, size_t count, tm_error *err)
     return st;
 }
 
+/* A method's own chained sum (method_xr.h): handed on, its total to every rank or to the writers. */
+static tm_status xr_deliver(void *user, double *buf, size_t count, int to, int *has_total, tm_error *err) {
+    session *se = user;
+    int rank = se->cfg.rank, last = se->cfg.world_size - 1;
+    tm_status st = TM_OK;
+    if (to == TM_XR_OUTPUT) {
+        *has_total = rank == 0 || se->output_on_all;
+        st = xr_pass(se, buf, count, err);
+        return st ? st : xr_total(se, buf, count, err);
+    }
+    *has_total = 1;
+    if (rank < last) st = se->b->dist_send(se->s, rank + 1, buf, count, err);
+    if (!st && last > 0) st = se->b->dist_broadcast(se->s, last, buf, count, err);
+    return st;
+}
+
+/* --output-on all without a base: a non-floating block comes from rank 0's first input, as on
+ * one host (the bytes travel as doubles: a broadcast moves bits, whatever they are). */
+static tm_status xr_share(void *user, void *bytes, size_t len, tm_error *err) {
+    session *se = user;
+    size_t doubles = (len + sizeof(double) - 1) / sizeof(double);
+    if (!se->share && !(se->share = malloc(TM_BLOCK_BYTES + sizeof(double))))
+        return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    memcpy(se->share, bytes, len);
+    tm_status st = se->b->dist_broadcast(se->s, 0, se->share, doubles, err);
+    if (!st) memcpy(bytes, se->share, len);
+    return st;
+}
+
 /* A rank without inputs: passes every block of the reference plan on, in its order. */
 static tm_status pass_on(session *se, tm_error *err) {
     char *plan = NULL;
@@ -357,79 +447,54 @@ static tm_status pass_on(session *se, tm_error *err) {
 
 /* ---- The merge ----------------------------------------------------------------------------- */
 
-/* This rank's coefficients for its inputs: the single-host method's, over the global input
- * list (ranks in order), with the same float64 operations in the same order as
- * tm_method_weights and task_arithmetic's prepare, so the sum is the single-host sum. */
-typedef struct translated {
-    const char **inputs;
-    double *coef;
-    size_t n;
-} translated;
-
-static tm_status translate(const session *se, const tm_method *m, const tm_param_values *pv, char **hellos,
-                           const char *const *inputs, size_t n, const char *base, translated *tr, tm_error *err) {
-    size_t total = 0, offset = 0;
-    for (int r = 0; r < se->cfg.world_size; r++) {
-        if (r == se->cfg.rank) offset = total;
-        total += se->counts[r];
-    }
-    double *w = malloc((total + 1) * sizeof *w); /* every rank's weights, in global order */
-    tr->coef = malloc((n + 2) * sizeof *tr->coef);
-    tr->inputs = malloc((n + 2) * sizeof *tr->inputs);
-    if (!w || !tr->coef || !tr->inputs) {
-        free(w);
-        return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
-    }
-    size_t k = 0;
-    for (int r = 0; r < se->cfg.world_size; r++) {
-        const char *p = strchr(hellos[r], '\n');
-        p = p ? p + 1 : "";
-        char *end;
-        strtoull(p, &end, 10);
-        for (size_t i = 0; i < se->counts[r]; i++) w[k++] = strtod(end, &end);
-    }
-    int pn = param_index(m, "normalize"), pl = param_index(m, "lambda");
+/* The averages' coefficients for this rank's inputs: the single-host method's over the global
+ * input list (ranks in order), with the same float64 operations in the same order as
+ * tm_method_weights, so the sum is the single-host sum. w: every input's weight (global order). */
+static tm_status translate(const tm_method *m, const tm_param_values *pv, double *w, size_t total, size_t offset,
+                           size_t n, double *coef, tm_error *err) {
+    int pn = param_index(m, "normalize");
     int normalize = pn >= 0 ? pv->values[pv->at[pn]] != 0 : 1;
-    double lambda = pl >= 0 ? pv->values[pv->at[pl]] : 1.0;
-    int task = strcmp(m->name, "task_arithmetic") == 0;
     double sum = 0;
     for (size_t i = 0; i < total; i++) sum += w[i];
-    if (normalize && (sum == 0 || sum != sum || sum - sum != 0)) {
-        free(w);
+    if (normalize && (sum == 0 || sum != sum || sum - sum != 0))
         return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
                             "the weights of all ranks sum to %g and cannot be normalised (normalize: false)", sum);
-    }
-    double coeff_sum = 0;
-    for (size_t i = 0; i < total; i++) {
-        double c = normalize ? w[i] / sum : w[i];
-        if (task) coeff_sum += c *= lambda;
-        w[i] = c;
-    }
-    tr->n = 0;
-    if (task && se->cfg.rank == 0) { /* the base, once, first (non-floating tensors come from it) */
-        if (!base)
-            return free(w), tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
-                                         "task_arithmetic needs a base model on rank 0 (--base BASE)");
-        tr->inputs[tr->n] = base;
-        tr->coef[tr->n++] = 1.0 - coeff_sum;
-    }
-    for (size_t i = 0; i < n; i++) {
-        tr->inputs[tr->n] = inputs[i];
-        tr->coef[tr->n++] = w[offset + i];
-    }
-    free(w);
+    for (size_t i = 0; i < n; i++) coef[i] = normalize ? w[offset + i] / sum : w[offset + i];
     return TM_OK;
 }
 
-/* What no rank can merge across hosts: refused by each rank on its own, before the rendezvous. */
-static tm_status check_supported(const tm_merge_options *o, tm_error *err) {
+/* The methods a distributed merge runs, for messages. */
+static const char *supported_list(void) {
+    static char list[512];
+    if (list[0]) return list;
+    size_t used = 0;
+    for (size_t i = 0; i < tm_methods_count() && used < sizeof list; i++) {
+        const tm_method *m = tm_methods_at(i);
+        if (is_average(m) || m->cross_rank)
+            used += (size_t)snprintf(list + used, sizeof list - used, "%s%s", used ? ", " : "", m->name);
+    }
+    return list;
+}
+
+/* What the parameters ask that cannot be computed across hosts (after they resolve). */
+static tm_status check_params(const tm_method *m, const tm_param_values *pv, tm_error *err) {
+    if (m->wants_model_passes && m->wants_model_passes(pv))
+        return tm_error_set(err, TM_ERROR_UNSUPPORTED,
+                            "%s cannot be merged across hosts with these parameters: they need model-wide passes over "
+                            "every input's whole model (trim_scope: global); use trim_scope: tensor", m->name);
+    return m->cross_rank && m->cross_rank->check ? m->cross_rank->check(pv, err) : TM_OK;
+}
+
+/* What no rank can merge across hosts: refused by each rank on its own, before the rendezvous
+ * (n: this rank's inputs, for its parameters). */
+static tm_status check_supported(const tm_merge_options *o, size_t n, tm_error *err) {
     const char *name = o->method ? o->method : "simple_average";
     const tm_method *m = tm_methods_find(name);
     if (!m) return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "unknown method '%s'", name);
-    if (!is_sum_method(m))
+    if (!is_average(m) && !m->cross_rank)
         return tm_error_set(err, TM_ERROR_UNSUPPORTED,
-                            "%s cannot be merged across hosts: only the methods that are sums of the inputs can "
-                            "(simple_average, weighted_average, task_arithmetic)", m->name);
+                            "%s cannot be merged across hosts: it needs the inputs themselves, not sums over them "
+                            "(across hosts: %s)", m->name, supported_list());
     if (o->keys == TM_KEYS_UNION)
         return tm_error_set(err, TM_ERROR_UNSUPPORTED,
                             "a distributed merge needs the same tensors on every input (--keys strict or intersection)");
@@ -440,15 +505,39 @@ static tm_status check_supported(const tm_merge_options *o, tm_error *err) {
     if (o->masks_out || o->template_path)
         return tm_error_set(err, TM_ERROR_UNSUPPORTED, "a distributed merge writes no %s",
                             o->masks_out ? "masks (--masks-out)" : "TorchScript module (--template)");
-    return TM_OK;
+    tm_param_values pv = {0};
+    tm_status st = resolve_params(m, o, n, &pv, err);
+    if (!st) st = check_params(m, &pv, err);
+    tm_param_values_free(&pv);
+    return st;
+}
+
+/* The global inputs' parameters: the merge's own, the per-input ones from every rank (g). */
+static tm_status global_params(const tm_method *m, const tm_merge_options *o, const double *g, size_t total,
+                               tm_param_values *gpv, tm_error *err) {
+    tm_param list[o->n_params + m->n_params + 1];
+    size_t k = 0, q = 0;
+    for (size_t i = 0; i < o->n_params; i++) {
+        int j = param_index(m, o->params[i].name);
+        if (j < 0 || !m->params[j].per_input) list[k++] = o->params[i];
+    }
+    for (size_t j = 0; j < m->n_params; j++)
+        if (m->params[j].per_input) list[k++] = (tm_param){m->params[j].name, NULL, g + total * q++, total};
+    return tm_param_values_resolve(m, list, k, total, gpv, err);
 }
 
 /* Everything after the rendezvous; any failure is told to the other ranks by the caller. */
 static tm_status run(session *se, const char *const *inputs, size_t n, const char *output, const tm_merge_options *o,
                      const char *label, tm_error *err) {
     const tm_method *m = tm_methods_find(o->method ? o->method : "simple_average");
-    tm_param_values pv = {0};
-    tm_status st = resolve_params(m, o, n, &pv, err);
+    se->own_code = !is_average(m);
+    tm_param_values pv = {0}, gpv = {0};
+    tm_status st = TM_OK;
+    if (se->own_code && !o->base)
+        st = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
+                          "rank %d: %s across hosts needs the base model on every rank (--base BASE)", se->cfg.rank,
+                          m->name);
+    if (!st) st = resolve_params(m, o, n, &pv, err);
     text hello = {0};
     if (!st) hello_text(&hello, se, o, m, &pv, n);
     if (!st && hello.oom) st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
@@ -467,36 +556,60 @@ static tm_status run(session *se, const char *const *inputs, size_t n, const cha
                               r, what);
         }
     }
-    int base_on_0 = strcmp(m->name, "task_arithmetic") == 0;
-    for (int r = 0; r < se->cfg.world_size && !st; r++) se->counts[r] = strtoull(strchr(all[r], '\n') + 1, NULL, 10);
-    if (!st && !se->counts[0] && !base_on_0)
+    size_t total = 0, offset = 0;
+    for (int r = 0; r < se->cfg.world_size && !st; r++) {
+        se->counts[r] = strtoull(strchr(all[r], '\n') + 1, NULL, 10);
+        if (r == se->cfg.rank) offset = total;
+        total += se->counts[r];
+    }
+    const size_t least = m->min_inputs ? m->min_inputs : 1;
+    if (!st && total < least)
+        st = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s needs at least %zu input%s over all ranks, got %zu",
+                          m->name, least, least == 1 ? "" : "s", total);
+    if (!st && !se->counts[0] && !se->own_code)
         st = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
                           "rank 0 has no local inputs but writes the output: give rank 0 at least one input");
-    for (int r = 0; r < se->cfg.world_size && !st && se->output_on_all; r++)
-        if (!se->counts[r] && !(r == 0 && base_on_0))
+    for (int r = 0; r < se->cfg.world_size && !st && se->output_on_all && !se->own_code; r++)
+        if (!se->counts[r])
             st = tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
                               "rank %d has no local inputs: --output-on all needs an input on every rank", r);
-    translated tr = {0};
-    if (!st) st = translate(se, m, &pv, all, inputs, n, o->base, &tr, err);
+    double *g = st ? NULL : global_values(se, m, all, total);
+    if (!st && !g) st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
     free_all(all, se->cfg.world_size);
-    if (!st && base_on_0) se->counts[0]++; /* rank 0's plan now comes from the base and its inputs */
-    if (!st && tr.n == 0) st = pass_on(se, err);
-    else if (!st) {
-        tm_merge_options lo = *o;
-        tm_param p[2] = {{"weights", NULL, tr.coef, tr.n}, {"normalize", "false", NULL, 0}};
+    /* Rank 0 runs AHEAD blocks ahead of the totals it waits for, so the ranks work at once (the
+     * averages; the methods' own exchanges keep one block in flight). */
+    tm_cross_rank xr = {.before = xr_before, .pass = xr_pass, .total = xr_total, .agree = xr_agree,
+                        .first = se->cfg.rank == 0, .ahead = se->cfg.world_size > 1 && !se->own_code ? AHEAD : 1,
+                        .discard_output = !(se->cfg.rank == 0 || se->output_on_all), .deliver = xr_deliver,
+                        .offset = offset, .no_inputs = n == 0, .user = se};
+    tm_merge_options lo = *o;
+    lo.distributed = NULL;
+    if (!st && se->own_code) { /* the method's own code, on the global parameters (checked as on one host) */
+        st = global_params(m, o, g, total, &gpv, err);
+        xr.params = &gpv;
+        if (!st) /* a rank without inputs plans from the base */
+            st = tm_merge_files_xr(n ? inputs : &o->base, n ? n : 1, output, &lo, label ? label : m->name, &xr, err);
+    } else if (!st && n == 0) {
+        st = pass_on(se, err);
+    } else if (!st) { /* the averages: weighted_average with the global coefficients */
+        int pw = param_index(m, "weights"), q = 0; /* weights: the q-th per-input parameter */
+        for (int j = 0; j < pw; j++) q += m->params[j].per_input != 0;
+        double *ones = pw < 0 ? malloc((total + 1) * sizeof *ones) : NULL, *coef = malloc((n + 1) * sizeof *coef);
+        for (size_t i = 0; ones && i < total; i++) ones[i] = 1.0;
+        if (!coef || (pw < 0 && !ones)) st = tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+        if (!st) st = translate(m, &pv, pw < 0 ? ones : g + (size_t)q * total, total, offset, n, coef, err);
+        tm_param p[2] = {{"weights", NULL, coef, n}, {"normalize", "false", NULL, 0}};
         lo.method = "weighted_average";
         lo.params = p;
         lo.n_params = 2;
         lo.base = NULL;
-        lo.distributed = NULL;
-        /* Rank 0 runs AHEAD blocks ahead of the totals it waits for, so the ranks work at once. */
-        tm_cross_rank xr = {.before = xr_before, .pass = xr_pass, .total = xr_total, .agree = xr_agree,
-                            .first = se->cfg.rank == 0, .ahead = se->cfg.world_size > 1 ? AHEAD : 1,
-                            .discard_output = !(se->cfg.rank == 0 || se->output_on_all), .user = se};
-        st = tm_merge_files_xr(tr.inputs, tr.n, output, &lo, label ? label : m->name, &xr, err);
+        xr.share = se->output_on_all ? xr_share : NULL;
+        if (!st) st = tm_merge_files_xr(inputs, n, output, &lo, label ? label : m->name, &xr, err);
+        free(ones);
+        free(coef);
     }
-    free(tr.inputs);
-    free(tr.coef);
+    free(g);
+    tm_param_values_free(&gpv);
     tm_param_values_free(&pv);
     return st;
 }
@@ -505,7 +618,7 @@ tm_status tm_merge_distributed(const char *const *inputs, size_t n, const char *
                                const char *label, tm_error *err) {
     session se = {0};
     tm_status st = resolve_config(o->distributed, &se.cfg, &se.output_on_all, err);
-    if (!st) st = check_supported(o, err);
+    if (!st) st = check_supported(o, n, err);
     if (!st) st = tm_torch_bridge_get(&se.b, err);
     if (!st && !se.b->dist_open)
         st = tm_error_set(err, TM_ERROR_UNSUPPORTED,
@@ -528,6 +641,7 @@ tm_status tm_merge_distributed(const char *const *inputs, size_t n, const char *
     }
     se.b->dist_close(se.s);
     free(se.counts);
+    free(se.share);
     return st;
 }
 

@@ -12,6 +12,7 @@
 
 #include "merge/dequantize.h"
 #include "merge/kernel.h"
+#include "merge/method_xr.h"
 
 /* The room the largest quantized unit's dequantized copies take: one per input and the base. */
 static tm_status dequantize_init(tm_merge_worker *w, const merge_ctx *c) {
@@ -50,8 +51,7 @@ tm_status tm_merge_worker_init(tm_merge_worker *w, const merge_ctx *c) {
     w->xr = c->xr;
     if (c->xr && !((w->xr_sums = malloc(2 * TM_BLOCK_ELEMS * sizeof *w->xr_sums)) &&
                    (w->xr_prev = malloc(2 * TM_BLOCK_ELEMS * sizeof *w->xr_prev)) &&
-                   (w->xr_coef = malloc((n + 1) * sizeof *w->xr_coef)) &&
-                   (w->xr_views = malloc((n + 1) * sizeof *w->xr_views))))
+                   (w->xr_input = malloc((n + 1) * sizeof *w->xr_input))))
         return TM_ERROR_NOMEM;
     if (!(w->acc && w->params && w->state && w->views && w->shape1 && w->stride1 && w->input)) return TM_ERROR_NOMEM;
     return dequantize_init(w, c);
@@ -68,8 +68,8 @@ void tm_merge_worker_free(tm_merge_worker *w) {
     free(w->input);
     free(w->xr_sums);
     free(w->xr_prev);
-    free(w->xr_coef);
-    free(w->xr_views);
+    free(w->xr_input);
+    free(w->xr_memory.data);
     free(w->deq);
     free(w->deq_stride);
     memset(w, 0, sizeof *w);
@@ -82,7 +82,7 @@ tm_status tm_merge_method(merge_ctx *c, tm_error *err) {
         return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "unknown method '%s' (torchmerge runs %s)", name,
                             tm_methods_list());
     const tm_method *m = c->method;
-    if (c->n < m->min_inputs)
+    if (c->n < m->min_inputs && !(c->xr && c->xr->params)) /* across hosts: the global count (distributed.c) */
         return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s needs at least %zu inputs, got %zu", m->name,
                             m->min_inputs, c->n);
     if (m->needs_base && !c->o->base)
@@ -93,6 +93,13 @@ tm_status tm_merge_method(merge_ctx *c, tm_error *err) {
     if (m->max_inputs && c->n > m->max_inputs)
         return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT, "%s merges at most %zu input%s, got %zu", m->name,
                             m->max_inputs, m->max_inputs == 1 ? "" : "s", c->n);
+    if (c->xr && c->xr->params) { /* across hosts: the global inputs' parameters (distributed.c checked them) */
+        c->params = *c->xr->params;
+        c->params.values = malloc((c->params.n_values + 1) * sizeof *c->params.values);
+        if (!c->params.values) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+        memcpy(c->params.values, c->xr->params->values, c->params.n_values * sizeof *c->params.values);
+        return TM_OK;
+    }
     return tm_param_values_resolve(m, c->o->params, c->o->n_params, c->n, &c->params, err);
 }
 
@@ -169,15 +176,15 @@ static size_t block_count(uint64_t numel, uint64_t begin) {
  * w->xr_sums, started from the previous ranks' running sum in w->xr_prev when has_prev. */
 static void cross_rank_sum(tm_merge_worker *w, const tm_method_tensor *t, uint64_t begin, size_t count, int has_prev,
                            tm_dtype wide) {
-    /* The running sum as input 0 with weight 1 (exact), so the kernel adds this rank's terms to it
-     * in the single-host order. Its view starts at element begin. */
-    int64_t prev_shape = (int64_t)(begin + count), one = 1;
-    w->xr_views[0] = (tm_view){(const uint8_t *)w->xr_prev, wide, 1, &prev_shape, &one, -(int64_t)begin};
-    w->xr_coef[0] = 1.0;
-    memcpy(w->xr_views + 1, t->in, t->n * sizeof *t->in);
-    memcpy(w->xr_coef + 1, w->state, t->n * sizeof *w->state);
-    tm_kernel_weighted_sum(w->xr_views + !has_prev, w->xr_coef + !has_prev, t->n + (size_t)has_prev, begin, count,
-                           wide, w->xr_sums, w->acc);
+    tm_xr_weighted_add(t->in, w->state, t->n, begin, count, has_prev ? w->xr_prev : NULL, wide, w->xr_sums, w->acc);
+}
+
+/* An error of a block's exchanges names the tensor. */
+static tm_status name_tensor(const tm_method_tensor *t, tm_status st, tm_error *err) {
+    char what[300];
+    snprintf(what, sizeof what, "tensor '%s'", t->name);
+    if (st) tm_error_prefix(err, what);
+    return st;
 }
 
 /* The block's sum handed down the ranks and its total rounded once into dst. The first rank
@@ -207,18 +214,22 @@ static tm_status cross_rank_apply(tm_merge_worker *w, const tm_method_tensor *t,
     int64_t shape = (int64_t)count, one = 1;
     tm_view sums = {(const uint8_t *)w->xr_sums, wide, 1, &shape, &one, 0};
     if (!st) tm_kernel_copy(&sums, 0, count, t->out_dtype, dst);
-    else {
-        char what[300];
-        snprintf(what, sizeof what, "tensor '%s'", t->name);
-        tm_error_prefix(err, what);
-    }
-    return st;
+    return name_tensor(t, st, err);
 }
 
 tm_status tm_merge_floating(const tm_method *m, tm_merge_worker *w, const tm_method_tensor *t,
                             const tm_block_out *out, tm_error *err) {
-    tm_status st = m->prepare(t, w->state, err);
+    /* Across hosts, a method with its own cross-rank code sees the global view (method_xr.h). */
+    const tm_method_xr *mx = tm_xr_method(m, w);
+    tm_method_tensor global;
+    tm_xr x;
+    if (mx) t = tm_xr_tensor(w, t, &global, &x);
+    tm_status st = mx ? mx->prepare(t, w->state, &x, err) : m->prepare(t, w->state, err);
     int again = m->reduce != NULL;
+    if (mx && mx->reduce) { /* the statistics across ranks replace the local passes */
+        again = 0;
+        if (!st) st = name_tensor(t, mx->reduce(t, w->state, &x, w->acc, err), err);
+    }
     for (unsigned pass = 0; again && !st; pass++) {
         for (uint64_t begin = 0; begin < t->numel; begin += TM_BLOCK_ELEMS) {
             double t0 = tm_merge_now();
@@ -234,7 +245,8 @@ tm_status tm_merge_floating(const tm_method *m, tm_merge_worker *w, const tm_met
         uint8_t *dst = out->next(out->user);
         if (!dst) return tm_error_set(err, TM_ERROR_INTERRUPTED, "cancelled");
         double t0 = tm_merge_now();
-        if (w->xr) st = cross_rank_apply(w, t, begin, count, dst, err);
+        if (mx) st = name_tensor(t, mx->apply(t, w->state, &x, begin, count, dst, w->acc, err), err);
+        else if (w->xr) st = cross_rank_apply(w, t, begin, count, dst, err);
         else m->apply(t, w->state, begin, count, dst, w->acc);
         w->merge_seconds += tm_merge_now() - t0;
         if (st) break;
@@ -258,10 +270,11 @@ static tm_status copy_unit(merge_ctx *c, tm_merge_worker *w, const tm_unit *u, c
         if (!dst) return tm_error_set(err, TM_ERROR_INTERRUPTED, "cancelled");
         double t0 = tm_merge_now();
         tm_kernel_copy(from, begin, count, u->out_dtype, dst);
+        if (w->xr && w->xr->share) st = w->xr->share(w->xr->user, dst, count * item, err); /* rank 0's bytes */
         for (size_t j = 0; j < t->n && !differs; j++) differs = !tm_kernel_equal(from, &t->in[j], begin, count);
         w->merge_seconds += tm_merge_now() - t0;
         w->merge_calls++;
-        st = out->put(out->user, dst, count * item, err);
+        if (!st) st = out->put(out->user, dst, count * item, err);
     }
     if (differs) {
         pthread_mutex_lock(&shared_mu);

@@ -29,10 +29,10 @@ typedef struct tm_merge_worker {
     int64_t (*deq_stride)[TM_MAX_NDIM];
     double merge_seconds; /* in the arithmetic only, not waiting for a free block */
     const tm_cross_rank *xr; /* a merge across hosts (cross_rank.h), or NULL */
-    double *xr_sums, *xr_prev, *xr_coef; /* then a block's float64 (complex128) sums, the other ranks'
-                                             running sum, and the coefficients with its 1 */
-    tm_view *xr_views;    /* the running sum's view, then the inputs' */
+    double *xr_sums, *xr_prev; /* then a block's float64 (complex128) sums and the other ranks' running sum */
     uint64_t xr_next;     /* the first rank: the next element of the tensor to compute and pass on */
+    size_t *xr_input;     /* a method across hosts: its inputs' global indices (xr.c) */
+    tm_method_memory xr_memory; /* and its exchange buffers */
     size_t merge_calls;
 } tm_merge_worker;
 
@@ -60,6 +60,15 @@ void tm_merge_unit_tensor(const merge_ctx *c, tm_merge_worker *w, const tm_unit 
  * out. Also used on tensors in memory (tm_merge_tensors). */
 tm_status tm_merge_floating(const tm_method *m, tm_merge_worker *w, const tm_method_tensor *t,
                             const tm_block_out *out, tm_error *err);
+
+/* A method computed through its own code across hosts (xr.c; method_xr.h): its callbacks when
+ * w merges across hosts with global parameters, else NULL; and the global view g of t (input
+ * indices in the global list, no inputs on a rank without any) with the exchange context x. */
+struct tm_method_xr;
+struct tm_xr;
+const struct tm_method_xr *tm_xr_method(const tm_method *m, const tm_merge_worker *w);
+const tm_method_tensor *tm_xr_tensor(tm_merge_worker *w, const tm_method_tensor *t, tm_method_tensor *g,
+                                     struct tm_xr *x);
 
 /* Computes unit u into out, block by block. Thread-safe for distinct workers. */
 tm_status tm_merge_unit(merge_ctx *c, tm_merge_worker *w, const tm_unit *u, const tm_block_out *out, tm_error *err);

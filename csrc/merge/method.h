@@ -145,6 +145,8 @@ typedef struct tm_method {
      * TM_METHOD_SCRATCH × count doubles (reduce gets the same). */
     void (*apply)(const tm_method_tensor *t, const double *state, uint64_t begin, size_t count, void *out,
                   double *scratch);
+    /* Optional: the method across hosts (merge/method_xr.h); NULL: --distributed refuses it. */
+    const struct tm_method_xr *cross_rank;
 } tm_method;
 
 /* Appends count values to list `list` (an input index) of the model passes; thread-safe.

@@ -13,7 +13,6 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
-#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -29,15 +28,22 @@ struct tm_dist_session {
     tm_dist_config cfg;
     std::string addr, ifname;
     std::chrono::milliseconds timeout;
+    std::chrono::steady_clock::time_point opened;  // dist_open: a rank may join until opened + timeout
     c10::intrusive_ptr<c10d::Store> store;
     c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
     bool failed = false;  // dist_abort was called: close without waiting for the others
+    bool stuck = false;   // a request to rank 0's store failed after a failure: no more of them
     std::string broken;   // the first exchange that failed: later ones fail at once with it
-    // The heartbeat: a thread with its own store connection bumps "beat/RANK" 4 times a second, so a
-    // rank whose exchange fails can tell which rank stopped (dead or stalled) rather than blame
-    // its neighbour, whose exchange may be failing for the same reason.
-    std::thread beat;
-    std::atomic<bool> stop_beat{false};
+    // Liveness, so that a rank whose exchange fails can tell which rank stopped (dead or stalled)
+    // rather than blame its neighbour, whose exchange may be failing for the same reason: every
+    // rank serves a TCPStore of its own (its daemon thread answers while the process runs, and
+    // not once it is stopped or dead), and holds a client of every other rank's, connected while
+    // all ran. Not through rank 0's store: a rank stopped in the middle of a request to a store
+    // holds that store's single daemon thread until the request completes, i.e. forever, and
+    // every later request to it waits out the timeout (a heartbeat through rank 0's store made the
+    // survivors of a SIGSTOPped rank leave after ~5 × the timeout, about one run in eight).
+    c10::intrusive_ptr<c10d::TCPStore> live;
+    std::vector<c10::intrusive_ptr<c10d::TCPStore>> peers;
     // Sends in flight (each on its own copy of the data), oldest first, with their destination.
     struct pending {
         c10::intrusive_ptr<c10d::Work> work;
@@ -68,8 +74,9 @@ std::string text(const std::vector<uint8_t> &b) { return std::string(b.begin(), 
 // What another rank said when it gave up (dist_abort), or "".
 std::string abort_message(tm_dist_session *s) {
     try {
-        if (s->store && s->store->check({"abort"})) return text(s->store->get("abort"));
+        if (!s->stuck && s->store && s->store->check({"abort"})) return text(s->store->get("abort"));
     } catch (const std::exception &) {
+        s->stuck = !s->broken.empty() || s->failed; // after a failure: each later request would wait as long
     }
     return "";
 }
@@ -97,42 +104,65 @@ std::string route_address(const std::string &addr, int port) {
     return out;
 }
 
-void heartbeat(tm_dist_session *s) {
+// This rank's liveness store (any free port, on the address the others reach this host at),
+// published as "live/RANK" = "host port" ("" when it cannot be served: no liveness then).
+void serve_liveness(tm_dist_session *s) {
+    std::string host = route_address(s->addr, s->cfg.master_port), where;
     try {
-        c10d::TCPStoreOptions o;
-        o.port = (uint16_t)s->cfg.master_port;
-        o.isServer = false;
-        o.waitWorkers = false;
-        o.timeout = s->timeout;
-        auto store = c10::make_intrusive<c10d::TCPStore>(s->addr, o);
-        std::string key = "beat/" + std::to_string(s->cfg.rank);
-        for (int64_t n = 1; !s->stop_beat; n++) {
-            store->set(key, bytes(std::to_string(n)));
-            for (int i = 0; i < 5 && !s->stop_beat; i++) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        if (!host.empty()) {
+            c10d::TCPStoreOptions o;
+            o.port = 0;
+            o.isServer = true;
+            o.waitWorkers = false;
+            o.timeout = s->timeout;
+            s->live = c10::make_intrusive<c10d::TCPStore>(host, o);
+            s->live->set("alive", bytes("1"));
+            where = host + " " + std::to_string(s->live->getPort());
         }
     } catch (const std::exception &) {
-        // the store is gone (rank 0 ended): nothing left to tell
+        s->live.reset();
+    }
+    s->store->set("live/" + std::to_string(s->cfg.rank), bytes(where));
+}
+
+// Clients of the other ranks' liveness stores (every rank published its own before the plan
+// exchange), answering within 1 s or failing.
+void connect_liveness(tm_dist_session *s) {
+    s->peers.assign((size_t)s->cfg.world_size, c10::intrusive_ptr<c10d::TCPStore>());
+    for (int r = 0; r < s->cfg.world_size; r++) {
+        if (r == s->cfg.rank) continue;
+        try {
+            std::string where = text(s->store->get("live/" + std::to_string(r)));
+            auto sp = where.find(' ');
+            if (sp == std::string::npos) continue;
+            c10d::TCPStoreOptions o;
+            o.port = (uint16_t)std::stoi(where.substr(sp + 1));
+            o.isServer = false;
+            o.waitWorkers = false;
+            o.timeout = std::min(s->timeout, std::chrono::milliseconds(1000));
+            s->peers[(size_t)r] = c10::make_intrusive<c10d::TCPStore>(where.substr(0, sp), o);
+            s->peers[(size_t)r]->get("alive");
+        } catch (const std::exception &) {
+            s->peers[(size_t)r].reset();
+        }
     }
 }
 
-// The ranks whose heartbeat did not move over 1 s ("" if none, or the store is unreachable); a rank
-// that ended (dist_close) says "gone" and is not counted.
+// The ranks that do not answer ("" if all do): those whose store does not answer within 1 s
+// (stopped), else those whose connection is gone (dead, or left after failing themselves).
 std::string stopped_ranks(tm_dist_session *s) {
-    std::vector<std::string> before((size_t)s->cfg.world_size);
-    auto read = [&](int r) {
-        std::string k = "beat/" + std::to_string(r);
-        return s->store->check({k}) ? text(s->store->get(k)) : std::string();
-    };
-    try {
-        for (int r = 0; r < s->cfg.world_size; r++) before[(size_t)r] = read(r);
-        std::this_thread::sleep_for(std::chrono::milliseconds(1000));
-        std::string out;
-        for (int r = 0; r < s->cfg.world_size; r++)
-            if (r != s->cfg.rank && before[(size_t)r] != "gone" && read(r) == before[(size_t)r]) out += (out.empty() ? "" : ", ") + std::to_string(r);
-        return out;
-    } catch (const std::exception &) {
-        return "";
+    std::string stalled, gone;
+    for (int r = 0; r < (int)s->peers.size(); r++) {
+        if (!s->peers[(size_t)r]) continue;
+        auto t0 = Clock::now();
+        try {
+            s->peers[(size_t)r]->get("alive"); // a get waits for its answer at most the timeout (an add would not)
+        } catch (const std::exception &) {
+            std::string &to = Clock::now() - t0 > std::chrono::milliseconds(500) ? stalled : gone;
+            to += (to.empty() ? "" : ", ") + std::to_string(r);
+        }
     }
+    return stalled.empty() ? gone : stalled;
 }
 
 // Checks that exactly world_size ranks joined and that none gave up: a rank started with a larger
@@ -160,6 +190,7 @@ tm_status dist_open(const tm_dist_config *cfg, tm_dist_session **out, tm_error *
     s->cfg.master_addr = s->addr.c_str();
     s->cfg.ifname = s->ifname.c_str();
     s->timeout = std::chrono::milliseconds((int64_t)(cfg->timeout_seconds * 1000.0));
+    s->opened = Clock::now();
     try {
         c10d::TCPStoreOptions o;
         o.port = (uint16_t)cfg->master_port;
@@ -175,6 +206,7 @@ tm_status dist_open(const tm_dist_config *cfg, tm_dist_session **out, tm_error *
     }
     try {
         s->store->add("joined", 1);
+        serve_liveness(s.get());
     } catch (const std::exception &e) {
         return tm_error_set(err, TM_ERROR_IO, "rendezvous at %s:%d: %s", s->addr.c_str(), cfg->master_port,
                             first_line(e).c_str());
@@ -234,7 +266,7 @@ tm_status dist_start(tm_dist_session *s, tm_error *err) {
         opts->threads = 1;  // one exchange at a time: the engine issues them in plan order
         auto prefixed = c10::make_intrusive<c10d::PrefixStore>("gloo", s->store);
         s->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, s->cfg.rank, s->cfg.world_size, opts);
-        s->beat = std::thread(heartbeat, s);
+        connect_liveness(s);
         return TM_OK;
     } catch (const std::exception &e) {
         std::string other = abort_message(s);
@@ -257,7 +289,7 @@ tm_status exchange_once(tm_dist_session *s, const char *what, int peer, double *
         work->wait(s->timeout);
         return TM_OK;
     } catch (const std::exception &e) {
-        // Which rank stopped (its heartbeat is still), else what a rank that failed on purpose said,
+        // Which rank stopped (its liveness store does not answer), else what a rank that failed on purpose said,
         // else the network.
         std::string stopped = stopped_ranks(s);
         if (!stopped.empty())
@@ -348,36 +380,49 @@ void dist_abort(tm_dist_session *s, const char *message) {
     if (!s || !s->store) return;
     s->failed = true;
     try {
-        if (!s->store->check({"abort"})) s->store->set("abort", bytes(message));
+        if (!s->stuck && !s->store->check({"abort"})) s->store->set("abort", bytes(message));
     } catch (const std::exception &) {
+        s->stuck = true;
     }
 }
 
 void dist_close(tm_dist_session *s) {
     if (!s) return;
-    s->stop_beat = true;
-    if (s->beat.joinable()) s->beat.join();
-    try {
-        if (s->store && s->pg) s->store->set("beat/" + std::to_string(s->cfg.rank), bytes("gone"));
-    } catch (const std::exception &) {
-    }
     try {
         // Rank 0 holds the store: it stays (a few seconds at most) until the others have left it.
+        if (s->stuck) throw std::runtime_error("the store does not answer");
         if (s->store && s->cfg.rank != 0) s->store->add("left", 1);
-        // (After a failure, a short grace (1 s): the others poll the store and learn of it at once;
-        // a stalled rank must not hold rank 0 much beyond the timeout.)
-        auto deadline = Clock::now() + std::min(s->timeout, std::chrono::milliseconds(s->failed ? 1000 : 5000));
-        while (s->store && s->cfg.rank == 0 && s->store->add("left", 0) < s->store->add("joined", 0) - 1 &&
-               Clock::now() < deadline)
+        // (After a failure, a short grace (1 s) after the last rank joined: the others poll the
+        // store and learn of it at once; a stalled rank must not hold rank 0 much beyond the
+        // timeout. A rank that has not joined yet (one failed early) may still join until the
+        // rendezvous' own deadline, and learns of the failure then instead of finding no store.)
+        auto grace = std::min(s->timeout, std::chrono::milliseconds(s->failed ? 1000 : 5000));
+        auto until = Clock::now() + grace;
+        for (int64_t seen = -1; s->store && s->cfg.rank == 0;) {
+            int64_t joined = s->store->add("joined", 0), left = s->store->add("left", 0);
+            if (joined != seen) until = std::max(until, Clock::now() + grace);
+            seen = joined;
+            bool leaving = left < joined - 1 && Clock::now() < until;
+            bool joining = s->failed && joined < s->cfg.world_size && Clock::now() < s->opened + s->timeout;
+            if (!leaving && !joining) break;
             std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        }
     } catch (const std::exception &) {
     }
     try {
         // After a failure the process group's destructor would drain its queue: every send still
         // in flight to a dead peer waiting out the timeout in turn (25 s seen with a 5 s timeout).
         // The process is about to exit: leave the group to the exit instead.
-        if (s->failed) (void)s->pg.release();
-        else s->pg.reset();
+        // So are the stores: a store's destructor joins its daemon thread, which a stopped rank
+        // may hold in the middle of a request.
+        if (s->failed) {
+            (void)s->pg.release();
+            (void)s->live.release();
+            (void)s->store.release();
+        }
+        s->pg.reset();
+        s->peers.clear();
+        s->live.reset();
         s->store.reset();
     } catch (const std::exception &) {
     }

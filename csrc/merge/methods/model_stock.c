@@ -21,6 +21,8 @@
 #include <string.h>
 
 #include "merge/hot.h"
+#include "merge/merge_ctx.h"
+#include "merge/method_xr.h"
 
 enum { P_FILTER_WISE, P_PAIRWISE };
 enum { PAIRWISE_COSINE, PAIRWISE_ANGLE };
@@ -187,6 +189,145 @@ static void apply(const tm_method_tensor *t, const double *state, uint64_t begin
     }
 }
 
+/* ---- Across hosts (method_xr.h; docs/distributed.md) ---------------------------------------
+ * The pairwise dot products δᵢ·δⱼ of inputs on different ranks are not sums of what one rank
+ * has, but their cosines' sum is: with uᵢ = δᵢ/‖δᵢ‖ (0 when δᵢ = 0),
+ *   Σ_{i<j} uᵢ·uⱼ = (‖Σᵢ uᵢ‖² − Σᵢ ‖uᵢ‖²) / 2,
+ * one chained elementwise sum (Σᵢ uᵢ) and per-row scalars. Each rank computes its inputs' row
+ * norms (the single host's sums), the ranks sum them (every rank learns all of them), then
+ * Σ uᵢ block by block and Σ ‖uᵢ‖² per row; every rank derives the same cos θ and t, and the
+ * apply is the single host's weighted sum chained in the global input order. cos θ differs from
+ * the single host's mean of the pairwise cosines by float64 rounding (the difference of two
+ * sums of size ~N), so t does too and an output element can differ by an ulp where that
+ * rounding crosses a boundary (a few where the result cancels to near 0). Not a sum, hence
+ * refused: pairwise angle (a mean of arccos), and mergekit's guard max(‖δᵢ‖‖δⱼ‖, 1e-6) where
+ * it applies to non-zero task vectors. */
+
+static tm_status xr_check(const tm_param_values *p, tm_error *err) {
+    if (p->values[p->at[P_PAIRWISE]] == PAIRWISE_ANGLE)
+        return tm_error_set(err, TM_ERROR_UNSUPPORTED,
+                            "model_stock with pairwise: angle cannot be merged across hosts: the mean of the pairwise "
+                            "angles is not a sum over the ranks (pairwise: cosine is)");
+    return TM_OK;
+}
+
+/* prepare as one host would for all inputs (at least 2 over all ranks; the row length). */
+static tm_status xr_prepare(const tm_method_tensor *t, double *state, const tm_xr *x, tm_error *err) {
+    (void)x;
+    size_t all[t->n_inputs + 1];
+    tm_method_tensor every;
+    tm_xr_every_input(t, &every, all);
+    return prepare(&every, state, err);
+}
+
+/* Runs the statement on every piece (row, off from begin, len) of [begin, end) that lies in one row and one CHUNK. */
+#define FOR_PIECES(begin, end, row_len, ...)                                                       \
+    for (uint64_t p0 = (begin); p0 < (end);) {                                                      \
+        const uint64_t row = p0 / (row_len), row_end = (row + 1) * (row_len);                      \
+        uint64_t p1 = (p0 / CHUNK + 1) * CHUNK;                                                     \
+        p1 = p1 < row_end ? p1 : row_end;                                                           \
+        p1 = p1 < (end) ? p1 : (end);                                                               \
+        const size_t off = (size_t)(p0 - (begin)), len = (size_t)(p1 - p0);                         \
+        __VA_ARGS__;                                                                                \
+        p0 = p1;                                                                                    \
+    }
+
+static tm_status xr_reduce(const tm_method_tensor *t, double *state, const tm_xr *x, double *scratch, tm_error *err) {
+    const size_t n = t->n, n_all = t->n_inputs;
+    const uint64_t row_len = (uint64_t)state[S_ROW], rows = rows_of(t, state);
+    /* exchange memory: the row norms² of every input, Σ‖uᵢ‖², ‖Σuᵢ‖² per row, a block of Σuᵢ and one to receive */
+    double *sq = tm_method_memory_reserve(x->memory, (rows * (n_all + 2) + 2 * TM_BLOCK_ELEMS) * sizeof *sq);
+    if (!sq) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory for model_stock's row sums");
+    double *uu = sq + rows * n_all, *ss = uu + rows, *sums = ss + rows, *tmp = sums + TM_BLOCK_ELEMS;
+    double *b = scratch, *k = scratch + TM_BLOCK_ELEMS, *d = scratch + 2 * TM_BLOCK_ELEMS;
+    memset(sq, 0, rows * (n_all + 2) * sizeof *sq);
+    for (uint64_t begin = 0; begin < t->numel; begin += TM_BLOCK_ELEMS) { /* this rank's row norms² */
+        const size_t count = t->numel - begin < TM_BLOCK_ELEMS ? (size_t)(t->numel - begin) : TM_BLOCK_ELEMS;
+        tm_kernel_load_f64(t->base, begin, count, b, k);
+        for (size_t i = 0; i < n; i++) {
+            tm_kernel_delta_f64(&t->in[i], begin, count, b, d, k);
+            FOR_PIECES(begin, begin + count, row_len, sq[row * n_all + t->input[i]] += dot(d + off, d + off, len))
+        }
+    }
+    tm_status st = tm_xr_sum_all(x, sq, tmp, rows * n_all, err);
+    for (uint64_t r = 0; r < rows && !st; r++) /* the guard of one host is not a sum: refused where it applies */
+        for (size_t i = 0; i < n_all && !st; i++)
+            for (size_t j = i + 1; j < n_all && !st; j++) {
+                const double p = sqrt(sq[r * n_all + i]) * sqrt(sq[r * n_all + j]);
+                if (p > 0 && p < 1e-6)
+                    st = tm_error_set(err, TM_ERROR_UNSUPPORTED,
+                                      "model_stock across hosts: inputs %zu and %zu have ‖δᵢ‖·‖δⱼ‖ = %g < 1e-6 (row "
+                                      "%llu), where one host's cosine takes max(‖δᵢ‖‖δⱼ‖, 1e-6), not a sum over "
+                                      "ranks: merge this model on one host", i, j, p, (unsigned long long)r);
+            }
+    for (uint64_t begin = 0; begin < t->numel && !st; begin += TM_BLOCK_ELEMS) { /* Σ uᵢ, chained */
+        const size_t count = t->numel - begin < TM_BLOCK_ELEMS ? (size_t)(t->numel - begin) : TM_BLOCK_ELEMS;
+        int first, has_total;
+        st = tm_xr_receive(x, sums, count, &first, err);
+        if (st) break;
+        if (first) memset(sums, 0, count * sizeof *sums);
+        tm_kernel_load_f64(t->base, begin, count, b, k);
+        for (size_t i = 0; i < n; i++) {
+            tm_kernel_delta_f64(&t->in[i], begin, count, b, d, k);
+            FOR_PIECES(begin, begin + count, row_len, {
+                const double norm = sqrt(sq[row * n_all + t->input[i]]), inv = norm > 0 ? 1 / norm : 0;
+                double s2 = 0;
+                for (size_t e = off; e < off + len; e++) {
+                    const double u = d[e] * inv;
+                    sums[e] += u;
+                    s2 += u * u;
+                }
+                uu[row] += s2;
+            })
+        }
+        st = tm_xr_deliver(x, sums, count, TM_XR_ALL, &has_total, err);
+        if (!st) FOR_PIECES(begin, begin + count, row_len, ss[row] += dot(sums + off, sums + off, len))
+    }
+    if (!st) st = tm_xr_sum_all(x, uu, tmp, rows, err);
+    if (st) return st;
+    layout l = layout_of(t, state);
+    const double pairs = (double)(n_all * (n_all - 1) / 2);
+    for (uint64_t r = 0; r < rows; r++) {
+        const double c = (ss[r] - uu[r]) / 2 / pairs;
+        l.ratio[r] = c < -1 ? -1 : c > 1 ? 1 : c;
+    }
+    tm_method_tensor every = *t; /* cos θ → t with N = every input */
+    every.n = n_all;
+    int again;
+    return reduce_end(&every, state, 0, &again, err);
+}
+
+static tm_status xr_apply(const tm_method_tensor *t, const double *state, const tm_xr *x, uint64_t begin, size_t count,
+                          void *out, double *scratch, tm_error *err) {
+    const size_t n = t->n, n_all = t->n_inputs, item = tm_dtype_size(t->out_dtype);
+    const uint64_t row_len = (uint64_t)state[S_ROW], end = begin + count;
+    const double *ratio = t->memory->data;
+    double *prev = tm_method_memory_reserve(x->memory, 2 * count * sizeof *prev), *sums = prev + count;
+    if (!prev) return tm_error_set(err, TM_ERROR_NOMEM, "out of memory");
+    int first, has_total;
+    tm_status st = tm_xr_receive(x, prev, count, &first, err);
+    if (st) return st;
+    double w[n + 1];
+    for (uint64_t e = begin; e < end;) { /* one host's weighted sum, row by row, without the base */
+        const uint64_t row = e / row_len, row_end = (row + 1) * row_len, seg_end = row_end < end ? row_end : end;
+        for (size_t i = 0; i < n; i++) w[i] = ratio[row] / (double)n_all;
+        tm_xr_weighted_add(t->in, w, n, e, (size_t)(seg_end - e), first ? NULL : prev + (e - begin), TM_FLOAT64,
+                           sums + (e - begin), scratch);
+        e = seg_end;
+    }
+    st = tm_xr_deliver(x, sums, count, TM_XR_OUTPUT, &has_total, err);
+    for (uint64_t e = begin; e < end && !st && has_total;) { /* + (1 − t)·b, rounded once */
+        const uint64_t row = e / row_len, row_end = (row + 1) * row_len, seg_end = row_end < end ? row_end : end;
+        tm_xr_weighted_finish(sums + (e - begin), t->base, 1 - ratio[row], e, (size_t)(seg_end - e), t->out_dtype,
+                              (uint8_t *)out + (size_t)(e - begin) * item, scratch);
+        e = seg_end;
+    }
+    return st;
+}
+
+static const tm_method_xr cross_rank = {.check = xr_check, .prepare = xr_prepare, .reduce = xr_reduce,
+                                        .apply = xr_apply};
+
 const tm_method tm_method_model_stock = {
     .name = "model_stock",
     .fusionbench_class = "ModelStock",
@@ -200,4 +341,5 @@ const tm_method tm_method_model_stock = {
     .reduce = reduce,
     .reduce_end = reduce_end,
     .apply = apply,
+    .cross_rank = &cross_rank,
 };

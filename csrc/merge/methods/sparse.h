@@ -20,6 +20,7 @@
 #define TM_MERGE_METHODS_SPARSE_H
 
 #include "merge/method.h"
+#include "merge/method_xr.h"
 #include "merge/methods/topk.h"
 
 enum { TM_SPARSIFY_MAGNITUDE, TM_SPARSIFY_OUTLIERS, TM_SPARSIFY_RANDOM, TM_SPARSIFY_CUSTOM };
@@ -143,7 +144,8 @@ int tm_sparse_agg(const tm_sparse_method *s, const double *params, const size_t 
     static void PREFIX##_apply(const tm_method_tensor *t, const double *state, uint64_t begin, size_t count, void *out, \
                                double *scratch) {                                                    \
         tm_sparse_apply(&DESC, t, state, begin, count, out, scratch);                                \
-    }
+    }                                                                                                \
+    SPARSE_XR_CALLBACKS(PREFIX, DESC)
 
 /* The fields of a tm_method every sparse entry shares: a base, any number of inputs, masks, the
  * core's state, and the callbacks CHECK_PREFIX##_check, PREPARE_PREFIX##_prepare and PREFIX##_reduce,
@@ -152,6 +154,8 @@ int tm_sparse_agg(const tm_sparse_method *s, const double *params, const size_t 
     .needs_base = 1, .min_inputs = 1, .has_masks = 1, .state_fixed = TM_SPARSE_STATE_FIXED,             \
     .state_per_input = TM_SPARSE_STATE_PER_INPUT, .check = CHECK_PREFIX##_check,                       \
     .prepare = PREPARE_PREFIX##_prepare, .reduce = PREFIX##_reduce, .reduce_end = PREFIX##_reduce_end, \
-    .apply = PREFIX##_apply
+    .apply = PREFIX##_apply, .cross_rank = &PREFIX##_xr
+
+#include "merge/methods/sparse_cross_rank.h" /* SPARSE_XR_CALLBACKS */
 
 #endif

@@ -88,6 +88,7 @@ const tm_method tm_method_ties = {
     .reduce = ties_reduce,
     .reduce_end = ties_reduce_end,
     .apply = ties_apply,
+    .cross_rank = &ties_xr,
     .model_state = TM_TIES_GLOBAL_FIXED,
     .model_state_per_input = TM_TIES_GLOBAL_PER_INPUT,
     .wants_model_passes = wants_model_passes,
