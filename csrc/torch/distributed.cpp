@@ -4,6 +4,7 @@
 // (csrc/core/torch_bridge.h); the merge logic is in csrc/merge/distributed.c. Narrow c10d
 // headers only (torch/torch.h costs ~20 s per file). C++17.
 #include <arpa/inet.h>
+#include <net/if.h>
 #include <netdb.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -257,6 +258,11 @@ tm_status dist_start(tm_dist_session *s, tm_error *err) {
         const char *env = getenv("GLOO_SOCKET_IFNAME");
         std::string ifname = !s->ifname.empty() ? s->ifname : env ? env : "";
         if (!ifname.empty()) {
+            if (if_nametoindex(ifname.c_str()) == 0)  // Gloo's own message is an assertion's text
+                return tm_error_set(err, TM_ERROR_INVALID_ARGUMENT,
+                                    "rank %d: %s '%s': no network interface of that name on this host",
+                                    s->cfg.rank, !s->ifname.empty() ? "ifname" : "GLOO_SOCKET_IFNAME",
+                                    ifname.c_str());
             opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
         } else {
             std::string local = route_address(s->addr, s->cfg.master_port);

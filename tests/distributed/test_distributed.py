@@ -62,14 +62,15 @@ def finish(procs, bound=BOUND):
     return out
 
 
-def run_ranks(per_rank, method="simple_average", outputs=None, extra=None, world=None, timeout=60):
-    """per_rank[r]: rank r's input list; outputs[r]: its -o; extra[r]: more arguments."""
+def run_ranks(per_rank, method="simple_average", outputs=None, extra=None, world=None, timeout=60, env=None):
+    """per_rank[r]: rank r's input list; outputs[r]: its -o; extra[r]: more arguments; env: more
+    environment variables for every rank."""
     world = world or len(per_rank)
     port = free_port()
     procs = []
     for r, inputs in enumerate(per_rank):
         args = [method, "-o", str(outputs[r]), "--timeout", str(timeout)] + list((extra or {}).get(r, []))
-        procs.append(start(r, world, port, args, inputs))
+        procs.append(start(r, world, port, args, inputs, env))
     return finish(procs)
 
 
@@ -177,6 +178,23 @@ def test_output_on_all_and_safetensors(tmp_path):
     for r, o in enumerate(outs):
         # non-floating tensors too: from the global first input (rank 0's), as on one host
         assert_same_bits(load_safetensors(o), ref)
+
+
+def test_gloo_socket_ifname_picks_the_interface(tmp_path):
+    """GLOO_SOCKET_IFNAME, read by torchmerge as PyTorch's Python side reads it (the C++ library
+    does not): the loopback interface by name gives the same bytes; an interface that does not
+    exist fails every rank with a line naming it, and nothing is written."""
+    a, b, c = save_models(tmp_path, 3)
+    ref = single("simple_average", [a, b, c], tmp_path / "single.pt")
+    outs = [tmp_path / ("out%d.pt" % r) for r in range(3)]
+    assert_ok(run_ranks([[a], [b], [c]], outputs=outs, env={"GLOO_SOCKET_IFNAME": "lo"}))
+    assert_same_bits(torch.load(outs[0]), ref)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    res = run_ranks([[a], [b], [c]], outputs=[bad / ("out%d.pt" % r) for r in range(3)], timeout=10,
+                    env={"GLOO_SOCKET_IFNAME": "nosuchif0"})
+    assert_all_failed(res, "nosuchif0", "no network interface")
+    no_outputs(bad)
 
 
 def test_weighted_average_normalises_by_the_global_sum(tmp_path):
