@@ -82,6 +82,23 @@ std::string abort_message(tm_dist_session *s) {
     return "";
 }
 
+// abort_message, its store request bounded by limit rather than the merge's timeout.
+std::string abort_message_within(tm_dist_session *s, std::chrono::milliseconds limit) {
+    if (!s->store) return "";
+    const auto before = s->store->getTimeout();
+    try {
+        s->store->setTimeout(limit);
+    } catch (const std::exception &) {
+        return "";
+    }
+    std::string m = abort_message(s);
+    try {
+        s->store->setTimeout(before);
+    } catch (const std::exception &) {
+    }
+    return m;
+}
+
 // The local address this host reaches addr from (no packet is sent: a UDP connect only picks
 // the route), so Gloo listens where the other hosts can reach it. Many Debian hosts resolve
 // their own name to 127.0.1.1, which is why Gloo's default device does not suffice.
@@ -298,10 +315,15 @@ tm_status exchange_once(tm_dist_session *s, const char *what, int peer, double *
         // Which rank stopped (its liveness store does not answer), else what a rank that failed on purpose said,
         // else the network.
         std::string stopped = stopped_ranks(s);
-        if (!stopped.empty())
+        if (!stopped.empty()) {
+            // A rank that gave up on purpose (a mismatch it saw) said why before it exited: that reason,
+            // asked for briefly (rank 0's store may be held by a stalled rank).
+            std::string reason = abort_message_within(s, std::chrono::milliseconds(1000));
+            if (!reason.empty()) return tm_error_set(err, TM_ERROR_IO, "%s", reason.c_str());
             return tm_error_set(err, TM_ERROR_IO,
                                 "rank %s stopped responding (died or stalled); %s rank %d failed after up to %g s: %s",
                                 stopped.c_str(), what, peer, s->cfg.timeout_seconds, first_line(e).c_str());
+        }
         std::string other = abort_message(s);
         if (!other.empty()) return tm_error_set(err, TM_ERROR_IO, "%s", other.c_str());
         return tm_error_set(err, TM_ERROR_IO,
