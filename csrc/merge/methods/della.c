@@ -24,7 +24,7 @@
  * (exponent and 12 bits of mantissa) packed with the element's place in 64-bit words, runs of
  * equal 24 bits then ordered by the whole key. Either way the decisions are those of a sort on
  * the whole key. Memory: n·numel/8 bytes of bits, 8 bytes per element of a slab for the |δ|
- * keys, 48 per fibre element (keys, sort words twice, thresholds, coins, ranks, pending) and
+ * keys, 28 per fibre element (sort words twice, thresholds, ranks; 8 more for its keys when strided) and
  * 3 × CHUNK doubles. C11. */
 #include "merge/methods/methods.h"
 #include "merge/methods/sparse.h"
@@ -84,8 +84,8 @@ static size_t bits_bytes(uint64_t numel) { return align8((size_t)((numel + 7) / 
  * keep thresholds by rank; the chunk buffers. */
 typedef struct area {
     uint8_t *bits;
-    uint64_t *slab, *keys, *words, *tmp, *thr, *coins;
-    uint32_t *rank, *pending;
+    uint64_t *slab, *keys, *words, *tmp, *thr;
+    uint32_t *rank;
     double *x, *b, *k;
 } area;
 
@@ -100,11 +100,8 @@ static area area_of(const tm_method_tensor *t, const geometry *g, uint8_t *mem) 
     a.words = (uint64_t *)mem;
     a.tmp = a.words + g->len;
     a.thr = a.tmp + g->len;
-    a.coins = a.thr + g->len;
-    mem += 4 * g->len * sizeof(uint64_t);
+    mem += 3 * g->len * sizeof(uint64_t);
     a.rank = (uint32_t *)mem;
-    mem += align8(g->len * sizeof(uint32_t));
-    a.pending = (uint32_t *)mem;
     mem += align8(g->len * sizeof(uint32_t));
     a.x = (double *)mem;
     a.b = a.x + CHUNK;
@@ -115,7 +112,7 @@ static area area_of(const tm_method_tensor *t, const geometry *g, uint8_t *mem) 
 static size_t bytes(const tm_method_tensor *t) {
     const geometry g = geometry_of(t);
     return t->n * bits_bytes(t->numel) + g.slab * sizeof(uint64_t) + (g.inner > 1 ? g.len * sizeof(uint64_t) : 0) +
-           4 * g.len * sizeof(uint64_t) + 2 * align8(g.len * sizeof(uint32_t)) + 3 * CHUNK * sizeof(double);
+           3 * g.len * sizeof(uint64_t) + align8(g.len * sizeof(uint32_t)) + 3 * CHUNK * sizeof(double);
 }
 
 /* keys[e] = the bits of |x − b| (topk.h's key: monotone in |δ|, NaN above every number). */
@@ -205,8 +202,9 @@ TM_HOT static void keep_fibre(uint8_t *restrict keep, uint64_t key, uint64_t fir
  * thresholds of its bucket's first and last rank) need their exact rank, counted over the
  * bucket. Returns 0, having decided nothing, when more than UNDECIDED_MAX would need it (keys
  * crowded into few buckets): the caller sorts the fibre then. a->rank and a->words are its
- * scratch with a->pending (keep may be a->tmp). */
+ * scratch (keep may be a->tmp). */
 #define UNDECIDED_MAX 64
+#define COINS 512 /* coin flips hashed per piece */
 #define BUCKETS_MIN_LEN 64 /* shorter fibres are sorted */
 
 TM_HOT static void key_range(const uint64_t *restrict keys, size_t len, uint64_t *lo, uint64_t *hi) {
@@ -246,17 +244,22 @@ static int keep_by_buckets(const uint64_t *keys, size_t len, const uint64_t *thr
         start[b + 1]++;
     }
     for (size_t b = 1; b <= nb; b++) start[b] += start[b - 1]; /* start[b]: the bucket's first rank */
-    uint32_t *undecided = a->pending, zeros = 0;
+    uint32_t undecided[UNDECIDED_MAX + 1], zeros = 0;
     size_t n_undecided = 0;
-    coins_of(a->coins, key, first, inner, len);
-    for (size_t r = 0; r < len; r++) { /* branch-free: the decisions are coin flips */
-        const uint64_t m = a->coins[r];
-        const uint32_t b = bucket[r], z = b == 0;
-        const uint64_t lo = thr[z ? zeros : start[b]], hi = thr[z ? zeros : start[b + 1] - 1];
-        zeros += z;
-        keep[r] = m < lo;
-        undecided[n_undecided] = (uint32_t)r;
-        n_undecided += (m >= lo) & (m < hi);
+    for (size_t r0 = 0; r0 < len; r0 += COINS) { /* the coins a piece at a time: memory bounded */
+        const size_t m0 = len - r0 < COINS ? len - r0 : COINS;
+        uint64_t coins[COINS];
+        coins_of(coins, key, first + r0 * inner, inner, m0);
+        for (size_t i = 0; i < m0; i++) { /* branch-free: the decisions are coin flips */
+            const size_t r = r0 + i;
+            const uint64_t m = coins[i];
+            const uint32_t b = bucket[r], z = b == 0;
+            const uint64_t lo = thr[z ? zeros : start[b]], hi = thr[z ? zeros : start[b + 1] - 1];
+            zeros += z;
+            keep[r] = m < lo;
+            undecided[n_undecided < UNDECIDED_MAX ? n_undecided : UNDECIDED_MAX] = (uint32_t)r;
+            n_undecided += (m >= lo) & (m < hi);
+        }
     }
     if (n_undecided > UNDECIDED_MAX) return 0;
     for (size_t u = 0; u < n_undecided; u++) {
