@@ -340,16 +340,6 @@ static double rescale_of(const tm_sparse_header *h, const tm_sparse_input *x) {
     return 1;
 }
 
-/* acc += c·d on the kept elements (branch-free: a random mask mispredicts half the time). */
-TM_HOT static void add_kept(double *restrict acc, const double *restrict d, const uint8_t *restrict keep, double c,
-                            size_t count) {
-    for (size_t e = 0; e < count; e++) acc[e] += keep[e] ? c * d[e] : 0.0;
-}
-
-TM_HOT static void scale_kept(double *restrict d, const uint8_t *restrict keep, double c, size_t count) {
-    for (size_t e = 0; e < count; e++) d[e] = keep[e] ? c * d[e] : 0.0;
-}
-
 TM_HOT static void add_scaled(double *restrict acc, const double *restrict b, double lambda, size_t count) {
     for (size_t e = 0; e < count; e++) acc[e] = b[e] + lambda * acc[e];
 }
@@ -358,23 +348,22 @@ TM_HOT static void add_base(double *restrict acc, const double *restrict b, size
     for (size_t e = 0; e < count; e++) acc[e] += b[e];
 }
 
-/* c·(x − b) on the kept elements of a float32 input, added to acc (linear) or written to out
- * (ties' rows): delta then add_kept / scale_kept fused, the same operations, so the same bits.
- * The product is computed whatever the mask and masked to +0 (GCC will not speculate the float
- * arithmetic of a conditional, and a branch on a random mask mispredicts). */
-TM_HOT static void add_kept_f32(double *restrict acc, const float *restrict x, const double *restrict b,
-                                const uint8_t *restrict keep, double c, size_t count) {
-    for (size_t e = 0; e < count; e++) {
-        acc[e] += kept_or_zero(c * ((double)x[e] - b[e]), keep[e]);
+/* c·δ on the kept elements, +0 elsewhere, added to acc (linear) or written to out (ties' rows; out
+ * may be the δ rows themselves), δ = VALUE(x, sub, e): δ rows, or float32 inputs less the base
+ * (topk.h's TM_VALUE_*; fused, the same operations as delta then these, so the same bits). The
+ * product is computed whatever the mask and masked to +0: GCC will not speculate the float
+ * arithmetic of a conditional, and a branch on a random mask mispredicts. */
+#define DEFINE_KEPT(suffix, T, VALUE)                                                                \
+    TM_HOT static void add_kept##suffix(double *restrict acc, const T *x, const double *sub,         \
+                                        const uint8_t *restrict keep, double c, size_t count) {      \
+        for (size_t e = 0; e < count; e++) acc[e] += kept_or_zero(c * VALUE(x, sub, e), keep[e]);   \
+    }                                                                                                \
+    TM_HOT static void scale_kept##suffix(double *out, const T *x, const double *sub, const uint8_t *restrict keep, \
+                                          double c, size_t count) {                                  \
+        for (size_t e = 0; e < count; e++) out[e] = kept_or_zero(c * VALUE(x, sub, e), keep[e]);   \
     }
-}
-
-TM_HOT static void scale_kept_f32(double *restrict out, const float *restrict x, const double *restrict b,
-                                  const uint8_t *restrict keep, double c, size_t count) {
-    for (size_t e = 0; e < count; e++) {
-        out[e] = kept_or_zero(c * ((double)x[e] - b[e]), keep[e]);
-    }
-}
+DEFINE_KEPT(, double, TM_VALUE_PLAIN)
+DEFINE_KEPT(_f32, float, TM_VALUE_F32_DELTA)
 
 /* add_kept_f32 of 4 inputs in one pass over acc, adding in input order (the same bits). */
 TM_HOT static void add_kept4_f32(double *restrict acc, const float *const *x, const double *restrict b,
@@ -392,7 +381,7 @@ TM_HOT static void add_kept4_f32(double *restrict acc, const float *const *x, co
 
 /* Linear DARE / DELLA over 4 float32 inputs from j at once, elements [c0, c0 + m) of the block at begin
  * (b, acc: from c0); returns 0 (nothing done) unless all 4 are float32. */
-static int random_linear4_f32(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
+static int masked_linear4_f32(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
                               const tm_sparse_input *in, size_t j, uint64_t begin, size_t c0, size_t m,
                               const double *b, double *acc) {
     const float *x[4];
@@ -460,7 +449,7 @@ double *tm_sparse_rows(const tm_sparse_method *s, const tm_method_tensor *t, con
     double *rows = (double *)t->memory->data;
     size_t j0 = 0;
     if (!ties && mask_without_delta(s)) /* linear DARE, DELLA: 4 inputs per pass over acc */
-        while (j0 + 4 <= n && random_linear4_f32(s, h, t, in, j0, begin, c0, m, b + c0, acc + c0)) j0 += 4;
+        while (j0 + 4 <= n && masked_linear4_f32(s, h, t, in, j0, begin, c0, m, b + c0, acc + c0)) j0 += 4;
     for (size_t j = j0; j < n; j++) {
         const tm_sparse_input *x = &in[j];
         double *d = ties ? rows + j * m : rows;
@@ -482,8 +471,8 @@ double *tm_sparse_rows(const tm_sparse_method *s, const tm_method_tensor *t, con
         delta(t, j, begin + c0, m, b + c0, d, k);
         if (!saves_masks(s, h)) keep_block(s, h, t, j, x, d, begin + c0, m, keep);
         const double c = x->coef * rescale_of(h, x);
-        if (ties) scale_kept(d, keep, c, m);
-        else add_kept(acc + c0, d, keep, c, m);
+        if (ties) scale_kept(d, d, NULL, keep, c, m);
+        else add_kept(acc + c0, d, NULL, keep, c, m);
     }
     return rows;
 }
