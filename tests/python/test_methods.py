@@ -114,6 +114,28 @@ def test_task_arithmetic_bytes_do_not_depend_on_the_thread_count(models, tmp_pat
     assert outs[0] == outs[1]
 
 
+def fusionbench_pool(models, output: str = "out.pt") -> str:
+    """A FusionBench model pool of the base (`_pretrained_`) and models a, b, c, with output:
+    appended to a method's recipe text."""
+    return """
+        modelpool:
+          _target_: fusion_bench.modelpool.BaseModelPool
+          models:
+            _pretrained_: %s
+            a: %s
+            b: %s
+            c: %s
+        output: %s
+        """ % (models["base"], models["a"], models["b"], models["c"], output)
+
+
+def same_tensors(path: Path, other: Path, note="") -> dict:
+    """Asserts that every tensor of other equals path's, bit for bit; returns path's tensors."""
+    r, c = load(path), load(other)
+    assert all(torch.equal(r[k], c[k]) for k in c), note
+    return r
+
+
 def write(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "recipe.yaml"
     p.write_text(textwrap.dedent(text).lstrip())
@@ -134,8 +156,7 @@ def test_fusionbench_task_arithmetic_recipe_equals_the_cli(models, tmp_path):
     assert_ok(tm("run", recipe, cwd=tmp_path))
     assert_ok(tm("task_arithmetic", "--base", models["base"], "--lambda", "0.3", "-o", tmp_path / "cli.pt",
                  models["a"], models["b"], cwd=tmp_path))
-    r, c = load(tmp_path / "recipe.pt"), load(tmp_path / "cli.pt")
-    assert all(torch.equal(r[k], c[k]) for k in c)
+    same_tensors(tmp_path / "recipe.pt", tmp_path / "cli.pt")
 
 
 def test_mergekit_task_arithmetic_recipe_equals_the_cli(models, tmp_path):
@@ -154,8 +175,7 @@ def test_mergekit_task_arithmetic_recipe_equals_the_cli(models, tmp_path):
     assert_ok(res)
     assert_ok(tm("task_arithmetic", "--base", models["base"], "--weights", "0.5,1.5", "--normalize",
                  "--lambda", "0.8", "-o", tmp_path / "cli.pt", models["a"], models["b"], cwd=tmp_path))
-    r, c = load(tmp_path / "recipe.pt"), load(tmp_path / "cli.pt")
-    assert all(torch.equal(r[k], c[k]) for k in c)
+    r = same_tensors(tmp_path / "recipe.pt", tmp_path / "cli.pt")
     base = load(models["base"])
     expected = task_arithmetic_ref(base, [load(models["a"]), load(models["b"])], [0.5, 1.5], 0.8, True)
     assert_matches(r, expected, {k: v.dtype for k, v in base.items()})

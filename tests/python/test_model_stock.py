@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import reference as ref
-from test_methods import assert_matches, write
+from test_methods import assert_matches, fusionbench_pool, same_tensors, write
 from cli_runner import assert_error, assert_ok, tm
 
 TAGS = ("base", "a", "b", "c")
@@ -227,8 +227,7 @@ def test_mergekit_model_stock_recipe_equals_the_cli_and_the_reference(models, tm
     assert_ok(tm("run", recipe, cwd=tmp_path))
     assert_ok(tm("model_stock", "--base", models["base"], "--filter-wise", "-o", tmp_path / "cli.pt",
                  models["a"], models["b"], models["c"], cwd=tmp_path))
-    r, c = load(tmp_path / "recipe.pt"), load(tmp_path / "cli.pt")
-    assert all(torch.equal(r[k], c[k]) for k in c)
+    r = same_tensors(tmp_path / "recipe.pt", tmp_path / "cli.pt")
     base = load(models["base"])
     expected = model_stock_ref(base, [load(models[t]) for t in "abc"], True, "cosine")
     assert_matches(r, expected, {k: v.dtype for k, v in base.items()})
@@ -240,16 +239,7 @@ def fusionbench_recipe(tmp_path, models, ignore_keys="[]") -> Path:
         _target_: fusion_bench.method.model_stock.ModelStock
         ignore_keys: %s
         model_save_path: ${path.log_dir}/checkpoint
-        model_save_kwargs: null
-        modelpool:
-          _target_: fusion_bench.modelpool.BaseModelPool
-          models:
-            _pretrained_: %s
-            a: %s
-            b: %s
-            c: %s
-        output: recipe.pt
-        """ % (ignore_keys, models["base"], models["a"], models["b"], models["c"]))
+        model_save_kwargs: null""" % ignore_keys + fusionbench_pool(models, "recipe.pt"))
 
 
 def test_fusionbench_model_stock_config_uses_the_mean_pairwise_angle(models, tmp_path):
@@ -258,8 +248,7 @@ def test_fusionbench_model_stock_config_uses_the_mean_pairwise_angle(models, tmp
     assert "ignored 'model_save_path'" in res.stderr
     assert_ok(tm("model_stock", "--base", models["base"], "--pairwise", "angle", "-o", tmp_path / "cli.pt",
                  models["a"], models["b"], models["c"], cwd=tmp_path))
-    r, c = load(tmp_path / "recipe.pt"), load(tmp_path / "cli.pt")
-    assert all(torch.equal(r[k], c[k]) for k in c)
+    r = same_tensors(tmp_path / "recipe.pt", tmp_path / "cli.pt")
     base = load(models["base"])
     expected = model_stock_ref(base, [load(models[t]) for t in "abc"], False, "angle")
     assert_matches(r, expected, {k: v.dtype for k, v in base.items()})

@@ -6,23 +6,9 @@ reference of test_methods.py (imported, with its models)."""
 import textwrap
 
 import pytest
-import torch
 
 from cli_runner import assert_error, assert_ok, tm
-from test_methods import write, assert_matches, dare_ref, load, models  # noqa: F401 (models: the fixture)
-
-
-def pool(models) -> str:
-    return """
-        modelpool:
-          _target_: fusion_bench.modelpool.BaseModelPool
-          models:
-            _pretrained_: %s
-            a: %s
-            b: %s
-            c: %s
-        output: out.pt
-        """ % (models["base"], models["a"], models["b"], models["c"])
+from test_methods import write, assert_matches, dare_ref, fusionbench_pool, load, same_tensors, models  # noqa: F401 (models: the fixture)
 
 
 def expected(models, lam, density, rescale):
@@ -39,7 +25,7 @@ def test_published_dare_task_arithmetic_config_matches_the_reference(models, tmp
         sparsity_ratio: %s
         only_on_linear_weights: false
         rescale: %s
-        """ % (sparsity, rescale_key) + pool(models))
+        """ % (sparsity, rescale_key) + fusionbench_pool(models))
     assert_ok(tm("run", recipe, cwd=tmp_path))
     base, exp = expected(models, 0.3, 1 - float(sparsity), rescale)
     assert_matches(load(tmp_path / "out.pt"), exp, {k: v.dtype for k, v in base.items()})
@@ -53,12 +39,11 @@ def test_dare_config_under_method_equals_the_cli(models, tmp_path):
           sparsity_ratio: 0.2
           only_on_linear_weights: false
           rescale: true
-        """ + pool(models))
+        """ + fusionbench_pool(models))
     assert_ok(tm("run", recipe, cwd=tmp_path))
     assert_ok(tm("dare_linear", "--base", models["base"], "--density", 0.8, "--rescale", "inverse", "--lambda", 0.6,
                  "-o", tmp_path / "cli.pt", models["a"], models["b"], models["c"], cwd=tmp_path))
-    r, c = load(tmp_path / "out.pt"), load(tmp_path / "cli.pt")
-    assert all(torch.equal(r[k], c[k]) for k in c)
+    same_tensors(tmp_path / "out.pt", tmp_path / "cli.pt")
 
 
 def test_mergekit_boolean_rescale_is_its_l1_norm(models, tmp_path):
@@ -76,8 +61,7 @@ def test_mergekit_boolean_rescale_is_its_l1_norm(models, tmp_path):
         assert_ok(tm("run", recipe, cwd=tmp_path))
         assert_ok(tm("dare_linear", "--base", models["base"], "--density", 0.4, "--rescale", ours,
                      "-o", tmp_path / "cli.pt", models["a"], models["b"], cwd=tmp_path))
-        r, c = load(tmp_path / "mk.pt"), load(tmp_path / "cli.pt")
-        assert all(torch.equal(r[k], c[k]) for k in c), flag
+        same_tensors(tmp_path / "mk.pt", tmp_path / "cli.pt", flag)
 
 
 @pytest.mark.parametrize("settings,needles", [
@@ -89,7 +73,7 @@ def test_mergekit_boolean_rescale_is_its_l1_norm(models, tmp_path):
 ])
 def test_bad_dare_settings_are_one_line_errors(models, tmp_path, settings, needles):
     recipe = write(tmp_path, "_target_: fusion_bench.method.DareTaskArithmetic\nscaling_factor: 0.3\n" + settings +
-                   textwrap.dedent(pool(models)))
+                   textwrap.dedent(fusionbench_pool(models)))
     res = tm("run", recipe, cwd=tmp_path)
     assert_error(res, "recipe.yaml:", *needles)
     assert not (tmp_path / "out.pt").exists()
@@ -97,5 +81,5 @@ def test_bad_dare_settings_are_one_line_errors(models, tmp_path, settings, needl
 
 def test_sparsity_ratio_on_a_method_without_density_is_an_error(models, tmp_path):
     recipe = write(tmp_path, "name: task_arithmetic\nscaling_factor: 0.3\nsparsity_ratio: 0.5\n" +
-                   textwrap.dedent(pool(models)))
+                   textwrap.dedent(fusionbench_pool(models)))
     assert_error(tm("run", recipe, cwd=tmp_path), "recipe.yaml:3:", "task_arithmetic takes no sparsity_ratio")

@@ -9,8 +9,7 @@ import textwrap
 import pytest
 
 from cli_runner import assert_error, assert_ok, tm
-from test_recipes_fusionbench_dare import pool
-from test_methods import models  # noqa: F401 (models: the fixture)
+from test_methods import fusionbench_pool, models  # noqa: F401 (models: the fixture)
 
 PUBLISHED = """
     _target_: fusion_bench.method.TiesMergingAlgorithm
@@ -24,7 +23,7 @@ PUBLISHED = """
 def run(tmp_path, models, threshold="20", remove_keys="[]", merge_func="sum", extra=""):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text((textwrap.dedent(PUBLISHED % (threshold, remove_keys, merge_func)) + extra +
-                       textwrap.dedent(pool(models))).lstrip())
+                       textwrap.dedent(fusionbench_pool(models))).lstrip())
     return tm("run", recipe, cwd=tmp_path)
 
 
