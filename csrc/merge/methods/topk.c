@@ -132,34 +132,36 @@ static void spec_guess(tm_topk *s, const uint64_t *hist, size_t count) {
     s->spec = SPEC_ON;
 }
 
-/* The speculation past the first block, without counters: the keys above the bins counted, the
- * pairs of the bins collected. */
-static size_t spec_scan(topk_pair *c, const double *v, uint64_t begin, size_t count, uint64_t lo, uint64_t *above) {
-    return collect_range(c, v, NULL, begin, count, 48, lo, SPEC_SPAN, above);
+/* The speculation's pairs (after the counters), and whether count more may still fit. */
+static topk_pair *spec_pairs(const tm_topk *s, uint8_t *mem) {
+    return (topk_pair *)(mem + s->offset + TM_TOPK_BINS * sizeof(uint64_t));
 }
+static int spec_fits(const tm_topk *s, size_t count) { return s->spec_seen + count + 1 <= s->spec_cap; }
 
 /* The first HIST pass with the speculation: the first block's histogram guesses, the others are
  * only scanned (a block that might not fit ends it: the pass then ends with a histogram of the
  * first block only, and tm_topk_end starts the usual passes over). */
 static void first_hist(tm_topk *s, uint8_t *mem, const double *v, uint64_t begin, size_t count) {
     uint64_t *hist = (uint64_t *)(mem + s->offset);
-    topk_pair *c = (topk_pair *)(mem + s->offset + TM_TOPK_BINS * sizeof(uint64_t)) + s->spec_seen;
+    topk_pair *c = spec_pairs(s, mem) + s->spec_seen;
     if (s->spec == SPEC_GUESS) {
         hist_block(hist, v, count, 0, 0, &s->zeros);
         spec_guess(s, hist, count);
         s->spec_seen += collect_block(c, v, begin, count, 48, s->spec_lo, SPEC_SPAN);
         return;
     }
-    if (s->spec == SPEC_ON && s->spec_seen + count + 1 > s->spec_cap) s->spec = SPEC_FULL;
-    if (s->spec == SPEC_ON) s->spec_seen += spec_scan(c, v, begin, count, s->spec_lo, &s->spec_above);
+    if (s->spec == SPEC_ON && !spec_fits(s, count)) s->spec = SPEC_FULL;
+    /* past the first block, without counters: the keys above the bins counted, the bins' pairs kept */
+    if (s->spec == SPEC_ON)
+        s->spec_seen += collect_range(c, v, NULL, begin, count, 48, s->spec_lo, SPEC_SPAN, &s->spec_above);
 }
 
 int tm_topk_scanning(const tm_topk *s, size_t count) {
-    return s->phase == TM_TOPK_HIST && s->bits == 0 && s->spec == SPEC_ON && s->spec_seen + count + 1 <= s->spec_cap;
+    return s->phase == TM_TOPK_HIST && s->bits == 0 && s->spec == SPEC_ON && spec_fits(s, count);
 }
 
 void tm_topk_scan_f32(tm_topk *s, uint8_t *mem, const float *x, const double *b, uint64_t begin, size_t count) {
-    topk_pair *c = (topk_pair *)(mem + s->offset + TM_TOPK_BINS * sizeof(uint64_t)) + s->spec_seen;
+    topk_pair *c = spec_pairs(s, mem) + s->spec_seen;
     s->spec_seen += collect_range_f32(c, x, b, begin, count, 48, s->spec_lo, SPEC_SPAN, &s->spec_above);
 }
 
@@ -232,7 +234,7 @@ void tm_topk_end(tm_topk *s, uint8_t *mem) {
         const uint64_t a = s->spec_above;
         if (s->spec == SPEC_ON && s->k > a && s->k - a <= s->spec_seen) {
             /* the k-th key is in the bins: every pair of them is here, select among them */
-            topk_pair *c = (topk_pair *)(mem + s->offset + TM_TOPK_BINS * sizeof(uint64_t));
+            topk_pair *c = spec_pairs(s, mem);
             uint64_t in_bin[SPEC_SPAN + 1] = {0}, rank = s->k - a, bin = SPEC_SPAN;
             for (uint64_t e = 0; e < s->spec_seen; e++) in_bin[(c[e].key >> 48) - s->spec_lo]++;
             for (; in_bin[bin] < rank; bin--) rank -= in_bin[bin];
