@@ -301,6 +301,33 @@ tm_status dist_start(tm_dist_session *s, tm_error *err) {
 
 namespace {
 
+// Why an exchange with peer failed: which rank stopped (its liveness store does not answer), else
+// what a rank that failed on purpose said, else the network. Every later exchange fails the same way.
+tm_status exchange_failed(tm_dist_session *s, const char *what, int peer, const std::exception &e, tm_error *err) {
+    std::string stopped = stopped_ranks(s), other;
+    tm_status st;
+    if (!stopped.empty()) {
+        // A rank that gave up on purpose (a mismatch it saw) said why before it exited: that reason,
+        // asked for briefly (rank 0's store may be held by a stalled rank).
+        other = abort_message_within(s, std::chrono::milliseconds(1000));
+        st = !other.empty() ? tm_error_set(err, TM_ERROR_IO, "%s", other.c_str())
+                            : tm_error_set(err, TM_ERROR_IO,
+                                           "rank %s stopped responding (died or stalled); %s rank %d failed after "
+                                           "up to %g s: %s",
+                                           stopped.c_str(), what, peer, s->cfg.timeout_seconds,
+                                           first_line(e).c_str());
+    } else if (!(other = abort_message(s)).empty()) {
+        st = tm_error_set(err, TM_ERROR_IO, "%s", other.c_str());
+    } else {
+        st = tm_error_set(err, TM_ERROR_IO,
+                          "%s rank %d failed: it died, stalled for more than the %g s timeout, or the network "
+                          "failed (%s)",
+                          what, peer, s->cfg.timeout_seconds, first_line(e).c_str());
+    }
+    s->broken = err->msg;
+    return st;
+}
+
 // Runs one Gloo exchange, bounded by the timeout; a failure names the peer and what likely happened.
 template <class F>
 tm_status exchange_once(tm_dist_session *s, const char *what, int peer, double *data, size_t count, F start,
@@ -312,24 +339,7 @@ tm_status exchange_once(tm_dist_session *s, const char *what, int peer, double *
         work->wait(s->timeout);
         return TM_OK;
     } catch (const std::exception &e) {
-        // Which rank stopped (its liveness store does not answer), else what a rank that failed on purpose said,
-        // else the network.
-        std::string stopped = stopped_ranks(s);
-        if (!stopped.empty()) {
-            // A rank that gave up on purpose (a mismatch it saw) said why before it exited: that reason,
-            // asked for briefly (rank 0's store may be held by a stalled rank).
-            std::string reason = abort_message_within(s, std::chrono::milliseconds(1000));
-            if (!reason.empty()) return tm_error_set(err, TM_ERROR_IO, "%s", reason.c_str());
-            return tm_error_set(err, TM_ERROR_IO,
-                                "rank %s stopped responding (died or stalled); %s rank %d failed after up to %g s: %s",
-                                stopped.c_str(), what, peer, s->cfg.timeout_seconds, first_line(e).c_str());
-        }
-        std::string other = abort_message(s);
-        if (!other.empty()) return tm_error_set(err, TM_ERROR_IO, "%s", other.c_str());
-        return tm_error_set(err, TM_ERROR_IO,
-                            "%s rank %d failed: it died, stalled for more than the %g s timeout, or the network "
-                            "failed (%s)",
-                            what, peer, s->cfg.timeout_seconds, first_line(e).c_str());
+        return exchange_failed(s, what, peer, e, err);
     }
 }
 
@@ -342,9 +352,7 @@ tm_status exchange(tm_dist_session *s, const char *what, int peer, double *data,
     // Once one exchange failed the group is broken: the blocks still in flight (rank 0 runs ahead)
     // would each wait out the timeout in turn (25 s seen with a 5 s timeout), so they fail at once.
     if (!s->broken.empty()) return tm_error_set(err, TM_ERROR_IO, "%s", s->broken.c_str());
-    tm_status st = exchange_once(s, what, peer, data, count, start, err);
-    if (st) s->broken = err->msg;
-    return st;
+    return exchange_once(s, what, peer, data, count, start, err);
 }
 
 }  // namespace
@@ -366,6 +374,7 @@ tm_status drain_sends(tm_dist_session *s, size_t keep, tm_error *err) {
 }  // namespace
 
 tm_status dist_send(tm_dist_session *s, int to, const double *data, size_t count, tm_error *err) {
+    if (!s->broken.empty()) return tm_error_set(err, TM_ERROR_IO, "%s", s->broken.c_str());
     tm_status st = drain_sends(s, kSendsInFlight - 1, err);
     if (st) return st;
     try {
@@ -374,8 +383,8 @@ tm_status dist_send(tm_dist_session *s, int to, const double *data, size_t count
         std::vector<at::Tensor> t{copy};
         s->sends.push_back({s->pg->send(t, to, 0), copy, to});
         return TM_OK;
-    } catch (const std::exception &e) {
-        return tm_error_set(err, TM_ERROR_IO, "sending block sums to rank %d failed: %s", to, first_line(e).c_str());
+    } catch (const std::exception &e) {  // the pair already closed: the peer died
+        return exchange_failed(s, "sending block sums to", to, e, err);
     }
 }
 
