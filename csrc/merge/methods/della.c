@@ -115,9 +115,14 @@ static size_t bytes(const tm_method_tensor *t) {
            3 * g.len * sizeof(uint64_t) + align8(g.len * sizeof(uint32_t)) + 3 * CHUNK * sizeof(double);
 }
 
-/* keys[e] = the bits of |x − b| (topk.h's key: monotone in |δ|, NaN above every number). */
+/* keys[e] = the bits of |x − b| (topk.h's key: monotone in |δ|, NaN above every number), from
+ * float64 rows or, fused (no rows written; the same δ), from float32 inputs and bases. */
 TM_HOT static void keys_of(uint64_t *restrict keys, const double *restrict x, const double *restrict b, size_t count) {
     for (size_t e = 0; e < count; e++) keys[e] = tm_topk_key(x[e] - b[e]);
+}
+TM_HOT static void keys_of_f32(uint64_t *restrict keys, const float *restrict x, const float *restrict b,
+                               size_t count) {
+    for (size_t e = 0; e < count; e++) keys[e] = tm_topk_key((double)x[e] - (double)b[e]);
 }
 
 /* The sort word of fibre element r: its key's top 24 bits (sign 0, the exponent and 12 bits of
@@ -193,16 +198,16 @@ TM_HOT static void keep_fibre(uint8_t *restrict keep, uint64_t key, uint64_t fir
 }
 
 /* The keep decisions of a fibre without sorting it, for the usual fibre (keys: its |δ| keys, in
- * index order; thr: the thresholds by rank). The keys are put in NB ≥ len buckets by their
- * distance to the smallest nonzero key (a monotone map; exact zeros, frequent in 16-bit
- * fine-tunes, in a bucket of their own below), so a bucket's elements hold a known range of ranks
- * [lo, hi]. Thresholds grow with rank, so an element whose uniform is below thr[lo] is kept and
- * one at or above thr[hi] is dropped whatever its rank inside the bucket; a zero's rank is its
- * place among the zeros. Only the rest (a few per fibre: the uniform must fall between the
- * thresholds of its bucket's first and last rank) need their exact rank, counted over the
- * bucket. Returns 0, having decided nothing, when more than UNDECIDED_MAX would need it (keys
- * crowded into few buckets): the caller sorts the fibre then. a->rank and a->words are its
- * scratch (keep may be a->tmp). */
+ * index order; thr: the thresholds by rank, rising). An element whose coin is below thr[0] is
+ * kept and one at or above thr[len − 1] dropped whatever its rank: only the band between (2ε of
+ * the elements) needs a rank. For those, the keys are put in NB ≥ len buckets by their distance
+ * to the smallest nonzero key (a monotone map; exact zeros, frequent in 16-bit fine-tunes, in a
+ * bucket of their own below), so a bucket's elements hold a known range of ranks [lo, hi], and a
+ * coin below thr[lo] or at or above thr[hi] decides; a zero's rank is its place among the zeros.
+ * Only the rest (a few per fibre: the coin must fall between the thresholds of its bucket's first
+ * and last rank) need their exact rank, counted over the fibre. Returns 0, having decided
+ * nothing, when more than UNDECIDED_MAX would need it (keys crowded into few buckets): the caller
+ * sorts the fibre then. a->rank and a->words are its scratch (keep may be a->tmp). */
 #define UNDECIDED_MAX 64
 #define COINS 512 /* coin flips hashed per piece */
 #define BUCKETS_MIN_LEN 64 /* shorter fibres are sorted */
@@ -218,10 +223,27 @@ TM_HOT static void key_range(const uint64_t *restrict keys, size_t len, uint64_t
     *hi = mx;
 }
 
+/* bucket[r] of key r: 0 for a zero, else 1 + (k − kmin) >> shift. */
+TM_HOT static void buckets_of(uint32_t *restrict bucket, const uint64_t *restrict keys, size_t len, uint64_t kmin,
+                              unsigned shift) {
+    for (size_t r = 0; r < len; r++) {
+        const uint64_t k = keys[r];
+        bucket[r] = k ? 1 + (uint32_t)((k - kmin) >> shift) : 0;
+    }
+}
+
 /* coins[r] = the 53-bit uniform of element r of the fibre (tm_random_keep's left side), in a
  * loop of its own so that the hash vectorises. */
 TM_HOT static void coins_of(uint64_t *restrict coins, uint64_t key, uint64_t first, uint64_t inner, size_t len) {
     for (size_t r = 0; r < len; r++) coins[r] = tm_random_mix(key ^ (first + r * inner)) >> 11;
+}
+
+/* The rank of element r (key k) in its fibre: the keys below k, and those equal to it earlier. */
+TM_HOT static size_t rank_of(const uint64_t *restrict keys, size_t len, size_t r, uint64_t k) {
+    size_t n = 0;
+    for (size_t f = 0; f < r; f++) n += keys[f] <= k;
+    for (size_t f = r; f < len; f++) n += keys[f] < k;
+    return n;
 }
 
 static int keep_by_buckets(const uint64_t *keys, size_t len, const uint64_t *thr, uint64_t key, uint64_t first,
@@ -233,29 +255,36 @@ static int keep_by_buckets(const uint64_t *keys, size_t len, const uint64_t *thr
     const uint64_t range = kmax >= kmin ? kmax - kmin : 0; /* every key 0: kmin = kmax = 0 */
     const unsigned bits = range ? 64u - (unsigned)__builtin_clzll(range) : 0;
     const unsigned shift = bits > log_nb ? bits - log_nb : 0;
-    /* bucket 0: the zeros; b ≥ 1: nonzero keys, 1 + (k − kmin) >> shift ≤ NB */
     uint32_t *bucket = a->rank, *start = (uint32_t *)a->words; /* start: NB + 2 ≤ 2·len */
     const size_t nb = ((size_t)1 << log_nb) + 1;
+    buckets_of(bucket, keys, len, kmin, shift);
     memset(start, 0, (nb + 1) * sizeof *start);
-    for (size_t r = 0; r < len; r++) {
-        const uint64_t k = keys[r];
-        const uint32_t b = k ? 1 + (uint32_t)((k - kmin) >> shift) : 0;
-        bucket[r] = b;
-        start[b + 1]++;
-    }
+    for (size_t r = 0; r < len; r++) start[bucket[r] + 1]++;
     for (size_t b = 1; b <= nb; b++) start[b] += start[b - 1]; /* start[b]: the bucket's first rank */
-    uint32_t undecided[UNDECIDED_MAX + 1], zeros = 0;
-    size_t n_undecided = 0;
+    const int has_zeros = start[1] > 0;
+    const uint64_t band_lo = thr[0], band_hi = thr[len - 1];
+    uint32_t undecided[UNDECIDED_MAX + 1], band[COINS];
+    uint64_t band_coin[COINS];
+    size_t n_undecided = 0, zeros = 0, zeros_to = 0; /* zeros: the zero keys before zeros_to */
     for (size_t r0 = 0; r0 < len; r0 += COINS) { /* the coins a piece at a time: memory bounded */
         const size_t m0 = len - r0 < COINS ? len - r0 : COINS;
         uint64_t coins[COINS];
         coins_of(coins, key, first + r0 * inner, inner, m0);
+        size_t n_band = 0;
         for (size_t i = 0; i < m0; i++) { /* branch-free: the decisions are coin flips */
-            const size_t r = r0 + i;
             const uint64_t m = coins[i];
-            const uint32_t b = bucket[r], z = b == 0;
-            const uint64_t lo = thr[z ? zeros : start[b]], hi = thr[z ? zeros : start[b + 1] - 1];
-            zeros += z;
+            keep[r0 + i] = m < band_lo;
+            band[n_band] = (uint32_t)(r0 + i);
+            band_coin[n_band] = m;
+            n_band += (m >= band_lo) & (m < band_hi);
+        }
+        for (size_t u = 0; u < n_band; u++) {
+            const size_t r = band[u];
+            const uint64_t m = band_coin[u];
+            const uint32_t b = bucket[r];
+            if (has_zeros)
+                for (; zeros_to < r; zeros_to++) zeros += keys[zeros_to] == 0;
+            const uint64_t lo = thr[b ? start[b] : zeros], hi = thr[b ? start[b + 1] - 1 : zeros];
             keep[r] = m < lo;
             undecided[n_undecided < UNDECIDED_MAX ? n_undecided : UNDECIDED_MAX] = (uint32_t)r;
             n_undecided += (m >= lo) & (m < hi);
@@ -264,11 +293,7 @@ static int keep_by_buckets(const uint64_t *keys, size_t len, const uint64_t *thr
     if (n_undecided > UNDECIDED_MAX) return 0;
     for (size_t u = 0; u < n_undecided; u++) {
         const size_t r = undecided[u];
-        const uint32_t b = bucket[r];
-        const uint64_t k = keys[r];
-        size_t before = 0; /* the bucket's elements ranking below r: smaller key, or equal and earlier */
-        for (size_t f = 0; f < len; f++) before += (bucket[f] == b) & ((keys[f] < k) | ((keys[f] == k) & (f < r)));
-        keep[r] = tm_random_keep(key, first + r * inner, thr[start[b] + before]);
+        keep[r] = tm_random_keep(key, first + r * inner, thr[rank_of(keys, len, r, keys[r])]);
     }
     return 1;
 }
@@ -288,8 +313,13 @@ static void rank_slab(const tm_method_tensor *t, const geometry *g, const area *
                       const tm_sparse_input *x, uint64_t o) {
     const uint64_t start = o * g->slab;
     const size_t len = (size_t)g->len;
+    const float *xf = tm_kernel_f32_at(&t->in[j], start), *bf = tm_kernel_f32_at(t->base, start);
     for (uint64_t e = 0; e < g->slab; e += CHUNK) {
         const size_t c = (size_t)(g->slab - e < CHUNK ? g->slab - e : CHUNK);
+        if (xf && bf) {
+            keys_of_f32(a->slab + e, xf + e, bf + e, c);
+            continue;
+        }
         tm_kernel_load_f64(&t->in[j], start + e, c, a->x, a->k);
         tm_kernel_load_f64(t->base, start + e, c, a->b, a->k);
         keys_of(a->slab + e, a->x, a->b, c);
