@@ -232,10 +232,17 @@ TM_HOT static void buckets_of(uint32_t *restrict bucket, const uint64_t *restric
     }
 }
 
-/* coins[r] = the 53-bit uniform of element r of the fibre (tm_random_keep's left side), in a
- * loop of its own so that the hash vectorises. */
-TM_HOT static void coins_of(uint64_t *restrict coins, uint64_t key, uint64_t first, uint64_t inner, size_t len) {
-    for (size_t r = 0; r < len; r++) coins[r] = tm_random_mix(key ^ (first + r * inner)) >> 11;
+/* coins[r] = the 53-bit uniform of element r of the fibre (tm_random_keep's left side); keep[r]:
+ * it is below every threshold, lo; in_band[r]: it is not at or above all of them, hi, either.
+ * One vector loop; the band is gathered after. */
+TM_HOT static void flip_coins(uint64_t *restrict coins, uint8_t *restrict keep, uint8_t *restrict in_band, uint64_t key,
+                              uint64_t first, uint64_t inner, size_t len, uint64_t lo, uint64_t hi) {
+    for (size_t r = 0; r < len; r++) {
+        const uint64_t m = tm_random_mix(key ^ (first + r * inner)) >> 11;
+        coins[r] = m;
+        keep[r] = m < lo;
+        in_band[r] = m - lo < hi - lo; /* lo ≤ m < hi */
+    }
 }
 
 /* The rank of element r (key k) in its fibre: the keys below k, and those equal to it earlier. */
@@ -264,23 +271,20 @@ static int keep_by_buckets(const uint64_t *keys, size_t len, const uint64_t *thr
     const int has_zeros = start[1] > 0;
     const uint64_t band_lo = thr[0], band_hi = thr[len - 1];
     uint32_t undecided[UNDECIDED_MAX + 1], band[COINS];
-    uint64_t band_coin[COINS];
     size_t n_undecided = 0, zeros = 0, zeros_to = 0; /* zeros: the zero keys before zeros_to */
     for (size_t r0 = 0; r0 < len; r0 += COINS) { /* the coins a piece at a time: memory bounded */
         const size_t m0 = len - r0 < COINS ? len - r0 : COINS;
         uint64_t coins[COINS];
-        coins_of(coins, key, first + r0 * inner, inner, m0);
+        uint8_t in_band[COINS];
+        flip_coins(coins, keep + r0, in_band, key, first + r0 * inner, inner, m0, band_lo, band_hi);
         size_t n_band = 0;
         for (size_t i = 0; i < m0; i++) { /* branch-free: the decisions are coin flips */
-            const uint64_t m = coins[i];
-            keep[r0 + i] = m < band_lo;
-            band[n_band] = (uint32_t)(r0 + i);
-            band_coin[n_band] = m;
-            n_band += (m >= band_lo) & (m < band_hi);
+            band[n_band] = (uint32_t)i;
+            n_band += in_band[i];
         }
         for (size_t u = 0; u < n_band; u++) {
-            const size_t r = band[u];
-            const uint64_t m = band_coin[u];
+            const size_t r = r0 + band[u];
+            const uint64_t m = coins[band[u]];
             const uint32_t b = bucket[r];
             if (has_zeros)
                 for (; zeros_to < r; zeros_to++) zeros += keys[zeros_to] == 0;
