@@ -16,8 +16,38 @@
 enum { TM_SIGN_SUM, TM_SIGN_COUNT };
 enum { TM_AGG_MEAN, TM_AGG_SUM, TM_AGG_MAX };
 
-/* The elected sign of one element from its S (see above). */
-static inline double tm_consensus_sign(double s, double zero_sign) { return s > 0 ? 1.0 : s < 0 ? -1.0 : zero_sign; }
+/* (inlined whatever GCC's size estimates: the fused loops vectorise only with them inside) */
+#define TM_CONSENSUS_INLINE static inline __attribute__((always_inline))
+
+/* The pieces of one element's consensus, shared by tm_consensus_merge's vector loops and the
+ * loops that fuse it with the sparsification (sparse.c): an entry's term of S; */
+TM_CONSENSUS_INLINE double tm_consensus_term(double x, int sign_rule) {
+    return sign_rule == TM_SIGN_COUNT ? (double)((x > 0) - (x < 0)) : x;
+}
+
+/* the elected sign σ from S (see above) as two selects, so that the loops vectorise (NaN:
+ * zero_sign); */
+TM_CONSENSUS_INLINE double tm_consensus_sigma(double s, double zero_sign) {
+    const double neg = s < 0 ? -1.0 : zero_sign;
+    return s > 0 ? 1.0 : neg;
+}
+
+/* entry x of weight w agrees when x·side > 0, side = +1 where σ > 0 else −1 (a product by ±1 is
+ * exact: no branch); adding +0 for the others leaves every sum's bits as adding only the
+ * agreeing ones; */
+TM_CONSENSUS_INLINE void tm_consensus_agree(double x, double w, double side, double *sum, double *div, double *max) {
+    const double a = x * side; /* |x| where it agrees */
+    const int agree = a > 0;
+    *sum += agree ? x : 0.0;
+    *div += agree ? w : 0.0;
+    const double cand = agree ? a : 0.0;
+    *max = cand > *max ? cand : *max;
+}
+
+/* the aggregate of the agreeing entries. */
+TM_CONSENSUS_INLINE double tm_consensus_result(int agg, double sum, double div, double max, double sigma) {
+    return agg == TM_AGG_MAX ? max * sigma : agg == TM_AGG_SUM ? sum : sum / (div == 0 ? 1 : div);
+}
 
 /* S per element: out[e] = Σⱼ v[j·count + e] (sum) or Σⱼ sign(v[j·count + e]) (count). */
 void tm_consensus_score(const double *v, size_t n, size_t count, int sign_rule, double *out);

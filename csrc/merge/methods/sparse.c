@@ -399,6 +399,85 @@ static int masked_linear4_f32(const tm_sparse_method *s, const tm_sparse_header 
     return 1;
 }
 
+/* TIES' consensus (consensus.h) of up to 4 float32 inputs in one pass, the kept c·δ of each
+ * computed in registers instead of rows: the same operations as scale_kept_f32 then
+ * tm_consensus_merge, so the same bits. A missing input is one kept nowhere (c = w = 0): its
+ * +0 changes no sum and never agrees. */
+/* (restrict parameters: GCC honours them, not restrict locals, and would check at run time for
+ * overlaps the callers never make, falling back to scalar code where the arrays lie close.) */
+static inline __attribute__((always_inline)) void
+ties4_f32_rule(double *restrict out, const float *restrict x0, const float *restrict x1, const float *restrict x2,
+               const float *restrict x3, const double *restrict b, const uint8_t *restrict k0,
+               const uint8_t *restrict k1, const uint8_t *restrict k2, const uint8_t *restrict k3, const double *c,
+               const double *w, size_t count, int sign_rule, int agg, double zero_sign) {
+    const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3], w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+    for (size_t e = 0; e < count; e++) {
+        const double v0 = kept_or_zero(c0 * ((double)x0[e] - b[e]), k0[e]);
+        const double v1 = kept_or_zero(c1 * ((double)x1[e] - b[e]), k1[e]);
+        const double v2 = kept_or_zero(c2 * ((double)x2[e] - b[e]), k2[e]);
+        const double v3 = kept_or_zero(c3 * ((double)x3[e] - b[e]), k3[e]);
+        double score = 0, sum = 0, div = 0, max = 0;
+        score += tm_consensus_term(v0, sign_rule);
+        score += tm_consensus_term(v1, sign_rule);
+        score += tm_consensus_term(v2, sign_rule);
+        score += tm_consensus_term(v3, sign_rule);
+        const double sigma = tm_consensus_sigma(score, zero_sign), side = sigma > 0 ? 1.0 : -1.0;
+        tm_consensus_agree(v0, w0, side, &sum, &div, &max);
+        tm_consensus_agree(v1, w1, side, &sum, &div, &max);
+        tm_consensus_agree(v2, w2, side, &sum, &div, &max);
+        tm_consensus_agree(v3, w3, side, &sum, &div, &max);
+        out[e] = tm_consensus_result(agg, sum, div, max, sigma);
+    }
+}
+
+/* One function per sign rule and aggregation, constants inside, so that each loop vectorises on
+ * its own (inside one function GCC gave up on some). */
+#define DEFINE_TIES4(name, rule, agg)                                                              \
+    TM_HOT static void name(double *restrict out, const float *const *x, const double *restrict b,  \
+                            const uint8_t *const *keep, const double *c, const double *w, size_t count, \
+                            double zero_sign) {                                                    \
+        ties4_f32_rule(out, x[0], x[1], x[2], x[3], b, keep[0], keep[1], keep[2], keep[3], c, w, count, rule, agg, \
+                       zero_sign);                                                                 \
+    }
+DEFINE_TIES4(ties4_sum_mean, TM_SIGN_SUM, TM_AGG_MEAN)
+DEFINE_TIES4(ties4_sum_sum, TM_SIGN_SUM, TM_AGG_SUM)
+DEFINE_TIES4(ties4_count_mean, TM_SIGN_COUNT, TM_AGG_MEAN)
+DEFINE_TIES4(ties4_count_sum, TM_SIGN_COUNT, TM_AGG_SUM)
+
+typedef void (*ties4_fn)(double *, const float *const *, const double *, const uint8_t *const *, const double *,
+                         const double *, size_t, double);
+static const ties4_fn ties4_f32[2][2] = { /* merge_func max (only FusionBench's TIES: not masked) has none */
+    [TM_SIGN_SUM] = {[TM_AGG_MEAN] = ties4_sum_mean, [TM_AGG_SUM] = ties4_sum_sum},
+    [TM_SIGN_COUNT] = {[TM_AGG_MEAN] = ties4_count_mean, [TM_AGG_SUM] = ties4_count_sum},
+};
+
+/* TIES over DARE's or DELLA's masks and 1 to 4 float32 inputs, elements [c0, c0 + m) of the block
+ * at begin (b, out: from c0), fused; returns 0 (nothing done) otherwise. */
+static int masked_ties4_f32(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
+                            const tm_sparse_input *in, uint64_t begin, size_t c0, size_t m, const double *b,
+                            double *out) {
+    static const uint8_t none[TM_SPARSE_CHUNK]; /* the mask of a missing input */
+    const size_t n = t->n;
+    if (n == 0 || n > 4 || !mask_without_delta(s) || h->agg == TM_AGG_MAX) return 0;
+    const float *x[4];
+    const uint8_t *keep[4];
+    double c[4] = {0}, w[4] = {0};
+    for (size_t j = 0; j < 4; j++) {
+        x[j] = j < n ? tm_kernel_f32_at(&t->in[j], begin + c0) : x[0];
+        if (!x[j]) return 0;
+        keep[j] = none;
+    }
+    for (size_t j = 0; j < n; j++) {
+        uint8_t *kj = keep_of(s, h, t, j, begin) + c0;
+        if (!saves_masks(s, h)) keep_block(s, h, t, j, &in[j], NULL, begin + c0, m, kj);
+        keep[j] = kj;
+        c[j] = in[j].coef * rescale_of(h, &in[j]);
+        w[j] = in[j].coef;
+    }
+    ties4_f32[h->sign_rule][h->agg](out, x, b, keep, c, w, m, tm_ties_global_zero_sign(t));
+    return 1;
+}
+
 /* The magnitude sparsifications as one test: kept when the element is in the top set hi and not in
  * the top set lo, a set being {key > cut_key, or key == cut_key and index < cut_end} (topk.h).
  * MAGNITUDE: hi = its selection, lo empty; OUTLIERS: hi = top + keep, lo = top; a global
@@ -491,6 +570,7 @@ void tm_sparse_apply(const tm_sparse_method *s, const tm_method_tensor *t, const
     tm_kernel_load_f64(t->base, begin, count, b, k);
     for (size_t c0 = 0; c0 < count; c0 += TM_SPARSE_CHUNK) {
         const size_t m = count - c0 < TM_SPARSE_CHUNK ? count - c0 : TM_SPARSE_CHUNK;
+        if (ties && masked_ties4_f32(s, h, t, in, begin, c0, m, b + c0, acc + c0)) continue;
         double *rows = tm_sparse_rows(s, t, state, begin, c0, m, b, k, acc);
         if (ties) tm_consensus_merge(rows, w, n, m, h->sign_rule, h->agg, tm_ties_global_zero_sign(t), acc + c0);
     }

@@ -99,16 +99,11 @@ static void add_agreeing(const double *rows, const double *w, size_t n, size_t c
     for (size_t j = 0; j < n; j++) {
         const double *row = rows + j * count;
         for (size_t e = 0; e < count; e++) {
-            const double side = tm_consensus_sign(score[e], zero_sign) > 0 ? 1.0 : -1.0;
-            const double v = row[e], a = v * side; /* |v| where it agrees */
-            const int agree = a > 0;
-            if (agg == TM_AGG_MAX) {
-                const double cand = agree ? a : 0.0;
-                sum[e] = cand > sum[e] ? cand : sum[e];
-                continue;
-            }
-            sum[e] += agree ? v : 0.0;
-            if (agg == TM_AGG_MEAN) div[e] += agree ? w[j] : 0.0;
+            const double side = tm_consensus_sigma(score[e], zero_sign) > 0 ? 1.0 : -1.0;
+            double s = sum[e], d = agg == TM_AGG_MEAN ? div[e] : 0, max = sum[e];
+            tm_consensus_agree(row[e], w[j], side, &s, &d, &max);
+            sum[e] = agg == TM_AGG_MAX ? max : s;
+            if (agg == TM_AGG_MEAN) div[e] = d;
         }
     }
 }
@@ -141,9 +136,8 @@ static tm_status ties_apply(const tm_sparse_method *s, const tm_method_tensor *t
     if (!st) st = tm_xr_deliver(x, sum, width * count, TM_XR_OUTPUT, &has_total, err);
     if (st || !has_total) return st;
     for (size_t e = 0; e < count; e++) {
-        const double r = agg == TM_AGG_MAX ? sum[e] * tm_consensus_sign(score[e], zero_sign)
-                         : agg == TM_AGG_SUM ? sum[e]
-                                             : sum[e] / (div[e] == 0 ? 1 : div[e]);
+        const double r = tm_consensus_result(agg, sum[e], agg == TM_AGG_MEAN ? div[e] : 0, sum[e],
+                                             tm_consensus_sigma(score[e], zero_sign));
         sum[e] = b[e] + h->lambda * r;
     }
     store(t, sum, count, out);

@@ -181,7 +181,7 @@ static tm_status end_input(double *mi, const double *si, const double *values, s
 tm_status tm_ties_global_end(const tm_sparse_method *s, const tm_param_values *p, double *model, const double *sum,
                              const tm_model_lists *lists, int *again, tm_error *err) {
     if (model[G_PHASE] == PH_SIGN) {
-        model[G_ZERO_SIGN] = tm_consensus_sign(sum[G_SIGNSUM], 0);
+        model[G_ZERO_SIGN] = tm_consensus_sigma(sum[G_SIGNSUM], 0);
         model[G_PHASE] = PH_DONE;
         *again = 0;
         return TM_OK;
