@@ -206,9 +206,9 @@ typedef struct l1_lanes {
 static double lanes_sum(const double *l) { return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7])); }
 
 /* name(x, b, keep, count, lanes) over 4 inputs x of element type T, δ = DELTA(x, b, e): from δ rows
- * (b unused) or from float32 inputs and the base (topk.h's TM_VALUE_*). */
-#define DEFINE_L1_NORMS4(name, T, DELTA)                                                            \
-    TM_HOT static void name(const T *const *x, const double *restrict b, const uint8_t *const *keep, size_t count, \
+ * (b unused) or from float32 inputs and the base of element type B (topk.h's TM_VALUE_*). */
+#define DEFINE_L1_NORMS4(name, T, B, DELTA)                                                         \
+    TM_HOT static void name(const T *const *x, const B *restrict b, const uint8_t *const *keep, size_t count, \
                             l1_lanes *lanes) {                                                      \
         for (size_t i = 0; i < 4; i++) {                                                            \
             const T *restrict xi = x[i];                                                            \
@@ -232,15 +232,27 @@ static double lanes_sum(const double *l) { return ((l[0] + l[1]) + (l[2] + l[3])
             memcpy(lanes->kept[i], s, sizeof s);                                                    \
         }                                                                                           \
     }
-DEFINE_L1_NORMS4(l1_norms4, double, TM_VALUE_PLAIN)
-DEFINE_L1_NORMS4(l1_norms4_f32, float, TM_VALUE_F32_DELTA)
+DEFINE_L1_NORMS4(l1_norms4, double, double, TM_VALUE_PLAIN)
+DEFINE_L1_NORMS4(l1_norms4_f32, float, double, TM_VALUE_F32_DELTA)
+DEFINE_L1_NORMS4(l1_norms4_f32_f32, float, float, TM_VALUE_F32_DELTA) /* a float32 base: no float64 copy */
+
+/* The block's base in float64 in b, loaded when first asked for (*loaded). */
+static const double *base_f64(const tm_method_tensor *t, uint64_t begin, size_t count, double *b, double *k,
+                              int *loaded) {
+    if (!*loaded) tm_kernel_load_f64(t->base, begin, count, b, k);
+    *loaded = 1;
+    return b;
+}
 
 /* The norms' pass over a block, chunk by chunk: every input's δ and keep bytes, then their norms
  * 4 inputs at a time (a group of fewer repeats its first input and drops the copies' sums); each
- * block's sums carry over its chunks in element order. */
+ * block's sums carry over its chunks in element order. b: count doubles for the base, filled only
+ * when a float32 base cannot be read as it is. */
 static void norms_block(const tm_sparse_method *s, const tm_method_tensor *t, tm_sparse_header *h, tm_sparse_input *in,
-                        const double *b, uint64_t begin, size_t count, double *k) {
+                        double *b, uint64_t begin, size_t count, double *k) {
     double *rows = (double *)t->memory->data;
+    const float *bf = tm_kernel_f32_at(t->base, begin);
+    int loaded = 0;
     for (size_t j0 = 0; j0 < t->n; j0 += 4) {
         const size_t g = t->n - j0 < 4 ? t->n - j0 : 4;
         l1_lanes lanes;
@@ -259,14 +271,15 @@ static void norms_block(const tm_sparse_method *s, const tm_method_tensor *t, tm
                     if (i < g) keep_block(s, h, t, j0 + i, &in[j0 + i], NULL, begin + c0, m, kj);
                     keep[i] = kj;
                 }
-                l1_norms4_f32(xf, b + c0, keep, m, &lanes);
+                if (bf) l1_norms4_f32_f32(xf, bf + c0, keep, m, &lanes);
+                else l1_norms4_f32(xf, base_f64(t, begin, count, b, k, &loaded) + c0, keep, m, &lanes);
                 continue;
             }
             for (size_t i = 0; i < 4; i++) {
                 double *row = rows + (i < g ? i : 0) * CHUNK;
                 uint8_t *kj = keep_of(s, h, t, j0 + (i < g ? i : 0), begin) + c0;
                 if (i < g) {
-                    delta(t, j0 + i, begin + c0, m, b + c0, row, k);
+                    delta(t, j0 + i, begin + c0, m, base_f64(t, begin, count, b, k, &loaded) + c0, row, k);
                     keep_block(s, h, t, j0 + i, &in[j0 + i], row, begin + c0, m, kj);
                 }
                 d[i] = row;
@@ -292,11 +305,11 @@ void tm_sparse_reduce(const tm_sparse_method *s, const tm_method_tensor *t, doub
         s->custom->pass(t, in, mem + custom_offset(s, h, t), begin, count);
         if (h->rescale != TM_RESCALE_L1) return;
     }
-    tm_kernel_load_f64(t->base, begin, count, b, k);
     if (h->mode == MODE_NORM || h->mode == MODE_CUSTOM) { /* CUSTOM: rescale l1 (else returned above) */
         norms_block(s, t, h, in, b, begin, count, k);
         return;
     }
+    tm_kernel_load_f64(t->base, begin, count, b, k);
     for (size_t j = 0; j < t->n; j++) {
         tm_sparse_input *x = &in[j];
         if (x->sel[0].phase == TM_TOPK_DONE && x->sel[1].phase == TM_TOPK_DONE) continue;
