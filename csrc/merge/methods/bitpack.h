@@ -28,4 +28,29 @@ static inline uint64_t tm_pack64(const uint8_t *b) {
     return m;
 }
 
+static inline uint8_t tm_bit_at(const uint8_t *bits, uint64_t i) { return (uint8_t)((bits[i >> 3] >> (i & 7)) & 1); }
+static inline void tm_bits_put(uint8_t *bits, uint64_t i, uint8_t v) {
+    bits[i >> 3] = (uint8_t)((bits[i >> 3] & ~(1u << (i & 7))) | (unsigned)v << (i & 7));
+}
+
+/* keep[e] = bit begin + e of bits, for e < count: a tensor's mask stored as bits (1/8 of the
+ * bytes to write and read back), taken out a block at a time. */
+static inline void tm_bits_unpack(const uint8_t *bits, uint64_t begin, size_t count, uint8_t *keep) {
+    size_t e = 0;
+    for (; e < count && (begin + e) % 8; e++) keep[e] = tm_bit_at(bits, begin + e);
+    for (; e + 8 <= count; e += 8) {
+        const uint64_t v = tm_spread8(bits[(begin + e) >> 3]);
+        memcpy(keep + e, &v, sizeof v);
+    }
+    for (; e < count; e++) keep[e] = tm_bit_at(bits, begin + e);
+}
+
+/* The inverse: bits begin + e set to keep[e] (0/1), the others left as they are. */
+static inline void tm_bits_pack(uint8_t *bits, uint64_t begin, const uint8_t *keep, size_t count) {
+    size_t e = 0;
+    for (; e < count && (begin + e) % 8; e++) tm_bits_put(bits, begin + e, keep[e]);
+    for (; e + 8 <= count; e += 8) bits[(begin + e) >> 3] = tm_pack8(keep + e);
+    for (; e < count; e++) tm_bits_put(bits, begin + e, keep[e]);
+}
+
 #endif

@@ -303,13 +303,11 @@ static int keep_by_buckets(const uint64_t *keys, size_t len, const uint64_t *thr
 }
 
 static void set_bits(uint8_t *bits, const uint8_t *keep, uint64_t first, uint64_t inner, size_t len) {
-    size_t r = 0;
-    if (inner == 1 && first % 8 == 0) /* whole bytes of the fibre, 8 elements at a time */
-        for (; r + 8 <= len; r += 8) bits[(first + r) >> 3] = tm_pack8(keep + r);
-    for (; r < len; r++) {
-        const uint64_t i = first + r * inner;
-        bits[i >> 3] |= (uint8_t)(keep[r] << (i & 7));
+    if (inner == 1) {
+        tm_bits_pack(bits, first, keep, len);
+        return;
     }
+    for (size_t r = 0; r < len; r++) tm_bits_put(bits, first + r * inner, keep[r]);
 }
 
 /* Ranks the inner fibres of slab o of input j (a->thr: its thresholds) and sets their keep bits. */
@@ -360,25 +358,13 @@ static void pass(const tm_method_tensor *t, const tm_sparse_input *in, uint8_t *
     }
 }
 
-static inline uint8_t bit_at(const uint8_t *bits, uint64_t i) { return (uint8_t)((bits[i >> 3] >> (i & 7)) & 1); }
-
-static void unpack(const uint8_t *bits, uint64_t begin, size_t count, uint8_t *keep) {
-    size_t e = 0;
-    for (; e < count && (begin + e) % 8; e++) keep[e] = bit_at(bits, begin + e);
-    for (; e + 8 <= count; e += 8) {
-        const uint64_t v = tm_spread8(bits[(begin + e) >> 3]);
-        memcpy(keep + e, &v, sizeof v);
-    }
-    for (; e < count; e++) keep[e] = bit_at(bits, begin + e);
-}
-
 static void keep(const tm_method_tensor *t, size_t j, const tm_sparse_input *x, const uint8_t *mem, uint64_t begin,
                  size_t count, uint8_t *out) {
     if (x->density >= 1) {
         memset(out, 1, count);
         return;
     }
-    unpack(mem + j * bits_bytes(t->numel), begin, count, out);
+    tm_bits_unpack(mem + j * bits_bytes(t->numel), begin, count, out);
 }
 
 static const tm_sparsifier magprune = {.bytes = bytes, .pass = pass, .keep = keep};
