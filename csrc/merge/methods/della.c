@@ -34,6 +34,7 @@
 #include <string.h>
 
 #include "merge/hot.h"
+#include "merge/merge_ctx.h"
 #include "merge/methods/bitpack.h"
 #include "merge/random.h"
 
@@ -84,15 +85,22 @@ static size_t bits_bytes(uint64_t numel) { return align8((size_t)((numel + 7) / 
  * keep thresholds by rank; the chunk buffers. */
 typedef struct area {
     uint8_t *bits;
+    double *lanes; /* per input, per block: the L1 norms' lanes, all then kept (sparse.h) */
     uint64_t *slab, *keys, *words, *tmp, *thr;
     uint32_t *rank;
     double *x, *b, *k;
+    uint64_t *chunk_keys; /* CHUNK keys: the norms of an input kept whole */
 } area;
+
+static uint64_t blocks_of(uint64_t numel) { return (numel + TM_BLOCK_ELEMS - 1) / TM_BLOCK_ELEMS; }
+#define LANES_PER_BLOCK (2 * TM_L1_LANES)
 
 static area area_of(const tm_method_tensor *t, const geometry *g, uint8_t *mem) {
     area a;
     a.bits = mem;
     mem += t->n * bits_bytes(t->numel);
+    a.lanes = (double *)mem;
+    mem += t->n * blocks_of(t->numel) * LANES_PER_BLOCK * sizeof(double);
     a.slab = (uint64_t *)mem;
     mem += g->slab * sizeof(uint64_t);
     a.keys = g->inner > 1 ? (uint64_t *)mem : a.slab;
@@ -106,13 +114,16 @@ static area area_of(const tm_method_tensor *t, const geometry *g, uint8_t *mem) 
     a.x = (double *)mem;
     a.b = a.x + CHUNK;
     a.k = a.b + CHUNK;
+    a.chunk_keys = (uint64_t *)(a.k + CHUNK);
     return a;
 }
 
 static size_t bytes(const tm_method_tensor *t) {
     const geometry g = geometry_of(t);
-    return t->n * bits_bytes(t->numel) + g.slab * sizeof(uint64_t) + (g.inner > 1 ? g.len * sizeof(uint64_t) : 0) +
-           3 * g.len * sizeof(uint64_t) + align8(g.len * sizeof(uint32_t)) + 3 * CHUNK * sizeof(double);
+    return t->n * bits_bytes(t->numel) + t->n * blocks_of(t->numel) * LANES_PER_BLOCK * sizeof(double) +
+           g.slab * sizeof(uint64_t) + (g.inner > 1 ? g.len * sizeof(uint64_t) : 0) +
+           3 * g.len * sizeof(uint64_t) + align8(g.len * sizeof(uint32_t)) + 3 * CHUNK * sizeof(double) +
+           CHUNK * sizeof(uint64_t);
 }
 
 /* keys[e] = the bits of |x − b| (topk.h's key: monotone in |δ|, NaN above every number), from
@@ -310,22 +321,68 @@ static void set_bits(uint8_t *bits, const uint8_t *keep, uint64_t first, uint64_
     for (size_t r = 0; r < len; r++) tm_bits_put(bits, first + r * inner, keep[r]);
 }
 
+/* The L1 norms' lanes of elements [flat, flat + count) of one block (sparse.h's order): |δ| from
+ * its key (the bits of fabs(δ)), kept where its bit is set (bits: NULL keeps all). */
+TM_HOT static void add_norms(double *restrict all, double *restrict kept, const uint64_t *restrict keys,
+                             const uint8_t *restrict bits, uint64_t flat, size_t count) {
+    size_t e = 0;
+    for (; e < count; e++) {
+        if ((flat + e) % TM_L1_LANES == 0 && e + TM_L1_LANES <= count) break;
+        double v;
+        memcpy(&v, &keys[e], sizeof v);
+        all[(flat + e) % TM_L1_LANES] += v;
+        kept[(flat + e) % TM_L1_LANES] += tm_kept_or_zero(v, bits ? tm_bit_at(bits, flat + e) : 1);
+    }
+    for (; e + TM_L1_LANES <= count; e += TM_L1_LANES) {
+        const unsigned byte = bits ? bits[(flat + e) >> 3] : 0xff;
+        for (size_t l = 0; l < TM_L1_LANES; l++) {
+            double v;
+            memcpy(&v, &keys[e + l], sizeof v);
+            all[l] += v;
+            kept[l] += tm_kept_or_zero(v, (uint8_t)((byte >> l) & 1));
+        }
+    }
+    for (; e < count; e++) {
+        double v;
+        memcpy(&v, &keys[e], sizeof v);
+        all[(flat + e) % TM_L1_LANES] += v;
+        kept[(flat + e) % TM_L1_LANES] += tm_kept_or_zero(v, bits ? tm_bit_at(bits, flat + e) : 1);
+    }
+}
+
+/* add_norms over elements [start, start + count) of input j (keys from start), block by block. */
+static void norms_of(double *lanes, const uint64_t *keys, const uint8_t *bits, uint64_t start, uint64_t count) {
+    for (uint64_t e = 0; e < count;) {
+        const uint64_t block = (start + e) / TM_BLOCK_ELEMS, end = (block + 1) * TM_BLOCK_ELEMS - start;
+        const uint64_t stop = end < count ? end : count;
+        double *l = lanes + block * LANES_PER_BLOCK;
+        add_norms(l, l + TM_L1_LANES, keys + e, bits, start + e, (size_t)(stop - e));
+        e = stop;
+    }
+}
+
+/* The |δ| keys of elements [start, start + count) of input j, from the mapped float32 input and
+ * base directly, else through the chunk buffers. */
+static void keys_at(const tm_method_tensor *t, const area *a, size_t j, uint64_t start, uint64_t count, uint64_t *keys) {
+    const float *xf = tm_kernel_f32_at(&t->in[j], start), *bf = tm_kernel_f32_at(t->base, start);
+    for (uint64_t e = 0; e < count; e += CHUNK) {
+        const size_t c = (size_t)(count - e < CHUNK ? count - e : CHUNK);
+        if (xf && bf) {
+            keys_of_f32(keys + e, xf + e, bf + e, c);
+            continue;
+        }
+        tm_kernel_load_f64(&t->in[j], start + e, c, a->x, a->k);
+        tm_kernel_load_f64(t->base, start + e, c, a->b, a->k);
+        keys_of(keys + e, a->x, a->b, c);
+    }
+}
+
 /* Ranks the inner fibres of slab o of input j (a->thr: its thresholds) and sets their keep bits. */
 static void rank_slab(const tm_method_tensor *t, const geometry *g, const area *a, size_t j,
                       const tm_sparse_input *x, uint64_t o) {
     const uint64_t start = o * g->slab;
     const size_t len = (size_t)g->len;
-    const float *xf = tm_kernel_f32_at(&t->in[j], start), *bf = tm_kernel_f32_at(t->base, start);
-    for (uint64_t e = 0; e < g->slab; e += CHUNK) {
-        const size_t c = (size_t)(g->slab - e < CHUNK ? g->slab - e : CHUNK);
-        if (xf && bf) {
-            keys_of_f32(a->slab + e, xf + e, bf + e, c);
-            continue;
-        }
-        tm_kernel_load_f64(&t->in[j], start + e, c, a->x, a->k);
-        tm_kernel_load_f64(t->base, start + e, c, a->b, a->k);
-        keys_of(a->slab + e, a->x, a->b, c);
-    }
+    keys_at(t, a, j, start, g->slab, a->slab);
     uint8_t *bits = a->bits + j * bits_bytes(t->numel), *keep = (uint8_t *)a->tmp; /* tmp is free after the sort */
     for (uint64_t q = 0; q < g->inner; q++) {
         if (g->inner > 1)
@@ -345,16 +402,36 @@ static void rank_slab(const tm_method_tensor *t, const geometry *g, const area *
 }
 
 /* Ranks every slab whose first element is in [begin, begin + count): blocks come in order, so
- * the bits of a block are all known once it is seen. */
-static void pass(const tm_method_tensor *t, const tm_sparse_input *in, uint8_t *mem, uint64_t begin, size_t count) {
+ * the bits of a block are all known once it is seen. With norms, sums each ranked slab's |δ| into
+ * the lanes of the blocks it covers (an input kept whole: the block's), then adds up the block's
+ * lanes: every slab covering it has been ranked by now. */
+static void pass(const tm_method_tensor *t, tm_sparse_input *in, int norms, uint8_t *mem, uint64_t begin,
+                 size_t count) {
     const geometry g = geometry_of(t);
     if (g.slab == 0) return;
     const area a = area_of(t, &g, mem);
-    const uint64_t first = (begin + g.slab - 1) / g.slab;
+    const uint64_t first = (begin + g.slab - 1) / g.slab, nblocks = blocks_of(t->numel);
     for (size_t j = 0; j < t->n; j++) {
-        if (in[j].density >= 1 || first * g.slab >= begin + count) continue;
+        double *lanes = a.lanes + j * nblocks * LANES_PER_BLOCK;
+        if (in[j].density >= 1) {
+            for (uint64_t e = 0; e < count && norms; e += CHUNK) {
+                const size_t c = (size_t)(count - e < CHUNK ? count - e : CHUNK);
+                keys_at(t, &a, j, begin + e, c, a.chunk_keys);
+                norms_of(lanes, a.chunk_keys, NULL, begin + e, c);
+            }
+            continue;
+        }
+        if (first * g.slab >= begin + count) continue;
         thresholds(a.thr, (size_t)g.len, in[j].density, tm_tensor_param(t, P_EPSILON, t->input[j]));
-        for (uint64_t o = first; o * g.slab < begin + count; o++) rank_slab(t, &g, &a, j, &in[j], o);
+        for (uint64_t o = first; o * g.slab < begin + count; o++) {
+            rank_slab(t, &g, &a, j, &in[j], o);
+            if (norms) norms_of(lanes, a.slab, a.bits + j * bits_bytes(t->numel), o * g.slab, g.slab);
+        }
+    }
+    for (size_t j = 0; j < t->n && norms; j++) {
+        const double *l = a.lanes + (j * nblocks + begin / TM_BLOCK_ELEMS) * LANES_PER_BLOCK;
+        in[j].l1_all += tm_l1_lanes_sum(l);
+        in[j].l1_kept += tm_l1_lanes_sum(l + TM_L1_LANES);
     }
 }
 

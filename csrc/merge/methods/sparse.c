@@ -184,26 +184,11 @@ static void keep_block(const tm_sparse_method *s, const tm_sparse_header *h, con
     else tm_topk_keep(&x->sel[0], d, begin, count, keep);
 }
 
-static inline double kept_or_zero(double a, uint8_t keep) {
-    /* a or +0 by masking its bits: a branch on a random mask mispredicts half the time */
-    uint64_t u;
-    memcpy(&u, &a, sizeof u);
-    u &= -(uint64_t)keep;
-    double k;
-    memcpy(&k, &u, sizeof k);
-    return k;
-}
-
-/* Σ|d| over the block, and over its kept elements, of 4 inputs: each sum kept as 8 lanes, element
- * e of the block adding into lane e mod 8 (chunks start at multiples of 8), so the additions
- * vectorise; the lanes are added up in a fixed tree at the block's end and the blocks in order
- * (lanes_sum): the same bits on every machine, thread count and clone. */
-#define L1_LANES 8
+/* Σ|d| over the block, and over its kept elements, of 4 inputs: each sum kept as 8 lanes in
+ * sparse.h's order (chunks start at multiples of 8), so the additions vectorise. */
 typedef struct l1_lanes {
-    double all[4][L1_LANES], kept[4][L1_LANES];
+    double all[4][TM_L1_LANES], kept[4][TM_L1_LANES];
 } l1_lanes;
-
-static double lanes_sum(const double *l) { return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7])); }
 
 /* name(x, b, keep, count, lanes) over 4 inputs x of element type T, δ = DELTA(x, b, e): from δ rows
  * (b unused) or from float32 inputs and the base of element type B (topk.h's TM_VALUE_*). */
@@ -213,20 +198,20 @@ static double lanes_sum(const double *l) { return ((l[0] + l[1]) + (l[2] + l[3])
         for (size_t i = 0; i < 4; i++) {                                                            \
             const T *restrict xi = x[i];                                                            \
             const uint8_t *restrict ki = keep[i];                                                   \
-            double a[L1_LANES], s[L1_LANES];                                                        \
+            double a[TM_L1_LANES], s[TM_L1_LANES];                                                        \
             memcpy(a, lanes->all[i], sizeof a);                                                     \
             memcpy(s, lanes->kept[i], sizeof s);                                                    \
             size_t e = 0;                                                                           \
-            for (; e + L1_LANES <= count; e += L1_LANES)                                            \
-                for (size_t l = 0; l < L1_LANES; l++) {                                             \
+            for (; e + TM_L1_LANES <= count; e += TM_L1_LANES)                                            \
+                for (size_t l = 0; l < TM_L1_LANES; l++) {                                             \
                     const double v = fabs(DELTA(xi, b, e + l));                                     \
                     a[l] += v;                                                                      \
-                    s[l] += kept_or_zero(v, ki[e + l]);                                             \
+                    s[l] += tm_kept_or_zero(v, ki[e + l]);                                             \
                 }                                                                                   \
             for (; e < count; e++) {                                                                \
                 const double v = fabs(DELTA(xi, b, e));                                             \
-                a[e % L1_LANES] += v;                                                               \
-                s[e % L1_LANES] += kept_or_zero(v, ki[e]);                                          \
+                a[e % TM_L1_LANES] += v;                                                               \
+                s[e % TM_L1_LANES] += tm_kept_or_zero(v, ki[e]);                                          \
             }                                                                                       \
             memcpy(lanes->all[i], a, sizeof a);                                                     \
             memcpy(lanes->kept[i], s, sizeof s);                                                    \
@@ -288,8 +273,8 @@ static void norms_block(const tm_sparse_method *s, const tm_method_tensor *t, tm
             l1_norms4(d, NULL, keep, m, &lanes);
         }
         for (size_t i = 0; i < g; i++) {
-            in[j0 + i].l1_all += lanes_sum(lanes.all[i]);
-            in[j0 + i].l1_kept += lanes_sum(lanes.kept[i]);
+            in[j0 + i].l1_all += tm_l1_lanes_sum(lanes.all[i]);
+            in[j0 + i].l1_kept += tm_l1_lanes_sum(lanes.kept[i]);
         }
     }
 }
@@ -302,10 +287,10 @@ void tm_sparse_reduce(const tm_sparse_method *s, const tm_method_tensor *t, doub
     uint8_t *mem = t->memory->data;
     double *d = (double *)mem, *b = scratch, *k = scratch + count;
     if (h->mode == MODE_CUSTOM) {
-        s->custom->pass(t, in, mem + custom_offset(s, h, t), begin, count);
-        if (h->rescale != TM_RESCALE_L1) return;
+        s->custom->pass(t, in, h->rescale == TM_RESCALE_L1, mem + custom_offset(s, h, t), begin, count);
+        return;
     }
-    if (h->mode == MODE_NORM || h->mode == MODE_CUSTOM) { /* CUSTOM: rescale l1 (else returned above) */
+    if (h->mode == MODE_NORM) {
         norms_block(s, t, h, in, b, begin, count, k);
         return;
     }
@@ -369,11 +354,11 @@ TM_HOT static void add_base(double *restrict acc, const double *restrict b, size
 #define DEFINE_KEPT(suffix, T, VALUE)                                                                \
     TM_HOT static void add_kept##suffix(double *restrict acc, const T *x, const double *sub,         \
                                         const uint8_t *restrict keep, double c, size_t count) {      \
-        for (size_t e = 0; e < count; e++) acc[e] += kept_or_zero(c * VALUE(x, sub, e), keep[e]);   \
+        for (size_t e = 0; e < count; e++) acc[e] += tm_kept_or_zero(c * VALUE(x, sub, e), keep[e]);   \
     }                                                                                                \
     TM_HOT static void scale_kept##suffix(double *out, const T *x, const double *sub, const uint8_t *restrict keep, \
                                           double c, size_t count) {                                  \
-        for (size_t e = 0; e < count; e++) out[e] = kept_or_zero(c * VALUE(x, sub, e), keep[e]);   \
+        for (size_t e = 0; e < count; e++) out[e] = tm_kept_or_zero(c * VALUE(x, sub, e), keep[e]);   \
     }
 DEFINE_KEPT(, double, TM_VALUE_PLAIN)
 DEFINE_KEPT(_f32, float, TM_VALUE_F32_DELTA)
@@ -385,10 +370,10 @@ TM_HOT static void add_kept4_f32(double *restrict acc, const float *const *x, co
     const uint8_t *restrict k0 = keep[0], *restrict k1 = keep[1], *restrict k2 = keep[2], *restrict k3 = keep[3];
     const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
     for (size_t e = 0; e < count; e++) {
-        double v = acc[e] + kept_or_zero(c0 * ((double)x0[e] - b[e]), k0[e]);
-        v += kept_or_zero(c1 * ((double)x1[e] - b[e]), k1[e]);
-        v += kept_or_zero(c2 * ((double)x2[e] - b[e]), k2[e]);
-        acc[e] = v + kept_or_zero(c3 * ((double)x3[e] - b[e]), k3[e]);
+        double v = acc[e] + tm_kept_or_zero(c0 * ((double)x0[e] - b[e]), k0[e]);
+        v += tm_kept_or_zero(c1 * ((double)x1[e] - b[e]), k1[e]);
+        v += tm_kept_or_zero(c2 * ((double)x2[e] - b[e]), k2[e]);
+        acc[e] = v + tm_kept_or_zero(c3 * ((double)x3[e] - b[e]), k3[e]);
     }
 }
 
@@ -425,10 +410,10 @@ ties4_f32_rule(double *restrict out, const float *restrict x0, const float *rest
                const double *w, size_t count, int sign_rule, int agg, double zero_sign) {
     const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3], w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
     for (size_t e = 0; e < count; e++) {
-        const double v0 = kept_or_zero(c0 * ((double)x0[e] - b[e]), k0[e]);
-        const double v1 = kept_or_zero(c1 * ((double)x1[e] - b[e]), k1[e]);
-        const double v2 = kept_or_zero(c2 * ((double)x2[e] - b[e]), k2[e]);
-        const double v3 = kept_or_zero(c3 * ((double)x3[e] - b[e]), k3[e]);
+        const double v0 = tm_kept_or_zero(c0 * ((double)x0[e] - b[e]), k0[e]);
+        const double v1 = tm_kept_or_zero(c1 * ((double)x1[e] - b[e]), k1[e]);
+        const double v2 = tm_kept_or_zero(c2 * ((double)x2[e] - b[e]), k2[e]);
+        const double v3 = tm_kept_or_zero(c3 * ((double)x3[e] - b[e]), k3[e]);
         double score = 0, sum = 0, div = 0, max = 0;
         score += tm_consensus_term(v0, sign_rule);
         score += tm_consensus_term(v1, sign_rule);
@@ -527,7 +512,7 @@ TM_HOT static void band_rows_f32(const float *restrict x, const double *restrict
         const uint64_t k = tm_topk_key(d), i = begin + e;
         const int in_hi = (k > w.hk) | ((k == w.hk) & (i < w.he)), in_lo = (k > w.lk) | ((k == w.lk) & (i < w.le));
         keep[e] = (uint8_t)(in_hi & !in_lo);
-        const double v = kept_or_zero(c * d, keep[e]);
+        const double v = tm_kept_or_zero(c * d, keep[e]);
         out[e] = add ? out[e] + v : v;
     }
 }

@@ -19,6 +19,8 @@
 #ifndef TM_MERGE_METHODS_SPARSE_H
 #define TM_MERGE_METHODS_SPARSE_H
 
+#include <string.h>
+
 #include "merge/method.h"
 #include "merge/method_xr.h"
 #include "merge/methods/topk.h"
@@ -52,14 +54,36 @@ enum { TM_RESCALE_L1, TM_RESCALE_INVERSE, TM_RESCALE_NONE }; /* the rescale choi
 
 typedef struct tm_sparse_input tm_sparse_input;
 
+/* a where keep is 1, else +0, by masking its bits: a branch on a random mask mispredicts half the
+ * time. */
+static inline double tm_kept_or_zero(double a, uint8_t keep) {
+    uint64_t u;
+    memcpy(&u, &a, sizeof u);
+    u &= -(uint64_t)keep;
+    double k;
+    memcpy(&k, &u, sizeof k);
+    return k;
+}
+
+/* The L1 norms' order of additions, fixed so that every machine, thread count and clone gets the
+ * same bits: element i of a block (TM_BLOCK_ELEMS elements from a multiple of it) adds into lane
+ * i mod 8, in element order; at the block's end its lanes are added up as below and the result
+ * added to the norm, blocks in order. */
+#define TM_L1_LANES 8
+static inline double tm_l1_lanes_sum(const double *l) {
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
 /* A sparsification of the method's own (TM_SPARSIFY_CUSTOM). The core gives it bytes(t) of the
  * thread's method memory (mem below: 8-byte aligned, zeroed at prepare, kept until the last
  * apply), calls pass on every block of the tensor in order in one reduce pass (in[j]: the
- * inputs' state, density and mask key), and asks keep for a block's mask of input j (in that
- * same pass once pass has seen the block — for the L1 norms — and in the apply). */
+ * inputs' state, density and mask key; with norms, pass also sums the inputs' L1 norms, all and
+ * kept, into in[j].l1_all and l1_kept in the order above), and asks keep for a block's mask of
+ * input j in the apply. */
 typedef struct tm_sparsifier {
     size_t (*bytes)(const tm_method_tensor *t);
-    void (*pass)(const tm_method_tensor *t, const tm_sparse_input *in, uint8_t *mem, uint64_t begin, size_t count);
+    void (*pass)(const tm_method_tensor *t, tm_sparse_input *in, int norms, uint8_t *mem, uint64_t begin,
+                 size_t count);
     void (*keep)(const tm_method_tensor *t, size_t j, const tm_sparse_input *x, const uint8_t *mem, uint64_t begin,
                  size_t count, uint8_t *keep);
 } tm_sparsifier;
