@@ -90,6 +90,7 @@ typedef struct area {
     uint32_t *rank;
     double *x, *b, *k;
     uint64_t *chunk_keys; /* CHUNK keys: the norms of an input kept whole */
+    uint8_t *chunk_keep;  /* CHUNK keep bytes: the norms' */
 } area;
 
 static uint64_t blocks_of(uint64_t numel) { return (numel + TM_BLOCK_ELEMS - 1) / TM_BLOCK_ELEMS; }
@@ -115,6 +116,7 @@ static area area_of(const tm_method_tensor *t, const geometry *g, uint8_t *mem) 
     a.b = a.x + CHUNK;
     a.k = a.b + CHUNK;
     a.chunk_keys = (uint64_t *)(a.k + CHUNK);
+    a.chunk_keep = (uint8_t *)(a.chunk_keys + CHUNK);
     return a;
 }
 
@@ -123,7 +125,7 @@ static size_t bytes(const tm_method_tensor *t) {
     return t->n * bits_bytes(t->numel) + t->n * blocks_of(t->numel) * LANES_PER_BLOCK * sizeof(double) +
            g.slab * sizeof(uint64_t) + (g.inner > 1 ? g.len * sizeof(uint64_t) : 0) +
            3 * g.len * sizeof(uint64_t) + align8(g.len * sizeof(uint32_t)) + 3 * CHUNK * sizeof(double) +
-           CHUNK * sizeof(uint64_t);
+           CHUNK * (sizeof(uint64_t) + 1);
 }
 
 /* keys[e] = the bits of |x − b| (topk.h's key: monotone in |δ|, NaN above every number), from
@@ -321,43 +323,41 @@ static void set_bits(uint8_t *bits, const uint8_t *keep, uint64_t first, uint64_
     for (size_t r = 0; r < len; r++) tm_bits_put(bits, first + r * inner, keep[r]);
 }
 
-/* The L1 norms' lanes of elements [flat, flat + count) of one block (sparse.h's order): |δ| from
- * its key (the bits of fabs(δ)), kept where its bit is set (bits: NULL keeps all). */
-TM_HOT static void add_norms(double *restrict all, double *restrict kept, const uint64_t *restrict keys,
-                             const uint8_t *restrict bits, uint64_t flat, size_t count) {
-    size_t e = 0;
-    for (; e < count; e++) {
-        if ((flat + e) % TM_L1_LANES == 0 && e + TM_L1_LANES <= count) break;
-        double v;
-        memcpy(&v, &keys[e], sizeof v);
-        all[(flat + e) % TM_L1_LANES] += v;
-        kept[(flat + e) % TM_L1_LANES] += tm_kept_or_zero(v, bits ? tm_bit_at(bits, flat + e) : 1);
-    }
-    for (; e + TM_L1_LANES <= count; e += TM_L1_LANES) {
-        const unsigned byte = bits ? bits[(flat + e) >> 3] : 0xff;
-        for (size_t l = 0; l < TM_L1_LANES; l++) {
-            double v;
-            memcpy(&v, &keys[e + l], sizeof v);
-            all[l] += v;
-            kept[l] += tm_kept_or_zero(v, (uint8_t)((byte >> l) & 1));
-        }
-    }
-    for (; e < count; e++) {
-        double v;
-        memcpy(&v, &keys[e], sizeof v);
-        all[(flat + e) % TM_L1_LANES] += v;
-        kept[(flat + e) % TM_L1_LANES] += tm_kept_or_zero(v, bits ? tm_bit_at(bits, flat + e) : 1);
-    }
+/* |δ| from its key (the bits of fabs(δ)): the VALUE of TM_L1_LANES_LOOP over keys. */
+static inline double key_value(uint64_t key) {
+    double v;
+    memcpy(&v, &key, sizeof v);
+    return v;
+}
+#define KEY_VALUE(keys, unused, e) key_value((keys)[e])
+
+TM_HOT static void add_norms(const uint64_t *restrict keys, const uint8_t *restrict keep, size_t count,
+                             double *restrict all, double *restrict kept) {
+    TM_L1_LANES_LOOP(keys, NULL, keep, count, all, kept, KEY_VALUE);
 }
 
-/* add_norms over elements [start, start + count) of input j (keys from start), block by block. */
-static void norms_of(double *lanes, const uint64_t *keys, const uint8_t *bits, uint64_t start, uint64_t count) {
+/* The L1 norms' lanes (sparse.h's order) of elements [start, start + count) of an input (keys from
+ * start), block by block: |δ| from the keys, kept where its bit is set (bits: NULL keeps all). A
+ * piece's first elements up to a multiple of 8 go one by one, the rest through add_norms; kb:
+ * CHUNK bytes of scratch for the bits as bytes. */
+static void norms_of(double *lanes, const uint64_t *keys, const uint8_t *bits, uint64_t start, uint64_t count,
+                     uint8_t *kb) {
     for (uint64_t e = 0; e < count;) {
         const uint64_t block = (start + e) / TM_BLOCK_ELEMS, end = (block + 1) * TM_BLOCK_ELEMS - start;
         const uint64_t stop = end < count ? end : count;
-        double *l = lanes + block * LANES_PER_BLOCK;
-        add_norms(l, l + TM_L1_LANES, keys + e, bits, start + e, (size_t)(stop - e));
-        e = stop;
+        double *all = lanes + block * LANES_PER_BLOCK, *kept = all + TM_L1_LANES;
+        for (; e < stop && (start + e) % TM_L1_LANES; e++) {
+            const double v = key_value(keys[e]);
+            all[(start + e) % TM_L1_LANES] += v;
+            kept[(start + e) % TM_L1_LANES] += tm_kept_or_zero(v, bits ? tm_bit_at(bits, start + e) : 1);
+        }
+        for (; e < stop;) {
+            const size_t c = (size_t)(stop - e < CHUNK ? stop - e : CHUNK);
+            if (bits) tm_bits_unpack(bits, start + e, c, kb);
+            else memset(kb, 1, c);
+            add_norms(keys + e, kb, c, all, kept);
+            e += c;
+        }
     }
 }
 
@@ -417,7 +417,7 @@ static void pass(const tm_method_tensor *t, tm_sparse_input *in, int norms, uint
             for (uint64_t e = 0; e < count && norms; e += CHUNK) {
                 const size_t c = (size_t)(count - e < CHUNK ? count - e : CHUNK);
                 keys_at(t, &a, j, begin + e, c, a.chunk_keys);
-                norms_of(lanes, a.chunk_keys, NULL, begin + e, c);
+                norms_of(lanes, a.chunk_keys, NULL, begin + e, c, a.chunk_keep);
             }
             continue;
         }
@@ -425,7 +425,7 @@ static void pass(const tm_method_tensor *t, tm_sparse_input *in, int norms, uint
         thresholds(a.thr, (size_t)g.len, in[j].density, tm_tensor_param(t, P_EPSILON, t->input[j]));
         for (uint64_t o = first; o * g.slab < begin + count; o++) {
             rank_slab(t, &g, &a, j, &in[j], o);
-            if (norms) norms_of(lanes, a.slab, a.bits + j * bits_bytes(t->numel), o * g.slab, g.slab);
+            if (norms) norms_of(lanes, a.slab, a.bits + j * bits_bytes(t->numel), o * g.slab, g.slab, a.chunk_keep);
         }
     }
     for (size_t j = 0; j < t->n && norms; j++) {

@@ -198,23 +198,7 @@ typedef struct l1_lanes {
         for (size_t i = 0; i < 4; i++) {                                                            \
             const T *restrict xi = x[i];                                                            \
             const uint8_t *restrict ki = keep[i];                                                   \
-            double a[TM_L1_LANES], s[TM_L1_LANES];                                                        \
-            memcpy(a, lanes->all[i], sizeof a);                                                     \
-            memcpy(s, lanes->kept[i], sizeof s);                                                    \
-            size_t e = 0;                                                                           \
-            for (; e + TM_L1_LANES <= count; e += TM_L1_LANES)                                            \
-                for (size_t l = 0; l < TM_L1_LANES; l++) {                                             \
-                    const double v = fabs(DELTA(xi, b, e + l));                                     \
-                    a[l] += v;                                                                      \
-                    s[l] += tm_kept_or_zero(v, ki[e + l]);                                             \
-                }                                                                                   \
-            for (; e < count; e++) {                                                                \
-                const double v = fabs(DELTA(xi, b, e));                                             \
-                a[e % TM_L1_LANES] += v;                                                               \
-                s[e % TM_L1_LANES] += tm_kept_or_zero(v, ki[e]);                                          \
-            }                                                                                       \
-            memcpy(lanes->all[i], a, sizeof a);                                                     \
-            memcpy(lanes->kept[i], s, sizeof s);                                                    \
+            TM_L1_LANES_LOOP(xi, b, ki, count, lanes->all[i], lanes->kept[i], DELTA);               \
         }                                                                                           \
     }
 DEFINE_L1_NORMS4(l1_norms4, double, double, TM_VALUE_PLAIN)

@@ -19,6 +19,7 @@
 #ifndef TM_MERGE_METHODS_SPARSE_H
 #define TM_MERGE_METHODS_SPARSE_H
 
+#include <math.h>
 #include <string.h>
 
 #include "merge/method.h"
@@ -73,6 +74,30 @@ static inline double tm_kept_or_zero(double a, uint8_t keep) {
 static inline double tm_l1_lanes_sum(const double *l) {
     return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
 }
+
+/* The lanes' loop, written once for every L1 norm: count values from a multiple of 8, element e
+ * adding |VALUE(x, b, e)| (topk.h's TM_VALUE_* forms) to all[e mod 8], and to kept[e mod 8] where
+ * keep[e]. The lanes are copied to locals so that they stay in registers and the loop vectorises. */
+#define TM_L1_LANES_LOOP(x, b, keep, count, all, kept, VALUE)                                      \
+    do {                                                                                           \
+        double a_[TM_L1_LANES], s_[TM_L1_LANES];                                                   \
+        memcpy(a_, (all), sizeof a_);                                                              \
+        memcpy(s_, (kept), sizeof s_);                                                             \
+        size_t e_ = 0;                                                                             \
+        for (; e_ + TM_L1_LANES <= (count); e_ += TM_L1_LANES)                                     \
+            for (size_t l_ = 0; l_ < TM_L1_LANES; l_++) {                                          \
+                const double v_ = fabs(VALUE(x, b, e_ + l_));                                      \
+                a_[l_] += v_;                                                                      \
+                s_[l_] += tm_kept_or_zero(v_, (keep)[e_ + l_]);                                    \
+            }                                                                                      \
+        for (; e_ < (count); e_++) {                                                               \
+            const double v_ = fabs(VALUE(x, b, e_));                                               \
+            a_[e_ % TM_L1_LANES] += v_;                                                            \
+            s_[e_ % TM_L1_LANES] += tm_kept_or_zero(v_, (keep)[e_]);                               \
+        }                                                                                          \
+        memcpy((all), a_, sizeof a_);                                                              \
+        memcpy((kept), s_, sizeof s_);                                                             \
+    } while (0)
 
 /* A sparsification of the method's own (TM_SPARSIFY_CUSTOM). The core gives it bytes(t) of the
  * thread's method memory (mem below: 8-byte aligned, zeroed at prepare, kept until the last
