@@ -322,13 +322,17 @@ static double rescale_of(const tm_sparse_header *h, const tm_sparse_input *x) {
     return 1;
 }
 
-TM_HOT static void add_scaled(double *restrict acc, const double *restrict b, double lambda, size_t count) {
-    for (size_t e = 0; e < count; e++) acc[e] = b[e] + lambda * acc[e];
-}
-
-TM_HOT static void add_base(double *restrict acc, const double *restrict b, size_t count) {
-    for (size_t e = 0; e < count; e++) acc[e] += b[e];
-}
+/* The base added last: b + λ·acc (ties) or acc + b (linear), from the base in float64 or a float32
+ * base read as it is (suffix _f32). */
+#define DEFINE_ADD_BASE(suffix, B)                                                                  \
+    TM_HOT static void add_scaled##suffix(double *restrict acc, const B *restrict b, double lambda, size_t count) { \
+        for (size_t e = 0; e < count; e++) acc[e] = (double)b[e] + lambda * acc[e];               \
+    }                                                                                              \
+    TM_HOT static void add_base##suffix(double *restrict acc, const B *restrict b, size_t count) { \
+        for (size_t e = 0; e < count; e++) acc[e] += (double)b[e];                                 \
+    }
+DEFINE_ADD_BASE(, double)
+DEFINE_ADD_BASE(_f32, float)
 
 /* c·δ on the kept elements, +0 elsewhere, added to acc (linear) or written to out (ties' rows; out
  * may be the δ rows themselves), δ = VALUE(x, sub, e): δ rows, or float32 inputs less the base
@@ -347,37 +351,50 @@ TM_HOT static void add_base(double *restrict acc, const double *restrict b, size
 DEFINE_KEPT(, double, TM_VALUE_PLAIN)
 DEFINE_KEPT(_f32, float, TM_VALUE_F32_DELTA)
 
-/* add_kept_f32 of 4 inputs in one pass over acc, adding in input order (the same bits). */
-TM_HOT static void add_kept4_f32(double *restrict acc, const float *const *x, const double *restrict b,
-                                 const uint8_t *const *keep, const double *c, size_t count) {
-    const float *restrict x0 = x[0], *restrict x1 = x[1], *restrict x2 = x[2], *restrict x3 = x[3];
-    const uint8_t *restrict k0 = keep[0], *restrict k1 = keep[1], *restrict k2 = keep[2], *restrict k3 = keep[3];
-    const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
-    for (size_t e = 0; e < count; e++) {
-        double v = acc[e] + tm_kept_or_zero(c0 * ((double)x0[e] - b[e]), k0[e]);
-        v += tm_kept_or_zero(c1 * ((double)x1[e] - b[e]), k1[e]);
-        v += tm_kept_or_zero(c2 * ((double)x2[e] - b[e]), k2[e]);
-        acc[e] = v + tm_kept_or_zero(c3 * ((double)x3[e] - b[e]), k3[e]);
+/* add_kept_f32 of 4 inputs in one pass over acc, adding in input order (the same bits); the base
+ * in float64 or, suffix _f32, a float32 base read as it is. */
+#define DEFINE_ADD_KEPT4(name, B)                                                                   \
+    TM_HOT static void name(double *restrict acc, const float *const *x, const B *restrict b,      \
+                            const uint8_t *const *keep, const double *c, size_t count) {           \
+        const float *restrict x0 = x[0], *restrict x1 = x[1], *restrict x2 = x[2], *restrict x3 = x[3]; \
+        const uint8_t *restrict k0 = keep[0], *restrict k1 = keep[1], *restrict k2 = keep[2], *restrict k3 = keep[3]; \
+        const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];                                   \
+        for (size_t e = 0; e < count; e++) {                                                       \
+            const double be = b[e];                                                                \
+            double v = acc[e] + tm_kept_or_zero(c0 * ((double)x0[e] - be), k0[e]);                 \
+            v += tm_kept_or_zero(c1 * ((double)x1[e] - be), k1[e]);                                \
+            v += tm_kept_or_zero(c2 * ((double)x2[e] - be), k2[e]);                                \
+            acc[e] = v + tm_kept_or_zero(c3 * ((double)x3[e] - be), k3[e]);                        \
+        }                                                                                          \
     }
+DEFINE_ADD_KEPT4(add_kept4_f32, double)
+DEFINE_ADD_KEPT4(add_kept4_f32_f32, float)
+
+/* Input j's keep bytes for elements [c0, c0 + m) of the block at begin (drawn now unless saved)
+ * and the factor of its kept δ. */
+static const uint8_t *masked_input(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
+                                   const tm_sparse_input *in, size_t j, uint64_t begin, size_t c0, size_t m,
+                                   double *c) {
+    uint8_t *kj = keep_of(s, h, t, j, begin) + c0;
+    if (!saves_masks(s, h)) keep_block(s, h, t, j, &in[j], NULL, begin + c0, m, kj);
+    *c = in[j].coef * rescale_of(h, &in[j]);
+    return kj;
 }
 
 /* Linear DARE / DELLA over 4 float32 inputs from j at once, elements [c0, c0 + m) of the block at begin
- * (b, acc: from c0); returns 0 (nothing done) unless all 4 are float32. */
+ * (the base from c0: b in float64, or bf, float32; acc: from c0); returns 0 (nothing done) unless all
+ * 4 are float32. */
 static int masked_linear4_f32(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
                               const tm_sparse_input *in, size_t j, uint64_t begin, size_t c0, size_t m,
-                              const double *b, double *acc) {
+                              const double *b, const float *bf, double *acc) {
     const float *x[4];
     const uint8_t *keep[4];
     double c[4];
     for (size_t i = 0; i < 4; i++)
         if (!(x[i] = tm_kernel_f32_at(&t->in[j + i], begin + c0))) return 0;
-    for (size_t i = 0; i < 4; i++) {
-        uint8_t *kj = keep_of(s, h, t, j + i, begin) + c0;
-        if (!saves_masks(s, h)) keep_block(s, h, t, j + i, &in[j + i], NULL, begin + c0, m, kj);
-        keep[i] = kj;
-        c[i] = in[j + i].coef * rescale_of(h, &in[j + i]);
-    }
-    add_kept4_f32(acc, x, b, keep, c, m);
+    for (size_t i = 0; i < 4; i++) keep[i] = masked_input(s, h, t, in, j + i, begin, c0, m, &c[i]);
+    if (bf) add_kept4_f32_f32(acc, x, bf, keep, c, m);
+    else add_kept4_f32(acc, x, b, keep, c, m);
     return 1;
 }
 
@@ -386,61 +403,82 @@ static int masked_linear4_f32(const tm_sparse_method *s, const tm_sparse_header 
  * tm_consensus_merge, so the same bits. A missing input is one kept nowhere (c = w = 0): its
  * +0 changes no sum and never agrees. */
 /* (restrict parameters: GCC honours them, not restrict locals, and would check at run time for
- * overlaps the callers never make, falling back to scalar code where the arrays lie close.) */
-static inline __attribute__((always_inline)) void
-ties4_f32_rule(double *restrict out, const float *restrict x0, const float *restrict x1, const float *restrict x2,
-               const float *restrict x3, const double *restrict b, const uint8_t *restrict k0,
-               const uint8_t *restrict k1, const uint8_t *restrict k2, const uint8_t *restrict k3, const double *c,
-               const double *w, size_t count, int sign_rule, int agg, double zero_sign) {
-    const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3], w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
-    for (size_t e = 0; e < count; e++) {
-        const double v0 = tm_kept_or_zero(c0 * ((double)x0[e] - b[e]), k0[e]);
-        const double v1 = tm_kept_or_zero(c1 * ((double)x1[e] - b[e]), k1[e]);
-        const double v2 = tm_kept_or_zero(c2 * ((double)x2[e] - b[e]), k2[e]);
-        const double v3 = tm_kept_or_zero(c3 * ((double)x3[e] - b[e]), k3[e]);
-        double score = 0, sum = 0, div = 0, max = 0;
-        score += tm_consensus_term(v0, sign_rule);
-        score += tm_consensus_term(v1, sign_rule);
-        score += tm_consensus_term(v2, sign_rule);
-        score += tm_consensus_term(v3, sign_rule);
-        const double sigma = tm_consensus_sigma(score, zero_sign), side = sigma > 0 ? 1.0 : -1.0;
-        tm_consensus_agree(v0, w0, side, &sum, &div, &max);
-        tm_consensus_agree(v1, w1, side, &sum, &div, &max);
-        tm_consensus_agree(v2, w2, side, &sum, &div, &max);
-        tm_consensus_agree(v3, w3, side, &sum, &div, &max);
-        out[e] = tm_consensus_result(agg, sum, div, max, sigma);
+ * overlaps the callers never make, falling back to scalar code where the arrays lie close.) The
+ * base in float64 or, suffix _f32, a float32 base read as it is. */
+#define DEFINE_TIES4_RULE(name, B)                                                                  \
+    static inline __attribute__((always_inline)) void name(                                        \
+        double *restrict out, const float *restrict x0, const float *restrict x1, const float *restrict x2, \
+        const float *restrict x3, const B *restrict b, const uint8_t *restrict k0, const uint8_t *restrict k1, \
+        const uint8_t *restrict k2, const uint8_t *restrict k3, const double *c, const double *w, size_t count, \
+        int sign_rule, int agg, double zero_sign) {                                                \
+        const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3], w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3]; \
+        for (size_t e = 0; e < count; e++) {                                                       \
+            const double be = b[e];                                                                \
+            const double v0 = tm_kept_or_zero(c0 * ((double)x0[e] - be), k0[e]);                   \
+            const double v1 = tm_kept_or_zero(c1 * ((double)x1[e] - be), k1[e]);                   \
+            const double v2 = tm_kept_or_zero(c2 * ((double)x2[e] - be), k2[e]);                   \
+            const double v3 = tm_kept_or_zero(c3 * ((double)x3[e] - be), k3[e]);                   \
+            double score = 0, sum = 0, div = 0, max = 0;                                           \
+            score += tm_consensus_term(v0, sign_rule);                                             \
+            score += tm_consensus_term(v1, sign_rule);                                             \
+            score += tm_consensus_term(v2, sign_rule);                                             \
+            score += tm_consensus_term(v3, sign_rule);                                             \
+            const double sigma = tm_consensus_sigma(score, zero_sign), side = sigma > 0 ? 1.0 : -1.0; \
+            tm_consensus_agree(v0, w0, side, &sum, &div, &max);                                    \
+            tm_consensus_agree(v1, w1, side, &sum, &div, &max);                                    \
+            tm_consensus_agree(v2, w2, side, &sum, &div, &max);                                    \
+            tm_consensus_agree(v3, w3, side, &sum, &div, &max);                                    \
+            out[e] = tm_consensus_result(agg, sum, div, max, sigma);                               \
+        }                                                                                          \
     }
-}
+DEFINE_TIES4_RULE(ties4_rule, double)
+DEFINE_TIES4_RULE(ties4_rule_f32, float)
 
-/* One function per sign rule and aggregation, constants inside, so that each loop vectorises on
- * its own (inside one function GCC gave up on some). */
-#define DEFINE_TIES4(name, rule, agg)                                                              \
-    TM_HOT static void name(double *restrict out, const float *const *x, const double *restrict b,  \
+/* One function per sign rule, aggregation and base type, constants inside, so that each loop
+ * vectorises on its own (inside one function GCC gave up on some). */
+#define DEFINE_TIES4(name, rule_fn, B, rule, agg)                                                  \
+    TM_HOT static void name(double *restrict out, const float *const *x, const B *restrict b,      \
                             const uint8_t *const *keep, const double *c, const double *w, size_t count, \
                             double zero_sign) {                                                    \
-        ties4_f32_rule(out, x[0], x[1], x[2], x[3], b, keep[0], keep[1], keep[2], keep[3], c, w, count, rule, agg, \
-                       zero_sign);                                                                 \
+        rule_fn(out, x[0], x[1], x[2], x[3], b, keep[0], keep[1], keep[2], keep[3], c, w, count, rule, agg, zero_sign); \
     }
-DEFINE_TIES4(ties4_sum_mean, TM_SIGN_SUM, TM_AGG_MEAN)
-DEFINE_TIES4(ties4_sum_sum, TM_SIGN_SUM, TM_AGG_SUM)
-DEFINE_TIES4(ties4_count_mean, TM_SIGN_COUNT, TM_AGG_MEAN)
-DEFINE_TIES4(ties4_count_sum, TM_SIGN_COUNT, TM_AGG_SUM)
+DEFINE_TIES4(ties4_sum_mean, ties4_rule, double, TM_SIGN_SUM, TM_AGG_MEAN)
+DEFINE_TIES4(ties4_sum_sum, ties4_rule, double, TM_SIGN_SUM, TM_AGG_SUM)
+DEFINE_TIES4(ties4_count_mean, ties4_rule, double, TM_SIGN_COUNT, TM_AGG_MEAN)
+DEFINE_TIES4(ties4_count_sum, ties4_rule, double, TM_SIGN_COUNT, TM_AGG_SUM)
+DEFINE_TIES4(ties4_sum_mean_f32, ties4_rule_f32, float, TM_SIGN_SUM, TM_AGG_MEAN)
+DEFINE_TIES4(ties4_sum_sum_f32, ties4_rule_f32, float, TM_SIGN_SUM, TM_AGG_SUM)
+DEFINE_TIES4(ties4_count_mean_f32, ties4_rule_f32, float, TM_SIGN_COUNT, TM_AGG_MEAN)
+DEFINE_TIES4(ties4_count_sum_f32, ties4_rule_f32, float, TM_SIGN_COUNT, TM_AGG_SUM)
 
+/* merge_func max (only FusionBench's TIES: not masked) has none */
 typedef void (*ties4_fn)(double *, const float *const *, const double *, const uint8_t *const *, const double *,
                          const double *, size_t, double);
-static const ties4_fn ties4_f32[2][2] = { /* merge_func max (only FusionBench's TIES: not masked) has none */
+typedef void (*ties4_fn_f32)(double *, const float *const *, const float *, const uint8_t *const *, const double *,
+                             const double *, size_t, double);
+static const ties4_fn ties4_f32[2][2] = {
     [TM_SIGN_SUM] = {[TM_AGG_MEAN] = ties4_sum_mean, [TM_AGG_SUM] = ties4_sum_sum},
     [TM_SIGN_COUNT] = {[TM_AGG_MEAN] = ties4_count_mean, [TM_AGG_SUM] = ties4_count_sum},
 };
+static const ties4_fn_f32 ties4_f32_f32[2][2] = {
+    [TM_SIGN_SUM] = {[TM_AGG_MEAN] = ties4_sum_mean_f32, [TM_AGG_SUM] = ties4_sum_sum_f32},
+    [TM_SIGN_COUNT] = {[TM_AGG_MEAN] = ties4_count_mean_f32, [TM_AGG_SUM] = ties4_count_sum_f32},
+};
+
+/* Whether masked_ties4_f32 takes input count n (1 to 4, masks that ignore δ, no max). */
+static int ties4_takes(const tm_sparse_method *s, const tm_sparse_header *h, size_t n) {
+    return n >= 1 && n <= 4 && mask_without_delta(s) && h->agg != TM_AGG_MAX;
+}
 
 /* TIES over DARE's or DELLA's masks and 1 to 4 float32 inputs, elements [c0, c0 + m) of the block
- * at begin (b, out: from c0), fused; returns 0 (nothing done) otherwise. */
+ * at begin (the base from c0: b in float64, or bf, float32; out: from c0), fused; returns 0
+ * (nothing done) otherwise. */
 static int masked_ties4_f32(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
                             const tm_sparse_input *in, uint64_t begin, size_t c0, size_t m, const double *b,
-                            double *out) {
+                            const float *bf, double *out) {
     static const uint8_t none[TM_SPARSE_CHUNK]; /* the mask of a missing input */
     const size_t n = t->n;
-    if (n == 0 || n > 4 || !mask_without_delta(s) || h->agg == TM_AGG_MAX) return 0;
+    if (!ties4_takes(s, h, n)) return 0;
     const float *x[4];
     const uint8_t *keep[4];
     double c[4] = {0}, w[4] = {0};
@@ -450,14 +488,24 @@ static int masked_ties4_f32(const tm_sparse_method *s, const tm_sparse_header *h
         keep[j] = none;
     }
     for (size_t j = 0; j < n; j++) {
-        uint8_t *kj = keep_of(s, h, t, j, begin) + c0;
-        if (!saves_masks(s, h)) keep_block(s, h, t, j, &in[j], NULL, begin + c0, m, kj);
-        keep[j] = kj;
-        c[j] = in[j].coef * rescale_of(h, &in[j]);
+        keep[j] = masked_input(s, h, t, in, j, begin, c0, m, &c[j]);
         w[j] = in[j].coef;
     }
-    ties4_f32[h->sign_rule][h->agg](out, x, b, keep, c, w, m, tm_ties_global_zero_sign(t));
+    if (bf) ties4_f32_f32[h->sign_rule][h->agg](out, x, bf, keep, c, w, m, tm_ties_global_zero_sign(t));
+    else ties4_f32[h->sign_rule][h->agg](out, x, b, keep, c, w, m, tm_ties_global_zero_sign(t));
     return 1;
+}
+
+/* The block's float32 base when every loop of its apply can read it as it is (float32 inputs and
+ * base, masks that ignore δ, inputs in the fused loops' groups: 4 at a time linear, 1 to 4 ties),
+ * else NULL: the base is then widened to float64 first. */
+static const float *apply_base_f32(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
+                                   uint64_t begin) {
+    const int ties = s->consensus == TM_CONSENSUS_TIES;
+    if (!mask_without_delta(s) || (ties ? !ties4_takes(s, h, t->n) : t->n % 4 != 0)) return NULL;
+    for (size_t j = 0; j < t->n; j++)
+        if (!tm_kernel_f32_at(&t->in[j], begin)) return NULL;
+    return tm_kernel_f32_at(t->base, begin);
 }
 
 /* The magnitude sparsifications as one test: kept when the element is in the top set hi and not in
@@ -510,7 +558,7 @@ double *tm_sparse_rows(const tm_sparse_method *s, const tm_method_tensor *t, con
     double *rows = (double *)t->memory->data;
     size_t j0 = 0;
     if (!ties && mask_without_delta(s)) /* linear DARE, DELLA: 4 inputs per pass over acc */
-        while (j0 + 4 <= n && masked_linear4_f32(s, h, t, in, j0, begin, c0, m, b + c0, acc + c0)) j0 += 4;
+        while (j0 + 4 <= n && masked_linear4_f32(s, h, t, in, j0, begin, c0, m, b + c0, NULL, acc + c0)) j0 += 4;
     for (size_t j = j0; j < n; j++) {
         const tm_sparse_input *x = &in[j];
         double *d = ties ? rows + j * m : rows;
@@ -523,8 +571,8 @@ double *tm_sparse_rows(const tm_sparse_method *s, const tm_method_tensor *t, con
             continue;
         }
         if (xf) { /* DARE, DELLA over float32 (the common case) without the δ row */
-            if (!saves_masks(s, h)) keep_block(s, h, t, j, x, NULL, begin + c0, m, keep);
-            const double c = x->coef * rescale_of(h, x);
+            double c;
+            masked_input(s, h, t, in, j, begin, c0, m, &c);
             if (ties) scale_kept_f32(d, xf, b + c0, keep, c, m);
             else add_kept_f32(acc + c0, xf, b + c0, keep, c, m);
             continue;
@@ -549,15 +597,23 @@ void tm_sparse_apply(const tm_sparse_method *s, const tm_method_tensor *t, const
     for (size_t j = 0; j < n; j++) w[j] = in[j].coef;
     if (!ties)
         for (size_t e = 0; e < count; e++) acc[e] = 0;
-    tm_kernel_load_f64(t->base, begin, count, b, k);
+    const float *bf = apply_base_f32(s, h, t, begin);
+    if (!bf) tm_kernel_load_f64(t->base, begin, count, b, k);
     for (size_t c0 = 0; c0 < count; c0 += TM_SPARSE_CHUNK) {
         const size_t m = count - c0 < TM_SPARSE_CHUNK ? count - c0 : TM_SPARSE_CHUNK;
-        if (ties && masked_ties4_f32(s, h, t, in, begin, c0, m, b + c0, acc + c0)) continue;
+        if (bf && !ties) { /* apply_base_f32: every group of 4 is fused */
+            for (size_t j0 = 0; j0 < n; j0 += 4) masked_linear4_f32(s, h, t, in, j0, begin, c0, m, NULL, bf + c0, acc + c0);
+            continue;
+        }
+        if (ties && masked_ties4_f32(s, h, t, in, begin, c0, m, bf ? NULL : b + c0, bf ? bf + c0 : NULL, acc + c0))
+            continue;
         double *rows = tm_sparse_rows(s, t, state, begin, c0, m, b, k, acc);
         if (ties) tm_consensus_merge(rows, w, n, m, h->sign_rule, h->agg, tm_ties_global_zero_sign(t), acc + c0);
     }
     for (size_t j = 0; j < n; j++) tm_method_mask(t, j, begin, count, keep_of(s, h, t, j, begin));
-    if (ties) add_scaled(acc, b, h->lambda, count);
+    if (ties && bf) add_scaled_f32(acc, bf, h->lambda, count);
+    else if (ties) add_scaled(acc, b, h->lambda, count);
+    else if (bf) add_base_f32(acc, bf, count);
     else add_base(acc, b, count);
     tm_view sum = {(const uint8_t *)acc, TM_FLOAT64, 1, (const int64_t[]){(int64_t)count}, (const int64_t[]){1}, 0};
     tm_kernel_copy(&sum, 0, count, t->out_dtype, out); /* rounded once */
