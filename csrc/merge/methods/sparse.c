@@ -152,16 +152,52 @@ TM_HOT static void random_keep(uint64_t key, uint64_t threshold, uint64_t begin,
     for (size_t e = 0; e < count; e++) keep[e] = (uint8_t)tm_random_keep(key, begin + e, threshold);
 }
 
-/* tm_topk_kept(hi) and not tm_topk_kept(lo), in bitwise operations so that the loop vectorises. */
+/* The magnitude sparsifications as one test: kept when the element is in the top set hi and not in
+ * the top set lo, a set being {key > cut_key, or key == cut_key and index < cut_end} (topk.h).
+ * MAGNITUDE: hi = its selection, lo empty; OUTLIERS: hi = top + keep, lo = top; a global
+ * threshold: hi = {key ≥ min_key}. */
+typedef struct band {
+    uint64_t hk, he, lk, le;
+} band;
+
+/* The test on element i of key k, in bitwise operations so that the loops vectorise. */
+static inline uint8_t band_test(band w, uint64_t k, uint64_t i) {
+    const int in_hi = (k > w.hk) | ((k == w.hk) & (i < w.he)), in_lo = (k > w.lk) | ((k == w.lk) & (i < w.le));
+    return (uint8_t)(in_hi & !in_lo);
+}
+
+static int band_of(const tm_sparse_method *s, const tm_method_tensor *t, size_t j, const tm_sparse_input *x, band *out) {
+    const band none = {0, 0, UINT64_MAX, 0}; /* lo: no key is above UINT64_MAX */
+    *out = none;
+    if (s->sparsify == TM_SPARSIFY_OUTLIERS) {
+        *out = (band){x->sel[1].cut_key, x->sel[1].cut_end, x->sel[0].cut_key, x->sel[0].cut_end};
+    } else if (s->sparsify == TM_SPARSIFY_MAGNITUDE && tm_ties_global(t)) {
+        out->hk = tm_ties_global_min_key(t, t->input[j]);
+        out->he = UINT64_MAX;
+    } else if (s->sparsify == TM_SPARSIFY_MAGNITUDE) {
+        out->hk = x->sel[0].cut_key;
+        out->he = x->sel[0].cut_end;
+    } else {
+        return 0;
+    }
+    return 1;
+}
+
+/* tm_topk_kept(hi) and not tm_topk_kept(lo). */
 TM_HOT static void outliers_keep(const tm_topk *lo, const tm_topk *hi, const double *restrict d, uint64_t begin,
                                  size_t count, uint8_t *restrict keep) {
-    const uint64_t lk = lo->cut_key, le = lo->cut_end, hk = hi->cut_key, he = hi->cut_end;
-    for (size_t e = 0; e < count; e++) {
-        const uint64_t k = tm_topk_key(d[e]), i = begin + e;
-        const int in_hi = (k > hk) | ((k == hk) & (i < he)), in_lo = (k > lk) | ((k == lk) & (i < le));
-        keep[e] = (uint8_t)(in_hi & !in_lo);
-    }
+    const band w = {hi->cut_key, hi->cut_end, lo->cut_key, lo->cut_end};
+    for (size_t e = 0; e < count; e++) keep[e] = band_test(w, tm_topk_key(d[e]), begin + e);
 }
+
+/* The band test of δ = x − b over a float32 input, the base in float64 or (suffix _f32) float32. */
+#define DEFINE_BAND_KEEP(name, B)                                                                   \
+    TM_HOT static void name(const float *restrict x, const B *restrict b, band w, uint64_t begin, size_t m, \
+                            uint8_t *restrict keep) {                                              \
+        for (size_t e = 0; e < m; e++) keep[e] = band_test(w, tm_topk_key((double)x[e] - (double)b[e]), begin + e); \
+    }
+DEFINE_BAND_KEEP(band_keep_f32, double)
+DEFINE_BAND_KEEP(band_keep_f32_f32, float)
 
 TM_HOT static void threshold_keep(uint64_t min_key, const double *restrict d, size_t count, uint8_t *restrict keep) {
     for (size_t e = 0; e < count; e++) keep[e] = (uint8_t)(tm_topk_key(d[e]) >= min_key);
@@ -374,14 +410,21 @@ DEFINE_ADD_KEPT4(add_kept4_f32_f32, float)
  * and the factor of its kept δ. */
 static const uint8_t *masked_input(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
                                    const tm_sparse_input *in, size_t j, uint64_t begin, size_t c0, size_t m,
-                                   double *c) {
+                                   const double *b, const float *bf, double *c) {
     uint8_t *kj = keep_of(s, h, t, j, begin) + c0;
-    if (!saves_masks(s, h)) keep_block(s, h, t, j, &in[j], NULL, begin + c0, m, kj);
+    band w;
+    if (band_of(s, t, j, &in[j], &w)) { /* a magnitude mask: the test on δ, over a float32 input */
+        const float *x = tm_kernel_f32_at(&t->in[j], begin + c0);
+        if (bf) band_keep_f32_f32(x, bf, w, begin + c0, m, kj);
+        else band_keep_f32(x, b, w, begin + c0, m, kj);
+    } else if (!saves_masks(s, h)) {
+        keep_block(s, h, t, j, &in[j], NULL, begin + c0, m, kj);
+    }
     *c = in[j].coef * rescale_of(h, &in[j]);
     return kj;
 }
 
-/* Linear DARE / DELLA over 4 float32 inputs from j at once, elements [c0, c0 + m) of the block at begin
+/* Linear over 4 float32 inputs from j at once (any of the family's masks), elements [c0, c0 + m) of the block at begin
  * (the base from c0: b in float64, or bf, float32; acc: from c0); returns 0 (nothing done) unless all
  * 4 are float32. */
 static int masked_linear4_f32(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
@@ -392,7 +435,7 @@ static int masked_linear4_f32(const tm_sparse_method *s, const tm_sparse_header 
     double c[4];
     for (size_t i = 0; i < 4; i++)
         if (!(x[i] = tm_kernel_f32_at(&t->in[j + i], begin + c0))) return 0;
-    for (size_t i = 0; i < 4; i++) keep[i] = masked_input(s, h, t, in, j + i, begin, c0, m, &c[i]);
+    for (size_t i = 0; i < 4; i++) keep[i] = masked_input(s, h, t, in, j + i, begin, c0, m, b, bf, &c[i]);
     if (bf) add_kept4_f32_f32(acc, x, bf, keep, c, m);
     else add_kept4_f32(acc, x, b, keep, c, m);
     return 1;
@@ -465,72 +508,89 @@ static const ties4_fn_f32 ties4_f32_f32[2][2] = {
     [TM_SIGN_COUNT] = {[TM_AGG_MEAN] = ties4_count_mean_f32, [TM_AGG_SUM] = ties4_count_sum_f32},
 };
 
-/* Whether masked_ties4_f32 takes input count n (1 to 4, masks that ignore δ, no max). */
-static int ties4_takes(const tm_sparse_method *s, const tm_sparse_header *h, size_t n) {
-    return n >= 1 && n <= 4 && mask_without_delta(s) && h->agg != TM_AGG_MAX;
+/* Whether masked_ties4_f32 takes input count n (1 to 4, no max). */
+static int ties4_takes(const tm_sparse_header *h, size_t n) { return n >= 1 && n <= 4 && h->agg != TM_AGG_MAX; }
+
+/* The 4 inputs of the fused TIES loops for elements [c0, c0 + m) of the block at begin (the base
+ * from c0: b in float64, or bf, float32): the t->n ≤ 4 float32 inputs, their keep bytes and factors
+ * c and weights w; a missing input is one kept nowhere (c = w = 0): its +0 changes no sum and
+ * never agrees. Returns 0 (nothing done) unless every input is float32. */
+static int ties4_inputs(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
+                        const tm_sparse_input *in, uint64_t begin, size_t c0, size_t m, const double *b,
+                        const float *bf, const float **x, const uint8_t **keep, double *c, double *w) {
+    static const uint8_t none[TM_SPARSE_CHUNK]; /* the mask of a missing input */
+    const size_t n = t->n;
+    for (size_t j = 0; j < 4; j++) {
+        x[j] = j < n ? tm_kernel_f32_at(&t->in[j], begin + c0) : x[0];
+        if (!x[j]) return 0;
+        keep[j] = none;
+        c[j] = w[j] = 0;
+    }
+    for (size_t j = 0; j < n; j++) {
+        keep[j] = masked_input(s, h, t, in, j, begin, c0, m, b, bf, &c[j]);
+        w[j] = in[j].coef;
+    }
+    return 1;
 }
 
-/* TIES over DARE's or DELLA's masks and 1 to 4 float32 inputs, elements [c0, c0 + m) of the block
+/* TIES over 1 to 4 float32 inputs (any of the family's masks), elements [c0, c0 + m) of the block
  * at begin (the base from c0: b in float64, or bf, float32; out: from c0), fused; returns 0
  * (nothing done) otherwise. */
 static int masked_ties4_f32(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
                             const tm_sparse_input *in, uint64_t begin, size_t c0, size_t m, const double *b,
                             const float *bf, double *out) {
-    static const uint8_t none[TM_SPARSE_CHUNK]; /* the mask of a missing input */
-    const size_t n = t->n;
-    if (!ties4_takes(s, h, n)) return 0;
     const float *x[4];
     const uint8_t *keep[4];
-    double c[4] = {0}, w[4] = {0};
-    for (size_t j = 0; j < 4; j++) {
-        x[j] = j < n ? tm_kernel_f32_at(&t->in[j], begin + c0) : x[0];
-        if (!x[j]) return 0;
-        keep[j] = none;
-    }
-    for (size_t j = 0; j < n; j++) {
-        keep[j] = masked_input(s, h, t, in, j, begin, c0, m, &c[j]);
-        w[j] = in[j].coef;
-    }
+    double c[4], w[4];
+    if (!ties4_takes(h, t->n) || !ties4_inputs(s, h, t, in, begin, c0, m, b, bf, x, keep, c, w)) return 0;
     if (bf) ties4_f32_f32[h->sign_rule][h->agg](out, x, bf, keep, c, w, m, tm_ties_global_zero_sign(t));
     else ties4_f32[h->sign_rule][h->agg](out, x, b, keep, c, w, m, tm_ties_global_zero_sign(t));
     return 1;
 }
 
+/* S alone (consensus.h) of 4 float32 inputs, as tm_consensus_score over scale_kept_f32's rows. */
+#define DEFINE_SCORE4(name, rule)                                                                   \
+    TM_HOT static void name(double *restrict out, const float *const *x, const double *restrict b,  \
+                            const uint8_t *const *keep, const double *c, size_t count) {           \
+        const float *restrict x0 = x[0], *restrict x1 = x[1], *restrict x2 = x[2], *restrict x3 = x[3]; \
+        const uint8_t *restrict k0 = keep[0], *restrict k1 = keep[1], *restrict k2 = keep[2], *restrict k3 = keep[3]; \
+        const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];                                   \
+        for (size_t e = 0; e < count; e++) {                                                       \
+            const double be = b[e];                                                                \
+            double score = 0;                                                                      \
+            score += tm_consensus_term(tm_kept_or_zero(c0 * ((double)x0[e] - be), k0[e]), rule);   \
+            score += tm_consensus_term(tm_kept_or_zero(c1 * ((double)x1[e] - be), k1[e]), rule);   \
+            score += tm_consensus_term(tm_kept_or_zero(c2 * ((double)x2[e] - be), k2[e]), rule);   \
+            score += tm_consensus_term(tm_kept_or_zero(c3 * ((double)x3[e] - be), k3[e]), rule);   \
+            out[e] = score;                                                                        \
+        }                                                                                          \
+    }
+DEFINE_SCORE4(score4_sum, TM_SIGN_SUM)
+DEFINE_SCORE4(score4_count, TM_SIGN_COUNT)
+
+void tm_sparse_score(const tm_sparse_method *s, const tm_method_tensor *t, const double *state, uint64_t begin,
+                     size_t c0, size_t m, const double *b, double *k, double *out) {
+    const tm_sparse_header *h = cheader(state);
+    const float *x[4];
+    const uint8_t *keep[4];
+    double c[4], w[4];
+    if (t->n >= 1 && t->n <= 4 && ties4_inputs(s, h, t, cinputs(state), begin, c0, m, b + c0, NULL, x, keep, c, w)) {
+        (h->sign_rule == TM_SIGN_COUNT ? score4_count : score4_sum)(out, x, b + c0, keep, c, m);
+        return;
+    }
+    tm_consensus_score(tm_sparse_rows(s, t, state, begin, c0, m, b, k, NULL), t->n, m, h->sign_rule, out);
+}
+
 /* The block's float32 base when every loop of its apply can read it as it is (float32 inputs and
- * base, masks that ignore δ, inputs in the fused loops' groups: 4 at a time linear, 1 to 4 ties),
+ * base, inputs in the fused loops' groups: 4 at a time linear, 1 to 4 ties),
  * else NULL: the base is then widened to float64 first. */
 static const float *apply_base_f32(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
                                    uint64_t begin) {
     const int ties = s->consensus == TM_CONSENSUS_TIES;
-    if (!mask_without_delta(s) || (ties ? !ties4_takes(s, h, t->n) : t->n % 4 != 0)) return NULL;
+    if (ties ? !ties4_takes(h, t->n) : t->n % 4 != 0) return NULL;
     for (size_t j = 0; j < t->n; j++)
         if (!tm_kernel_f32_at(&t->in[j], begin)) return NULL;
     return tm_kernel_f32_at(t->base, begin);
-}
-
-/* The magnitude sparsifications as one test: kept when the element is in the top set hi and not in
- * the top set lo, a set being {key > cut_key, or key == cut_key and index < cut_end} (topk.h).
- * MAGNITUDE: hi = its selection, lo empty; OUTLIERS: hi = top + keep, lo = top; a global
- * threshold: hi = {key ≥ min_key}. */
-typedef struct band {
-    uint64_t hk, he, lk, le;
-} band;
-
-static int band_of(const tm_sparse_method *s, const tm_method_tensor *t, size_t j, const tm_sparse_input *x, band *out) {
-    const band none = {0, 0, UINT64_MAX, 0}; /* lo: no key is above UINT64_MAX */
-    *out = none;
-    if (s->sparsify == TM_SPARSIFY_OUTLIERS) {
-        *out = (band){x->sel[1].cut_key, x->sel[1].cut_end, x->sel[0].cut_key, x->sel[0].cut_end};
-    } else if (s->sparsify == TM_SPARSIFY_MAGNITUDE && tm_ties_global(t)) {
-        out->hk = tm_ties_global_min_key(t, t->input[j]);
-        out->he = UINT64_MAX;
-    } else if (s->sparsify == TM_SPARSIFY_MAGNITUDE) {
-        out->hk = x->sel[0].cut_key;
-        out->he = x->sel[0].cut_end;
-    } else {
-        return 0;
-    }
-    return 1;
 }
 
 /* The magnitude sparsifications over a float32 input in one pass: δ = x − b, its band test into
@@ -541,9 +601,7 @@ TM_HOT static void band_rows_f32(const float *restrict x, const double *restrict
                                  size_t m, uint8_t *restrict keep, double *restrict out, int add) {
     for (size_t e = 0; e < m; e++) {
         const double d = (double)x[e] - b[e];
-        const uint64_t k = tm_topk_key(d), i = begin + e;
-        const int in_hi = (k > w.hk) | ((k == w.hk) & (i < w.he)), in_lo = (k > w.lk) | ((k == w.lk) & (i < w.le));
-        keep[e] = (uint8_t)(in_hi & !in_lo);
+        keep[e] = band_test(w, tm_topk_key(d), begin + e);
         const double v = tm_kept_or_zero(c * d, keep[e]);
         out[e] = add ? out[e] + v : v;
     }
@@ -557,7 +615,7 @@ double *tm_sparse_rows(const tm_sparse_method *s, const tm_method_tensor *t, con
     const int ties = s->consensus == TM_CONSENSUS_TIES;
     double *rows = (double *)t->memory->data;
     size_t j0 = 0;
-    if (!ties && mask_without_delta(s)) /* linear DARE, DELLA: 4 inputs per pass over acc */
+    if (!ties) /* linear: 4 float32 inputs per pass over acc */
         while (j0 + 4 <= n && masked_linear4_f32(s, h, t, in, j0, begin, c0, m, b + c0, NULL, acc + c0)) j0 += 4;
     for (size_t j = j0; j < n; j++) {
         const tm_sparse_input *x = &in[j];
@@ -572,7 +630,7 @@ double *tm_sparse_rows(const tm_sparse_method *s, const tm_method_tensor *t, con
         }
         if (xf) { /* DARE, DELLA over float32 (the common case) without the δ row */
             double c;
-            masked_input(s, h, t, in, j, begin, c0, m, &c);
+            masked_input(s, h, t, in, j, begin, c0, m, b + c0, NULL, &c);
             if (ties) scale_kept_f32(d, xf, b + c0, keep, c, m);
             else add_kept_f32(acc + c0, xf, b + c0, keep, c, m);
             continue;

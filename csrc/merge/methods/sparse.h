@@ -166,6 +166,11 @@ void tm_sparse_apply(const tm_sparse_method *s, const tm_method_tensor *t, const
 double *tm_sparse_rows(const tm_sparse_method *s, const tm_method_tensor *t, const double *state, uint64_t begin,
                        size_t c0, size_t m, const double *b, double *k, double *acc);
 
+/* TIES' score S (consensus.h) of the same elements into out[0, m): tm_consensus_score of the rows,
+ * fused (no rows) over 1 to 4 float32 inputs. */
+void tm_sparse_score(const tm_sparse_method *s, const tm_method_tensor *t, const double *state, uint64_t begin,
+                     size_t c0, size_t m, const double *b, double *k, double *out);
+
 /* The merge-wide checks of the family: weights (with normalize on a linear consensus), and
  * gamma + density ≤ 1. */
 tm_status tm_sparse_check(const tm_sparse_method *s, const tm_param_values *p, tm_error *err);

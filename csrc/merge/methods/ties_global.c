@@ -82,13 +82,11 @@ void tm_ties_global_reduce(const tm_sparse_method *s, const tm_method_tensor *t,
                            size_t count, double *sum, double *scratch) {
     const double *model = t->model;
     if (model[G_PHASE] == PH_SIGN) {
-        const tm_sparse_header *h = (const tm_sparse_header *)state;
         double *b = scratch + count, *k = scratch + 2 * count;
         tm_kernel_load_f64(t->base, begin, count, b, k);
         for (size_t c0 = 0; c0 < count; c0 += TM_SPARSE_CHUNK) {
             const size_t m = count - c0 < TM_SPARSE_CHUNK ? count - c0 : TM_SPARSE_CHUNK;
-            double *rows = tm_sparse_rows(s, t, state, begin, c0, m, b, k, NULL);
-            tm_consensus_score(rows, t->n, m, h->sign_rule, scratch + c0);
+            tm_sparse_score(s, t, state, begin, c0, m, b, k, scratch + c0);
         }
         sum[G_SIGNSUM] += (double)sign_sum(scratch, count); /* exact: integers below 2⁵³ */
         return;
