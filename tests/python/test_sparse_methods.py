@@ -320,3 +320,57 @@ def test_bad_parameters_are_one_line_naming_them(models, tmp_path, method, args,
              models["c"], cwd=tmp_path)
     assert_error(res, needle)
     assert not (tmp_path / "o.pt").exists()
+
+
+# ---- the fused float32 loops give the bytes of the float64 ones --------------------------------------
+
+@pytest.fixture(scope="module")
+def wide_models(tmp_path_factory):
+    """A base and 5 fine-tunes in float32, and the same values in float64: float32 inputs take the
+    fused loops (δ and the masks in registers, 1-4 inputs at once), float64 ones the rows. Tensors
+    span several chunks and blocks, with equal magnitudes and unchanged elements."""
+    d = tmp_path_factory.mktemp("wide")
+    g = torch.Generator().manual_seed(11)
+    shapes = {"w": (3, 2500), "v": (70000,), "c": (4, 300, 3)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    paths = {}
+    for tag in ["base", "1", "2", "3", "4", "5"]:
+        sd = base if tag == "base" else {}
+        for k, b in base.items():
+            if tag == "base":
+                break
+            delta = torch.round(torch.randn(b.shape, generator=g) * 300) / 30000  # equal magnitudes
+            delta[torch.rand(b.shape, generator=g) < 0.1] = 0  # unchanged elements
+            sd[k] = (b.double() + delta.double()).float()
+        for kind, dtype in [("f32", torch.float32), ("f64", torch.float64)]:
+            paths[tag, kind] = d / ("%s_%s.pt" % (tag, kind))
+            torch.save({k: v.to(dtype) for k, v in sd.items()}, str(paths[tag, kind]))
+    return paths
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 5])
+@pytest.mark.parametrize("method,args", [
+    ("ties", ["--density", "0.3"]),
+    ("ties", ["--density", "0.3", "--trim-scope", "global", "--merge-func", "sum"]),
+    ("ties", ["--density", "0.3", "--trim-scope", "global", "--majority-sign", "count"]),
+    ("dare_linear", ["--density", "0.5"]),
+    ("dare_linear", ["--density", "0.5", "--rescale", "none", "--weights", "1,-0.5,2,1,0.5"]),
+    ("dare_ties", ["--density", "0.4", "--majority-sign", "count", "--normalize"]),
+    ("breadcrumbs", ["--density", "0.6", "--gamma", "0.1"]),
+    ("breadcrumbs_ties", ["--density", "0.6", "--gamma", "0.1"]),
+    ("della", ["--density", "0.5", "--epsilon", "0.2"]),
+    ("della_linear", ["--density", "0.5,0.7,0.4,0.6,0.5", "--epsilon", "0.1"]),
+])
+def test_fused_float32_loops_give_the_float64_loops_bytes(wide_models, tmp_path, method, args, n):
+    args = [a if "," not in a else ",".join(a.split(",")[:n]) for a in args]
+    outs = {}
+    for kind in ["f32", "f64"]:
+        out = tmp_path / ("%s.pt" % kind)
+        inputs = [wide_models[str(i + 1), kind] for i in range(n)]
+        assert_ok(tm(method, "-q", "--base", wide_models["base", kind], "--dtype", "float32", "-o", out, *args,
+                     *inputs, cwd=tmp_path))
+        outs[kind] = load(out)
+    for name, t in outs["f32"].items():
+        other = outs["f64"][name]
+        assert t.dtype == other.dtype == torch.float32, name
+        assert torch.equal(t.view(torch.int32), other.view(torch.int32)), (method, args, n, name)
