@@ -223,7 +223,8 @@ TM_HOT static void keep_fibre(uint8_t *restrict keep, uint64_t key, uint64_t fir
  * sorts the fibre then. a->rank and a->words are its scratch (keep may be a->tmp). */
 #define UNDECIDED_MAX 64
 #define COINS 512 /* coin flips hashed per piece */
-#define BUCKETS_MIN_LEN 64 /* shorter fibres are sorted */
+#define BUCKETS_MIN_LEN 64 /* shorter fibres are sorted, */
+#define BUCKETS_MAX_LEN 65535 /* and longer ones: the buckets' first ranks are 16-bit */
 
 TM_HOT static void key_range(const uint64_t *restrict keys, size_t len, uint64_t *lo, uint64_t *hi) {
     uint64_t mn = UINT64_MAX, mx = 0;
@@ -266,6 +267,22 @@ TM_HOT static size_t rank_of(const uint64_t *restrict keys, size_t len, size_t r
     return n;
 }
 
+/* s[i] = s[0] + … + s[i], 4 at a time in a 64-bit word: the word times 0x0001000100010001 holds
+ * each lane's sum with the lanes below (no lane overflows: every sum is at most len < 2¹⁶), and
+ * only the running total, broadcast to the 4 lanes, carries from word to word (one add each, not
+ * one per bucket). n: a multiple of 4. */
+static void prefix_sums16(uint16_t *s, size_t n) {
+    const uint64_t lanes = 0x0001000100010001ull;
+    uint64_t carry = 0;
+    for (size_t i = 0; i < n; i += 4) {
+        uint64_t w;
+        memcpy(&w, s + i, sizeof w);
+        const uint64_t within = w * lanes, out = within + carry;
+        memcpy(s + i, &out, sizeof out);
+        carry += (within >> 48) * lanes;
+    }
+}
+
 static int keep_by_buckets(const uint64_t *keys, size_t len, const uint64_t *thr, uint64_t key, uint64_t first,
                            uint64_t inner, const area *a, uint8_t *keep) {
     uint64_t kmin, kmax;
@@ -275,12 +292,13 @@ static int keep_by_buckets(const uint64_t *keys, size_t len, const uint64_t *thr
     const uint64_t range = kmax >= kmin ? kmax - kmin : 0; /* every key 0: kmin = kmax = 0 */
     const unsigned bits = range ? 64u - (unsigned)__builtin_clzll(range) : 0;
     const unsigned shift = bits > log_nb ? bits - log_nb : 0;
-    uint32_t *bucket = a->rank, *start = (uint32_t *)a->words; /* start: NB + 2 ≤ 2·len */
-    const size_t nb = ((size_t)1 << log_nb) + 1;
+    uint32_t *bucket = a->rank;
+    uint16_t *start = (uint16_t *)a->words; /* NB + 2 ≤ 2·len, rounded up to 4: within a->words' 4·len */
+    const size_t nb = ((size_t)1 << log_nb) + 1, n_start = (nb + 1 + 3) & ~(size_t)3;
     buckets_of(bucket, keys, len, kmin, shift);
-    memset(start, 0, (nb + 1) * sizeof *start);
+    memset(start, 0, n_start * sizeof *start);
     for (size_t r = 0; r < len; r++) start[bucket[r] + 1]++;
-    for (size_t b = 1; b <= nb; b++) start[b] += start[b - 1]; /* start[b]: the bucket's first rank */
+    prefix_sums16(start, n_start); /* start[b]: the bucket's first rank */
     const int has_zeros = start[1] > 0;
     const uint64_t band_lo = thr[0], band_hi = thr[len - 1];
     uint32_t undecided[UNDECIDED_MAX + 1], band[COINS];
@@ -301,7 +319,7 @@ static int keep_by_buckets(const uint64_t *keys, size_t len, const uint64_t *thr
             const uint32_t b = bucket[r];
             if (has_zeros)
                 for (; zeros_to < r; zeros_to++) zeros += keys[zeros_to] == 0;
-            const uint64_t lo = thr[b ? start[b] : zeros], hi = thr[b ? start[b + 1] - 1 : zeros];
+            const uint64_t lo = thr[b ? (size_t)start[b] : zeros], hi = thr[b ? (size_t)start[b + 1] - 1 : zeros];
             keep[r] = m < lo;
             undecided[n_undecided < UNDECIDED_MAX ? n_undecided : UNDECIDED_MAX] = (uint32_t)r;
             n_undecided += (m >= lo) & (m < hi);
@@ -387,7 +405,7 @@ static void rank_slab(const tm_method_tensor *t, const geometry *g, const area *
     for (uint64_t q = 0; q < g->inner; q++) {
         if (g->inner > 1)
             for (size_t r = 0; r < len; r++) a->keys[r] = a->slab[q + r * g->inner];
-        if (len >= BUCKETS_MIN_LEN && keep_by_buckets(a->keys, len, a->thr, x->key, start + q, g->inner, a, keep)) {
+        if (len >= BUCKETS_MIN_LEN && len <= BUCKETS_MAX_LEN && keep_by_buckets(a->keys, len, a->thr, x->key, start + q, g->inner, a, keep)) {
             set_bits(bits, keep, start + q, g->inner, len);
             continue;
         }
