@@ -60,13 +60,17 @@ def della_ref(base, inputs, method, weights, lam, dens, eps, seed, rescale="l1",
 @pytest.fixture(scope="module")
 def della_models(tmp_path_factory):
     """test_methods' small models (0-d, 1-D, 2-D fp32/fp16/bf16, an integer counter) and: a 4-D conv
-    weight, rows spanning blocks ([3, 70001]: 65,536 elements a block), a 1-D tensor over a block
-    (one fibre), rows of equal magnitudes (the tie rule) with zero task-vector entries, and one
-    [5, 1] (fibres of one element)."""
+    weight, rows spanning blocks ([3, 70001]: 65,536 elements a block) and a 1-D tensor over a block
+    (one fibre; both longer than the bucketed fibres: sorted), rows and a 1-D tensor the buckets
+    rank (64 to 65,535 elements; the 1-D one with many zero task-vector entries), rows of equal
+    magnitudes (the tie rule) with zero task-vector entries, and one [5, 1] (fibres of one
+    element)."""
     g = torch.Generator().manual_seed(21)
     conv = torch.randn(4, 3, 3, 2, generator=g)
     wide = torch.randn(3, 70001, generator=g)
     long = torch.randn(66000, generator=g)
+    mid = torch.randn(4, 3000, generator=g)
+    mid1d = torch.randn(5000, generator=g)
     col = torch.randn(5, 1, generator=g)
     sds = {}
     for n, tag in enumerate(["base", *INPUTS]):
@@ -75,6 +79,8 @@ def della_models(tmp_path_factory):
         sd["conv.weight"] = conv + step * torch.randn(conv.shape, generator=g)
         sd["wide"] = wide + step * torch.randn(wide.shape, generator=g)
         sd["long"] = long + step * torch.randn(long.shape, generator=g)
+        sd["mid"] = mid + step * torch.randn(mid.shape, generator=g)
+        sd["mid1d"] = mid1d + step * torch.randn(mid1d.shape, generator=g) * (torch.rand(5000, generator=g) < 0.6)
         sd["col"] = col + step * torch.randn(col.shape, generator=g)
         # |δ| in {0, 0.5, 1}: runs of equal magnitudes of both signs in every row
         pattern = torch.tensor([[1, -1, 0.5, 1, -0.5, 0, 1, -1, 0.5, -1], [0.5, 0.5, -0.5, 1, 0, 0, -1, 1, 1, 0.5]])
