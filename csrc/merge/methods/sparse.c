@@ -6,6 +6,7 @@
 #include "merge/hot.h"
 #include "merge/merge_ctx.h"
 #include "merge/methods/consensus.h"
+#include "merge/methods/fused4.h"
 #include "merge/methods/ties_global.h"
 #include "merge/methods/weights.h"
 #include "merge/random.h"
@@ -387,25 +388,6 @@ DEFINE_ADD_BASE(_f32, float)
 DEFINE_KEPT(, double, TM_VALUE_PLAIN)
 DEFINE_KEPT(_f32, float, TM_VALUE_F32_DELTA)
 
-/* add_kept_f32 of 4 inputs in one pass over acc, adding in input order (the same bits); the base
- * in float64 or, suffix _f32, a float32 base read as it is. */
-#define DEFINE_ADD_KEPT4(name, B)                                                                   \
-    TM_HOT static void name(double *restrict acc, const float *const *x, const B *restrict b,      \
-                            const uint8_t *const *keep, const double *c, size_t count) {           \
-        const float *restrict x0 = x[0], *restrict x1 = x[1], *restrict x2 = x[2], *restrict x3 = x[3]; \
-        const uint8_t *restrict k0 = keep[0], *restrict k1 = keep[1], *restrict k2 = keep[2], *restrict k3 = keep[3]; \
-        const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];                                   \
-        for (size_t e = 0; e < count; e++) {                                                       \
-            const double be = b[e];                                                                \
-            double v = acc[e] + tm_kept_or_zero(c0 * ((double)x0[e] - be), k0[e]);                 \
-            v += tm_kept_or_zero(c1 * ((double)x1[e] - be), k1[e]);                                \
-            v += tm_kept_or_zero(c2 * ((double)x2[e] - be), k2[e]);                                \
-            acc[e] = v + tm_kept_or_zero(c3 * ((double)x3[e] - be), k3[e]);                        \
-        }                                                                                          \
-    }
-DEFINE_ADD_KEPT4(add_kept4_f32, double)
-DEFINE_ADD_KEPT4(add_kept4_f32_f32, float)
-
 /* Input j's keep bytes for elements [c0, c0 + m) of the block at begin (drawn now unless saved)
  * and the factor of its kept δ. */
 static const uint8_t *masked_input(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
@@ -430,105 +412,34 @@ static const uint8_t *masked_input(const tm_sparse_method *s, const tm_sparse_he
 static int masked_linear4_f32(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
                               const tm_sparse_input *in, size_t j, uint64_t begin, size_t c0, size_t m,
                               const double *b, const float *bf, double *acc) {
-    const float *x[4];
-    const uint8_t *keep[4];
-    double c[4];
+    tm_fused4 f;
     for (size_t i = 0; i < 4; i++)
-        if (!(x[i] = tm_kernel_f32_at(&t->in[j + i], begin + c0))) return 0;
-    for (size_t i = 0; i < 4; i++) keep[i] = masked_input(s, h, t, in, j + i, begin, c0, m, b, bf, &c[i]);
-    if (bf) add_kept4_f32_f32(acc, x, bf, keep, c, m);
-    else add_kept4_f32(acc, x, b, keep, c, m);
+        if (!(f.x[i] = tm_kernel_f32_at(&t->in[j + i], begin + c0))) return 0;
+    for (size_t i = 0; i < 4; i++) f.keep[i] = masked_input(s, h, t, in, j + i, begin, c0, m, b, bf, &f.c[i]);
+    tm_fused4_add_kept(acc, &f, b, bf, m);
     return 1;
 }
 
-/* TIES' consensus (consensus.h) of up to 4 float32 inputs in one pass, the kept c·δ of each
- * computed in registers instead of rows: the same operations as scale_kept_f32 then
- * tm_consensus_merge, so the same bits. A missing input is one kept nowhere (c = w = 0): its
- * +0 changes no sum and never agrees. */
-/* (restrict parameters: GCC honours them, not restrict locals, and would check at run time for
- * overlaps the callers never make, falling back to scalar code where the arrays lie close.) The
- * base in float64 or, suffix _f32, a float32 base read as it is. */
-#define DEFINE_TIES4_RULE(name, B)                                                                  \
-    static inline __attribute__((always_inline)) void name(                                        \
-        double *restrict out, const float *restrict x0, const float *restrict x1, const float *restrict x2, \
-        const float *restrict x3, const B *restrict b, const uint8_t *restrict k0, const uint8_t *restrict k1, \
-        const uint8_t *restrict k2, const uint8_t *restrict k3, const double *c, const double *w, size_t count, \
-        int sign_rule, int agg, double zero_sign) {                                                \
-        const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3], w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3]; \
-        for (size_t e = 0; e < count; e++) {                                                       \
-            const double be = b[e];                                                                \
-            const double v0 = tm_kept_or_zero(c0 * ((double)x0[e] - be), k0[e]);                   \
-            const double v1 = tm_kept_or_zero(c1 * ((double)x1[e] - be), k1[e]);                   \
-            const double v2 = tm_kept_or_zero(c2 * ((double)x2[e] - be), k2[e]);                   \
-            const double v3 = tm_kept_or_zero(c3 * ((double)x3[e] - be), k3[e]);                   \
-            double score = 0, sum = 0, div = 0, max = 0;                                           \
-            score += tm_consensus_term(v0, sign_rule);                                             \
-            score += tm_consensus_term(v1, sign_rule);                                             \
-            score += tm_consensus_term(v2, sign_rule);                                             \
-            score += tm_consensus_term(v3, sign_rule);                                             \
-            const double sigma = tm_consensus_sigma(score, zero_sign), side = sigma > 0 ? 1.0 : -1.0; \
-            tm_consensus_agree(v0, w0, side, &sum, &div, &max);                                    \
-            tm_consensus_agree(v1, w1, side, &sum, &div, &max);                                    \
-            tm_consensus_agree(v2, w2, side, &sum, &div, &max);                                    \
-            tm_consensus_agree(v3, w3, side, &sum, &div, &max);                                    \
-            out[e] = tm_consensus_result(agg, sum, div, max, sigma);                               \
-        }                                                                                          \
-    }
-DEFINE_TIES4_RULE(ties4_rule, double)
-DEFINE_TIES4_RULE(ties4_rule_f32, float)
-
-/* One function per sign rule, aggregation and base type, constants inside, so that each loop
- * vectorises on its own (inside one function GCC gave up on some). */
-#define DEFINE_TIES4(name, rule_fn, B, rule, agg)                                                  \
-    TM_HOT static void name(double *restrict out, const float *const *x, const B *restrict b,      \
-                            const uint8_t *const *keep, const double *c, const double *w, size_t count, \
-                            double zero_sign) {                                                    \
-        rule_fn(out, x[0], x[1], x[2], x[3], b, keep[0], keep[1], keep[2], keep[3], c, w, count, rule, agg, zero_sign); \
-    }
-DEFINE_TIES4(ties4_sum_mean, ties4_rule, double, TM_SIGN_SUM, TM_AGG_MEAN)
-DEFINE_TIES4(ties4_sum_sum, ties4_rule, double, TM_SIGN_SUM, TM_AGG_SUM)
-DEFINE_TIES4(ties4_count_mean, ties4_rule, double, TM_SIGN_COUNT, TM_AGG_MEAN)
-DEFINE_TIES4(ties4_count_sum, ties4_rule, double, TM_SIGN_COUNT, TM_AGG_SUM)
-DEFINE_TIES4(ties4_sum_mean_f32, ties4_rule_f32, float, TM_SIGN_SUM, TM_AGG_MEAN)
-DEFINE_TIES4(ties4_sum_sum_f32, ties4_rule_f32, float, TM_SIGN_SUM, TM_AGG_SUM)
-DEFINE_TIES4(ties4_count_mean_f32, ties4_rule_f32, float, TM_SIGN_COUNT, TM_AGG_MEAN)
-DEFINE_TIES4(ties4_count_sum_f32, ties4_rule_f32, float, TM_SIGN_COUNT, TM_AGG_SUM)
-
-/* merge_func max (only FusionBench's TIES: not masked) has none */
-typedef void (*ties4_fn)(double *, const float *const *, const double *, const uint8_t *const *, const double *,
-                         const double *, size_t, double);
-typedef void (*ties4_fn_f32)(double *, const float *const *, const float *, const uint8_t *const *, const double *,
-                             const double *, size_t, double);
-static const ties4_fn ties4_f32[2][2] = {
-    [TM_SIGN_SUM] = {[TM_AGG_MEAN] = ties4_sum_mean, [TM_AGG_SUM] = ties4_sum_sum},
-    [TM_SIGN_COUNT] = {[TM_AGG_MEAN] = ties4_count_mean, [TM_AGG_SUM] = ties4_count_sum},
-};
-static const ties4_fn_f32 ties4_f32_f32[2][2] = {
-    [TM_SIGN_SUM] = {[TM_AGG_MEAN] = ties4_sum_mean_f32, [TM_AGG_SUM] = ties4_sum_sum_f32},
-    [TM_SIGN_COUNT] = {[TM_AGG_MEAN] = ties4_count_mean_f32, [TM_AGG_SUM] = ties4_count_sum_f32},
-};
-
-/* Whether masked_ties4_f32 takes input count n (1 to 4, no max). */
+/* Whether masked_ties4_f32 takes input count n (1 to 4; fused4.h has no max). */
 static int ties4_takes(const tm_sparse_header *h, size_t n) { return n >= 1 && n <= 4 && h->agg != TM_AGG_MAX; }
 
-/* The 4 inputs of the fused TIES loops for elements [c0, c0 + m) of the block at begin (the base
- * from c0: b in float64, or bf, float32): the t->n ≤ 4 float32 inputs, their keep bytes and factors
- * c and weights w; a missing input is one kept nowhere (c = w = 0): its +0 changes no sum and
- * never agrees. Returns 0 (nothing done) unless every input is float32. */
+/* The fused TIES loops' 4 inputs for elements [c0, c0 + m) of the block at begin (the base from
+ * c0: b in float64, or bf, float32): the t->n ≤ 4 float32 inputs, their keep bytes, factors and
+ * weights, the rest missing (fused4.h). Returns 0 (nothing done) unless every input is float32. */
 static int ties4_inputs(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
                         const tm_sparse_input *in, uint64_t begin, size_t c0, size_t m, const double *b,
-                        const float *bf, const float **x, const uint8_t **keep, double *c, double *w) {
+                        const float *bf, tm_fused4 *f) {
     static const uint8_t none[TM_SPARSE_CHUNK]; /* the mask of a missing input */
     const size_t n = t->n;
     for (size_t j = 0; j < 4; j++) {
-        x[j] = j < n ? tm_kernel_f32_at(&t->in[j], begin + c0) : x[0];
-        if (!x[j]) return 0;
-        keep[j] = none;
-        c[j] = w[j] = 0;
+        f->x[j] = j < n ? tm_kernel_f32_at(&t->in[j], begin + c0) : f->x[0];
+        if (!f->x[j]) return 0;
+        f->keep[j] = none;
+        f->c[j] = f->w[j] = 0;
     }
     for (size_t j = 0; j < n; j++) {
-        keep[j] = masked_input(s, h, t, in, j, begin, c0, m, b, bf, &c[j]);
-        w[j] = in[j].coef;
+        f->keep[j] = masked_input(s, h, t, in, j, begin, c0, m, b, bf, &f->c[j]);
+        f->w[j] = in[j].coef;
     }
     return 1;
 }
@@ -539,43 +450,18 @@ static int ties4_inputs(const tm_sparse_method *s, const tm_sparse_header *h, co
 static int masked_ties4_f32(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
                             const tm_sparse_input *in, uint64_t begin, size_t c0, size_t m, const double *b,
                             const float *bf, double *out) {
-    const float *x[4];
-    const uint8_t *keep[4];
-    double c[4], w[4];
-    if (!ties4_takes(h, t->n) || !ties4_inputs(s, h, t, in, begin, c0, m, b, bf, x, keep, c, w)) return 0;
-    if (bf) ties4_f32_f32[h->sign_rule][h->agg](out, x, bf, keep, c, w, m, tm_ties_global_zero_sign(t));
-    else ties4_f32[h->sign_rule][h->agg](out, x, b, keep, c, w, m, tm_ties_global_zero_sign(t));
+    tm_fused4 f;
+    if (!ties4_takes(h, t->n) || !ties4_inputs(s, h, t, in, begin, c0, m, b, bf, &f)) return 0;
+    tm_fused4_ties(out, &f, b, bf, m, h->sign_rule, h->agg, tm_ties_global_zero_sign(t));
     return 1;
 }
-
-/* S alone (consensus.h) of 4 float32 inputs, as tm_consensus_score over scale_kept_f32's rows. */
-#define DEFINE_SCORE4(name, rule)                                                                   \
-    TM_HOT static void name(double *restrict out, const float *const *x, const double *restrict b,  \
-                            const uint8_t *const *keep, const double *c, size_t count) {           \
-        const float *restrict x0 = x[0], *restrict x1 = x[1], *restrict x2 = x[2], *restrict x3 = x[3]; \
-        const uint8_t *restrict k0 = keep[0], *restrict k1 = keep[1], *restrict k2 = keep[2], *restrict k3 = keep[3]; \
-        const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];                                   \
-        for (size_t e = 0; e < count; e++) {                                                       \
-            const double be = b[e];                                                                \
-            double score = 0;                                                                      \
-            score += tm_consensus_term(tm_kept_or_zero(c0 * ((double)x0[e] - be), k0[e]), rule);   \
-            score += tm_consensus_term(tm_kept_or_zero(c1 * ((double)x1[e] - be), k1[e]), rule);   \
-            score += tm_consensus_term(tm_kept_or_zero(c2 * ((double)x2[e] - be), k2[e]), rule);   \
-            score += tm_consensus_term(tm_kept_or_zero(c3 * ((double)x3[e] - be), k3[e]), rule);   \
-            out[e] = score;                                                                        \
-        }                                                                                          \
-    }
-DEFINE_SCORE4(score4_sum, TM_SIGN_SUM)
-DEFINE_SCORE4(score4_count, TM_SIGN_COUNT)
 
 void tm_sparse_score(const tm_sparse_method *s, const tm_method_tensor *t, const double *state, uint64_t begin,
                      size_t c0, size_t m, const double *b, double *k, double *out) {
     const tm_sparse_header *h = cheader(state);
-    const float *x[4];
-    const uint8_t *keep[4];
-    double c[4], w[4];
-    if (t->n >= 1 && t->n <= 4 && ties4_inputs(s, h, t, cinputs(state), begin, c0, m, b + c0, NULL, x, keep, c, w)) {
-        (h->sign_rule == TM_SIGN_COUNT ? score4_count : score4_sum)(out, x, b + c0, keep, c, m);
+    tm_fused4 f;
+    if (t->n >= 1 && t->n <= 4 && ties4_inputs(s, h, t, cinputs(state), begin, c0, m, b + c0, NULL, &f)) {
+        tm_fused4_score(out, &f, b + c0, m, h->sign_rule);
         return;
     }
     tm_consensus_score(tm_sparse_rows(s, t, state, begin, c0, m, b, k, NULL), t->n, m, h->sign_rule, out);

@@ -1,0 +1,125 @@
+/* The loops are static clones (TM_HOT) behind plain functions: a cloned function's dispatcher
+ * would be exported from the library whatever its visibility (tests/check_exports.sh). */
+#include "merge/methods/fused4.h"
+
+#include <string.h>
+
+#include "merge/hot.h"
+#include "merge/methods/consensus.h"
+#include "merge/methods/sparse.h"
+
+/* tm_fused4_add_kept, the base in float64 or (suffix _f32) float32. */
+#define DEFINE_ADD_KEPT4(name, B)                                                                   \
+    TM_HOT static void name(double *restrict acc, const float *const *x, const B *restrict b,      \
+                            const uint8_t *const *keep, const double *c, size_t count) {           \
+        const float *restrict x0 = x[0], *restrict x1 = x[1], *restrict x2 = x[2], *restrict x3 = x[3]; \
+        const uint8_t *restrict k0 = keep[0], *restrict k1 = keep[1], *restrict k2 = keep[2], *restrict k3 = keep[3]; \
+        const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];                                   \
+        for (size_t e = 0; e < count; e++) {                                                       \
+            const double be = b[e];                                                                \
+            double v = acc[e] + tm_kept_or_zero(c0 * ((double)x0[e] - be), k0[e]);                 \
+            v += tm_kept_or_zero(c1 * ((double)x1[e] - be), k1[e]);                                \
+            v += tm_kept_or_zero(c2 * ((double)x2[e] - be), k2[e]);                                \
+            acc[e] = v + tm_kept_or_zero(c3 * ((double)x3[e] - be), k3[e]);                        \
+        }                                                                                          \
+    }
+DEFINE_ADD_KEPT4(add_kept4_f32, double)
+DEFINE_ADD_KEPT4(add_kept4_f32_f32, float)
+
+/* tm_fused4_ties' loop for one sign rule and aggregation, the base in float64 or (suffix _f32)
+ * float32. (restrict parameters: GCC honours them, not restrict locals, and would check at run
+ * time for overlaps the callers never make, falling back to scalar code where the arrays lie
+ * close.) */
+#define DEFINE_TIES4_RULE(name, B)                                                                  \
+    static inline __attribute__((always_inline)) void name(                                        \
+        double *restrict out, const float *restrict x0, const float *restrict x1, const float *restrict x2, \
+        const float *restrict x3, const B *restrict b, const uint8_t *restrict k0, const uint8_t *restrict k1, \
+        const uint8_t *restrict k2, const uint8_t *restrict k3, const double *c, const double *w, size_t count, \
+        int sign_rule, int agg, double zero_sign) {                                                \
+        const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3], w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3]; \
+        for (size_t e = 0; e < count; e++) {                                                       \
+            const double be = b[e];                                                                \
+            const double v0 = tm_kept_or_zero(c0 * ((double)x0[e] - be), k0[e]);                   \
+            const double v1 = tm_kept_or_zero(c1 * ((double)x1[e] - be), k1[e]);                   \
+            const double v2 = tm_kept_or_zero(c2 * ((double)x2[e] - be), k2[e]);                   \
+            const double v3 = tm_kept_or_zero(c3 * ((double)x3[e] - be), k3[e]);                   \
+            double score = 0, sum = 0, div = 0, max = 0;                                           \
+            score += tm_consensus_term(v0, sign_rule);                                             \
+            score += tm_consensus_term(v1, sign_rule);                                             \
+            score += tm_consensus_term(v2, sign_rule);                                             \
+            score += tm_consensus_term(v3, sign_rule);                                             \
+            const double sigma = tm_consensus_sigma(score, zero_sign), side = sigma > 0 ? 1.0 : -1.0; \
+            tm_consensus_agree(v0, w0, side, &sum, &div, &max);                                    \
+            tm_consensus_agree(v1, w1, side, &sum, &div, &max);                                    \
+            tm_consensus_agree(v2, w2, side, &sum, &div, &max);                                    \
+            tm_consensus_agree(v3, w3, side, &sum, &div, &max);                                    \
+            out[e] = tm_consensus_result(agg, sum, div, max, sigma);                               \
+        }                                                                                          \
+    }
+DEFINE_TIES4_RULE(ties4_rule, double)
+DEFINE_TIES4_RULE(ties4_rule_f32, float)
+
+/* One function per sign rule, aggregation and base type, constants inside, so that each loop
+ * vectorises on its own (inside one function GCC gave up on some). */
+#define DEFINE_TIES4(name, rule_fn, B, rule, agg)                                                  \
+    TM_HOT static void name(double *restrict out, const float *const *x, const B *restrict b,      \
+                            const uint8_t *const *keep, const double *c, const double *w, size_t count, \
+                            double zero_sign) {                                                    \
+        rule_fn(out, x[0], x[1], x[2], x[3], b, keep[0], keep[1], keep[2], keep[3], c, w, count, rule, agg, zero_sign); \
+    }
+DEFINE_TIES4(ties4_sum_mean, ties4_rule, double, TM_SIGN_SUM, TM_AGG_MEAN)
+DEFINE_TIES4(ties4_sum_sum, ties4_rule, double, TM_SIGN_SUM, TM_AGG_SUM)
+DEFINE_TIES4(ties4_count_mean, ties4_rule, double, TM_SIGN_COUNT, TM_AGG_MEAN)
+DEFINE_TIES4(ties4_count_sum, ties4_rule, double, TM_SIGN_COUNT, TM_AGG_SUM)
+DEFINE_TIES4(ties4_sum_mean_f32, ties4_rule_f32, float, TM_SIGN_SUM, TM_AGG_MEAN)
+DEFINE_TIES4(ties4_sum_sum_f32, ties4_rule_f32, float, TM_SIGN_SUM, TM_AGG_SUM)
+DEFINE_TIES4(ties4_count_mean_f32, ties4_rule_f32, float, TM_SIGN_COUNT, TM_AGG_MEAN)
+DEFINE_TIES4(ties4_count_sum_f32, ties4_rule_f32, float, TM_SIGN_COUNT, TM_AGG_SUM)
+
+typedef void (*ties4_fn)(double *, const float *const *, const double *, const uint8_t *const *, const double *,
+                         const double *, size_t, double);
+typedef void (*ties4_fn_f32)(double *, const float *const *, const float *, const uint8_t *const *, const double *,
+                             const double *, size_t, double);
+static const ties4_fn ties4_f32[2][2] = {
+    [TM_SIGN_SUM] = {[TM_AGG_MEAN] = ties4_sum_mean, [TM_AGG_SUM] = ties4_sum_sum},
+    [TM_SIGN_COUNT] = {[TM_AGG_MEAN] = ties4_count_mean, [TM_AGG_SUM] = ties4_count_sum},
+};
+static const ties4_fn_f32 ties4_f32_f32[2][2] = {
+    [TM_SIGN_SUM] = {[TM_AGG_MEAN] = ties4_sum_mean_f32, [TM_AGG_SUM] = ties4_sum_sum_f32},
+    [TM_SIGN_COUNT] = {[TM_AGG_MEAN] = ties4_count_mean_f32, [TM_AGG_SUM] = ties4_count_sum_f32},
+};
+
+/* tm_fused4_score for one sign rule. */
+#define DEFINE_SCORE4(name, rule)                                                                   \
+    TM_HOT static void name(double *restrict out, const float *const *x, const double *restrict b,  \
+                            const uint8_t *const *keep, const double *c, size_t count) {           \
+        const float *restrict x0 = x[0], *restrict x1 = x[1], *restrict x2 = x[2], *restrict x3 = x[3]; \
+        const uint8_t *restrict k0 = keep[0], *restrict k1 = keep[1], *restrict k2 = keep[2], *restrict k3 = keep[3]; \
+        const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];                                   \
+        for (size_t e = 0; e < count; e++) {                                                       \
+            const double be = b[e];                                                                \
+            double score = 0;                                                                      \
+            score += tm_consensus_term(tm_kept_or_zero(c0 * ((double)x0[e] - be), k0[e]), rule);   \
+            score += tm_consensus_term(tm_kept_or_zero(c1 * ((double)x1[e] - be), k1[e]), rule);   \
+            score += tm_consensus_term(tm_kept_or_zero(c2 * ((double)x2[e] - be), k2[e]), rule);   \
+            score += tm_consensus_term(tm_kept_or_zero(c3 * ((double)x3[e] - be), k3[e]), rule);   \
+            out[e] = score;                                                                        \
+        }                                                                                          \
+    }
+DEFINE_SCORE4(score4_sum, TM_SIGN_SUM)
+DEFINE_SCORE4(score4_count, TM_SIGN_COUNT)
+
+void tm_fused4_add_kept(double *acc, const tm_fused4 *f, const double *b, const float *bf, size_t count) {
+    if (bf) add_kept4_f32_f32(acc, f->x, bf, f->keep, f->c, count);
+    else add_kept4_f32(acc, f->x, b, f->keep, f->c, count);
+}
+
+void tm_fused4_ties(double *out, const tm_fused4 *f, const double *b, const float *bf, size_t count, int sign_rule,
+                    int agg, double zero_sign) {
+    if (bf) ties4_f32_f32[sign_rule][agg](out, f->x, bf, f->keep, f->c, f->w, count, zero_sign);
+    else ties4_f32[sign_rule][agg](out, f->x, b, f->keep, f->c, f->w, count, zero_sign);
+}
+
+void tm_fused4_score(double *out, const tm_fused4 *f, const double *b, size_t count, int sign_rule) {
+    (sign_rule == TM_SIGN_COUNT ? score4_count : score4_sum)(out, f->x, b, f->keep, f->c, count);
+}
