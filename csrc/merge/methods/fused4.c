@@ -8,19 +8,28 @@
 #include "merge/methods/consensus.h"
 #include "merge/methods/sparse.h"
 
+/* The 4 inputs' arrays as restrict locals, and their factors. */
+#define FUSED4_LOCALS(x, keep, c)                                                                   \
+    const float *restrict x0 = (x)[0], *restrict x1 = (x)[1], *restrict x2 = (x)[2], *restrict x3 = (x)[3]; \
+    const uint8_t *restrict k0 = (keep)[0], *restrict k1 = (keep)[1], *restrict k2 = (keep)[2],    \
+                           *restrict k3 = (keep)[3];                                               \
+    const double c0 = (c)[0], c1 = (c)[1], c2 = (c)[2], c3 = (c)[3]
+
+/* v0..v3: the 4 inputs' kept cⱼ·δⱼ of element e, be its base (scale_kept's operations). */
+#define FUSED4_VALUES(e, be)                                                                        \
+    const double v0 = tm_kept_or_zero(c0 * ((double)x0[e] - (be)), k0[e]);                         \
+    const double v1 = tm_kept_or_zero(c1 * ((double)x1[e] - (be)), k1[e]);                         \
+    const double v2 = tm_kept_or_zero(c2 * ((double)x2[e] - (be)), k2[e]);                         \
+    const double v3 = tm_kept_or_zero(c3 * ((double)x3[e] - (be)), k3[e])
+
 /* tm_fused4_add_kept, the base in float64 or (suffix _f32) float32. */
 #define DEFINE_ADD_KEPT4(name, B)                                                                   \
     TM_HOT static void name(double *restrict acc, const float *const *x, const B *restrict b,      \
                             const uint8_t *const *keep, const double *c, size_t count) {           \
-        const float *restrict x0 = x[0], *restrict x1 = x[1], *restrict x2 = x[2], *restrict x3 = x[3]; \
-        const uint8_t *restrict k0 = keep[0], *restrict k1 = keep[1], *restrict k2 = keep[2], *restrict k3 = keep[3]; \
-        const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];                                   \
+        FUSED4_LOCALS(x, keep, c);                                                                 \
         for (size_t e = 0; e < count; e++) {                                                       \
-            const double be = b[e];                                                                \
-            double v = acc[e] + tm_kept_or_zero(c0 * ((double)x0[e] - be), k0[e]);                 \
-            v += tm_kept_or_zero(c1 * ((double)x1[e] - be), k1[e]);                                \
-            v += tm_kept_or_zero(c2 * ((double)x2[e] - be), k2[e]);                                \
-            acc[e] = v + tm_kept_or_zero(c3 * ((double)x3[e] - be), k3[e]);                        \
+            FUSED4_VALUES(e, b[e]);                                                                \
+            acc[e] = ((acc[e] + v0) + v1 + v2) + v3; /* in input order */                          \
         }                                                                                          \
     }
 DEFINE_ADD_KEPT4(add_kept4_f32, double)
@@ -38,11 +47,7 @@ DEFINE_ADD_KEPT4(add_kept4_f32_f32, float)
         int sign_rule, int agg, double zero_sign) {                                                \
         const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3], w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3]; \
         for (size_t e = 0; e < count; e++) {                                                       \
-            const double be = b[e];                                                                \
-            const double v0 = tm_kept_or_zero(c0 * ((double)x0[e] - be), k0[e]);                   \
-            const double v1 = tm_kept_or_zero(c1 * ((double)x1[e] - be), k1[e]);                   \
-            const double v2 = tm_kept_or_zero(c2 * ((double)x2[e] - be), k2[e]);                   \
-            const double v3 = tm_kept_or_zero(c3 * ((double)x3[e] - be), k3[e]);                   \
+            FUSED4_VALUES(e, b[e]);                                                                \
             double score = 0, sum = 0, div = 0, max = 0;                                           \
             score += tm_consensus_term(v0, sign_rule);                                             \
             score += tm_consensus_term(v1, sign_rule);                                             \
@@ -93,16 +98,14 @@ static const ties4_fn_f32 ties4_f32_f32[2][2] = {
 #define DEFINE_SCORE4(name, rule)                                                                   \
     TM_HOT static void name(double *restrict out, const float *const *x, const double *restrict b,  \
                             const uint8_t *const *keep, const double *c, size_t count) {           \
-        const float *restrict x0 = x[0], *restrict x1 = x[1], *restrict x2 = x[2], *restrict x3 = x[3]; \
-        const uint8_t *restrict k0 = keep[0], *restrict k1 = keep[1], *restrict k2 = keep[2], *restrict k3 = keep[3]; \
-        const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];                                   \
+        FUSED4_LOCALS(x, keep, c);                                                                 \
         for (size_t e = 0; e < count; e++) {                                                       \
-            const double be = b[e];                                                                \
-            double score = 0;                                                                      \
-            score += tm_consensus_term(tm_kept_or_zero(c0 * ((double)x0[e] - be), k0[e]), rule);   \
-            score += tm_consensus_term(tm_kept_or_zero(c1 * ((double)x1[e] - be), k1[e]), rule);   \
-            score += tm_consensus_term(tm_kept_or_zero(c2 * ((double)x2[e] - be), k2[e]), rule);   \
-            score += tm_consensus_term(tm_kept_or_zero(c3 * ((double)x3[e] - be), k3[e]), rule);   \
+            FUSED4_VALUES(e, b[e]);                                                                \
+            double score = 0; /* tm_consensus_score's order: from 0, in input order */            \
+            score += tm_consensus_term(v0, rule);                                                  \
+            score += tm_consensus_term(v1, rule);                                                  \
+            score += tm_consensus_term(v2, rule);                                                  \
+            score += tm_consensus_term(v3, rule);                                                  \
             out[e] = score;                                                                        \
         }                                                                                          \
     }
