@@ -35,64 +35,74 @@
 DEFINE_ADD_KEPT4(add_kept4_f32, double)
 DEFINE_ADD_KEPT4(add_kept4_f32_f32, float)
 
-/* tm_fused4_ties' loop for one sign rule and aggregation, the base in float64 or (suffix _f32)
- * float32. (restrict parameters: GCC honours them, not restrict locals, and would check at run
- * time for overlaps the callers never make, falling back to scalar code where the arrays lie
- * close.) */
-#define DEFINE_TIES4_RULE(name, B)                                                                  \
-    static inline __attribute__((always_inline)) void name(                                        \
-        double *restrict out, const float *restrict x0, const float *restrict x1, const float *restrict x2, \
-        const float *restrict x3, const B *restrict b, const uint8_t *restrict k0, const uint8_t *restrict k1, \
-        const uint8_t *restrict k2, const uint8_t *restrict k3, const double *c, const double *w, size_t count, \
-        int sign_rule, int agg, double zero_sign) {                                                \
-        const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3], w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3]; \
+/* tm_fused4_ties' loop for one sign rule and aggregation, into float64 or (to_f32) float32: the
+ * base in float32 (restrict parameters: GCC honours them, not restrict locals, and would check at
+ * run time for overlaps the callers never make, falling back to scalar code where the arrays lie
+ * close). */
+static inline __attribute__((always_inline)) void ties4_rule(
+    double *restrict outd, float *restrict outf, const float *restrict x0, const float *restrict x1,
+    const float *restrict x2, const float *restrict x3, const float *restrict b, const uint8_t *restrict k0,
+    const uint8_t *restrict k1, const uint8_t *restrict k2, const uint8_t *restrict k3, const double *c,
+    const double *w, size_t count, int sign_rule, int agg, double zero_sign, double lambda, int to_f32) {
+    const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3], w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+    for (size_t e = 0; e < count; e++) {
+        const double be = b[e];
+        FUSED4_VALUES(e, be);
+        double score = 0, sum = 0, div = 0, max = 0;
+        score += tm_consensus_term(v0, sign_rule);
+        score += tm_consensus_term(v1, sign_rule);
+        score += tm_consensus_term(v2, sign_rule);
+        score += tm_consensus_term(v3, sign_rule);
+        const double sigma = tm_consensus_sigma(score, zero_sign), side = sigma > 0 ? 1.0 : -1.0;
+        tm_consensus_agree(v0, w0, side, &sum, &div, &max);
+        tm_consensus_agree(v1, w1, side, &sum, &div, &max);
+        tm_consensus_agree(v2, w2, side, &sum, &div, &max);
+        tm_consensus_agree(v3, w3, side, &sum, &div, &max);
+        const double r = be + lambda * tm_consensus_result(agg, sum, div, max, sigma); /* θ = b + λ·… */
+        if (to_f32) outf[e] = (float)r; /* rounded once */
+        else outd[e] = r;
+    }
+}
+
+/* One function per sign rule, aggregation and output type, constants inside, so that each loop
+ * vectorises on its own (inside one function GCC gave up on some). */
+#define DEFINE_TIES4(name, rule, agg, to_f32)                                                      \
+    TM_HOT static void name(void *out, const tm_fused4 *f, const float *restrict b, size_t count, double zero_sign, \
+                            double lambda) {                                                       \
+        ties4_rule(to_f32 ? NULL : (double *)out, to_f32 ? (float *)out : NULL, f->x[0], f->x[1], f->x[2], f->x[3], \
+                   b, f->keep[0], f->keep[1], f->keep[2], f->keep[3], f->c, f->w, count, rule, agg, zero_sign, \
+                   lambda, to_f32);                                                                \
+    }
+DEFINE_TIES4(ties4_sum_mean, TM_SIGN_SUM, TM_AGG_MEAN, 0)
+DEFINE_TIES4(ties4_sum_sum, TM_SIGN_SUM, TM_AGG_SUM, 0)
+DEFINE_TIES4(ties4_count_mean, TM_SIGN_COUNT, TM_AGG_MEAN, 0)
+DEFINE_TIES4(ties4_count_sum, TM_SIGN_COUNT, TM_AGG_SUM, 0)
+DEFINE_TIES4(ties4_sum_mean_f32, TM_SIGN_SUM, TM_AGG_MEAN, 1)
+DEFINE_TIES4(ties4_sum_sum_f32, TM_SIGN_SUM, TM_AGG_SUM, 1)
+DEFINE_TIES4(ties4_count_mean_f32, TM_SIGN_COUNT, TM_AGG_MEAN, 1)
+DEFINE_TIES4(ties4_count_sum_f32, TM_SIGN_COUNT, TM_AGG_SUM, 1)
+
+typedef void (*ties4_fn)(void *, const tm_fused4 *, const float *, size_t, double, double);
+static const ties4_fn ties4[2][2][2] = { /* [to_f32][sign_rule][agg] */
+    {[TM_SIGN_SUM] = {[TM_AGG_MEAN] = ties4_sum_mean, [TM_AGG_SUM] = ties4_sum_sum},
+     [TM_SIGN_COUNT] = {[TM_AGG_MEAN] = ties4_count_mean, [TM_AGG_SUM] = ties4_count_sum}},
+    {[TM_SIGN_SUM] = {[TM_AGG_MEAN] = ties4_sum_mean_f32, [TM_AGG_SUM] = ties4_sum_sum_f32},
+     [TM_SIGN_COUNT] = {[TM_AGG_MEAN] = ties4_count_mean_f32, [TM_AGG_SUM] = ties4_count_sum_f32}},
+};
+
+/* tm_fused4_linear: b + Σ from +0 in input order (add_kept4 then add_base's order), into float64
+ * or (suffix _f32) float32. */
+#define DEFINE_LINEAR4(name, T)                                                                     \
+    TM_HOT static void name(T *restrict out, const tm_fused4 *f, const float *restrict b, size_t count) { \
+        FUSED4_LOCALS(f->x, f->keep, f->c);                                                        \
         for (size_t e = 0; e < count; e++) {                                                       \
-            FUSED4_VALUES(e, b[e]);                                                                \
-            double score = 0, sum = 0, div = 0, max = 0;                                           \
-            score += tm_consensus_term(v0, sign_rule);                                             \
-            score += tm_consensus_term(v1, sign_rule);                                             \
-            score += tm_consensus_term(v2, sign_rule);                                             \
-            score += tm_consensus_term(v3, sign_rule);                                             \
-            const double sigma = tm_consensus_sigma(score, zero_sign), side = sigma > 0 ? 1.0 : -1.0; \
-            tm_consensus_agree(v0, w0, side, &sum, &div, &max);                                    \
-            tm_consensus_agree(v1, w1, side, &sum, &div, &max);                                    \
-            tm_consensus_agree(v2, w2, side, &sum, &div, &max);                                    \
-            tm_consensus_agree(v3, w3, side, &sum, &div, &max);                                    \
-            out[e] = tm_consensus_result(agg, sum, div, max, sigma);                               \
+            const double be = b[e];                                                                \
+            FUSED4_VALUES(e, be);                                                                  \
+            out[e] = (T)(((((0.0 + v0) + v1) + v2) + v3) + be);                                    \
         }                                                                                          \
     }
-DEFINE_TIES4_RULE(ties4_rule, double)
-DEFINE_TIES4_RULE(ties4_rule_f32, float)
-
-/* One function per sign rule, aggregation and base type, constants inside, so that each loop
- * vectorises on its own (inside one function GCC gave up on some). */
-#define DEFINE_TIES4(name, rule_fn, B, rule, agg)                                                  \
-    TM_HOT static void name(double *restrict out, const float *const *x, const B *restrict b,      \
-                            const uint8_t *const *keep, const double *c, const double *w, size_t count, \
-                            double zero_sign) {                                                    \
-        rule_fn(out, x[0], x[1], x[2], x[3], b, keep[0], keep[1], keep[2], keep[3], c, w, count, rule, agg, zero_sign); \
-    }
-DEFINE_TIES4(ties4_sum_mean, ties4_rule, double, TM_SIGN_SUM, TM_AGG_MEAN)
-DEFINE_TIES4(ties4_sum_sum, ties4_rule, double, TM_SIGN_SUM, TM_AGG_SUM)
-DEFINE_TIES4(ties4_count_mean, ties4_rule, double, TM_SIGN_COUNT, TM_AGG_MEAN)
-DEFINE_TIES4(ties4_count_sum, ties4_rule, double, TM_SIGN_COUNT, TM_AGG_SUM)
-DEFINE_TIES4(ties4_sum_mean_f32, ties4_rule_f32, float, TM_SIGN_SUM, TM_AGG_MEAN)
-DEFINE_TIES4(ties4_sum_sum_f32, ties4_rule_f32, float, TM_SIGN_SUM, TM_AGG_SUM)
-DEFINE_TIES4(ties4_count_mean_f32, ties4_rule_f32, float, TM_SIGN_COUNT, TM_AGG_MEAN)
-DEFINE_TIES4(ties4_count_sum_f32, ties4_rule_f32, float, TM_SIGN_COUNT, TM_AGG_SUM)
-
-typedef void (*ties4_fn)(double *, const float *const *, const double *, const uint8_t *const *, const double *,
-                         const double *, size_t, double);
-typedef void (*ties4_fn_f32)(double *, const float *const *, const float *, const uint8_t *const *, const double *,
-                             const double *, size_t, double);
-static const ties4_fn ties4_f32[2][2] = {
-    [TM_SIGN_SUM] = {[TM_AGG_MEAN] = ties4_sum_mean, [TM_AGG_SUM] = ties4_sum_sum},
-    [TM_SIGN_COUNT] = {[TM_AGG_MEAN] = ties4_count_mean, [TM_AGG_SUM] = ties4_count_sum},
-};
-static const ties4_fn_f32 ties4_f32_f32[2][2] = {
-    [TM_SIGN_SUM] = {[TM_AGG_MEAN] = ties4_sum_mean_f32, [TM_AGG_SUM] = ties4_sum_sum_f32},
-    [TM_SIGN_COUNT] = {[TM_AGG_MEAN] = ties4_count_mean_f32, [TM_AGG_SUM] = ties4_count_sum_f32},
-};
+DEFINE_LINEAR4(linear4, double)
+DEFINE_LINEAR4(linear4_f32, float)
 
 /* tm_fused4_score for one sign rule. */
 #define DEFINE_SCORE4(name, rule)                                                                   \
@@ -117,10 +127,14 @@ void tm_fused4_add_kept(double *acc, const tm_fused4 *f, const double *b, const 
     else add_kept4_f32(acc, f->x, b, f->keep, f->c, count);
 }
 
-void tm_fused4_ties(double *out, const tm_fused4 *f, const double *b, const float *bf, size_t count, int sign_rule,
-                    int agg, double zero_sign) {
-    if (bf) ties4_f32_f32[sign_rule][agg](out, f->x, bf, f->keep, f->c, f->w, count, zero_sign);
-    else ties4_f32[sign_rule][agg](out, f->x, b, f->keep, f->c, f->w, count, zero_sign);
+void tm_fused4_ties(void *out, int to_f32, const tm_fused4 *f, const float *b, size_t count, int sign_rule, int agg,
+                    double zero_sign, double lambda) {
+    ties4[to_f32 != 0][sign_rule][agg](out, f, b, count, zero_sign, lambda);
+}
+
+void tm_fused4_linear(void *out, int to_f32, const tm_fused4 *f, const float *b, size_t count) {
+    if (to_f32) linear4_f32(out, f, b, count);
+    else linear4(out, f, b, count);
 }
 
 void tm_fused4_score(double *out, const tm_fused4 *f, const double *b, size_t count, int sign_rule) {

@@ -423,7 +423,7 @@ static int masked_linear4_f32(const tm_sparse_method *s, const tm_sparse_header 
 /* Whether masked_ties4_f32 takes input count n (1 to 4; fused4.h has no max). */
 static int ties4_takes(const tm_sparse_header *h, size_t n) { return n >= 1 && n <= 4 && h->agg != TM_AGG_MAX; }
 
-/* The fused TIES loops' 4 inputs for elements [c0, c0 + m) of the block at begin (the base from
+/* The fused loops' 4 inputs for elements [c0, c0 + m) of the block at begin (the base from
  * c0: b in float64, or bf, float32): the t->n ≤ 4 float32 inputs, their keep bytes, factors and
  * weights, the rest missing (fused4.h). Returns 0 (nothing done) unless every input is float32. */
 static int ties4_inputs(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
@@ -444,15 +444,19 @@ static int ties4_inputs(const tm_sparse_method *s, const tm_sparse_header *h, co
     return 1;
 }
 
-/* TIES over 1 to 4 float32 inputs (any of the family's masks), elements [c0, c0 + m) of the block
- * at begin (the base from c0: b in float64, or bf, float32; out: from c0), fused; returns 0
- * (nothing done) otherwise. */
-static int masked_ties4_f32(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
-                            const tm_sparse_input *in, uint64_t begin, size_t c0, size_t m, const double *b,
-                            const float *bf, double *out) {
+/* The whole merge of elements [c0, c0 + m) of the block at begin by one fused loop (fused4.h):
+ * TIES over 1 to 4 float32 inputs, or linear over exactly 4, any of the family's masks, a float32
+ * base bf (from c0); θ into out from c0, float32 when to_f32, else float64. Returns 0 (nothing
+ * done) otherwise. */
+static int fused_merge(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
+                       const tm_sparse_input *in, uint64_t begin, size_t c0, size_t m, const float *bf, void *out,
+                       int to_f32) {
     tm_fused4 f;
-    if (!ties4_takes(h, t->n) || !ties4_inputs(s, h, t, in, begin, c0, m, b, bf, &f)) return 0;
-    tm_fused4_ties(out, &f, b, bf, m, h->sign_rule, h->agg, tm_ties_global_zero_sign(t));
+    const int ties = s->consensus == TM_CONSENSUS_TIES;
+    if (!bf || !(ties ? ties4_takes(h, t->n) : t->n == 4) || !ties4_inputs(s, h, t, in, begin, c0, m, NULL, bf, &f))
+        return 0;
+    if (ties) tm_fused4_ties(out, to_f32, &f, bf, m, h->sign_rule, h->agg, tm_ties_global_zero_sign(t), h->lambda);
+    else tm_fused4_linear(out, to_f32, &f, bf, m);
     return 1;
 }
 
@@ -539,26 +543,36 @@ void tm_sparse_apply(const tm_sparse_method *s, const tm_method_tensor *t, const
     double *acc = scratch, *b = scratch + count, *k = scratch + 2 * count;
     double w[n ? n : 1];
     for (size_t j = 0; j < n; j++) w[j] = in[j].coef;
-    if (!ties)
-        for (size_t e = 0; e < count; e++) acc[e] = 0;
     const float *bf = apply_base_f32(s, h, t, begin);
+    /* one fused loop merges the block whole (fused_merge's cases: the base added there, float32
+     * outputs written there) */
+    const int whole = bf && (ties || n == 4), to_f32 = whole && t->out_dtype == TM_FLOAT32;
+    if (!ties && !whole)
+        for (size_t e = 0; e < count; e++) acc[e] = 0;
     if (!bf) tm_kernel_load_f64(t->base, begin, count, b, k);
     for (size_t c0 = 0; c0 < count; c0 += TM_SPARSE_CHUNK) {
         const size_t m = count - c0 < TM_SPARSE_CHUNK ? count - c0 : TM_SPARSE_CHUNK;
+        void *at = to_f32 ? (void *)((float *)out + c0) : (void *)(acc + c0);
+        if (whole && fused_merge(s, h, t, in, begin, c0, m, bf + c0, at, to_f32)) continue;
         if (bf && !ties) { /* apply_base_f32: every group of 4 is fused */
             for (size_t j0 = 0; j0 < n; j0 += 4) masked_linear4_f32(s, h, t, in, j0, begin, c0, m, NULL, bf + c0, acc + c0);
             continue;
         }
-        if (ties && masked_ties4_f32(s, h, t, in, begin, c0, m, bf ? NULL : b + c0, bf ? bf + c0 : NULL, acc + c0))
-            continue;
         double *rows = tm_sparse_rows(s, t, state, begin, c0, m, b, k, acc);
         if (ties) tm_consensus_merge(rows, w, n, m, h->sign_rule, h->agg, tm_ties_global_zero_sign(t), acc + c0);
     }
     for (size_t j = 0; j < n; j++) tm_method_mask(t, j, begin, count, keep_of(s, h, t, j, begin));
-    if (ties && bf) add_scaled_f32(acc, bf, h->lambda, count);
-    else if (ties) add_scaled(acc, b, h->lambda, count);
-    else if (bf) add_base_f32(acc, bf, count);
-    else add_base(acc, b, count);
+    if (whole && to_f32) return; /* written */
+    if (whole) {
+    } else if (ties && bf) {
+        add_scaled_f32(acc, bf, h->lambda, count);
+    } else if (ties) {
+        add_scaled(acc, b, h->lambda, count);
+    } else if (bf) {
+        add_base_f32(acc, bf, count);
+    } else {
+        add_base(acc, b, count);
+    }
     tm_view sum = {(const uint8_t *)acc, TM_FLOAT64, 1, (const int64_t[]){(int64_t)count}, (const int64_t[]){1}, 0};
     tm_kernel_copy(&sum, 0, count, t->out_dtype, out); /* rounded once */
 }
