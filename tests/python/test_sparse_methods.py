@@ -348,25 +348,25 @@ def wide_models(tmp_path_factory):
     return paths
 
 
-@pytest.mark.parametrize("n", [1, 3, 4, 5])
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 8])
 @pytest.mark.parametrize("method,args", [
     ("ties", ["--density", "0.3"]),
     ("ties", ["--density", "0.3", "--trim-scope", "global", "--merge-func", "sum"]),
     ("ties", ["--density", "0.3", "--trim-scope", "global", "--majority-sign", "count"]),
     ("dare_linear", ["--density", "0.5"]),
-    ("dare_linear", ["--density", "0.5", "--rescale", "none", "--weights", "1,-0.5,2,1,0.5"]),
+    ("dare_linear", ["--density", "0.5", "--rescale", "none", "--weights", "1,-0.5,2,1,0.5,1,2,-1"]),
     ("dare_ties", ["--density", "0.4", "--majority-sign", "count", "--normalize"]),
     ("breadcrumbs", ["--density", "0.6", "--gamma", "0.1"]),
     ("breadcrumbs_ties", ["--density", "0.6", "--gamma", "0.1"]),
     ("della", ["--density", "0.5", "--epsilon", "0.2"]),
-    ("della_linear", ["--density", "0.5,0.7,0.4,0.6,0.5", "--epsilon", "0.1"]),
+    ("della_linear", ["--density", "0.5,0.7,0.4,0.6,0.5,0.3,0.8,0.5", "--epsilon", "0.1"]),
 ])
 def test_fused_float32_loops_give_the_float64_loops_bytes(wide_models, tmp_path, method, args, n):
-    args = [a if "," not in a else ",".join(a.split(",")[:n]) for a in args]
+    args = [a if "," not in a else ",".join((a.split(",") * 2)[:n]) for a in args]
     outs = {}
     for kind in ["f32", "f64"]:
         out = tmp_path / ("%s.pt" % kind)
-        inputs = [wide_models[str(i + 1), kind] for i in range(n)]
+        inputs = [wide_models[str(i % 5 + 1), kind] for i in range(n)]  # 8: two groups of 4
         assert_ok(tm(method, "-q", "--base", wide_models["base", kind], "--dtype", "float32", "-o", out, *args,
                      *inputs, cwd=tmp_path))
         outs[kind] = load(out)
