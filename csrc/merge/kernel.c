@@ -138,6 +138,12 @@ static const void *fast_start(const tm_view *v, uint64_t begin) {
     return is_contiguous(v) && (uintptr_t)p % item == 0 ? p : NULL;
 }
 
+void tm_kernel_store_f64(const double *acc, size_t count, tm_dtype out_dtype, void *out) {
+    const int64_t shape = (int64_t)count, one = 1;
+    const tm_view v = {(const uint8_t *)acc, TM_FLOAT64, 1, &shape, &one, 0};
+    tm_kernel_copy(&v, 0, count, out_dtype, out);
+}
+
 const float *tm_kernel_f32_at(const tm_view *v, uint64_t begin) {
     return v->dtype == TM_FLOAT32 ? fast_start(v, begin) : NULL;
 }

@@ -43,6 +43,9 @@ void tm_kernel_delta_f64(const tm_view *v, uint64_t begin, size_t count, const d
  * for a method's loops fused over float32 inputs, the common case. */
 const float *tm_kernel_f32_at(const tm_view *v, uint64_t begin);
 
+/* out = acc[0, count) rounded once to out_dtype (a method's float64 result into the output). */
+void tm_kernel_store_f64(const double *acc, size_t count, tm_dtype out_dtype, void *out);
+
 /* Copies elements [begin, begin+count) of v into out as out_dtype (a plain cast for integer and
  * bool tensors; same dtype is a byte copy). */
 void tm_kernel_copy(const tm_view *v, uint64_t begin, size_t count, tm_dtype out_dtype, void *out);

@@ -1,9 +1,10 @@
 /* The model-wide passes some methods run before any tensor is written (tm_method.model_reduce /
  * model_end: e.g. FusionBench's TIES, whose magnitude threshold and tie-breaking sign are over
  * the whole flattened model). Each pass streams every floating unit through the method on the
- * merging threads (each claiming the next unit when free, as the pipeline's), each thread adding into its own sums (then added up, in thread order: sums
- * of counts are exact whatever the order) and appending to the shared lists; model_end turns
- * them into the model state every tensor then sees. Pages are dropped after each unit, as in
+ * merging threads (each claiming the next unit when free, as the pipeline's), each thread
+ * adding into its own sums (then added up, in thread order: sums of counts are exact whatever
+ * the order) and appending to the shared lists; model_end turns them into the model state
+ * every tensor then sees. Pages are dropped after each unit, as in
  * the merge, so memory stays near one unit per input. C11. */
 #define _GNU_SOURCE
 #include "merge/model_passes.h"

@@ -16,7 +16,9 @@
 #include "core/crc32.h"
 #include "merge/merge_unit.h"
 
-#define N_SLOTS 32 /* blocks (8 MiB of float32 output): a thread finishes most tensors while the writer waits on another */
+/* Blocks per ring (8 MiB of float32 output): a thread finishes most tensors while the writer
+ * waits on another. */
+#define N_SLOTS 32
 #define MAX_MERGE_THREADS 8
 
 typedef struct slot {

@@ -16,16 +16,19 @@
  * the first element of its slab is seen — a slab is the L·inner contiguous elements of one index
  * of dimension 0 (inner: the product of the dimensions after 1), holding inner fibres of stride
  * inner — from the mapped inputs directly (a slab may span blocks), and the keep bits of the
- * whole tensor are stored, one bit per element per input. The norms (same pass) and the apply
- * read them. Most fibres are not sorted: their keys go into buckets whose ranks are known as a
- * range, and an element's coin flip against the thresholds of its bucket's first and last rank
- * decides it, except for a few whose exact rank is then counted (keep_by_buckets). The others
- * (short fibres, keys crowded into few buckets) are sorted by a radix sort of 24 bits of each key
- * (exponent and 12 bits of mantissa) packed with the element's place in 64-bit words, runs of
- * equal 24 bits then ordered by the whole key. Either way the decisions are those of a sort on
- * the whole key. Memory: n·numel/8 bytes of bits, 8 bytes per element of a slab for the |δ|
- * keys, 28 per fibre element (sort words twice, thresholds, ranks; 8 more for its keys when strided) and
- * 3 × CHUNK doubles. C11. */
+ * whole tensor are stored, one bit per element per input; with rescale l1 the same pass sums the
+ * L1 norms from the ranked keys (sparse.h's lane order). The apply reads the bits. Most fibres
+ * are not sorted: only the coins between the lowest and the highest threshold depend on the
+ * rank; for those, the keys go into buckets whose ranks are known as a range, and the coin
+ * against the thresholds of its bucket's first and last rank decides, except for a few whose
+ * exact rank is then counted (keep_by_buckets). The others (short or long fibres, keys crowded
+ * into few buckets) are sorted by a radix sort of 24 bits of each key (exponent and 12 bits of
+ * mantissa) packed with the element's place in 64-bit words, runs of equal 24 bits then ordered
+ * by the whole key. Either way the decisions are those of a sort on the whole key. Memory:
+ * n·numel/8 bytes of bits, 16 doubles per input per block of the tensor (the norms' lanes), 8
+ * bytes per element of a slab for the |δ| keys, 28 per fibre element (sort words twice,
+ * thresholds, ranks; 8 more for its keys when strided), and chunk buffers (3 × CHUNK doubles,
+ * CHUNK keys, CHUNK bytes). C11. */
 #include "merge/methods/methods.h"
 #include "merge/methods/sparse.h"
 #include "merge/methods/weights.h"
@@ -405,7 +408,8 @@ static void rank_slab(const tm_method_tensor *t, const geometry *g, const area *
     for (uint64_t q = 0; q < g->inner; q++) {
         if (g->inner > 1)
             for (size_t r = 0; r < len; r++) a->keys[r] = a->slab[q + r * g->inner];
-        if (len >= BUCKETS_MIN_LEN && len <= BUCKETS_MAX_LEN && keep_by_buckets(a->keys, len, a->thr, x->key, start + q, g->inner, a, keep)) {
+        if (len >= BUCKETS_MIN_LEN && len <= BUCKETS_MAX_LEN &&
+            keep_by_buckets(a->keys, len, a->thr, x->key, start + q, g->inner, a, keep)) {
             set_bits(bits, keep, start + q, g->inner, len);
             continue;
         }

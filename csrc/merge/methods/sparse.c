@@ -270,7 +270,8 @@ static void norms_block(const tm_sparse_method *s, const tm_method_tensor *t, tm
             /* masks that do not look at δ over float32 inputs: no δ rows */
             const float *xf[4];
             int fused = mask_without_delta(s);
-            for (size_t i = 0; i < 4 && fused; i++) fused = (xf[i] = tm_kernel_f32_at(&t->in[j0 + (i < g ? i : 0)], begin + c0)) != NULL;
+            for (size_t i = 0; i < 4 && fused; i++)
+                fused = (xf[i] = tm_kernel_f32_at(&t->in[j0 + (i < g ? i : 0)], begin + c0)) != NULL;
             if (fused) {
                 for (size_t i = 0; i < 4; i++) {
                     uint8_t *kj = keep_of(s, h, t, j0 + (i < g ? i : 0), begin) + c0;
@@ -359,12 +360,13 @@ static double rescale_of(const tm_sparse_header *h, const tm_sparse_input *x) {
     return 1;
 }
 
-/* The base added last: b + λ·acc (ties) or acc + b (linear), from the base in float64 or a float32
- * base read as it is (suffix _f32). */
+/* The base added last: b + λ·acc (ties; a float32 base under ties is merged whole by
+ * fused_merge), or acc + b (linear) from the base in float64 or a float32 base read as it is
+ * (suffix _f32). */
+TM_HOT static void add_scaled(double *restrict acc, const double *restrict b, double lambda, size_t count) {
+    for (size_t e = 0; e < count; e++) acc[e] = b[e] + lambda * acc[e];
+}
 #define DEFINE_ADD_BASE(suffix, B)                                                                  \
-    TM_HOT static void add_scaled##suffix(double *restrict acc, const B *restrict b, double lambda, size_t count) { \
-        for (size_t e = 0; e < count; e++) acc[e] = (double)b[e] + lambda * acc[e];               \
-    }                                                                                              \
     TM_HOT static void add_base##suffix(double *restrict acc, const B *restrict b, size_t count) { \
         for (size_t e = 0; e < count; e++) acc[e] += (double)b[e];                                 \
     }
@@ -406,9 +408,9 @@ static const uint8_t *masked_input(const tm_sparse_method *s, const tm_sparse_he
     return kj;
 }
 
-/* Linear over 4 float32 inputs from j at once (any of the family's masks), elements [c0, c0 + m) of the block at begin
- * (the base from c0: b in float64, or bf, float32; acc: from c0); returns 0 (nothing done) unless all
- * 4 are float32. */
+/* Linear over 4 float32 inputs from j at once (any of the family's masks), elements [c0, c0 + m)
+ * of the block at begin (the base from c0: b in float64, or bf, float32; acc: from c0); returns 0
+ * (nothing done) unless all 4 are float32. */
 static int masked_linear4_f32(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
                               const tm_sparse_input *in, size_t j, uint64_t begin, size_t c0, size_t m,
                               const double *b, const float *bf, double *acc) {
@@ -420,13 +422,13 @@ static int masked_linear4_f32(const tm_sparse_method *s, const tm_sparse_header 
     return 1;
 }
 
-/* Whether masked_ties4_f32 takes input count n (1 to 4; fused4.h has no max). */
+/* Whether fused_merge takes TIES over n inputs (1 to 4; fused4.h has no max). */
 static int ties4_takes(const tm_sparse_header *h, size_t n) { return n >= 1 && n <= 4 && h->agg != TM_AGG_MAX; }
 
 /* The fused loops' 4 inputs for elements [c0, c0 + m) of the block at begin (the base from
  * c0: b in float64, or bf, float32): the t->n ≤ 4 float32 inputs, their keep bytes, factors and
  * weights, the rest missing (fused4.h). Returns 0 (nothing done) unless every input is float32. */
-static int ties4_inputs(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
+static int fused4_inputs(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
                         const tm_sparse_input *in, uint64_t begin, size_t c0, size_t m, const double *b,
                         const float *bf, tm_fused4 *f) {
     static const uint8_t none[TM_SPARSE_CHUNK]; /* the mask of a missing input */
@@ -444,18 +446,16 @@ static int ties4_inputs(const tm_sparse_method *s, const tm_sparse_header *h, co
     return 1;
 }
 
-/* The whole merge of elements [c0, c0 + m) of the block at begin by one fused loop (fused4.h):
- * TIES over 1 to 4 float32 inputs, or linear over exactly 4, any of the family's masks, a float32
- * base bf (from c0); θ into out from c0, float32 when to_f32, else float64. Returns 0 (nothing
- * done) otherwise. */
+/* The whole merge of elements [c0, c0 + m) of the block at begin by one fused loop (fused4.h),
+ * where tm_sparse_apply's `whole` says it applies: TIES over 1 to 4 float32 inputs, or linear
+ * over exactly 4, any of the family's masks, a float32 base bf (from c0); θ into out from c0,
+ * float32 when to_f32, else float64. Returns 0 (nothing done) when an input is not float32. */
 static int fused_merge(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
                        const tm_sparse_input *in, uint64_t begin, size_t c0, size_t m, const float *bf, void *out,
                        int to_f32) {
     tm_fused4 f;
-    const int ties = s->consensus == TM_CONSENSUS_TIES;
-    if (!bf || !(ties ? ties4_takes(h, t->n) : t->n == 4) || !ties4_inputs(s, h, t, in, begin, c0, m, NULL, bf, &f))
-        return 0;
-    if (ties) tm_fused4_ties(out, to_f32, &f, bf, m, h->sign_rule, h->agg, tm_ties_global_zero_sign(t), h->lambda);
+    if (!fused4_inputs(s, h, t, in, begin, c0, m, NULL, bf, &f)) return 0;
+    if (s->consensus == TM_CONSENSUS_TIES) tm_fused4_ties(out, to_f32, &f, bf, m, h->sign_rule, h->agg, tm_ties_global_zero_sign(t), h->lambda);
     else tm_fused4_linear(out, to_f32, &f, bf, m);
     return 1;
 }
@@ -464,7 +464,7 @@ void tm_sparse_score(const tm_sparse_method *s, const tm_method_tensor *t, const
                      size_t c0, size_t m, const double *b, double *k, double *out) {
     const tm_sparse_header *h = cheader(state);
     tm_fused4 f;
-    if (t->n >= 1 && t->n <= 4 && ties4_inputs(s, h, t, cinputs(state), begin, c0, m, b + c0, NULL, &f)) {
+    if (t->n >= 1 && t->n <= 4 && fused4_inputs(s, h, t, cinputs(state), begin, c0, m, b + c0, NULL, &f)) {
         tm_fused4_score(out, &f, b + c0, m, h->sign_rule);
         return;
     }
@@ -483,20 +483,6 @@ static const float *apply_base_f32(const tm_sparse_method *s, const tm_sparse_he
     return tm_kernel_f32_at(t->base, begin);
 }
 
-/* The magnitude sparsifications over a float32 input in one pass: δ = x − b, its band test into
- * keep, c·δ on the kept elements written to out (ties' rows) or added to it (linear) — delta,
- * topk_keep / outliers_keep / threshold_keep and scale_kept / add_kept fused, the same
- * operations, so the same bits. */
-TM_HOT static void band_rows_f32(const float *restrict x, const double *restrict b, band w, uint64_t begin, double c,
-                                 size_t m, uint8_t *restrict keep, double *restrict out, int add) {
-    for (size_t e = 0; e < m; e++) {
-        const double d = (double)x[e] - b[e];
-        keep[e] = band_test(w, tm_topk_key(d), begin + e);
-        const double v = tm_kept_or_zero(c * d, keep[e]);
-        out[e] = add ? out[e] + v : v;
-    }
-}
-
 double *tm_sparse_rows(const tm_sparse_method *s, const tm_method_tensor *t, const double *state, uint64_t begin,
                        size_t c0, size_t m, const double *b, double *k, double *acc) {
     const size_t n = t->n;
@@ -511,14 +497,8 @@ double *tm_sparse_rows(const tm_sparse_method *s, const tm_method_tensor *t, con
         const tm_sparse_input *x = &in[j];
         double *d = ties ? rows + j * m : rows;
         uint8_t *keep = keep_of(s, h, t, j, begin) + c0;
-        const float *xf = mask_without_delta(s) ? tm_kernel_f32_at(&t->in[j], begin + c0) : NULL;
-        band w;
-        const float *xm = !xf && band_of(s, t, j, x, &w) ? tm_kernel_f32_at(&t->in[j], begin + c0) : NULL;
-        if (xm) { /* TIES, Breadcrumbs over float32 without the δ row */
-            band_rows_f32(xm, b + c0, w, begin + c0, x->coef * rescale_of(h, x), m, keep, ties ? d : acc + c0, !ties);
-            continue;
-        }
-        if (xf) { /* DARE, DELLA over float32 (the common case) without the δ row */
+        const float *xf = tm_kernel_f32_at(&t->in[j], begin + c0);
+        if (xf) { /* float32 (the common case): the mask and the values without the δ row */
             double c;
             masked_input(s, h, t, in, j, begin, c0, m, b + c0, NULL, &c);
             if (ties) scale_kept_f32(d, xf, b + c0, keep, c, m);
@@ -552,29 +532,23 @@ void tm_sparse_apply(const tm_sparse_method *s, const tm_method_tensor *t, const
     if (!bf) tm_kernel_load_f64(t->base, begin, count, b, k);
     for (size_t c0 = 0; c0 < count; c0 += TM_SPARSE_CHUNK) {
         const size_t m = count - c0 < TM_SPARSE_CHUNK ? count - c0 : TM_SPARSE_CHUNK;
-        void *at = to_f32 ? (void *)((float *)out + c0) : (void *)(acc + c0);
-        if (whole && fused_merge(s, h, t, in, begin, c0, m, bf + c0, at, to_f32)) continue;
+        if (whole && fused_merge(s, h, t, in, begin, c0, m, bf + c0,
+                                 to_f32 ? (void *)((float *)out + c0) : (void *)(acc + c0), to_f32))
+            continue;
         if (bf && !ties) { /* apply_base_f32: every group of 4 is fused */
-            for (size_t j0 = 0; j0 < n; j0 += 4) masked_linear4_f32(s, h, t, in, j0, begin, c0, m, NULL, bf + c0, acc + c0);
+            for (size_t j0 = 0; j0 < n; j0 += 4)
+                masked_linear4_f32(s, h, t, in, j0, begin, c0, m, NULL, bf + c0, acc + c0);
             continue;
         }
         double *rows = tm_sparse_rows(s, t, state, begin, c0, m, b, k, acc);
         if (ties) tm_consensus_merge(rows, w, n, m, h->sign_rule, h->agg, tm_ties_global_zero_sign(t), acc + c0);
     }
     for (size_t j = 0; j < n; j++) tm_method_mask(t, j, begin, count, keep_of(s, h, t, j, begin));
-    if (whole && to_f32) return; /* written */
-    if (whole) {
-    } else if (ties && bf) {
-        add_scaled_f32(acc, bf, h->lambda, count);
-    } else if (ties) {
-        add_scaled(acc, b, h->lambda, count);
-    } else if (bf) {
-        add_base_f32(acc, bf, count);
-    } else {
-        add_base(acc, b, count);
-    }
-    tm_view sum = {(const uint8_t *)acc, TM_FLOAT64, 1, (const int64_t[]){(int64_t)count}, (const int64_t[]){1}, 0};
-    tm_kernel_copy(&sum, 0, count, t->out_dtype, out); /* rounded once */
+    if (to_f32) return; /* written by fused_merge */
+    if (!whole && ties) add_scaled(acc, b, h->lambda, count);
+    else if (!whole && bf) add_base_f32(acc, bf, count);
+    else if (!whole) add_base(acc, b, count);
+    tm_kernel_store_f64(acc, count, t->out_dtype, out); /* rounded once */
 }
 
 tm_status tm_sparse_check(const tm_sparse_method *s, const tm_param_values *p, tm_error *err) {

@@ -55,12 +55,6 @@ static double *buffers(const tm_xr *x, size_t doubles, const tm_method_tensor *t
     return p;
 }
 
-/* out = acc rounded once to the output dtype. */
-static void store(const tm_method_tensor *t, const double *acc, size_t count, void *out) {
-    tm_view sum = {(const uint8_t *)acc, TM_FLOAT64, 1, (const int64_t[]){(int64_t)count}, (const int64_t[]){1}, 0};
-    tm_kernel_copy(&sum, 0, count, t->out_dtype, out);
-}
-
 static tm_status linear_apply(const tm_sparse_method *s, const tm_method_tensor *t, const double *state,
                               const tm_xr *x, uint64_t begin, size_t count, void *out, double *scratch,
                               tm_error *err) {
@@ -77,7 +71,7 @@ static tm_status linear_apply(const tm_sparse_method *s, const tm_method_tensor 
     st = tm_xr_deliver(x, acc, count, TM_XR_OUTPUT, &has_total, err);
     if (st || !has_total) return st;
     for (size_t e = 0; e < count; e++) acc[e] += b[e];
-    store(t, acc, count, out);
+    tm_kernel_store_f64(acc, count, t->out_dtype, out);
     return TM_OK;
 }
 
@@ -85,10 +79,7 @@ static tm_status linear_apply(const tm_sparse_method *s, const tm_method_tensor 
 static void add_score(const double *rows, size_t n, size_t count, int sign_rule, double *score) {
     for (size_t j = 0; j < n; j++) {
         const double *row = rows + j * count;
-        if (sign_rule == TM_SIGN_COUNT)
-            for (size_t e = 0; e < count; e++) score[e] += (row[e] > 0) - (row[e] < 0);
-        else
-            for (size_t e = 0; e < count; e++) score[e] += row[e];
+        for (size_t e = 0; e < count; e++) score[e] += tm_consensus_term(row[e], sign_rule);
     }
 }
 
@@ -140,7 +131,7 @@ static tm_status ties_apply(const tm_sparse_method *s, const tm_method_tensor *t
                                              tm_consensus_sigma(score[e], zero_sign));
         sum[e] = b[e] + h->lambda * r;
     }
-    store(t, sum, count, out);
+    tm_kernel_store_f64(sum, count, t->out_dtype, out);
     return TM_OK;
 }
 

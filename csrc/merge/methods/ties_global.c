@@ -108,7 +108,8 @@ void tm_ties_global_reduce(const tm_sparse_method *s, const tm_method_tensor *t,
             if (xf) hist_block_f32(si + I_HIST, xf, b, count, bits, prefix);
             else hist_block(si + I_HIST, d, NULL, count, bits, prefix);
         } else { /* collect the bin's values, compacted into d */
-            const size_t m = xf ? collect_block_f32(d, xf, b, count, bits, prefix) : collect_block(d, d, NULL, count, bits, prefix);
+            const size_t m =
+                xf ? collect_block_f32(d, xf, b, count, bits, prefix) : collect_block(d, d, NULL, count, bits, prefix);
             if (tm_method_collect(t, i, d, m)) return; /* model_end reports the lost memory */
         }
     }
