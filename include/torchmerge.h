@@ -427,8 +427,10 @@ TM_API void tm_merge_options_init(tm_merge_options *opts);
  * model_stock (pairwise cosine; its ratio to float64 rounding); the methods on task vectors need the base on
  * every rank. Before any tensor data moves, the ranks agree through the store on the world
  * size, the method and its parameters, and the plan (names, shapes, dtypes, the base); any
- * difference fails every rank with one line naming the rank and the first differing tensor. Needs
- * libtorchmerge_torch built with Gloo. */
+ * difference fails every rank with one line naming the rank and the first differing tensor.
+ * SIGPIPE is blocked in the calling thread while the merge runs (Gloo writes to sockets whose
+ * peer may have gone; the threads it starts inherit the block), and the caller's signal mask is
+ * restored before tm_merge_files returns. Needs libtorchmerge_torch built with Gloo. */
 typedef struct tm_distributed_options {
     size_t struct_size;      /* sizeof(tm_distributed_options), set by tm_distributed_options_init */
     int rank;                /* this process, 0 .. world_size - 1; -1 (default): $RANK */

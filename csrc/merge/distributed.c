@@ -13,6 +13,8 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -614,8 +616,30 @@ static tm_status run(session *se, const char *const *inputs, size_t n, const cha
     return st;
 }
 
-tm_status tm_merge_distributed(const char *const *inputs, size_t n, const char *output, const tm_merge_options *o,
-                               const char *label, tm_error *err) {
+/* A write to a socket whose peer has gone raises SIGPIPE, which ends a process that has not set
+ * it aside, without a word: a rank would vanish when another one stops. SIGPIPE is blocked in
+ * this thread for the session, so in the threads the session starts too (Gloo's, the stores',
+ * the merging thread): such a write fails with EPIPE instead and the exchange says which rank
+ * stopped. The SIGPIPEs left pending in this thread are discarded before its mask is restored. */
+static void sigpipe_block(sigset_t *before) {
+    sigset_t pipe;
+    sigemptyset(&pipe);
+    sigaddset(&pipe, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe, before);
+}
+static void sigpipe_restore(const sigset_t *before) {
+    sigset_t pipe;
+    sigemptyset(&pipe);
+    sigaddset(&pipe, SIGPIPE);
+    const struct timespec now = {0, 0};
+    if (!sigismember(before, SIGPIPE))
+        while (sigtimedwait(&pipe, NULL, &now) == SIGPIPE) {
+        }
+    pthread_sigmask(SIG_SETMASK, before, NULL);
+}
+
+static tm_status merge_distributed(const char *const *inputs, size_t n, const char *output, const tm_merge_options *o,
+                                   const char *label, tm_error *err) {
     session se = {0};
     tm_status st = resolve_config(o->distributed, &se.cfg, &se.output_on_all, err);
     if (!st) st = check_supported(o, n, err);
@@ -642,6 +666,15 @@ tm_status tm_merge_distributed(const char *const *inputs, size_t n, const char *
     se.b->dist_close(se.s);
     free(se.counts);
     free(se.share);
+    return st;
+}
+
+tm_status tm_merge_distributed(const char *const *inputs, size_t n, const char *output, const tm_merge_options *o,
+                               const char *label, tm_error *err) {
+    sigset_t before;
+    sigpipe_block(&before);
+    tm_status st = merge_distributed(inputs, n, output, o, label, err);
+    sigpipe_restore(&before);
     return st;
 }
 
