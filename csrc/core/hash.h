@@ -28,13 +28,13 @@ static inline uint64_t tm_hash_str(const char *s) {
     return h;
 }
 
-/* splitmix64's finaliser: (x ^ x>>30)·0xbf58476d1ce4e5b9, (· ^ ·>>27)·0x94d049bb133111eb, · ^ ·>>31. */
+/* splitmix64's finaliser: (x ^ x>>30)·0xbf58476d1ce4e5b9, (· ^ ·>>27)·0x94d049bb133111eb, · ^ ·>>31,
+ * in place on x: a uint64_t, or a GCC vector of them (merge/random.h's vector loops). */
+#define TM_HASH_MIX64_INPLACE(x)                                                                   \
+    ((x) ^= (x) >> 30, (x) *= 0xbf58476d1ce4e5b9ULL, (x) ^= (x) >> 27, (x) *= 0x94d049bb133111ebULL, \
+     (x) ^= (x) >> 31)
 static inline uint64_t tm_hash_mix64(uint64_t x) {
-    x ^= x >> 30;
-    x *= 0xbf58476d1ce4e5b9ULL;
-    x ^= x >> 27;
-    x *= 0x94d049bb133111ebULL;
-    x ^= x >> 31;
+    TM_HASH_MIX64_INPLACE(x);
     return x;
 }
 

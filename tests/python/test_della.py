@@ -4,7 +4,7 @@ the CLI, against an independent float64 reference written here from the formulas
   per input j, per fibre along dim 1 (0-d and 1-D tensors: one fibre), |δ| ranked ascending
   r = 1..L (equal magnitudes: the lower index first), p = (densityⱼ − εⱼ) + (r − 1)/(L − 1)·2·εⱼ
   (L = 1: p = densityⱼ), kept when u < p with u the documented generator of merge/random.h at the
-  element's row-major index (test_methods.mix / mask_key reimplement it); then rescaled (l1 by
+  element's row-major index (test_methods.uniform / mask_key reimplement it); then rescaled (l1 by
   default), weighted, and merged as TIES (della) or linearly (della_linear), × λ, + b.
 
 Each floating output tensor must be within 1 ulp of its dtype of the float64 value.
@@ -17,7 +17,7 @@ import torch
 import reference as ref
 from cli_runner import assert_error, assert_ok, tm
 from test_masks import read_masks
-from test_methods import load, mask_key, mix, model
+from test_methods import load, mask_key, model, uniform
 from test_sparse_methods import dtypes_of, gta_ref, per_input, run, write_models
 
 INPUTS = "abc"
@@ -41,7 +41,7 @@ def della_mask(seed: int, j: int, name: str, d: torch.Tensor, density: float, ep
         order = sorted(range(length), key=lambda r: (abs(mags[r]), r))  # ascending, lower index first
         for pos, r in enumerate(order):
             p = density if length == 1 else (density - eps) + pos / (length - 1) * 2 * eps
-            keep[at[r]] = (mix(key ^ at[r]) >> 11) * 2.0 ** -53 < p
+            keep[at[r]] = uniform(key, at[r]) < p
     return torch.tensor(keep, dtype=torch.bool)
 
 
@@ -62,7 +62,8 @@ def della_models(tmp_path_factory):
     """test_methods' small models (0-d, 1-D, 2-D fp32/fp16/bf16, an integer counter) and: a 4-D conv
     weight, rows spanning blocks ([3, 70001]: 65,536 elements a block) and a 1-D tensor over a block
     (one fibre; both longer than the bucketed fibres: sorted), rows and a 1-D tensor the buckets
-    rank (64 to 65,535 elements; the 1-D one with many zero task-vector entries), rows of equal
+    rank (64 to 65,535 elements; the 1-D one with many zero task-vector entries; rows of an odd
+    length, whose fibres start at odd and even indices: random.h's coins come in pairs), rows of equal
     magnitudes (the tie rule) with zero task-vector entries, and one [5, 1] (fibres of one
     element)."""
     g = torch.Generator().manual_seed(21)
@@ -71,6 +72,7 @@ def della_models(tmp_path_factory):
     long = torch.randn(66000, generator=g)
     mid = torch.randn(4, 3000, generator=g)
     mid1d = torch.randn(5000, generator=g)
+    odd = torch.randn(3, 1001, generator=g)
     col = torch.randn(5, 1, generator=g)
     sds = {}
     for n, tag in enumerate(["base", *INPUTS]):
@@ -81,6 +83,7 @@ def della_models(tmp_path_factory):
         sd["long"] = long + step * torch.randn(long.shape, generator=g)
         sd["mid"] = mid + step * torch.randn(mid.shape, generator=g)
         sd["mid1d"] = mid1d + step * torch.randn(mid1d.shape, generator=g) * (torch.rand(5000, generator=g) < 0.6)
+        sd["odd"] = odd + step * torch.randn(odd.shape, generator=g)
         sd["col"] = col + step * torch.randn(col.shape, generator=g)
         # |δ| in {0, 0.5, 1}: runs of equal magnitudes of both signs in every row
         pattern = torch.tensor([[1, -1, 0.5, 1, -0.5, 0, 1, -1, 0.5, -1], [0.5, 0.5, -0.5, 1, 0, 0, -1, 1, 1, 0.5]])
@@ -155,7 +158,7 @@ def test_equal_magnitudes_rank_by_index(tmp_path):
         "--masks-out", masks_path, inputs="a")
     m = read_masks(masks_path)[0]["0.w"]
     key = mask_key(11, 0, "w")
-    expect = torch.tensor([[(mix(key ^ (r * length + c)) >> 11) * 2.0 ** -53 < 0.05 + c / (length - 1) * 2 * 0.45
+    expect = torch.tensor([[uniform(key, r * length + c) < 0.05 + c / (length - 1) * 2 * 0.45
                             for c in range(length)] for r in range(rows)])
     assert torch.equal(m, expect)
     assert m[:, :5].double().mean() < 0.2 < 0.8 < m[:, -5:].double().mean()

@@ -230,9 +230,14 @@ def mask_key(seed: int, input_index: int, name: str) -> int:
     return mix(mix(mix(seed) ^ input_index) ^ h)
 
 
+def uniform(key: int, index: int) -> float:
+    """u(index): the 32-bit half of mix(key ^ index // 2), the low one for an even index."""
+    return ((mix(key ^ (index >> 1)) >> (32 * (index & 1))) & 0xFFFFFFFF) * 2.0 ** -32
+
+
 def keep_mask(seed: int, input_index: int, name: str, numel: int, density: float) -> torch.Tensor:
     key = mask_key(seed, input_index, name)
-    return torch.tensor([(mix(key ^ i) >> 11) * 2.0 ** -53 < density for i in range(numel)])
+    return torch.tensor([uniform(key, i) < density for i in range(numel)])
 
 
 def dare_ref(base, inputs, weights, lam, densities, rescale, seed, normalize):

@@ -249,17 +249,36 @@ TM_HOT static void buckets_of(uint32_t *restrict bucket, const uint64_t *restric
     }
 }
 
-/* coins[r] = the 53-bit uniform of element r of the fibre (tm_random_keep's left side); keep[r]:
- * it is below every threshold, lo; in_band[r]: it is not at or above all of them, hi, either.
- * One vector loop; the band is gathered after. */
-TM_HOT static void flip_coins(uint64_t *restrict coins, uint8_t *restrict keep, uint8_t *restrict in_band, uint64_t key,
+/* coins[r] = the coin of element r of the fibre (random.h's m, tm_random_keep's left side); keep[r]:
+ * it is below every threshold, lo; in_band[r]: it is not at or above all of them, hi, either
+ * (lo ≤ hi). Vector loops (16 coins from 8 mixes where the fibre is contiguous); the band is
+ * gathered after. */
+static inline __attribute__((always_inline)) void flip_coin(uint64_t m, size_t r, uint32_t *restrict coins,
+                                                             uint8_t *restrict keep, uint8_t *restrict in_band,
+                                                             uint64_t lo, uint64_t hi) {
+    coins[r] = (uint32_t)m;
+    keep[r] = m < lo;
+    in_band[r] = m - lo < hi - lo; /* lo ≤ m < hi */
+}
+TM_HOT static void flip_coins(uint32_t *restrict coins, uint8_t *restrict keep, uint8_t *restrict in_band, uint64_t key,
                               uint64_t first, uint64_t inner, size_t len, uint64_t lo, uint64_t hi) {
-    for (size_t r = 0; r < len; r++) {
-        const uint64_t m = tm_random_mix(key ^ (first + r * inner)) >> 11;
-        coins[r] = m;
-        keep[r] = m < lo;
-        in_band[r] = m - lo < hi - lo; /* lo ≤ m < hi */
+    size_t r = 0;
+#ifdef TM_RANDOM_COINS16
+    if (inner == 1) { /* neighbours: 16 coins from 8 mixes */
+        if ((first & 1) && len) flip_coin(tm_random_coin(key, first), r++, coins, keep, in_band, lo, hi);
+        const uint32_t lo_last = tm_random_last_kept(lo), hi_last = tm_random_last_kept(hi);
+        const tm_random_v16i32 lo_any = (tm_random_v16i32){0} - (lo > 0), hi_any = (tm_random_v16i32){0} - (hi > 0);
+        for (; r + 16 <= len; r += 16) {
+            tm_random_v16u32 m;
+            tm_random_coins16(key, (first + r) >> 1, &m);
+            const tm_random_v16i32 below_lo = (m <= lo_last) & lo_any, below_hi = (m <= hi_last) & hi_any;
+            memcpy(coins + r, &m, sizeof m);
+            tm_random_bytes16(below_lo, keep + r);
+            tm_random_bytes16(~below_lo & below_hi, in_band + r);
+        }
     }
+#endif
+    for (; r < len; r++) flip_coin(tm_random_coin(key, first + r * inner), r, coins, keep, in_band, lo, hi);
 }
 
 /* The rank of element r (key k) in its fibre: the keys below k, and those equal to it earlier. */
@@ -308,7 +327,7 @@ static int keep_by_buckets(const uint64_t *keys, size_t len, const uint64_t *thr
     size_t n_undecided = 0, zeros = 0, zeros_to = 0; /* zeros: the zero keys before zeros_to */
     for (size_t r0 = 0; r0 < len; r0 += COINS) { /* the coins a piece at a time: memory bounded */
         const size_t m0 = len - r0 < COINS ? len - r0 : COINS;
-        uint64_t coins[COINS];
+        uint32_t coins[COINS];
         uint8_t in_band[COINS];
         flip_coins(coins, keep + r0, in_band, key, first + r0 * inner, inner, m0, band_lo, band_hi);
         size_t n_band = 0;

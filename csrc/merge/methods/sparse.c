@@ -149,8 +149,19 @@ static void delta(const tm_method_tensor *t, size_t j, uint64_t begin, size_t co
     tm_kernel_delta_f64(&t->in[j], begin, count, b, d, k);
 }
 
+/* keep[e] = tm_random_keep(key, begin + e, threshold), 16 coins from 8 mixes at a time. */
 TM_HOT static void random_keep(uint64_t key, uint64_t threshold, uint64_t begin, size_t count, uint8_t *restrict keep) {
-    for (size_t e = 0; e < count; e++) keep[e] = (uint8_t)tm_random_keep(key, begin + e, threshold);
+    size_t e = 0;
+#ifdef TM_RANDOM_COINS16
+    if ((begin & 1) && count) keep[e++] = (uint8_t)tm_random_keep(key, begin, threshold);
+    const uint32_t last = tm_random_last_kept(threshold);
+    for (; threshold && e + 16 <= count; e += 16) {
+        tm_random_v16u32 m;
+        tm_random_coins16(key, (begin + e) >> 1, &m);
+        tm_random_bytes16(m <= last, keep + e);
+    }
+#endif
+    for (; e < count; e++) keep[e] = (uint8_t)tm_random_keep(key, begin + e, threshold);
 }
 
 /* The magnitude sparsifications as one test: kept when the element is in the top set hi and not in
