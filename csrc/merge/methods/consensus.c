@@ -26,11 +26,10 @@ TM_HOT static void merge(const double *v, const double *w, size_t n, size_t coun
     score(v, n, count, sign_rule, out);
     for (size_t c0 = 0; c0 < count; c0 += CHUNK) {
         const size_t m = count - c0 < CHUNK ? count - c0 : CHUNK;
-        /* side: +1 where σ > 0, else −1 (σ = 0 or −1: the negative entries agree) */
         double sigma[CHUNK], side[CHUNK], sum[CHUNK], div[CHUNK], max[CHUNK];
         for (size_t e = 0; e < m; e++) {
             sigma[e] = tm_consensus_sigma(out[c0 + e], zero_sign);
-            side[e] = sigma[e] > 0 ? 1.0 : -1.0;
+            side[e] = tm_consensus_side(sigma[e]);
             sum[e] = div[e] = max[e] = 0;
         }
         for (size_t j = 0; j < n; j++) {

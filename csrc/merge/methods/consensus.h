@@ -32,9 +32,11 @@ TM_CONSENSUS_INLINE double tm_consensus_sigma(double s, double zero_sign) {
     return s > 0 ? 1.0 : neg;
 }
 
-/* entry x of weight w agrees when x·side > 0, side = +1 where σ > 0 else −1 (a product by ±1 is
- * exact: no branch); adding +0 for the others leaves every sum's bits as adding only the
- * agreeing ones; */
+/* the side of σ: +1 where σ > 0, else −1 (σ = 0 or −1: the negative entries agree); */
+TM_CONSENSUS_INLINE double tm_consensus_side(double sigma) { return sigma > 0 ? 1.0 : -1.0; }
+
+/* entry x of weight w agrees when x·side > 0 (a product by ±1 is exact: no branch); adding +0
+ * for the others leaves every sum's bits as adding only the agreeing ones; */
 TM_CONSENSUS_INLINE void tm_consensus_agree(double x, double w, double side, double *sum, double *div, double *max) {
     const double a = x * side; /* |x| where it agrees */
     const int agree = a > 0;

@@ -22,18 +22,33 @@
     const double v2 = tm_kept_or_zero(c2 * ((double)x2[e] - (be)), k2[e]);                         \
     const double v3 = tm_kept_or_zero(c3 * ((double)x3[e] - (be)), k3[e])
 
-/* tm_fused4_add_kept, the base in float64 or (suffix _f32) float32. */
-#define DEFINE_ADD_KEPT4(name, B)                                                                   \
-    TM_HOT static void name(double *restrict acc, const float *const *x, const B *restrict b,      \
+/* TIES' score S of the 4 values (tm_consensus_score's order: from 0, in input order). */
+static inline __attribute__((always_inline)) double score4(double v0, double v1, double v2, double v3, int sign_rule) {
+    double score = 0;
+    score += tm_consensus_term(v0, sign_rule);
+    score += tm_consensus_term(v1, sign_rule);
+    score += tm_consensus_term(v2, sign_rule);
+    score += tm_consensus_term(v3, sign_rule);
+    return score;
+}
+
+/* One loop over the 4 inputs and a base of element type B: STORE per element e, from v0..v3
+ * (tm_fused4_add_kept's and tm_fused4_score's loops). */
+#define DEFINE_FUSED4_LOOP(name, B, STORE)                                                          \
+    TM_HOT static void name(double *restrict out, const float *const *x, const B *restrict b,      \
                             const uint8_t *const *keep, const double *c, size_t count) {           \
         FUSED4_LOCALS(x, keep, c);                                                                 \
         for (size_t e = 0; e < count; e++) {                                                       \
             FUSED4_VALUES(e, b[e]);                                                                \
-            acc[e] = ((acc[e] + v0) + v1 + v2) + v3; /* in input order */                          \
+            STORE;                                                                                 \
         }                                                                                          \
     }
-DEFINE_ADD_KEPT4(add_kept4_f32, double)
-DEFINE_ADD_KEPT4(add_kept4_f32_f32, float)
+/* tm_fused4_add_kept (in input order), the base in float64 or (suffix _f32) float32 */
+DEFINE_FUSED4_LOOP(add_kept4_f32, double, out[e] = ((out[e] + v0) + v1 + v2) + v3)
+DEFINE_FUSED4_LOOP(add_kept4_f32_f32, float, out[e] = ((out[e] + v0) + v1 + v2) + v3)
+/* tm_fused4_score, one function per sign rule */
+DEFINE_FUSED4_LOOP(score4_sum, double, out[e] = score4(v0, v1, v2, v3, TM_SIGN_SUM))
+DEFINE_FUSED4_LOOP(score4_count, double, out[e] = score4(v0, v1, v2, v3, TM_SIGN_COUNT))
 
 /* tm_fused4_ties' loop for one sign rule and aggregation, into float64 or (to_f32) float32: the
  * base in float32 (restrict parameters: GCC honours them, not restrict locals, and would check at
@@ -48,12 +63,9 @@ static inline __attribute__((always_inline)) void ties4_rule(
     for (size_t e = 0; e < count; e++) {
         const double be = b[e];
         FUSED4_VALUES(e, be);
-        double score = 0, sum = 0, div = 0, max = 0;
-        score += tm_consensus_term(v0, sign_rule);
-        score += tm_consensus_term(v1, sign_rule);
-        score += tm_consensus_term(v2, sign_rule);
-        score += tm_consensus_term(v3, sign_rule);
-        const double sigma = tm_consensus_sigma(score, zero_sign), side = sigma > 0 ? 1.0 : -1.0;
+        double sum = 0, div = 0, max = 0;
+        const double sigma = tm_consensus_sigma(score4(v0, v1, v2, v3, sign_rule), zero_sign);
+        const double side = tm_consensus_side(sigma);
         tm_consensus_agree(v0, w0, side, &sum, &div, &max);
         tm_consensus_agree(v1, w1, side, &sum, &div, &max);
         tm_consensus_agree(v2, w2, side, &sum, &div, &max);
@@ -103,24 +115,6 @@ static const ties4_fn ties4[2][2][2] = { /* [to_f32][sign_rule][agg] */
     }
 DEFINE_LINEAR4(linear4, double)
 DEFINE_LINEAR4(linear4_f32, float)
-
-/* tm_fused4_score for one sign rule. */
-#define DEFINE_SCORE4(name, rule)                                                                   \
-    TM_HOT static void name(double *restrict out, const float *const *x, const double *restrict b,  \
-                            const uint8_t *const *keep, const double *c, size_t count) {           \
-        FUSED4_LOCALS(x, keep, c);                                                                 \
-        for (size_t e = 0; e < count; e++) {                                                       \
-            FUSED4_VALUES(e, b[e]);                                                                \
-            double score = 0; /* tm_consensus_score's order: from 0, in input order */            \
-            score += tm_consensus_term(v0, rule);                                                  \
-            score += tm_consensus_term(v1, rule);                                                  \
-            score += tm_consensus_term(v2, rule);                                                  \
-            score += tm_consensus_term(v3, rule);                                                  \
-            out[e] = score;                                                                        \
-        }                                                                                          \
-    }
-DEFINE_SCORE4(score4_sum, TM_SIGN_SUM)
-DEFINE_SCORE4(score4_count, TM_SIGN_COUNT)
 
 void tm_fused4_add_kept(double *acc, const tm_fused4 *f, const double *b, const float *bf, size_t count) {
     if (bf) add_kept4_f32_f32(acc, f->x, bf, f->keep, f->c, count);

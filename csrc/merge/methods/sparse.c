@@ -419,43 +419,39 @@ static const uint8_t *masked_input(const tm_sparse_method *s, const tm_sparse_he
     return kj;
 }
 
-/* Linear over 4 float32 inputs from j at once (any of the family's masks), elements [c0, c0 + m)
- * of the block at begin (the base from c0: b in float64, or bf, float32; acc: from c0); returns 0
- * (nothing done) unless all 4 are float32. */
+/* The fused loops' 4 inputs (fused4.h) for elements [c0, c0 + m) of the block at begin (the base
+ * from c0: b in float64, or bf, float32): the g ≤ 4 float32 inputs from j0, their keep bytes,
+ * factors and weights, the rest missing. Returns 0 (nothing done) unless all g are float32. */
+static int fused4_inputs(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
+                         const tm_sparse_input *in, size_t j0, size_t g, uint64_t begin, size_t c0, size_t m,
+                         const double *b, const float *bf, tm_fused4 *f) {
+    static const uint8_t none[TM_SPARSE_CHUNK]; /* the mask of a missing input */
+    for (size_t i = 0; i < 4; i++) {
+        f->x[i] = i < g ? tm_kernel_f32_at(&t->in[j0 + i], begin + c0) : f->x[0];
+        if (!f->x[i]) return 0;
+        f->keep[i] = none;
+        f->c[i] = f->w[i] = 0;
+    }
+    for (size_t i = 0; i < g; i++) {
+        f->keep[i] = masked_input(s, h, t, in, j0 + i, begin, c0, m, b, bf, &f->c[i]);
+        f->w[i] = in[j0 + i].coef;
+    }
+    return 1;
+}
+
+/* Linear over the 4 float32 inputs from j at once (any of the family's masks), added to acc (from
+ * c0); returns 0 (nothing done) unless all 4 are float32. */
 static int masked_linear4_f32(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
                               const tm_sparse_input *in, size_t j, uint64_t begin, size_t c0, size_t m,
                               const double *b, const float *bf, double *acc) {
     tm_fused4 f;
-    for (size_t i = 0; i < 4; i++)
-        if (!(f.x[i] = tm_kernel_f32_at(&t->in[j + i], begin + c0))) return 0;
-    for (size_t i = 0; i < 4; i++) f.keep[i] = masked_input(s, h, t, in, j + i, begin, c0, m, b, bf, &f.c[i]);
+    if (!fused4_inputs(s, h, t, in, j, 4, begin, c0, m, b, bf, &f)) return 0;
     tm_fused4_add_kept(acc, &f, b, bf, m);
     return 1;
 }
 
 /* Whether fused_merge takes TIES over n inputs (1 to 4; fused4.h has no max). */
 static int ties4_takes(const tm_sparse_header *h, size_t n) { return n >= 1 && n <= 4 && h->agg != TM_AGG_MAX; }
-
-/* The fused loops' 4 inputs for elements [c0, c0 + m) of the block at begin (the base from
- * c0: b in float64, or bf, float32): the t->n ≤ 4 float32 inputs, their keep bytes, factors and
- * weights, the rest missing (fused4.h). Returns 0 (nothing done) unless every input is float32. */
-static int fused4_inputs(const tm_sparse_method *s, const tm_sparse_header *h, const tm_method_tensor *t,
-                        const tm_sparse_input *in, uint64_t begin, size_t c0, size_t m, const double *b,
-                        const float *bf, tm_fused4 *f) {
-    static const uint8_t none[TM_SPARSE_CHUNK]; /* the mask of a missing input */
-    const size_t n = t->n;
-    for (size_t j = 0; j < 4; j++) {
-        f->x[j] = j < n ? tm_kernel_f32_at(&t->in[j], begin + c0) : f->x[0];
-        if (!f->x[j]) return 0;
-        f->keep[j] = none;
-        f->c[j] = f->w[j] = 0;
-    }
-    for (size_t j = 0; j < n; j++) {
-        f->keep[j] = masked_input(s, h, t, in, j, begin, c0, m, b, bf, &f->c[j]);
-        f->w[j] = in[j].coef;
-    }
-    return 1;
-}
 
 /* The whole merge of elements [c0, c0 + m) of the block at begin by one fused loop (fused4.h),
  * where tm_sparse_apply's `whole` says it applies: TIES over 1 to 4 float32 inputs, or linear
@@ -465,7 +461,7 @@ static int fused_merge(const tm_sparse_method *s, const tm_sparse_header *h, con
                        const tm_sparse_input *in, uint64_t begin, size_t c0, size_t m, const float *bf, void *out,
                        int to_f32) {
     tm_fused4 f;
-    if (!fused4_inputs(s, h, t, in, begin, c0, m, NULL, bf, &f)) return 0;
+    if (!fused4_inputs(s, h, t, in, 0, t->n, begin, c0, m, NULL, bf, &f)) return 0;
     if (s->consensus == TM_CONSENSUS_TIES) tm_fused4_ties(out, to_f32, &f, bf, m, h->sign_rule, h->agg, tm_ties_global_zero_sign(t), h->lambda);
     else tm_fused4_linear(out, to_f32, &f, bf, m);
     return 1;
@@ -475,7 +471,7 @@ void tm_sparse_score(const tm_sparse_method *s, const tm_method_tensor *t, const
                      size_t c0, size_t m, const double *b, double *k, double *out) {
     const tm_sparse_header *h = cheader(state);
     tm_fused4 f;
-    if (t->n >= 1 && t->n <= 4 && fused4_inputs(s, h, t, cinputs(state), begin, c0, m, b + c0, NULL, &f)) {
+    if (t->n >= 1 && t->n <= 4 && fused4_inputs(s, h, t, cinputs(state), 0, t->n, begin, c0, m, b + c0, NULL, &f)) {
         tm_fused4_score(out, &f, b + c0, m, h->sign_rule);
         return;
     }

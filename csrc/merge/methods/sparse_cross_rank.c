@@ -90,7 +90,7 @@ static void add_agreeing(const double *rows, const double *w, size_t n, size_t c
     for (size_t j = 0; j < n; j++) {
         const double *row = rows + j * count;
         for (size_t e = 0; e < count; e++) {
-            const double side = tm_consensus_sigma(score[e], zero_sign) > 0 ? 1.0 : -1.0;
+            const double side = tm_consensus_side(tm_consensus_sigma(score[e], zero_sign));
             double s = sum[e], d = agg == TM_AGG_MEAN ? div[e] : 0, max = sum[e];
             tm_consensus_agree(row[e], w[j], side, &s, &d, &max);
             sum[e] = agg == TM_AGG_MAX ? max : s;
